@@ -1,0 +1,403 @@
+//! The `runner` command line. Every flag can also be given as an environment
+//! variable (shown in `--help`), which is how the Helm chart configures Pods.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{BootstrapServers, LogFormat, LogLevel, MaxWorkers, Millis, VideoFps};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "runner",
+    version,
+    about = "Runs video-inference workers on camera streams, one per scenario",
+    long_about = "vap-runner turns \"deploy scenario X on camera Y\" messages from Kafka into \
+                  running video-inference workers and streams per-frame detections back to Kafka."
+)]
+pub struct Cli {
+    /// Log verbosity: DEBUG, INFO, WARNING or ERROR (any case).
+    #[arg(
+        long,
+        env = "LOG_LEVEL",
+        value_name = "LOG_LEVEL",
+        default_value = "INFO",
+        global = true
+    )]
+    pub log_level: LogLevel,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the Kubernetes operator: Kafka `to_deploy` → Scenario resources → worker Pods.
+    Controller(Box<ControllerArgs>),
+    /// Run one scenario: read a camera, sample frames, detect, publish results.
+    Worker(Box<WorkerArgs>),
+    /// Supervise workers as local processes (no Kubernetes), with the controller's admission rules.
+    Local(LocalArgs),
+    /// Print the Scenario CustomResourceDefinition as YAML.
+    Crd,
+}
+
+/// Kafka connection settings.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, host:port[,host:port...].
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        value_name = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "localhost:9092"
+    )]
+    pub kafka_bootstrap_servers: BootstrapServers,
+}
+
+/// Settings shared by the two supervisors (`controller` and `local`).
+#[derive(Debug, Clone, Args)]
+pub struct SupervisorArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Kafka consumer group for `to_deploy` and `to_undeploy`.
+    #[arg(
+        long,
+        env = "CONSUMER_GROUP",
+        value_name = "CONSUMER_GROUP",
+        default_value = "runner-group"
+    )]
+    pub consumer_group: String,
+
+    /// Most workers this runner keeps alive at once; the rest wait in FIFO order.
+    #[arg(
+        long,
+        env = "MAX_WORKERS",
+        value_name = "MAX_WORKERS",
+        default_value = "4"
+    )]
+    pub max_workers: MaxWorkers,
+
+    /// Frames per second each worker processes unless a scenario says otherwise.
+    #[arg(long, env = "VIDEO_FPS", value_name = "VIDEO_FPS", default_value = "2")]
+    pub video_fps: VideoFps,
+}
+
+/// Worker settings that the controller passes on to every worker Pod.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerSettings {
+    /// Kafka topic for per-frame results.
+    #[arg(
+        long,
+        env = "RESULTS_TOPIC",
+        value_name = "RESULTS_TOPIC",
+        default_value = "results"
+    )]
+    pub results_topic: String,
+
+    /// Detector to run.
+    #[arg(long, env = "MODEL", value_enum, default_value_t = Model::Mock)]
+    pub model: Model,
+
+    /// Directory local video files must be under; without it local files are refused.
+    #[arg(long, env = "VIDEO_FILE_ROOT", value_name = "VIDEO_FILE_ROOT")]
+    pub video_file_root: Option<PathBuf>,
+}
+
+/// The operational HTTP endpoint.
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Address of /metrics, /healthz and /readyz (port 0 picks a free port).
+    #[arg(
+        long,
+        env = "METRICS_ADDR",
+        value_name = "METRICS_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub metrics_addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub supervisor: SupervisorArgs,
+
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
+
+    /// Namespace of the Scenarios and worker Pods this runner manages.
+    #[arg(
+        long,
+        env = "WATCH_NAMESPACE",
+        value_name = "WATCH_NAMESPACE",
+        default_value = "default"
+    )]
+    pub namespace: String,
+
+    /// Name of this runner: labels its Scenarios and Pods and names its Lease,
+    /// so several runners can share a namespace.
+    #[arg(
+        long,
+        env = "RUNNER_NAME",
+        value_name = "RUNNER_NAME",
+        default_value = "vap-runner"
+    )]
+    pub runner_name: String,
+
+    /// Image of worker Pods (the same image as the controller's).
+    #[arg(
+        long,
+        env = "WORKER_IMAGE",
+        value_name = "WORKER_IMAGE",
+        default_value = "vap-runner:latest"
+    )]
+    pub worker_image: String,
+
+    /// imagePullPolicy of worker Pods.
+    #[arg(long, env = "WORKER_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    pub worker_image_pull_policy: String,
+
+    /// `resources` of the worker container, as JSON.
+    #[arg(
+        long,
+        env = "WORKER_RESOURCES",
+        value_name = "WORKER_RESOURCES",
+        default_value = r#"{"requests":{"cpu":"250m","memory":"128Mi"},"limits":{"cpu":"1","memory":"256Mi"}}"#
+    )]
+    pub worker_resources: JsonValue,
+
+    /// nodeSelector of worker Pods, as a JSON object.
+    #[arg(
+        long,
+        env = "WORKER_NODE_SELECTOR",
+        value_name = "WORKER_NODE_SELECTOR",
+        default_value = "{}"
+    )]
+    pub worker_node_selector: JsonValue,
+
+    /// tolerations of worker Pods, as a JSON array.
+    #[arg(
+        long,
+        env = "WORKER_TOLERATIONS",
+        value_name = "WORKER_TOLERATIONS",
+        default_value = "[]"
+    )]
+    pub worker_tolerations: JsonValue,
+
+    /// ServiceAccount of worker Pods (they need no API access; its token is not mounted).
+    #[arg(
+        long,
+        env = "WORKER_SERVICE_ACCOUNT",
+        value_name = "WORKER_SERVICE_ACCOUNT"
+    )]
+    pub worker_service_account: Option<String>,
+
+    /// Topic of deploy requests.
+    #[arg(long, env = "DEPLOY_TOPIC", default_value = "to_deploy")]
+    pub deploy_topic: String,
+
+    /// Topic of undeploy requests.
+    #[arg(long, env = "UNDEPLOY_TOPIC", default_value = "to_undeploy")]
+    pub undeploy_topic: String,
+
+    /// Topic invalid requests are copied to, with the reason in a header.
+    #[arg(long, env = "DLQ_TOPIC", default_value = "to_deploy.dlq")]
+    pub dlq_topic: String,
+
+    /// Topic every phase change is published to.
+    #[arg(long, env = "EVENTS_TOPIC", default_value = "scenario_events")]
+    pub events_topic: String,
+
+    /// Take a coordination Lease before acting, so only one replica acts at a time.
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Seconds a Lease stays valid without renewal.
+    #[arg(long, env = "LEASE_DURATION_SECS", default_value = "15")]
+    pub lease_duration_secs: u64,
+
+    /// This replica's identity in the Lease (defaults to POD_NAME or the host name).
+    #[arg(long, env = "POD_NAME", value_name = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+/// A JSON value given on the command line or in the environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JsonValue(pub serde_json::Value);
+
+impl std::str::FromStr for JsonValue {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        serde_json::from_str(s)
+            .map(JsonValue)
+            .map_err(|e| format!("{s:?} is not valid JSON: {e}"))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    #[command(flatten)]
+    pub supervisor: SupervisorArgs,
+}
+
+/// Which detector a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Model {
+    /// Plausible synthetic detections (reproducible with MOCK_SEED).
+    Mock,
+    /// OpenCV's built-in HOG people detector.
+    Hog,
+}
+
+/// Where a worker writes its results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SinkKind {
+    /// The Kafka topic RESULTS_TOPIC.
+    Kafka,
+    /// Standard output, one JSON object per line (no Kafka needed).
+    Stdout,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// The scenario this worker runs (a UUID); the key of every result message.
+    #[arg(long, env = "SCENARIO_UUID", value_name = "SCENARIO_UUID")]
+    pub scenario_uuid: uuid::Uuid,
+
+    /// Camera to read: rtsp://, rtsps://, http://, https://, file:///abs/path or /abs/path.
+    #[arg(long, env = "CAMERA_URL", value_name = "CAMERA_URL")]
+    pub camera_url: String,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub settings: WorkerSettings,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
+
+    /// Frames per second to process: the first frame at or after each multiple of 1/VIDEO_FPS s.
+    #[arg(long, env = "VIDEO_FPS", value_name = "VIDEO_FPS", default_value = "2")]
+    pub video_fps: VideoFps,
+
+    /// Seed for the mock detector, for a reproducible sequence of detections.
+    #[arg(long, env = "MOCK_SEED", value_name = "MOCK_SEED")]
+    pub mock_seed: Option<u64>,
+
+    /// Where results go.
+    #[arg(long, env = "SINK", value_enum, default_value_t = SinkKind::Kafka)]
+    pub sink: SinkKind,
+
+    /// Milliseconds to wait for a camera to open.
+    #[arg(
+        long,
+        env = "OPEN_TIMEOUT_MS",
+        value_name = "OPEN_TIMEOUT_MS",
+        default_value = "5000"
+    )]
+    pub open_timeout_ms: Millis,
+
+    /// Milliseconds to wait for a frame before treating the stream as stalled.
+    #[arg(
+        long,
+        env = "READ_TIMEOUT_MS",
+        value_name = "READ_TIMEOUT_MS",
+        default_value = "5000"
+    )]
+    pub read_timeout_ms: Millis,
+
+    /// Pace files at their own frame rate instead of as fast as the CPU allows.
+    #[arg(long, env = "REALTIME")]
+    pub realtime: bool,
+
+    /// Reconnect attempts in a row before giving up (default: never for live sources, 3 for files).
+    #[arg(long, env = "MAX_RECONNECTS", value_name = "MAX_RECONNECTS")]
+    pub max_reconnects: Option<u32>,
+
+    /// First reconnect delay in milliseconds; it doubles per attempt, with jitter.
+    #[arg(
+        long,
+        env = "RECONNECT_BASE_MS",
+        value_name = "RECONNECT_BASE_MS",
+        default_value = "500"
+    )]
+    pub reconnect_base_ms: Millis,
+
+    /// Longest reconnect delay in milliseconds.
+    #[arg(
+        long,
+        env = "RECONNECT_MAX_MS",
+        value_name = "RECONNECT_MAX_MS",
+        default_value = "30000"
+    )]
+    pub reconnect_max_ms: Millis,
+
+    /// Seconds without a frame after which /healthz fails, so Kubernetes restarts a stuck worker.
+    #[arg(
+        long,
+        env = "WATCHDOG_SECS",
+        value_name = "WATCHDOG_SECS",
+        default_value = "60"
+    )]
+    pub watchdog_secs: u64,
+
+    /// Milliseconds to wait for pending results on shutdown.
+    #[arg(
+        long,
+        env = "FLUSH_TIMEOUT_MS",
+        value_name = "FLUSH_TIMEOUT_MS",
+        default_value = "10000"
+    )]
+    pub flush_timeout_ms: Millis,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn supervisor_defaults_match_the_original_service() {
+        // Read the declared defaults (the environment of the test run must not matter).
+        let cli = Cli::command();
+        let controller = cli.find_subcommand("controller").unwrap();
+        let default = |env: &str| {
+            let arg = controller
+                .get_arguments()
+                .chain(cli.get_arguments())
+                .find(|a| a.get_env().and_then(|e| e.to_str()) == Some(env))
+                .unwrap_or_else(|| panic!("no flag reads {env}"));
+            arg.get_default_values()[0].to_str().unwrap().to_string()
+        };
+        assert_eq!(default("KAFKA_BOOTSTRAP_SERVERS"), "localhost:9092");
+        assert_eq!(default("CONSUMER_GROUP"), "runner-group");
+        assert_eq!(default("MAX_WORKERS"), "4");
+        assert_eq!(default("VIDEO_FPS"), "2");
+        assert_eq!(default("LOG_LEVEL"), "INFO");
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable() {
+        let err = Cli::try_parse_from(["runner", "controller", "--max-workers", "0"]).unwrap_err();
+        let first = err.to_string().lines().next().unwrap().to_string();
+        assert!(
+            first.contains("MAX_WORKERS") && first.contains("\"0\""),
+            "{first}"
+        );
+    }
+}

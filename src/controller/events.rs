@@ -1,0 +1,66 @@
+//! Every phase change is also published to the `scenario_events` topic, so
+//! the platform learns what happened without Kubernetes access.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+
+use super::crd::Phase;
+use super::metrics::ControllerMetrics;
+use crate::messages::wire_timestamp;
+
+/// One `scenario_events` message (key = scenario UUID).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PhaseEvent<'a> {
+    pub scenario_uuid: &'a str,
+    pub phase: &'a str,
+    pub reason: &'a str,
+    pub message: &'a str,
+    pub timestamp: String,
+}
+
+#[derive(Clone)]
+pub struct PhasePublisher {
+    producer: FutureProducer,
+    topic: String,
+    metrics: Arc<ControllerMetrics>,
+}
+
+impl PhasePublisher {
+    pub fn new(producer: FutureProducer, topic: &str, metrics: Arc<ControllerMetrics>) -> Self {
+        PhasePublisher {
+            producer,
+            topic: topic.to_string(),
+            metrics,
+        }
+    }
+
+    /// Publishes one event; waits up to 10 s for the broker, then logs and
+    /// counts the failure rather than holding up reconciliation.
+    pub async fn publish(&self, scenario_uuid: &str, phase: Phase, reason: &str, message: &str) {
+        let event = PhaseEvent {
+            scenario_uuid,
+            phase: phase.as_str(),
+            reason,
+            message,
+            timestamp: wire_timestamp(Utc::now()),
+        };
+        let payload = match serde_json::to_vec(&event) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a scenario event");
+                return;
+            }
+        };
+        let record = FutureRecord::to(&self.topic)
+            .key(scenario_uuid)
+            .payload(&payload);
+        if let Err((e, _)) = self.producer.send(record, Duration::from_secs(10)).await {
+            self.metrics.event_publish_failures.inc();
+            tracing::warn!(topic = %self.topic, scenario = scenario_uuid, error = %e, "cannot publish a scenario event");
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The controller's Prometheus metrics (bounded label sets only) and probes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::http::Probes;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CategoryLabels {
+    pub category: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IngestLabels {
+    /// `deploy` or `undeploy`.
+    pub kind: &'static str,
+    /// `created`, `duplicate`, `stopped`, `unknown`, `dead_lettered`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+pub struct ControllerMetrics {
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_errors: Family<CategoryLabels, Counter>,
+    pub reconcile_seconds: Histogram,
+    pub queue_length: Gauge,
+    pub live_workers: Gauge,
+    pub pods_created: Counter,
+    pub phase_changes: Family<PhaseLabels, Counter>,
+    pub ingested: Family<IngestLabels, Counter>,
+    pub dead_lettered: Family<CategoryLabels, Counter>,
+    pub ingest_lag_seconds: Gauge<f64, AtomicU64>,
+    pub kubernetes_retries: Counter,
+    pub event_publish_failures: Counter,
+    pub leader: Gauge,
+    ready: AtomicBool,
+}
+
+impl ControllerMetrics {
+    pub fn new() -> (Self, Registry) {
+        let metrics = ControllerMetrics {
+            reconciles: Default::default(),
+            reconcile_errors: Default::default(),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            queue_length: Default::default(),
+            live_workers: Default::default(),
+            pods_created: Default::default(),
+            phase_changes: Default::default(),
+            ingested: Default::default(),
+            dead_lettered: Default::default(),
+            ingest_lag_seconds: Default::default(),
+            kubernetes_retries: Default::default(),
+            event_publish_failures: Default::default(),
+            leader: Default::default(),
+            ready: AtomicBool::new(false),
+        };
+        let mut registry = Registry::with_prefix("vap_controller");
+        let r = &mut registry;
+        r.register(
+            "reconciles",
+            "Reconciles by result",
+            metrics.reconciles.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Reconcile errors by category",
+            metrics.reconcile_errors.clone(),
+        );
+        r.register(
+            "reconcile_seconds",
+            "Time per reconcile",
+            metrics.reconcile_seconds.clone(),
+        );
+        r.register(
+            "queue_length",
+            "Scenarios waiting for a worker slot",
+            metrics.queue_length.clone(),
+        );
+        r.register(
+            "live_workers",
+            "Worker Pods holding a slot",
+            metrics.live_workers.clone(),
+        );
+        r.register(
+            "pods_created",
+            "Worker Pods created",
+            metrics.pods_created.clone(),
+        );
+        r.register(
+            "phase_changes",
+            "Scenario phase changes by new phase",
+            metrics.phase_changes.clone(),
+        );
+        r.register(
+            "ingested",
+            "to_deploy / to_undeploy messages by outcome",
+            metrics.ingested.clone(),
+        );
+        r.register(
+            "dead_lettered",
+            "Messages copied to the dead-letter topic by reason",
+            metrics.dead_lettered.clone(),
+        );
+        r.register(
+            "ingest_lag_seconds",
+            "Age of the last ingested message when it was handled",
+            metrics.ingest_lag_seconds.clone(),
+        );
+        r.register(
+            "kubernetes_retries",
+            "Kubernetes API calls retried by ingest",
+            metrics.kubernetes_retries.clone(),
+        );
+        r.register(
+            "event_publish_failures",
+            "scenario_events messages that could not be published",
+            metrics.event_publish_failures.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            metrics.leader.clone(),
+        );
+        (metrics, registry)
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Probes for ControllerMetrics {
+    fn healthy(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("waiting for leadership and caches".into())
+        }
+    }
+}

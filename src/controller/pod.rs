@@ -1,0 +1,261 @@
+//! Building a worker Pod is a pure function of the Scenario and the runner's
+//! configuration; applying it is the reconciler's job.
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Resource;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+use super::crd::Scenario;
+
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const LABEL_RUNNER: &str = "runner.vap.io/runner";
+pub const LABEL_SCENARIO: &str = "runner.vap.io/scenario";
+pub const LABEL_WORKER_ID: &str = "runner.vap.io/worker-id";
+/// Annotation with the moment ingest wrote a Scenario (RFC 3339, nanoseconds):
+/// the queue order, finer than the second-granular creationTimestamp.
+pub const ANNOTATION_ENQUEUED_AT: &str = "runner.vap.io/enqueued-at";
+
+/// Port of the worker's /metrics, /healthz and /readyz.
+pub const WORKER_HTTP_PORT: u16 = 8080;
+
+/// Everything about worker Pods that comes from the runner's configuration.
+#[derive(Debug, Clone)]
+pub struct WorkerTemplate {
+    pub runner_name: String,
+    pub image: String,
+    pub image_pull_policy: String,
+    pub kafka_bootstrap_servers: String,
+    pub results_topic: String,
+    pub default_fps: f64,
+    pub default_model: String,
+    pub video_file_root: Option<String>,
+    pub log_level: String,
+    /// `resources` of the worker container, as Kubernetes JSON.
+    pub resources: Value,
+    pub node_selector: Value,
+    pub tolerations: Value,
+    pub service_account: Option<String>,
+}
+
+impl Default for WorkerTemplate {
+    fn default() -> Self {
+        WorkerTemplate {
+            runner_name: "vap-runner".into(),
+            image: "vap-runner:latest".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            kafka_bootstrap_servers: "localhost:9092".into(),
+            results_topic: "results".into(),
+            default_fps: 2.0,
+            default_model: "mock".into(),
+            video_file_root: None,
+            log_level: "INFO".into(),
+            resources: json!({
+                "requests": {"cpu": "250m", "memory": "128Mi"},
+                "limits": {"cpu": "1", "memory": "256Mi"}
+            }),
+            node_selector: json!({}),
+            tolerations: json!([]),
+            service_account: None,
+        }
+    }
+}
+
+/// The deterministic name of a scenario's worker Pod.
+pub fn pod_name(scenario_uuid: &str) -> String {
+    format!("worker-{}", scenario_uuid.to_ascii_lowercase())
+}
+
+/// The deterministic name of the Scenario for a scenario UUID.
+pub fn scenario_name(scenario_uuid: &str) -> String {
+    format!("scn-{}", scenario_uuid.to_ascii_lowercase())
+}
+
+/// A label value made safe: at most 63 characters of `[A-Za-z0-9._-]`,
+/// starting and ending alphanumeric.
+pub fn label_value(raw: &str) -> String {
+    let cleaned: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    cleaned
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
+}
+
+/// Labels every worker Pod of `runner` carries (the selector of its watches).
+pub fn runner_selector(runner: &str) -> String {
+    format!(
+        "{LABEL_COMPONENT}=worker,{LABEL_RUNNER}={}",
+        label_value(runner)
+    )
+}
+
+/// The worker Pod for `scenario`.
+pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
+    let spec = &scenario.spec;
+    let name = pod_name(&spec.scenario_uuid);
+    let owner = scenario.controller_owner_ref(&());
+    let fps = spec.fps.unwrap_or(t.default_fps);
+    let model = spec
+        .model
+        .clone()
+        .unwrap_or_else(|| t.default_model.clone());
+    let mut env = vec![
+        json!({"name": "SCENARIO_UUID", "value": spec.scenario_uuid}),
+        json!({"name": "CAMERA_URL", "value": spec.camera_url}),
+        json!({"name": "VIDEO_FPS", "value": fps.to_string()}),
+        json!({"name": "MODEL", "value": model}),
+        json!({"name": "KAFKA_BOOTSTRAP_SERVERS", "value": t.kafka_bootstrap_servers}),
+        json!({"name": "RESULTS_TOPIC", "value": t.results_topic}),
+        json!({"name": "LOG_LEVEL", "value": t.log_level}),
+        json!({"name": "METRICS_ADDR", "value": format!("0.0.0.0:{WORKER_HTTP_PORT}")}),
+    ];
+    if let Some(root) = &t.video_file_root {
+        env.push(json!({"name": "VIDEO_FILE_ROOT", "value": root}));
+    }
+    let probe = |path: &str, period: u32| {
+        json!({
+            "httpGet": {"path": path, "port": "http"},
+            "periodSeconds": period,
+            "failureThreshold": 3,
+            "timeoutSeconds": 2
+        })
+    };
+    let mut pod_spec = json!({
+        "restartPolicy": "OnFailure",
+        "automountServiceAccountToken": false,
+        "enableServiceLinks": false,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"}
+        },
+        "containers": [{
+            "name": "worker",
+            "image": t.image,
+            "imagePullPolicy": t.image_pull_policy,
+            "args": ["worker"],
+            "env": env,
+            "ports": [{"name": "http", "containerPort": WORKER_HTTP_PORT}],
+            "resources": t.resources,
+            "livenessProbe": probe("/healthz", 10),
+            "readinessProbe": probe("/readyz", 5),
+            "securityContext": {
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+                "runAsNonRoot": true,
+                "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"}
+            }
+        }],
+        "nodeSelector": t.node_selector,
+        "tolerations": t.tolerations,
+    });
+    if let Some(sa) = &t.service_account {
+        pod_spec["serviceAccountName"] = json!(sa);
+    }
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": scenario.namespace(),
+            "labels": {
+                LABEL_NAME: "vap-runner",
+                LABEL_COMPONENT: "worker",
+                LABEL_MANAGED_BY: "vap-runner",
+                LABEL_RUNNER: label_value(&t.runner_name),
+                LABEL_SCENARIO: label_value(&spec.scenario_uuid),
+                LABEL_WORKER_ID: label_value(&spec.worker_id),
+            },
+            "ownerReferences": owner.map(|o| vec![o]).unwrap_or_default(),
+        },
+        "spec": pod_spec,
+    });
+    serde_json::from_value(pod).expect("the worker Pod template is valid Pod JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::crd::ScenarioSpec;
+
+    fn scenario() -> Scenario {
+        let mut s = Scenario::new(
+            &scenario_name("550E8400-e29b-41d4-a716-446655440000"),
+            ScenarioSpec {
+                scenario_uuid: "550e8400-e29b-41d4-a716-446655440000".into(),
+                worker_id: "11223344-5566-7788-99aa-bbccddeeeff0".into(),
+                camera_url: "rtsp://user:pw@cam/stream".into(),
+                fps: None,
+                model: Some("hog".into()),
+                stopped: false,
+            },
+        );
+        s.metadata.namespace = Some("vap".into());
+        s.metadata.uid = Some("uid-1".into());
+        s
+    }
+
+    #[test]
+    fn pod_is_named_owned_labelled_and_locked_down() {
+        let pod = build(&scenario(), &WorkerTemplate::default());
+        assert_eq!(
+            pod.metadata.name.as_deref(),
+            Some("worker-550e8400-e29b-41d4-a716-446655440000")
+        );
+        assert_eq!(pod.metadata.namespace.as_deref(), Some("vap"));
+        let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.kind, "Scenario");
+        assert_eq!(owner.controller, Some(true));
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(
+            labels[LABEL_WORKER_ID],
+            "11223344-5566-7788-99aa-bbccddeeeff0"
+        );
+        assert_eq!(labels[LABEL_RUNNER], "vap-runner");
+
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.restart_policy.as_deref(), Some("OnFailure"));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let c = &spec.containers[0];
+        assert_eq!(c.args.as_ref().unwrap(), &vec!["worker".to_string()]);
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+            &vec!["ALL".to_string()]
+        );
+        let env: std::collections::BTreeMap<_, _> = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| (e.name.as_str(), e.value.clone().unwrap_or_default()))
+            .collect();
+        assert_eq!(env["SCENARIO_UUID"], "550e8400-e29b-41d4-a716-446655440000");
+        assert_eq!(env["VIDEO_FPS"], "2");
+        assert_eq!(env["MODEL"], "hog");
+        assert!(!env.contains_key("VIDEO_FILE_ROOT"));
+    }
+
+    #[test]
+    fn label_values_are_made_safe() {
+        assert_eq!(label_value("ok-1.2_3"), "ok-1.2_3");
+        assert_eq!(label_value("-a b/c-"), "a_b_c");
+        assert_eq!(label_value(&"x".repeat(100)).len(), 63);
+    }
+}

@@ -1,0 +1,15 @@
+//! vap-runner: a Kubernetes operator that runs video-inference workers on camera
+//! streams. The same binary is the controller, the worker and the local
+//! supervisor; see `cli` for the entry points.
+
+pub mod backoff;
+pub mod camera_url;
+pub mod cli;
+pub mod config;
+pub mod controller;
+pub mod detector;
+pub mod http;
+pub mod messages;
+pub mod sampler;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,67 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use vap_runner::cli::{Cli, Command};
+use vap_runner::controller::{self, crd};
+use vap_runner::{telemetry, worker};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return parse_failure(err),
+    };
+    telemetry::init(cli.log_level, cli.log_format);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        command = command_name(&cli.command),
+        "vap-runner starting"
+    );
+    let name = command_name(&cli.command);
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Worker(args) => worker::main(*args).map_err(Into::into),
+        Command::Controller(args) => controller::main(*args, cli.log_level).map_err(Into::into),
+        Command::Crd => print_crd(),
+        Command::Local(_) => {
+            eprintln!("runner {name}: not implemented in this build");
+            return ExitCode::from(3);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(command = name, "{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_crd() -> Result<(), Box<dyn std::error::Error>> {
+    print!("{}", crd::crd_yaml()?);
+    Ok(())
+}
+
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::Controller(_) => "controller",
+        Command::Worker(_) => "worker",
+        Command::Local(_) => "local",
+        Command::Crd => "crd",
+    }
+}
+
+/// Help and version go to stdout with status 0; a bad setting is reported in
+/// one line naming the variable, the value and what is allowed.
+fn parse_failure(err: clap::Error) -> ExitCode {
+    match err.kind() {
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue => {
+            let rendered = err.to_string();
+            eprintln!("{}", rendered.lines().next().unwrap_or("invalid setting"));
+            ExitCode::from(2)
+        }
+        _ => {
+            let _ = err.print();
+            ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2))
+        }
+    }
+}

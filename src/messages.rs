@@ -1,0 +1,266 @@
+//! The Kafka message contracts (see the design document). Field names and
+//! types here are the wire format and must not drift.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One detected object. `bbox` is `[x_min, y_min, x_max, y_max]` in pixels of
+/// the source frame; `confidence` is in 0.0–1.0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    pub class: String,
+    pub confidence: f32,
+    pub bbox: [i32; 4],
+}
+
+/// One `results` message per processed frame; the Kafka key is the scenario UUID.
+/// `frame_number` counts processed frames of this worker run from 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultMessage {
+    pub scenario_uuid: Uuid,
+    pub frame_number: u64,
+    pub detections: Vec<Detection>,
+    /// UTC, RFC 3339, millisecond precision, `Z` suffix.
+    pub timestamp: String,
+}
+
+/// The wire form of a timestamp: `2026-01-11T12:30:05.123Z`.
+pub fn wire_timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn result_serializes_exactly_as_the_contract() {
+        let at = Utc.with_ymd_and_hms(2026, 1, 11, 12, 30, 5).unwrap()
+            + chrono::Duration::milliseconds(123);
+        let msg = ResultMessage {
+            scenario_uuid: "550e8400-e29b-41d4-a716-446655440000".parse().unwrap(),
+            frame_number: 1,
+            detections: vec![Detection {
+                class: "person".into(),
+                confidence: 0.95,
+                bbox: [10, 20, 100, 150],
+            }],
+            timestamp: wire_timestamp(at),
+        };
+        let json = serde_json::to_string(&msg).unwrap();
+        assert_eq!(
+            json,
+            r#"{"scenario_uuid":"550e8400-e29b-41d4-a716-446655440000","frame_number":1,"detections":[{"class":"person","confidence":0.95,"bbox":[10,20,100,150]}],"timestamp":"2026-01-11T12:30:05.123Z"}"#
+        );
+    }
+}
+
+/// Largest `to_deploy` / `to_undeploy` message accepted.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+
+/// A valid `to_deploy` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployRequest {
+    pub worker_id: Uuid,
+    pub scenario_uuid: Uuid,
+    pub camera_url: String,
+}
+
+/// A valid `to_undeploy` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndeployRequest {
+    pub scenario_uuid: Uuid,
+}
+
+/// Why a request was refused. `category()` is a fixed label for metrics and
+/// for the `reason` header of dead-lettered messages; the text says more.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("message has no value")]
+    Empty,
+    #[error("message is {len} bytes; at most {MAX_REQUEST_BYTES} are accepted")]
+    Oversized { len: usize },
+    #[error("message is not UTF-8 JSON: {0}")]
+    NotJson(String),
+    #[error("message is JSON but not an object")]
+    NotObject,
+    #[error("field {0:?} is missing")]
+    MissingField(&'static str),
+    #[error("field {field:?} must be a string, got {got}")]
+    WrongType {
+        field: &'static str,
+        got: &'static str,
+    },
+    #[error("field {field:?} is not a UUID: {value:?}")]
+    BadUuid { field: &'static str, value: String },
+    #[error("field \"camera_url\" is refused: {0}")]
+    CameraUrl(#[from] crate::camera_url::CameraUrlError),
+}
+
+impl RequestError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            RequestError::Empty => "empty",
+            RequestError::Oversized { .. } => "oversized",
+            RequestError::NotJson(_) => "not_json",
+            RequestError::NotObject => "not_object",
+            RequestError::MissingField(_) => "missing_field",
+            RequestError::WrongType { .. } => "wrong_type",
+            RequestError::BadUuid { .. } => "bad_uuid",
+            RequestError::CameraUrl(_) => "camera_url",
+        }
+    }
+}
+
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+fn object(
+    payload: Option<&[u8]>,
+) -> Result<serde_json::Map<String, serde_json::Value>, RequestError> {
+    let bytes = payload
+        .filter(|b| !b.is_empty())
+        .ok_or(RequestError::Empty)?;
+    if bytes.len() > MAX_REQUEST_BYTES {
+        return Err(RequestError::Oversized { len: bytes.len() });
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| RequestError::NotJson(e.to_string()))?;
+    match serde_json::from_str(text).map_err(|e| RequestError::NotJson(e.to_string()))? {
+        serde_json::Value::Object(map) => Ok(map),
+        _ => Err(RequestError::NotObject),
+    }
+}
+
+fn string_field<'a>(
+    map: &'a serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<&'a str, RequestError> {
+    match map.get(field) {
+        None => Err(RequestError::MissingField(field)),
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(other) => Err(RequestError::WrongType {
+            field,
+            got: json_type(other),
+        }),
+    }
+}
+
+fn uuid_field(
+    map: &serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<Uuid, RequestError> {
+    let raw = string_field(map, field)?;
+    // Only the hyphenated form of the contract, any case.
+    if raw.len() != 36 {
+        return Err(RequestError::BadUuid {
+            field,
+            value: raw.chars().take(64).collect(),
+        });
+    }
+    Uuid::parse_str(raw).map_err(|_| RequestError::BadUuid {
+        field,
+        value: raw.to_string(),
+    })
+}
+
+impl DeployRequest {
+    /// Validates a `to_deploy` value, including the camera URL policy.
+    pub fn parse(
+        payload: Option<&[u8]>,
+        file_root: Option<&std::path::Path>,
+    ) -> Result<Self, RequestError> {
+        let map = object(payload)?;
+        let worker_id = uuid_field(&map, "worker_id")?;
+        let scenario_uuid = uuid_field(&map, "scenario_uuid")?;
+        let camera_url = string_field(&map, "camera_url")?;
+        crate::camera_url::CameraSource::parse(camera_url, file_root)?;
+        Ok(DeployRequest {
+            worker_id,
+            scenario_uuid,
+            camera_url: camera_url.to_string(),
+        })
+    }
+}
+
+impl UndeployRequest {
+    pub fn parse(payload: Option<&[u8]>) -> Result<Self, RequestError> {
+        let map = object(payload)?;
+        Ok(UndeployRequest {
+            scenario_uuid: uuid_field(&map, "scenario_uuid")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+    use std::path::Path;
+
+    fn root() -> Option<&'static Path> {
+        Some(Path::new("/videos"))
+    }
+
+    #[test]
+    fn the_contract_example_is_valid() {
+        let raw = br#"{"worker_id": "11223344-5566-7788-99aa-bbccddeeeff0",
+            "scenario_uuid": "550e8400-e29b-41d4-a716-446655440000",
+            "camera_url": "rtsp://example.com/stream", "extra": 1}"#;
+        let req = DeployRequest::parse(Some(raw), root()).unwrap();
+        assert_eq!(
+            req.scenario_uuid.to_string(),
+            "550e8400-e29b-41d4-a716-446655440000"
+        );
+        assert_eq!(req.camera_url, "rtsp://example.com/stream");
+        let undeploy = UndeployRequest::parse(Some(
+            br#"{"scenario_uuid": "550e8400-e29b-41d4-a716-446655440000"}"#,
+        ))
+        .unwrap();
+        assert_eq!(undeploy.scenario_uuid, req.scenario_uuid);
+    }
+
+    #[test]
+    fn each_kind_of_bad_message_has_its_reason() {
+        let ok_w = r#""worker_id":"11223344-5566-7788-99aa-bbccddeeeff0""#;
+        let ok_s = r#""scenario_uuid":"550e8400-e29b-41d4-a716-446655440000""#;
+        let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(MAX_REQUEST_BYTES));
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"".to_vec(), "empty"),
+            (big.into_bytes(), "oversized"),
+            (b"not json".to_vec(), "not_json"),
+            (vec![0xff, 0xfe], "not_json"),
+            (b"[1,2]".to_vec(), "not_object"),
+            (b"\"str\"".to_vec(), "not_object"),
+            (format!("{{{ok_s},\"camera_url\":\"rtsp://h/a\"}}").into_bytes(), "missing_field"),
+            (format!("{{{ok_w},{ok_s}}}").into_bytes(), "missing_field"),
+            (format!("{{{ok_w},\"scenario_uuid\":42,\"camera_url\":\"rtsp://h/a\"}}").into_bytes(), "wrong_type"),
+            (format!("{{{ok_w},{ok_s},\"camera_url\":null}}").into_bytes(), "wrong_type"),
+            (format!("{{{ok_w},\"scenario_uuid\":\"nope\",\"camera_url\":\"rtsp://h/a\"}}").into_bytes(), "bad_uuid"),
+            (format!("{{{ok_w},\"scenario_uuid\":\"550e8400e29b41d4a716446655440000\",\"camera_url\":\"rtsp://h/a\"}}").into_bytes(), "bad_uuid"),
+            (format!("{{{ok_w},{ok_s},\"camera_url\":\"ftp://h/a.mp4\"}}").into_bytes(), "camera_url"),
+            (format!("{{{ok_w},{ok_s},\"camera_url\":\"/etc/a.mp4\"}}").into_bytes(), "camera_url"),
+        ];
+        for (raw, category) in cases {
+            let err = DeployRequest::parse(Some(&raw), root()).unwrap_err();
+            assert_eq!(
+                err.category(),
+                category,
+                "{}: {err}",
+                String::from_utf8_lossy(&raw)
+            );
+        }
+        assert_eq!(
+            DeployRequest::parse(None, root()).unwrap_err().category(),
+            "empty"
+        );
+    }
+}

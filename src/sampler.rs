@@ -1,0 +1,117 @@
+//! Time-based frame sampling: of the frames a source delivers, the first one at
+//! or after each multiple of 1/VIDEO_FPS seconds is processed; the rest are
+//! dropped. For files the clock is the media timestamp, for live sources the
+//! time since the worker started reading.
+
+use std::time::Duration;
+
+/// Timestamps within this distance before a due time count as on time, so a
+/// frame stamped 499.9999 ms is taken for the 500 ms slot.
+const TOLERANCE_SECS: f64 = 0.000_5;
+
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    period: f64,
+    next_due: f64,
+}
+
+impl Sampler {
+    pub fn new(period: Duration) -> Self {
+        Sampler {
+            period: period.as_secs_f64(),
+            next_due: 0.0,
+        }
+    }
+
+    /// Decides whether the frame at `at` (seconds on the source's clock) is
+    /// processed, and if so moves the next due time past it.
+    pub fn offer(&mut self, at: f64) -> bool {
+        if !at.is_finite() || at + TOLERANCE_SECS < self.next_due {
+            return false;
+        }
+        let slot = ((at + TOLERANCE_SECS) / self.period).floor();
+        self.next_due = (slot + 1.0) * self.period;
+        true
+    }
+}
+
+/// Repairs a source clock that stalls or runs backwards (as corrupt files and
+/// some streams do): a timestamp not after the previous one is replaced by the
+/// previous one plus one nominal frame interval.
+#[derive(Debug, Clone)]
+pub struct MonotonicClock {
+    frame_interval: f64,
+    last: Option<f64>,
+}
+
+impl MonotonicClock {
+    pub fn new(nominal_fps: f64) -> Self {
+        let fps = if nominal_fps.is_finite() && nominal_fps > 0.0 && nominal_fps < 1000.0 {
+            nominal_fps
+        } else {
+            25.0
+        };
+        MonotonicClock {
+            frame_interval: 1.0 / fps,
+            last: None,
+        }
+    }
+
+    pub fn observe(&mut self, reported: f64) -> f64 {
+        let at = match self.last {
+            Some(last) if !(reported.is_finite() && reported > last) => last + self.frame_interval,
+            None if !reported.is_finite() || reported < 0.0 => 0.0,
+            _ => reported,
+        };
+        self.last = Some(at);
+        at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(fps_source: f64, frames: usize, fps_out: f64) -> usize {
+        let mut sampler = Sampler::new(Duration::from_secs_f64(1.0 / fps_out));
+        (0..frames)
+            .filter(|i| sampler.offer(*i as f64 / fps_source))
+            .count()
+    }
+
+    #[test]
+    fn vtest_at_two_fps_gives_159_frames() {
+        // vtest.avi: 795 frames at 10 fps (79.5 s).
+        assert_eq!(count(10.0, 795, 2.0), 159);
+    }
+
+    #[test]
+    fn fractional_rates_and_odd_source_rates() {
+        assert_eq!(count(25.0, 250, 0.5), 5); // 10 s at one frame per 2 s
+        assert_eq!(count(23.976, 240, 2.0), 20); // 0 .. 9.97 s: slots 0.0 .. 9.5 s
+        assert_eq!(count(10.0, 100, 20.0), 100); // faster than the source: every frame
+    }
+
+    #[test]
+    fn takes_the_first_frame_at_or_after_each_slot() {
+        let mut s = Sampler::new(Duration::from_millis(500));
+        assert!(s.offer(0.04));
+        assert!(!s.offer(0.3));
+        assert!(s.offer(0.52));
+        assert!(!s.offer(0.99));
+        assert!(s.offer(2.3)); // a gap skips the missed slots
+        assert!(!s.offer(2.45));
+        assert!(s.offer(2.4999999));
+        assert!(!s.offer(f64::NAN));
+    }
+
+    #[test]
+    fn clock_repair_keeps_time_moving_forward() {
+        let mut clock = MonotonicClock::new(10.0);
+        assert_eq!(clock.observe(0.0), 0.0);
+        assert_eq!(clock.observe(0.1), 0.1);
+        assert!((clock.observe(0.1) - 0.2).abs() < 1e-9);
+        assert!((clock.observe(f64::NAN) - 0.3).abs() < 1e-9);
+        assert_eq!(clock.observe(5.0), 5.0);
+    }
+}

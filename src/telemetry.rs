@@ -1,0 +1,29 @@
+//! Logging set-up: `LOG_LEVEL` chooses the filter, `LOG_FORMAT=json` gives one
+//! JSON object per line. Logs go to standard error so a worker's standard
+//! output can carry results.
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, LogLevel};
+
+/// Installs the global subscriber. `RUST_LOG`, when set, refines the filter
+/// per module (for example `RUST_LOG=kube=debug`).
+pub fn init(level: LogLevel, format: LogFormat) {
+    let mut filter = EnvFilter::new(level.directive());
+    if let Ok(extra) = std::env::var("RUST_LOG") {
+        for directive in extra.split(',').filter_map(|d| d.parse().ok()) {
+            filter = filter.add_directive(directive);
+        }
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    // A second call (as in tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

@@ -1,0 +1,310 @@
+//! Reading a camera with OpenCV's FFmpeg backend: open with timeouts, read
+//! frames, sample them, hand them to detection, and reconnect with backoff
+//! when a live stream is lost.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use opencv::core::{Mat, Vector};
+use opencv::prelude::*;
+use opencv::videoio::{self, VideoCapture};
+
+use crate::backoff::Backoff;
+use crate::camera_url::CameraSource;
+use crate::sampler::{MonotonicClock, Sampler};
+use crate::worker::handoff::Handoff;
+use crate::worker::metrics::{DropLabels, WorkerMetrics};
+
+/// A sampled frame on its way to detection.
+pub struct Frame {
+    pub image: Mat,
+    pub captured_at: DateTime<Utc>,
+}
+
+// SAFETY: a Mat owns its pixel buffer (reference-counted by OpenCV with
+// atomic counts); each Frame is moved between threads, never shared.
+unsafe impl Send for Frame {}
+
+#[derive(Debug, Clone)]
+pub struct CaptureSettings {
+    pub source: CameraSource,
+    pub period: Duration,
+    pub open_timeout: Duration,
+    pub read_timeout: Duration,
+    pub realtime: bool,
+    /// Failed opens or lost streams in a row before giving up; `None` = never.
+    pub max_reconnects: Option<u32>,
+    pub reconnect_base: Duration,
+    pub reconnect_max: Duration,
+}
+
+/// How reading ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureEnd {
+    EndOfFile,
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "cannot open camera {camera}: {reason}; check that the URL is right, the camera is reachable and the codec is supported"
+    )]
+    Open { camera: String, reason: String },
+    #[error(
+        "gave up on camera {camera} after {attempts} reconnect attempts in a row (MAX_RECONNECTS)"
+    )]
+    GaveUp { camera: String, attempts: u32 },
+}
+
+/// Why one connection to the source ended.
+enum StreamEnd {
+    /// No more frames (end of file, stream lost or read timeout).
+    Ended {
+        frames: u64,
+    },
+    Shutdown,
+}
+
+/// Reads the source until end of file, shutdown, or too many failed
+/// reconnects. Always closes the hand-off before returning.
+pub fn run(
+    settings: &CaptureSettings,
+    handoff: &Handoff<Frame>,
+    metrics: &WorkerMetrics,
+    shutdown: &Arc<AtomicBool>,
+) -> Result<CaptureEnd, CaptureError> {
+    let result = read_with_reconnects(settings, handoff, metrics, shutdown);
+    handoff.close();
+    result
+}
+
+fn read_with_reconnects(
+    settings: &CaptureSettings,
+    handoff: &Handoff<Frame>,
+    metrics: &WorkerMetrics,
+    shutdown: &Arc<AtomicBool>,
+) -> Result<CaptureEnd, CaptureError> {
+    let live = settings.source.is_live();
+    let shown = settings.source.to_string();
+    let max_failures = settings
+        .max_reconnects
+        .or(if live { None } else { Some(0) });
+    let mut backoff = Backoff::new(settings.reconnect_base, settings.reconnect_max);
+    let mut sampler = Sampler::new(settings.period);
+    let started = Instant::now();
+
+    loop {
+        if shutdown.load(Ordering::Relaxed) {
+            return Ok(CaptureEnd::Shutdown);
+        }
+        let failure = match open(settings) {
+            Ok(mut capture) => {
+                metrics.health().camera_opened();
+                tracing::info!(camera = %shown, "camera opened");
+                let mut pace = if live {
+                    Pace::Live { started }
+                } else {
+                    Pace::File {
+                        clock: MonotonicClock::new(
+                            capture.get(videoio::CAP_PROP_FPS).unwrap_or(0.0),
+                        ),
+                        paced_from: Instant::now(),
+                        realtime: settings.realtime,
+                    }
+                };
+                let end = read_stream(
+                    &mut capture,
+                    &mut pace,
+                    &mut sampler,
+                    handoff,
+                    metrics,
+                    shutdown,
+                );
+                match end {
+                    StreamEnd::Shutdown => return Ok(CaptureEnd::Shutdown),
+                    StreamEnd::Ended { .. } if !live => return Ok(CaptureEnd::EndOfFile),
+                    StreamEnd::Ended { frames } => {
+                        if frames > 0 {
+                            backoff.reset();
+                        }
+                        format!("stream ended or stalled after {frames} frames")
+                    }
+                }
+            }
+            Err(reason) => reason,
+        };
+
+        if max_failures.is_some_and(|max| backoff.attempts() >= max) {
+            if !live {
+                return Err(CaptureError::Open {
+                    camera: shown,
+                    reason: failure,
+                });
+            }
+            return Err(CaptureError::GaveUp {
+                camera: shown,
+                attempts: backoff.attempts(),
+            });
+        }
+        let delay = backoff.next_delay(rand::random::<f64>());
+        metrics.reconnects.inc();
+        tracing::warn!(
+            camera = %shown,
+            attempt = backoff.attempts(),
+            delay_ms = delay.as_millis() as u64,
+            reason = %failure,
+            "camera lost; reconnecting"
+        );
+        if sleep_unless_shutdown(delay, shutdown) {
+            return Ok(CaptureEnd::Shutdown);
+        }
+    }
+}
+
+/// Opens the source with the FFmpeg backend and open/read timeouts passed as
+/// open parameters (the only way FFmpeg honours them).
+fn open(settings: &CaptureSettings) -> Result<VideoCapture, String> {
+    let millis = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+    let params = Vector::<i32>::from_slice(&[
+        videoio::CAP_PROP_OPEN_TIMEOUT_MSEC,
+        millis(settings.open_timeout),
+        videoio::CAP_PROP_READ_TIMEOUT_MSEC,
+        millis(settings.read_timeout),
+    ]);
+    let target = settings.source.backend_target();
+    let capture = VideoCapture::from_file_with_params(&target, videoio::CAP_FFMPEG, &params)
+        .map_err(|e| redact_backend_error(&e.to_string(), &target, &settings.source))?;
+    match capture.is_opened() {
+        Ok(true) => Ok(capture),
+        Ok(false) => {
+            Err("FFmpeg could not open it (unreachable, refused, timed out, or not a video)".into())
+        }
+        Err(e) => Err(redact_backend_error(
+            &e.to_string(),
+            &target,
+            &settings.source,
+        )),
+    }
+}
+
+/// OpenCV errors may quote the URL they were given; never let credentials out.
+fn redact_backend_error(message: &str, target: &str, source: &CameraSource) -> String {
+    message.replace(target, &source.to_string())
+}
+
+/// How frames are timed and handed on: files by their media clock (paced or
+/// as fast as detection allows, every sampled frame kept), live sources by the
+/// wall clock (only the newest sampled frame kept).
+enum Pace {
+    File {
+        clock: MonotonicClock,
+        paced_from: Instant,
+        realtime: bool,
+    },
+    Live {
+        started: Instant,
+    },
+}
+
+fn read_stream(
+    capture: &mut VideoCapture,
+    pace: &mut Pace,
+    sampler: &mut Sampler,
+    handoff: &Handoff<Frame>,
+    metrics: &WorkerMetrics,
+    shutdown: &Arc<AtomicBool>,
+) -> StreamEnd {
+    let mut frames = 0;
+    loop {
+        if shutdown.load(Ordering::Relaxed) {
+            return StreamEnd::Shutdown;
+        }
+        if !capture.grab().unwrap_or(false) {
+            return StreamEnd::Ended { frames };
+        }
+        frames += 1;
+        metrics.frames_read.inc();
+        metrics.health().frame_arrived();
+        let at = match pace {
+            Pace::File {
+                clock,
+                paced_from,
+                realtime,
+            } => {
+                let reported = capture.get(videoio::CAP_PROP_POS_MSEC).unwrap_or(f64::NAN) / 1000.0;
+                let at = clock.observe(reported);
+                let due = *paced_from + Duration::from_secs_f64(at);
+                if *realtime
+                    && sleep_unless_shutdown(
+                        due.saturating_duration_since(Instant::now()),
+                        shutdown,
+                    )
+                {
+                    return StreamEnd::Shutdown;
+                }
+                at
+            }
+            Pace::Live { started } => started.elapsed().as_secs_f64(),
+        };
+        if !sampler.offer(at) {
+            metrics.frames_dropped.get_or_create(&SAMPLING).inc();
+            continue;
+        }
+        let Some(frame) = retrieve(capture, metrics) else {
+            continue;
+        };
+        match pace {
+            Pace::File { .. } => {
+                if !handoff.put_wait(frame) {
+                    return StreamEnd::Shutdown;
+                }
+            }
+            Pace::Live { .. } => {
+                if handoff.put_latest(frame).is_some() {
+                    metrics.frames_dropped.get_or_create(&STALE).inc();
+                }
+            }
+        }
+    }
+}
+
+const SAMPLING: DropLabels = DropLabels { reason: "sampling" };
+const STALE: DropLabels = DropLabels { reason: "stale" };
+
+/// Decodes the grabbed frame; a frame that cannot be decoded is counted as
+/// corrupt and skipped.
+fn retrieve(capture: &mut VideoCapture, metrics: &WorkerMetrics) -> Option<Frame> {
+    let captured_at = Utc::now();
+    let mut image = Mat::default();
+    match capture.retrieve(&mut image, 0) {
+        Ok(true) if !image.empty() => Some(Frame { image, captured_at }),
+        Ok(_) => {
+            metrics.frames_corrupt.inc();
+            tracing::debug!("a frame could not be decoded; skipped");
+            None
+        }
+        Err(e) => {
+            metrics.frames_corrupt.inc();
+            tracing::debug!(error = %e, "a frame could not be decoded; skipped");
+            None
+        }
+    }
+}
+
+/// Sleeps for `total` in short steps; true when shutdown was requested meanwhile.
+fn sleep_unless_shutdown(total: Duration, shutdown: &AtomicBool) -> bool {
+    let deadline = Instant::now() + total;
+    loop {
+        if shutdown.load(Ordering::Relaxed) {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
+}

@@ -1,0 +1,230 @@
+//! `runner worker`: runs one scenario. A capture thread reads the camera and
+//! samples frames at VIDEO_FPS; a detection thread runs the detector on each
+//! sampled frame and hands one result per frame to the sink; the async side
+//! serves `/metrics`, `/healthz`, `/readyz` and turns SIGTERM/SIGINT into an
+//! orderly stop (stop reading, flush pending results with a bounded wait, exit 0).
+
+pub mod capture;
+pub mod handoff;
+pub mod metrics;
+pub mod sink;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::camera_url::{CameraSource, CameraUrlError};
+use crate::cli::{SinkKind, WorkerArgs};
+use crate::detector::{self, DetectError, Detector};
+use crate::messages::{ResultMessage, wire_timestamp};
+use capture::{CaptureEnd, CaptureError, CaptureSettings, Frame};
+use handoff::Handoff;
+use metrics::WorkerMetrics;
+use sink::{KafkaSink, ResultSink, SinkError, StdoutSink};
+
+/// Everything that stops a worker with a non-zero exit.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("CAMERA_URL refused: {0}")]
+    CameraUrl(#[from] CameraUrlError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("cannot start the {model} detector: {source}")]
+    Detector { model: String, source: DetectError },
+    #[error("cannot serve metrics on METRICS_ADDR={addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("a worker thread stopped unexpectedly: {0}")]
+    Thread(String),
+}
+
+/// Validates the camera URL, limits FFmpeg to the protocols it needs, and runs
+/// the worker to completion. Call before any other thread starts: it sets a
+/// process-wide environment variable that OpenCV reads on first open.
+pub fn main(args: WorkerArgs) -> Result<(), WorkerError> {
+    let root = args.settings.video_file_root.as_deref();
+    let source = CameraSource::parse(&args.camera_url, root)?.resolve(root)?;
+    // SAFETY: no other thread exists yet; the async runtime starts below.
+    unsafe {
+        std::env::set_var(
+            "OPENCV_FFMPEG_CAPTURE_OPTIONS",
+            source.ffmpeg_capture_options(),
+        )
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(WorkerError::Runtime)?;
+    runtime.block_on(run(args, source))
+}
+
+async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> {
+    let scenario = args.scenario_uuid;
+    tracing::info!(%scenario, camera = %source, fps = %args.video_fps, model = ?args.settings.model, sink = ?args.sink, "worker starting");
+
+    let (metrics, registry) = WorkerMetrics::new(Duration::from_secs(args.watchdog_secs));
+    let metrics = Arc::new(metrics);
+    let (bound, server) = crate::http::bind(args.http.metrics_addr, registry, metrics.clone())
+        .await
+        .map_err(|source| WorkerError::Metrics {
+            addr: args.http.metrics_addr,
+            source,
+        })?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    let server = tokio::spawn(server);
+
+    let sink: Arc<dyn ResultSink> = match args.sink {
+        SinkKind::Stdout => Arc::new(StdoutSink::new(metrics.clone())),
+        SinkKind::Kafka => {
+            let servers = args.kafka.kafka_bootstrap_servers.to_string();
+            let topic = args.settings.results_topic.clone();
+            let m = metrics.clone();
+            let timeout = args.open_timeout_ms.0.max(Duration::from_secs(10));
+            Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    KafkaSink::connect(&servers, &topic, m, timeout)
+                })
+                .await
+                .map_err(|e| WorkerError::Thread(e.to_string()))??,
+            )
+        }
+    };
+    let detector = detector::build(args.settings.model, args.mock_seed).map_err(|source| {
+        WorkerError::Detector {
+            model: format!("{:?}", args.settings.model).to_lowercase(),
+            source,
+        }
+    })?;
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let handoff = Arc::new(Handoff::<Frame>::default());
+    let settings = CaptureSettings {
+        source,
+        period: args.video_fps.period(),
+        open_timeout: args.open_timeout_ms.0,
+        read_timeout: args.read_timeout_ms.0,
+        realtime: args.realtime,
+        max_reconnects: args.max_reconnects,
+        reconnect_base: args.reconnect_base_ms.0,
+        reconnect_max: args.reconnect_max_ms.0,
+    };
+
+    let capture = {
+        let (handoff, metrics, shutdown) = (handoff.clone(), metrics.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name("capture".into())
+            .spawn(move || capture::run(&settings, &handoff, &metrics, &shutdown))
+            .map_err(|e| WorkerError::Thread(e.to_string()))?
+    };
+    let detection = {
+        let (handoff, metrics, sink) = (handoff.clone(), metrics.clone(), sink.clone());
+        std::thread::Builder::new()
+            .name("detect".into())
+            .spawn(move || detect_loop(scenario, detector, &handoff, &metrics, sink.as_ref()))
+            .map_err(|e| WorkerError::Thread(e.to_string()))?
+    };
+
+    let stop_signal = tokio::spawn(stop_on_signal(shutdown.clone()));
+    let captured = tokio::task::spawn_blocking(move || {
+        let captured = capture.join();
+        let processed = detection.join();
+        (captured, processed)
+    })
+    .await
+    .map_err(|e| WorkerError::Thread(e.to_string()))?;
+    stop_signal.abort();
+
+    let (captured, processed) = captured;
+    let processed = processed.map_err(|_| WorkerError::Thread("detection panicked".into()))?;
+    let outcome = captured.map_err(|_| WorkerError::Thread("capture panicked".into()))?;
+
+    let flush_timeout = args.flush_timeout_ms.0;
+    let flushed = {
+        let sink = sink.clone();
+        tokio::task::spawn_blocking(move || sink.flush(flush_timeout))
+            .await
+            .map_err(|e| WorkerError::Thread(e.to_string()))?
+    };
+    server.abort();
+    tracing::info!(
+        %scenario,
+        processed,
+        read = metrics.frames_read.get(),
+        corrupt = metrics.frames_corrupt.get(),
+        publish_failures = metrics.publish_failures.get(),
+        "worker stopped"
+    );
+    let end = outcome?;
+    flushed?;
+    match end {
+        CaptureEnd::EndOfFile => tracing::info!(%scenario, "end of file reached"),
+        CaptureEnd::Shutdown => tracing::info!(%scenario, "stopped on request"),
+    }
+    Ok(())
+}
+
+/// Takes sampled frames until the hand-off closes; one result per frame.
+/// Returns the number of frames processed.
+fn detect_loop(
+    scenario: Uuid,
+    mut detector: Box<dyn Detector>,
+    handoff: &Handoff<Frame>,
+    metrics: &WorkerMetrics,
+    sink: &dyn ResultSink,
+) -> u64 {
+    let mut frame_number = 0;
+    while let Some(frame) = handoff.take() {
+        let started = Instant::now();
+        let detections = match detector.detect(&frame.image) {
+            Ok(d) => d,
+            Err(e) => {
+                metrics.inference_errors.inc();
+                tracing::warn!(%scenario, error = %e, "detector failed on a frame; skipped");
+                continue;
+            }
+        };
+        metrics
+            .inference_seconds
+            .observe(started.elapsed().as_secs_f64());
+        frame_number += 1;
+        metrics.frames_processed.inc();
+        metrics.detections.inc_by(detections.len() as u64);
+        let result = ResultMessage {
+            scenario_uuid: scenario,
+            frame_number,
+            detections,
+            timestamp: wire_timestamp(frame.captured_at),
+        };
+        if let Err(e) = sink.publish(&result) {
+            metrics.publish_failures.inc();
+            tracing::error!(%scenario, frame_number, error = %e, "result could not be published");
+        }
+    }
+    frame_number
+}
+
+/// Sets the shutdown flag on SIGTERM or SIGINT.
+async fn stop_on_signal(shutdown: Arc<AtomicBool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; SIGTERM will end the worker abruptly");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
+        _ = int.recv() => tracing::info!("SIGINT received; stopping"),
+    }
+    shutdown.store(true, Ordering::Relaxed);
+}

@@ -1,0 +1,178 @@
+//! Where results go: a Kafka topic (idempotent producer, acks=all) or standard
+//! output (one JSON object per line).
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+
+use crate::messages::ResultMessage;
+use crate::worker::metrics::WorkerMetrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(
+        "cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS={servers}: {reason}; check that the brokers run and the address is right"
+    )]
+    Unreachable { servers: String, reason: String },
+    #[error("cannot configure the Kafka producer: {0}")]
+    Config(String),
+    #[error("cannot write a result: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{pending} results were still undelivered after waiting {waited:?}")]
+    FlushTimeout { pending: i32, waited: Duration },
+}
+
+pub trait ResultSink: Send + Sync {
+    /// Hands one result to the sink. Delivery may complete later; failures
+    /// are logged and counted.
+    fn publish(&self, result: &ResultMessage) -> Result<(), SinkError>;
+    /// Waits up to `timeout` for everything handed over to be delivered.
+    fn flush(&self, timeout: Duration) -> Result<(), SinkError>;
+}
+
+/// Writes results to standard output.
+pub struct StdoutSink {
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl StdoutSink {
+    pub fn new(metrics: Arc<WorkerMetrics>) -> Self {
+        StdoutSink { metrics }
+    }
+}
+
+impl ResultSink for StdoutSink {
+    fn publish(&self, result: &ResultMessage) -> Result<(), SinkError> {
+        let started = Instant::now();
+        let line = serde_json::to_string(result).map_err(std::io::Error::other)?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        self.metrics.results_published.inc();
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn flush(&self, _timeout: Duration) -> Result<(), SinkError> {
+        std::io::stdout().flush()?;
+        Ok(())
+    }
+}
+
+/// Counts deliveries and their latency; logs the ones that finally failed.
+pub struct DeliveryReport {
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl ClientContext for DeliveryReport {}
+
+impl ProducerContext for DeliveryReport {
+    type DeliveryOpaque = Box<Instant>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sent_at: Self::DeliveryOpaque) {
+        match result {
+            Ok(_) => {
+                self.metrics.results_published.inc();
+                self.metrics
+                    .publish_seconds
+                    .observe(sent_at.elapsed().as_secs_f64());
+            }
+            Err((err, msg)) => {
+                self.metrics.publish_failures.inc();
+                tracing::error!(
+                    topic = msg.topic(),
+                    key = ?msg.key().map(String::from_utf8_lossy),
+                    error = %err,
+                    "result could not be delivered to Kafka"
+                );
+            }
+        }
+    }
+}
+
+/// Publishes results to a Kafka topic, keyed by scenario UUID.
+pub struct KafkaSink {
+    producer: ThreadedProducer<DeliveryReport>,
+    topic: String,
+}
+
+impl KafkaSink {
+    /// Creates the producer and checks that the cluster answers within
+    /// `timeout`, so an unreachable Kafka is reported at start.
+    pub fn connect(
+        servers: &str,
+        topic: &str,
+        metrics: Arc<WorkerMetrics>,
+        timeout: Duration,
+    ) -> Result<Self, SinkError> {
+        let producer: ThreadedProducer<DeliveryReport> = ClientConfig::new()
+            .set("bootstrap.servers", servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            // Keep retrying through broker restarts for up to 10 minutes.
+            .set("message.timeout.ms", "600000")
+            .create_with_context(DeliveryReport { metrics })
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        producer
+            .client()
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| SinkError::Unreachable {
+                servers: servers.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(KafkaSink {
+            producer,
+            topic: topic.to_string(),
+        })
+    }
+}
+
+impl ResultSink for KafkaSink {
+    fn publish(&self, result: &ResultMessage) -> Result<(), SinkError> {
+        let payload = serde_json::to_vec(result).map_err(std::io::Error::other)?;
+        let key = result.scenario_uuid.to_string();
+        let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(Instant::now()))
+            .key(&key)
+            .payload(&payload);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                // The local queue is full (Kafka is slow or away): wait for
+                // room rather than drop a result.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err((err, _)) => {
+                    return Err(SinkError::Config(format!(
+                        "Kafka refused result {} for topic {}: {err}",
+                        result.frame_number, self.topic
+                    )));
+                }
+            }
+        }
+    }
+
+    fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
+        let started = Instant::now();
+        let _ = self.producer.flush(timeout);
+        let pending = self.producer.in_flight_count();
+        if pending > 0 {
+            return Err(SinkError::FlushTimeout {
+                pending,
+                waited: started.elapsed(),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,298 @@
+//! Running `runner controller` against the test bed: one namespace, topic set
+//! and consumer group per test, removed again when the test ends.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use vap_runner::controller::crd::Scenario;
+
+use super::{kafka_bootstrap, kube_client, unique_name, wait_for};
+
+/// Installs (or refreshes) the Scenario CRD from `crds/` and waits until it is served.
+pub async fn ensure_crd(client: &Client) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds/scenario.yaml");
+    let text = std::fs::read_to_string(&path).expect("crds/scenario.yaml");
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("CRD YAML");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "scenarios.runner.vap.io",
+        &PatchParams::apply("vap-runner-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply CRD");
+    wait_for(
+        "the Scenario CRD to be established",
+        Duration::from_secs(30),
+        || {
+            let crds = crds.clone();
+            async move {
+                let crd = crds.get("scenarios.runner.vap.io").await.ok()?;
+                let established = crd
+                    .status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                established.then_some(())
+            }
+        },
+    )
+    .await;
+    let probe: Api<Scenario> = Api::namespaced(client.clone(), "default");
+    wait_for(
+        "the Scenario API to answer",
+        Duration::from_secs(30),
+        || {
+            let probe = probe.clone();
+            async move {
+                probe
+                    .list(&ListParams::default().limit(1))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
+}
+
+/// Everything one controller test owns.
+pub struct Bed {
+    pub client: Client,
+    pub namespace: String,
+    pub bootstrap: String,
+    pub deploy: String,
+    pub undeploy: String,
+    pub dlq: String,
+    pub events: String,
+    pub results: String,
+    pub group: String,
+    pub logs: tempfile::TempDir,
+    producer: FutureProducer,
+}
+
+impl Bed {
+    pub async fn new(prefix: &str) -> Bed {
+        let bootstrap = kafka_bootstrap();
+        let client = kube_client().await;
+        ensure_crd(&client).await;
+        let namespace = unique_name(prefix);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": namespace, "labels": {"app.kubernetes.io/part-of": "vap-runner-tests"}}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        let bed = Bed {
+            deploy: format!("{namespace}.to_deploy"),
+            undeploy: format!("{namespace}.to_undeploy"),
+            dlq: format!("{namespace}.to_deploy.dlq"),
+            events: format!("{namespace}.scenario_events"),
+            results: format!("{namespace}.results"),
+            group: format!("{namespace}-group"),
+            producer: ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("enable.idempotence", "true")
+                .create()
+                .expect("producer"),
+            logs: tempfile::tempdir().expect("log dir"),
+            client,
+            namespace,
+            bootstrap,
+        };
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &bed.bootstrap)
+            .create()
+            .expect("admin");
+        let topics: Vec<NewTopic<'_>> = [
+            &bed.deploy,
+            &bed.undeploy,
+            &bed.dlq,
+            &bed.events,
+            &bed.results,
+        ]
+        .into_iter()
+        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .collect();
+        admin
+            .create_topics(&topics, &AdminOptions::new())
+            .await
+            .expect("create topics");
+        bed
+    }
+
+    pub fn scenarios(&self) -> Api<Scenario> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Starts a controller for this bed; `extra` env overrides the defaults.
+    pub fn start_controller(&self, extra: &[(&str, &str)]) -> ControllerProcess {
+        let log_path = self
+            .logs
+            .path()
+            .join(format!("controller-{}.log", unique_name("run")));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut env: BTreeMap<&str, String> = BTreeMap::new();
+        env.insert("KAFKA_BOOTSTRAP_SERVERS", self.bootstrap.clone());
+        env.insert("WATCH_NAMESPACE", self.namespace.clone());
+        env.insert("CONSUMER_GROUP", self.group.clone());
+        env.insert("DEPLOY_TOPIC", self.deploy.clone());
+        env.insert("UNDEPLOY_TOPIC", self.undeploy.clone());
+        env.insert("DLQ_TOPIC", self.dlq.clone());
+        env.insert("EVENTS_TOPIC", self.events.clone());
+        env.insert("RESULTS_TOPIC", self.results.clone());
+        env.insert("VIDEO_FILE_ROOT", super::MEDIA_DIR.to_string());
+        env.insert("WORKER_IMAGE", "vap-runner:test".to_string());
+        env.insert("LOG_LEVEL", "debug".to_string());
+        env.insert(
+            "RUST_LOG",
+            "kube=info,tower=info,hyper=info,rdkafka=info".to_string(),
+        );
+        env.insert("LEASE_DURATION_SECS", "4".to_string());
+        for (k, v) in extra {
+            env.insert(k, v.to_string());
+        }
+        let mut cmd = super::runner();
+        cmd.arg("controller")
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        ControllerProcess {
+            child: Some(cmd.spawn().expect("start controller")),
+            log_path,
+        }
+    }
+
+    pub async fn send(&self, topic: &str, key: Option<&str>, payload: &[u8]) {
+        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).payload(payload);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .expect("deliver a test message");
+    }
+
+    pub async fn deploy(&self, scenario: &str, camera: &str) {
+        let body = serde_json::json!({
+            "worker_id": "11223344-5566-7788-99aa-bbccddeeeff0",
+            "scenario_uuid": scenario,
+            "camera_url": camera,
+        });
+        self.send(&self.deploy, Some(scenario), body.to_string().as_bytes())
+            .await;
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let client = self.client.clone();
+        let namespace = self.namespace.clone();
+        let bootstrap = self.bootstrap.clone();
+        let topics = [
+            self.deploy.clone(),
+            self.undeploy.clone(),
+            self.dlq.clone(),
+            self.events.clone(),
+            self.results.clone(),
+        ];
+        // Clean up on a thread of its own: Drop may run inside a runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let _ = Api::<Namespace>::all(client)
+                    .delete(&namespace, &DeleteParams::default())
+                    .await;
+                if let Ok(admin) = ClientConfig::new()
+                    .set("bootstrap.servers", &bootstrap)
+                    .create::<AdminClient<DefaultClientContext>>()
+                {
+                    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+                    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A running controller; killed (by its own PID) when dropped.
+pub struct ControllerProcess {
+    child: Option<Child>,
+    pub log_path: PathBuf,
+}
+
+impl ControllerProcess {
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running controller");
+        let pid = child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "controller did not stop within 30 s of SIGTERM\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Panics with the log tail if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!("controller exited with {status}\n{}", self.log_tail());
+        }
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,118 @@
+//! Shared helpers for tests against the real test bed (`scripts/infra up`).
+//! A test that needs a server and finds none fails with a message naming the
+//! missing part; nothing is skipped.
+#![allow(dead_code)]
+
+pub mod controller;
+
+use std::future::Future;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+pub const TESTBED_HINT: &str = "start the test bed with `scripts/infra up` and load its settings with `eval \"$(scripts/infra env)\"` (scripts/test does both)";
+
+/// The bootstrap servers of the test bed's Kafka broker, checked to accept connections.
+pub fn kafka_bootstrap() -> String {
+    let servers = std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| {
+        panic!("Kafka is missing: KAFKA_BOOTSTRAP_SERVERS is not set; {TESTBED_HINT}")
+    });
+    let first = servers.split(',').next().unwrap_or_default().to_string();
+    let reachable = first
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .map(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok())
+        .unwrap_or(false);
+    assert!(
+        reachable,
+        "Kafka is missing: nothing accepts connections at KAFKA_BOOTSTRAP_SERVERS={servers}; {TESTBED_HINT}"
+    );
+    servers
+}
+
+/// A client for the test bed's kube-apiserver, checked to answer.
+pub async fn kube_client() -> kube::Client {
+    let path = std::env::var("KUBECONFIG")
+        .unwrap_or_else(|_| panic!("Kubernetes is missing: KUBECONFIG is not set; {TESTBED_HINT}"));
+    let config = kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!("Kubernetes is missing: cannot load KUBECONFIG={path}: {e}; {TESTBED_HINT}")
+        });
+    let client = kube::Client::try_from(config).unwrap_or_else(|e| {
+        panic!("Kubernetes is missing: cannot build a client from {path}: {e}")
+    });
+    if let Err(e) = client.apiserver_version().await {
+        panic!(
+            "Kubernetes is missing: the kube-apiserver in KUBECONFIG={path} does not answer: {e}; {TESTBED_HINT}"
+        );
+    }
+    client
+}
+
+/// A name no other test run uses: `prefix-<8 hex chars>`.
+pub fn unique_name(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &id[..8])
+}
+
+/// Polls `check` until it yields `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Debian's OpenCV sample videos (package opencv-doc, installed by scripts/deps).
+pub const MEDIA_DIR: &str = "/usr/share/doc/opencv-doc/examples/data";
+
+/// The path of a sample video, checked to exist.
+pub fn media(name: &str) -> String {
+    let path = format!("{MEDIA_DIR}/{name}");
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "test video {path} is missing; install Debian's opencv-doc (scripts/deps does)"
+    );
+    path
+}
+
+/// The `runner` binary built for these tests.
+pub fn runner() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_runner"));
+    // Tests set what they need; nothing leaks in from the caller's shell.
+    for var in [
+        "SCENARIO_UUID",
+        "CAMERA_URL",
+        "VIDEO_FPS",
+        "RESULTS_TOPIC",
+        "MODEL",
+        "MOCK_SEED",
+        "SINK",
+        "VIDEO_FILE_ROOT",
+        "MAX_RECONNECTS",
+        "METRICS_ADDR",
+        "REALTIME",
+        "LOG_FORMAT",
+        "MAX_WORKERS",
+        "CONSUMER_GROUP",
+        "LOG_LEVEL",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("METRICS_ADDR", "127.0.0.1:0");
+    cmd
+}
