@@ -320,7 +320,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "REALTIME")]
     pub realtime: bool,
 
-    /// Reconnect attempts in a row before giving up (default: never for live sources, 3 for files).
+    /// Failed opens or lost streams in a row before giving up (default: never for live sources, 0 for files); a connection counts as good only if it delivered frames for at least READ_TIMEOUT_MS.
     #[arg(long, env = "MAX_RECONNECTS", value_name = "MAX_RECONNECTS")]
     pub max_reconnects: Option<u32>,
 

@@ -211,7 +211,7 @@ async fn max_workers_is_never_exceeded_and_the_queue_is_fifo() {
 #[tokio::test]
 async fn malformed_messages_go_to_the_dlq_and_valid_ones_go_on() {
     let bed = Bed::new("ctl-dlq").await;
-    let _controller = bed.start_controller(&[]);
+    let _controller = bed.start_controller(&[("MAX_WORKERS", "10")]);
     let w = "11223344-5566-7788-99aa-bbccddeeeff0";
     let s = "550e8400-e29b-41d4-a716-446655440000";
     let big = format!(

@@ -35,28 +35,8 @@ fn stdout_results(output: &Output) -> Vec<Value> {
         .collect()
 }
 
-/// Checks one result against the contract in the design document.
 fn assert_result_schema(v: &Value, frame_number: u64, width: i64, height: i64) {
-    let obj = v.as_object().expect("object");
-    assert_eq!(obj["scenario_uuid"], SCENARIO);
-    assert_eq!(obj["frame_number"].as_u64(), Some(frame_number), "{v}");
-    let ts = obj["timestamp"].as_str().expect("timestamp string");
-    assert!(ts.ends_with('Z') && ts.len() == 24, "timestamp {ts}");
-    chrono::DateTime::parse_from_rfc3339(ts).expect("RFC 3339 timestamp");
-    for d in obj["detections"].as_array().expect("detections array") {
-        assert!(d["class"].as_str().is_some_and(|c| !c.is_empty()), "{d}");
-        let c = d["confidence"].as_f64().expect("confidence");
-        assert!((0.0..=1.0).contains(&c), "{d}");
-        let b: Vec<i64> = d["bbox"]
-            .as_array()
-            .expect("bbox")
-            .iter()
-            .map(|n| n.as_i64().expect("integer bbox"))
-            .collect();
-        assert_eq!(b.len(), 4);
-        assert!(0 <= b[0] && b[0] <= b[2] && b[2] <= width, "{d}");
-        assert!(0 <= b[1] && b[1] <= b[3] && b[3] <= height, "{d}");
-    }
+    common::assert_result_schema(v, SCENARIO, frame_number, width, height);
 }
 
 #[tokio::test]

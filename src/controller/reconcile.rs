@@ -252,6 +252,8 @@ async fn desired_status(
     }
 
     if let Some(pod) = pod {
+        // The cache shows it now: it no longer needs counting as pending.
+        ctx.admission.lock().await.pending.remove(&pod.name_any());
         let (phase, restarts) = phase_from_pod(&pod);
         status.phase = Some(phase);
         status.pod_name = Some(pod.name_any());
@@ -409,6 +411,7 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
     Ok(match status.phase {
         Some(Phase::Queued) => Action::requeue(Duration::from_secs(5)),
         Some(p) if p.is_terminal() => Action::await_change(),
+        Some(Phase::Starting) => Action::requeue(Duration::from_secs(10)),
         _ => Action::requeue(Duration::from_secs(300)),
     })
 }

@@ -61,9 +61,11 @@ pub enum CaptureError {
 
 /// Why one connection to the source ended.
 enum StreamEnd {
-    /// No more frames (end of file, stream lost or read timeout).
+    /// No more frames (end of file, stream lost or read timeout). `lasted` is
+    /// the time from opening the connection to its last frame.
     Ended {
         frames: u64,
+        lasted: Duration,
     },
     Shutdown,
 }
@@ -126,11 +128,20 @@ fn read_with_reconnects(
                 match end {
                     StreamEnd::Shutdown => return Ok(CaptureEnd::Shutdown),
                     StreamEnd::Ended { .. } if !live => return Ok(CaptureEnd::EndOfFile),
-                    StreamEnd::Ended { frames } => {
-                        if frames > 0 {
+                    StreamEnd::Ended { frames, lasted } => {
+                        metrics.health().camera_lost();
+                        // Only a connection that kept delivering frames for at
+                        // least READ_TIMEOUT_MS ends a run of failures; one that
+                        // stalls or drops right after a frame or two counts as a
+                        // failed attempt, so MAX_RECONNECTS still ends a flapping
+                        // camera.
+                        if frames > 0 && lasted >= settings.read_timeout {
                             backoff.reset();
                         }
-                        format!("stream ended or stalled after {frames} frames")
+                        format!(
+                            "stream ended or stalled after {frames} frames in {:.1} s",
+                            lasted.as_secs_f64()
+                        )
                     }
                 }
             }
@@ -218,14 +229,17 @@ fn read_stream(
     shutdown: &Arc<AtomicBool>,
 ) -> StreamEnd {
     let mut frames = 0;
+    let opened = Instant::now();
+    let mut lasted = Duration::ZERO;
     loop {
         if shutdown.load(Ordering::Relaxed) {
             return StreamEnd::Shutdown;
         }
         if !capture.grab().unwrap_or(false) {
-            return StreamEnd::Ended { frames };
+            return StreamEnd::Ended { frames, lasted };
         }
         frames += 1;
+        lasted = opened.elapsed();
         metrics.frames_read.inc();
         metrics.health().frame_arrived();
         let at = match pace {

@@ -153,6 +153,11 @@ impl HealthClock {
         self.opened.store(true, Ordering::Relaxed);
     }
 
+    /// The camera connection ended; `/readyz` fails until it is reopened.
+    pub fn camera_lost(&self) {
+        self.opened.store(false, Ordering::Relaxed);
+    }
+
     /// Time since the last frame, or since start when none arrived yet.
     pub fn since_last_frame(&self) -> Duration {
         let last = Duration::from_millis(self.last_frame_ms.load(Ordering::Relaxed));
@@ -186,7 +191,7 @@ impl Probes for WorkerMetrics {
         if self.health.is_ready() {
             Ok(())
         } else {
-            Err("camera not opened yet".to_string())
+            Err("camera not open (starting or reconnecting)".to_string())
         }
     }
 

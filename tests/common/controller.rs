@@ -204,7 +204,6 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        let client = self.client.clone();
         let namespace = self.namespace.clone();
         let bootstrap = self.bootstrap.clone();
         let topics = [
@@ -214,16 +213,20 @@ impl Drop for Bed {
             self.events.clone(),
             self.results.clone(),
         ];
-        // Clean up on a thread of its own: Drop may run inside a runtime.
+        // Clean up on a thread and runtime of its own, with a client of its
+        // own: the test's runtime is blocked in this Drop, so nothing bound
+        // to it (such as the test's kube client) can make progress.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let _ = Api::<Namespace>::all(client)
-                    .delete(&namespace, &DeleteParams::default())
-                    .await;
+                if let Ok(client) = Client::try_default().await {
+                    let _ = Api::<Namespace>::all(client)
+                        .delete(&namespace, &DeleteParams::default())
+                        .await;
+                }
                 if let Ok(admin) = ClientConfig::new()
                     .set("bootstrap.servers", &bootstrap)
                     .create::<AdminClient<DefaultClientContext>>()

@@ -116,3 +116,39 @@ pub fn runner() -> std::process::Command {
     cmd.env("METRICS_ADDR", "127.0.0.1:0");
     cmd
 }
+
+/// Checks one `results` message against the contract in the design document:
+/// field names and types, frame number, timestamp form, and detections inside
+/// a `width` × `height` frame with confidence in 0.0–1.0.
+pub fn assert_result_schema(
+    v: &serde_json::Value,
+    scenario: &str,
+    frame_number: u64,
+    width: i64,
+    height: i64,
+) {
+    let obj = v.as_object().expect("object");
+    assert_eq!(obj["scenario_uuid"], scenario);
+    assert_eq!(
+        obj["frame_number"].as_u64(),
+        Some(frame_number),
+        "frame numbers go 1, 2, 3… in order: {v}"
+    );
+    let ts = obj["timestamp"].as_str().expect("timestamp string");
+    assert!(ts.ends_with('Z') && ts.len() == 24, "timestamp {ts}");
+    chrono::DateTime::parse_from_rfc3339(ts).expect("RFC 3339 timestamp");
+    for d in obj["detections"].as_array().expect("detections array") {
+        assert!(d["class"].as_str().is_some_and(|c| !c.is_empty()), "{d}");
+        let c = d["confidence"].as_f64().expect("confidence");
+        assert!((0.0..=1.0).contains(&c), "{d}");
+        let b: Vec<i64> = d["bbox"]
+            .as_array()
+            .expect("bbox")
+            .iter()
+            .map(|n| n.as_i64().expect("integer bbox"))
+            .collect();
+        assert_eq!(b.len(), 4);
+        assert!(0 <= b[0] && b[0] <= b[2] && b[2] <= width, "{d}");
+        assert!(0 <= b[1] && b[1] <= b[3] && b[3] <= height, "{d}");
+    }
+}

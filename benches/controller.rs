@@ -1,0 +1,248 @@
+//! Controller benchmark against the local test bed (`scripts/infra up`, then
+//! `eval "$(scripts/infra env)"`), run with `cargo bench --bench controller`:
+//!
+//! (a) a steady 10 `to_deploy` per second for 60 s: p50/p99 from the moment a
+//!     message is produced until the watch shows its worker Pod;
+//! (b) a burst of 1000 with MAX_WORKERS=1000: time until all 1000 Pods exist;
+//! (c) the controller's peak RSS (VmHWM) over both.
+//!
+//! Targets: p99 ≤ 1 s, burst ≤ 60 s, RSS ≤ 64 MB. `BENCH_RATE`,
+//! `BENCH_SECONDS` and `BENCH_BURST` scale the runs down for a quick look.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::mpsc;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Controller(Child);
+
+impl Controller {
+    fn peak_rss_kb(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_controller(bootstrap: &str, namespace: &str, max_workers: u64) -> Controller {
+    let exe = std::env::var("RUNNER_BIN").unwrap_or_else(|_| {
+        let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+        format!("{target}/release/runner")
+    });
+    let child = Command::new(&exe)
+        .arg("controller")
+        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        .env("WATCH_NAMESPACE", namespace)
+        .env("CONSUMER_GROUP", format!("{namespace}-group"))
+        .env("DEPLOY_TOPIC", format!("{namespace}.to_deploy"))
+        .env("UNDEPLOY_TOPIC", format!("{namespace}.to_undeploy"))
+        .env("DLQ_TOPIC", format!("{namespace}.dlq"))
+        .env("EVENTS_TOPIC", format!("{namespace}.events"))
+        .env("MAX_WORKERS", max_workers.to_string())
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("LOG_LEVEL", "WARNING")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {exe}: {e}; build it with `cargo build --release`")
+        });
+    Controller(child)
+}
+
+async fn namespace(client: &Client, name: &str) {
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+}
+
+/// Sends `ids` at `rate` per second (0 = as fast as possible), recording send times.
+async fn send_all(
+    producer: &FutureProducer,
+    topic: &str,
+    ids: &[String],
+    rate: u64,
+    sent: &mpsc::UnboundedSender<(String, Instant)>,
+) {
+    let started = Instant::now();
+    for (i, id) in ids.iter().enumerate() {
+        if rate > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let body = serde_json::json!({
+            "worker_id": "11223344-5566-7788-99aa-bbccddeeeff0",
+            "scenario_uuid": id,
+            "camera_url": "rtsp://camera.invalid/stream",
+        })
+        .to_string();
+        let _ = sent.send((id.clone(), Instant::now()));
+        producer
+            .send(
+                FutureRecord::to(topic).key(id).payload(&body),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("deliver");
+    }
+}
+
+/// Runs one scenario set; returns per-scenario latency and the time to the last Pod.
+async fn run(
+    client: &Client,
+    bootstrap: &str,
+    label: &str,
+    count: usize,
+    rate: u64,
+    max_workers: u64,
+) -> (Vec<Duration>, Duration, u64) {
+    let ns = format!(
+        "bench-{label}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    namespace(client, &ns).await;
+    let controller = start_controller(bootstrap, &ns, max_workers);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    let ids: Vec<String> = (0..count)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(String, Instant)>();
+    let watch = tokio::spawn(async move {
+        let mut stream = watcher(pods, watcher::Config::default())
+            .applied_objects()
+            .boxed();
+        while let Some(Ok(pod)) = stream.next().await {
+            let _ = seen_tx.send((pod.name_any(), Instant::now()));
+        }
+    });
+    // Let the controller reach its watch before the clock starts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel();
+    let started = Instant::now();
+    send_all(&producer, &format!("{ns}.to_deploy"), &ids, rate, &sent_tx).await;
+    let mut sent: HashMap<String, Instant> = HashMap::new();
+    while let Ok((id, at)) = sent_rx.try_recv() {
+        sent.insert(format!("worker-{id}"), at);
+    }
+    let mut latencies = Vec::new();
+    let mut last = started;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < count && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), seen_rx.recv()).await {
+            Ok(Some((name, at))) => {
+                if let Some(sent_at) = sent.get(&name)
+                    && seen.insert(name.clone())
+                {
+                    latencies.push(at.saturating_duration_since(*sent_at));
+                    last = last.max(at);
+                }
+            }
+            _ => continue,
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        count,
+        "only {} of {count} Pods appeared within 300 s",
+        seen.len()
+    );
+    let rss = controller.peak_rss_kb();
+    drop(controller);
+    watch.abort();
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::default())
+        .await;
+    latencies.sort();
+    (latencies, last - started, rss)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+        .expect("KAFKA_BOOTSTRAP_SERVERS (run scripts/infra up; eval \"$(scripts/infra env)\")");
+    let client = Client::try_default()
+        .await
+        .expect("KUBECONFIG for the test bed");
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(include_str!("../crds/scenario.yaml")).unwrap();
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .patch(
+            "scenarios.runner.vap.io",
+            &PatchParams::apply("vap-runner-bench").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply CRD");
+
+    let rate = env_or("BENCH_RATE", 10);
+    let seconds = env_or("BENCH_SECONDS", 60);
+    let burst = env_or("BENCH_BURST", 1000) as usize;
+
+    let (lat, _, rss_a) = run(
+        &client,
+        &bootstrap,
+        "steady",
+        (rate * seconds) as usize,
+        rate,
+        1_000_000,
+    )
+    .await;
+    println!(
+        "(a) steady {rate}/s for {seconds} s: {} Pods, message→Pod p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms   (target p99 <= 1000 ms)",
+        lat.len(),
+        pct(&lat, 0.5).as_secs_f64() * 1000.0,
+        pct(&lat, 0.99).as_secs_f64() * 1000.0,
+        lat.last().unwrap().as_secs_f64() * 1000.0
+    );
+    let (_, total, rss_b) = run(&client, &bootstrap, "burst", burst, 0, burst as u64).await;
+    println!(
+        "(b) burst of {burst} with MAX_WORKERS={burst}: all Pods exist after {:.1} s   (target <= 60 s)",
+        total.as_secs_f64()
+    );
+    println!(
+        "(c) controller peak RSS: {:.1} MB steady, {:.1} MB burst   (target <= 64 MB)",
+        rss_a as f64 / 1024.0,
+        rss_b as f64 / 1024.0
+    );
+}

@@ -1,0 +1,867 @@
+//! `runner worker` on live sources: an MJPEG camera over HTTP served by the test
+//! itself, a real RTSP server (GStreamer's, tests/fixtures/rtsp_server.py), and
+//! a private Kafka broker that is restarted while the worker publishes to it.
+//! What is checked is what an operator would check: results at about VIDEO_FPS,
+//! numbered 1, 2, 3… in order, reconnects after camera loss, a bounded exit when
+//! the camera stays broken, a clean exit on SIGTERM, and nothing lost or
+//! duplicated in Kafka across a broker restart.
+
+mod common;
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use opencv::core::{Mat, Vector};
+use opencv::prelude::*;
+use opencv::{imgcodecs, videoio};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+const SCENARIO: &str = "550e8400-e29b-41d4-a716-446655440000";
+/// Size of vtest.avi's frames, and so of every test camera's frames.
+const WIDTH: i64 = 768;
+const HEIGHT: i64 = 576;
+const FPS: f64 = 2.0;
+/// The system Python, which has Debian's GStreamer bindings (python3-gi).
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+const RTSP_HINT: &str = "the RTSP test server needs Debian's python3-gi, gir1.2-gst-rtsp-server-1.0 and gstreamer1.0-plugins-{base,good,bad,ugly} (scripts/deps installs them)";
+
+// ---------------------------------------------------------------- the worker
+
+/// A running `runner worker` with the stdout sink (or Kafka): results are read
+/// line by line as they arrive, standard error is kept for assertions and
+/// failure messages. Killed (by its PID, through the handle) when dropped.
+struct Worker {
+    child: tokio::process::Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    results: Vec<Value>,
+    stderr: Arc<Mutex<String>>,
+    started: Instant,
+}
+
+impl Worker {
+    fn start(cmd: std::process::Command) -> Worker {
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("start runner worker");
+        let stdout = child.stdout.take().expect("worker stdout");
+        let stderr_pipe = child.stderr.take().expect("worker stderr");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        {
+            let stderr = stderr.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stderr_pipe).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    let mut text = stderr.lock().unwrap();
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            });
+        }
+        Worker {
+            child,
+            lines,
+            results: Vec::new(),
+            stderr,
+            started: Instant::now(),
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The last lines of the worker's log, for failure messages.
+    fn log_tail(&self) -> String {
+        let text = self.stderr();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(40);
+        format!(
+            "--- worker log (last {} lines) ---\n{}",
+            lines.len() - from,
+            lines[from..].join("\n")
+        )
+    }
+
+    /// How many log lines contain `needle`.
+    fn log_count(&self, needle: &str) -> usize {
+        self.stderr().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Takes one stdout line, checks it is a result numbered next in order,
+    /// stamped about now, and keeps it.
+    fn accept_line(&mut self, line: &str) {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
+        let expected = self.results.len() as u64 + 1;
+        assert_result_schema(&v, expected);
+        let ts = timestamp(&v);
+        let skew = (Utc::now() - ts).num_milliseconds();
+        assert!(
+            (-1_000..10_000).contains(&skew),
+            "a live result's timestamp is when its frame was read; {ts} is {skew} ms before now: {v}"
+        );
+        self.results.push(v);
+    }
+
+    /// Reads results until `done(results)` holds; fails after `timeout`, or
+    /// when the worker closes its output first.
+    async fn wait_until(&mut self, what: &str, timeout: Duration, done: impl Fn(&[Value]) -> bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done(&self.results) {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => self.accept_line(&line),
+                Ok(None) => panic!(
+                    "worker closed its output before {what} ({} results, exit {:?})\n{}",
+                    self.results.len(),
+                    self.child.try_wait().ok().flatten(),
+                    self.log_tail()
+                ),
+                Err(_) => panic!(
+                    "timed out after {timeout:?} waiting for {what} ({} results so far)\n{}",
+                    self.results.len(),
+                    self.log_tail()
+                ),
+            }
+        }
+    }
+
+    async fn wait_results(&mut self, n: usize, timeout: Duration) {
+        self.wait_until(&format!("{n} results"), timeout, |r| r.len() >= n)
+            .await;
+    }
+
+    /// Polls the log until `needle` appears in at least `count` lines.
+    async fn wait_log(&mut self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.log_count(needle) < count {
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {count} log lines with {needle:?}\n{}",
+                self.log_tail()
+            );
+            // Keep reading results meanwhile so the worker never blocks on stdout.
+            if let Ok(Some(line)) =
+                tokio::time::timeout(Duration::from_millis(100), self.lines.recv()).await
+            {
+                self.accept_line(&line);
+            }
+        }
+    }
+
+    /// Sends SIGTERM to the worker's PID.
+    fn sigterm(&self) {
+        let pid = self.child.id().expect("worker still running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid} failed");
+    }
+
+    /// Waits for the worker to exit, then reads the results it wrote last.
+    async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let status = match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("wait for worker"),
+            Err(_) => panic!(
+                "worker did not exit within {timeout:?} (running for {:?})\n{}",
+                self.started.elapsed(),
+                self.log_tail()
+            ),
+        };
+        while let Ok(Some(line)) =
+            tokio::time::timeout(Duration::from_secs(5), self.lines.recv()).await
+        {
+            self.accept_line(&line);
+        }
+        status
+    }
+}
+
+/// `runner worker` on a live camera with the stdout sink; no Kafka needed.
+fn live_worker(camera: &str) -> std::process::Command {
+    let mut cmd = common::runner();
+    cmd.args([
+        "worker",
+        "--scenario-uuid",
+        SCENARIO,
+        "--camera-url",
+        camera,
+        "--sink",
+        "stdout",
+        "--video-fps",
+        "2",
+    ])
+    .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1");
+    cmd
+}
+
+fn assert_result_schema(v: &Value, frame_number: u64) {
+    common::assert_result_schema(v, SCENARIO, frame_number, WIDTH, HEIGHT);
+}
+
+fn timestamp(v: &Value) -> DateTime<Utc> {
+    let ts = v["timestamp"].as_str().expect("timestamp string");
+    DateTime::parse_from_rfc3339(ts)
+        .unwrap_or_else(|e| panic!("timestamp {ts} is not RFC 3339: {e}"))
+        .with_timezone(&Utc)
+}
+
+/// Results come at about VIDEO_FPS: n consecutive results span about
+/// (n - 1) / VIDEO_FPS seconds of capture time (half to twice that, to allow
+/// for a loaded machine).
+fn assert_about_video_fps(results: &[Value]) {
+    assert!(results.len() >= 3, "too few results to judge the rate");
+    let span = (timestamp(results.last().unwrap()) - timestamp(&results[0])).num_milliseconds()
+        as f64
+        / 1000.0;
+    let nominal = (results.len() - 1) as f64 / FPS;
+    assert!(
+        (nominal * 0.5..=nominal * 2.0).contains(&span),
+        "{} results span {span:.2} s of capture time; at VIDEO_FPS={FPS} that should be about {nominal:.1} s",
+        results.len()
+    );
+}
+
+// ---------------------------------------------------------------- small helpers
+
+/// Free TCP ports on 127.0.0.1, found by binding port 0 and releasing it.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<StdListener> = (0..N)
+        .map(|_| StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and the body.
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("GET http://{addr}{path}: no answer within 10 s"))
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("GET http://{addr}{path}: not an HTTP response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample in Prometheus text format.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} is missing from /metrics:\n{text}"))
+}
+
+/// Runs Debian's ffmpeg; fails with a clear message when it is missing.
+fn ffmpeg(args: &[&str]) {
+    let output = std::process::Command::new("ffmpeg")
+        .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("ffmpeg is missing ({e}); install Debian's ffmpeg (scripts/deps does)")
+        });
+    assert!(
+        output.status.success(),
+        "ffmpeg {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+// ---------------------------------------------------------------- an MJPEG camera
+
+/// The first 50 frames of vtest.avi as JPEG images (5 s at 10 fps).
+fn vtest_jpegs() -> Arc<Vec<Vec<u8>>> {
+    static JPEGS: OnceLock<Arc<Vec<Vec<u8>>>> = OnceLock::new();
+    JPEGS
+        .get_or_init(|| {
+            let path = common::media("vtest.avi");
+            let mut capture = videoio::VideoCapture::from_file(&path, videoio::CAP_FFMPEG)
+                .expect("open vtest.avi");
+            let mut frame = Mat::default();
+            let mut jpegs = Vec::new();
+            while jpegs.len() < 50 && capture.read(&mut frame).expect("read vtest.avi") {
+                let mut jpeg = Vector::<u8>::new();
+                imgcodecs::imencode(".jpg", &frame, &mut jpeg, &Vector::new()).expect("encode");
+                jpegs.push(jpeg.to_vec());
+            }
+            assert_eq!(jpegs.len(), 50, "frames read from {path}");
+            Arc::new(jpegs)
+        })
+        .clone()
+}
+
+/// What each connection to the MJPEG camera does after its first frames.
+#[derive(Debug, Clone, Copy)]
+enum Connection {
+    /// Streams until the client goes away.
+    Endless,
+    /// Closes the connection after this many frames.
+    CloseAfter(usize),
+    /// Sends this many frames, then nothing more, keeping the connection open.
+    StallAfter(usize),
+}
+
+/// An HTTP MJPEG camera (`multipart/x-mixed-replace`, 10 fps) on 127.0.0.1.
+struct MjpegCamera {
+    url: String,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MjpegCamera {
+    async fn start(each: Connection) -> MjpegCamera {
+        let frames = vtest_jpegs();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/stream", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                // Dropped (aborting every connection) when the camera is.
+                let mut connections = JoinSet::new();
+                while let Ok((stream, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    connections.spawn(serve_mjpeg(stream, frames.clone(), each));
+                }
+            })
+        };
+        MjpegCamera {
+            url,
+            accepted,
+            task,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for MjpegCamera {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_mjpeg(
+    mut stream: TcpStream,
+    frames: Arc<Vec<Vec<u8>>>,
+    each: Connection,
+) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    if !request.starts_with(b"GET /stream ") {
+        stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await?;
+        return Ok(());
+    }
+    stream
+        .write_all(
+            b"HTTP/1.1 200 OK\r\n\
+              Content-Type: multipart/x-mixed-replace; boundary=frame\r\n\
+              Cache-Control: no-cache\r\n\
+              Connection: close\r\n\r\n",
+        )
+        .await?;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for (sent, jpeg) in frames.iter().cycle().enumerate() {
+        match each {
+            Connection::CloseAfter(n) if sent == n => return Ok(()),
+            Connection::StallAfter(n) if sent == n => std::future::pending::<()>().await,
+            _ => {}
+        }
+        tick.tick().await;
+        let header = format!(
+            "--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
+            jpeg.len()
+        );
+        stream.write_all(header.as_bytes()).await?;
+        stream.write_all(jpeg).await?;
+        stream.write_all(b"\r\n").await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- an RTSP camera
+
+/// GStreamer's RTSP server (tests/fixtures/rtsp_server.py) playing an H.264
+/// clip in real time. Killed (by its PID, through the handle) when dropped.
+struct RtspCamera {
+    child: tokio::process::Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl RtspCamera {
+    async fn start(port: u16, clip: &Path, log: &Path) -> RtspCamera {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rtsp_server.py");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("RTSP server log");
+        let mut child = tokio::process::Command::new(SYSTEM_PYTHON)
+            .arg(script)
+            .args(["--port", &port.to_string(), "--file"])
+            .arg(clip)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {SYSTEM_PYTHON} {script}: {e}; {RTSP_HINT}"));
+        let stdout = child.stdout.take().expect("RTSP server stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+        let url = match ready {
+            Ok(Ok(Some(line))) if line.starts_with("READY ") => line["READY ".len()..].to_string(),
+            other => {
+                let _ = child.kill().await;
+                panic!(
+                    "the RTSP test server did not come up on 127.0.0.1:{port} ({other:?}); its log:\n{}\n{RTSP_HINT}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        };
+        RtspCamera {
+            child,
+            url,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Kills the server process (SIGKILL to its PID) and reaps it.
+    async fn kill(mut self) {
+        self.child.kill().await.unwrap_or_else(|e| {
+            panic!(
+                "cannot stop the RTSP test server: {e}; log {}",
+                self.log.display()
+            )
+        });
+    }
+}
+
+// ---------------------------------------------------------------- a private Kafka broker
+
+/// A Kafka broker of its own for one test (scripts/infra.d/kafka with its own
+/// run dir and ports), brought down when dropped, also on panic.
+struct PrivateKafka {
+    run: tempfile::TempDir,
+    port: u16,
+    controller_port: u16,
+}
+
+impl PrivateKafka {
+    fn script(&self, command: &str) -> std::process::Output {
+        std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/infra.d/kafka"
+        ))
+        .arg(command)
+        .env("VAP_RUN", self.run.path())
+        .env("VAP_KAFKA_PORT", self.port.to_string())
+        .env(
+            "VAP_KAFKA_CONTROLLER_PORT",
+            self.controller_port.to_string(),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run scripts/infra.d/kafka {command}: {e}"))
+    }
+
+    fn start() -> PrivateKafka {
+        let [port, controller_port] = free_ports::<2>();
+        let kafka = PrivateKafka {
+            run: tempfile::tempdir().expect("temp dir"),
+            port,
+            controller_port,
+        };
+        kafka.up();
+        kafka
+    }
+
+    fn up(&self) {
+        let out = self.script("up");
+        assert!(
+            out.status.success(),
+            "Kafka is missing: the private broker did not start on {}: {}",
+            self.bootstrap(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the broker process (SIGKILL to the PID in its pid file), as a
+    /// crash would, and waits until its port is closed. Its data stays.
+    fn kill(&self) {
+        let pidfile = self.run.path().join("kafka/kafka.pid");
+        let pid = std::fs::read_to_string(&pidfile)
+            .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
+        let pid = pid.trim();
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -KILL {pid} failed");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(self.bootstrap()).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the killed broker (pid {pid}) still accepts connections"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn consumer(&self) -> StreamConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("group.id", common::unique_name("live-reader"))
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer")
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        let out = self.script("down");
+        if !out.status.success() {
+            eprintln!(
+                "private Kafka broker on {} did not come down: {}",
+                self.bootstrap(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mjpeg_camera_gives_results_at_video_fps_and_sigterm_exits_0() {
+    let camera = MjpegCamera::start(Connection::Endless).await;
+    let mut worker = Worker::start(live_worker(&camera.url));
+
+    worker.wait_results(6, Duration::from_secs(30)).await;
+    assert_about_video_fps(&worker.results[1..6]);
+
+    worker.sigterm();
+    let status = worker.wait_exit(Duration::from_secs(20)).await;
+    assert!(
+        status.success(),
+        "SIGTERM must end the worker with exit 0, got {status}\n{}",
+        worker.log_tail()
+    );
+    assert!(worker.stderr().contains("SIGTERM received"));
+    assert!(worker.results.len() >= 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_camera_ends_the_worker_after_max_reconnects() {
+    let camera = MjpegCamera::start(Connection::StallAfter(2)).await;
+    let mut cmd = live_worker(&camera.url);
+    cmd.args([
+        "--read-timeout-ms",
+        "1000",
+        "--open-timeout-ms",
+        "1000",
+        "--max-reconnects",
+        "2",
+        "--reconnect-base-ms",
+        "100",
+        "--reconnect-max-ms",
+        "200",
+    ]);
+    let mut worker = Worker::start(cmd);
+
+    let status = worker.wait_exit(Duration::from_secs(60)).await;
+    let log = worker.stderr();
+    assert!(
+        !status.success(),
+        "a camera that keeps stalling must end the worker with an error\n{log}"
+    );
+    assert!(
+        log.contains("gave up on camera") && log.contains("after 2 reconnect attempts"),
+        "the worker says it gave up after MAX_RECONNECTS attempts:\n{log}"
+    );
+    assert_eq!(
+        worker.log_count("reconnecting"),
+        2,
+        "each reconnect attempt is logged:\n{log}"
+    );
+    assert_eq!(
+        camera.connections(),
+        3,
+        "one connection plus two reconnects"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_camera_is_reopened_and_results_continue() {
+    // Every connection ends after 2 s of frames; the next one works again.
+    let camera = MjpegCamera::start(Connection::CloseAfter(20)).await;
+    let [metrics_port] = free_ports::<1>();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut cmd = live_worker(&camera.url);
+    cmd.args([
+        "--metrics-addr",
+        &metrics_addr,
+        "--reconnect-base-ms",
+        "200",
+        "--reconnect-max-ms",
+        "1000",
+    ]);
+    let mut worker = Worker::start(cmd);
+
+    worker.wait_results(2, Duration::from_secs(30)).await;
+    let first = worker.results.len();
+    let accepted = camera.accepted.clone();
+    common::wait_for(
+        "the worker to reconnect to the camera",
+        Duration::from_secs(30),
+        || {
+            let accepted = accepted.clone();
+            async move { (accepted.load(Ordering::SeqCst) >= 2).then_some(()) }
+        },
+    )
+    .await;
+    // Frames read after the second connection was accepted can only come from it.
+    let reconnected_at = Utc::now();
+    worker
+        .wait_until(
+            "3 results from the reopened stream",
+            Duration::from_secs(30),
+            |r| r.iter().filter(|v| timestamp(v) > reconnected_at).count() >= 3,
+        )
+        .await;
+    assert!(worker.results.len() >= first + 3);
+    assert!(worker.log_count("camera lost; reconnecting") >= 1);
+
+    let (status, text) = http_get(&metrics_addr, "/metrics").await;
+    assert_eq!(status, 200, "/metrics: {text}");
+    let reconnects = metric(&text, "vap_worker_reconnects_total");
+    let processed = metric(&text, "vap_worker_frames_processed_total");
+    assert!(
+        reconnects >= 1.0,
+        "vap_worker_reconnects_total {reconnects}"
+    );
+    assert!(
+        processed >= worker.results.len() as f64,
+        "vap_worker_frames_processed_total {processed} < {} results seen",
+        worker.results.len()
+    );
+    for probe in ["/healthz", "/readyz"] {
+        let (status, body) = http_get(&metrics_addr, probe).await;
+        assert_eq!(status, 200, "{probe}: {body}");
+    }
+
+    worker.sigterm();
+    let status = worker.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status}\n{}", worker.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtsp_camera_restart_is_survived() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // 40 s of vtest.avi as H.264 (a keyframe every second), what IP cameras send.
+    let clip = dir.path().join("vtest.mp4");
+    ffmpeg(&[
+        "-i",
+        &common::media("vtest.avi"),
+        "-t",
+        "40",
+        "-an",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-g",
+        "10",
+        "-pix_fmt",
+        "yuv420p",
+        clip.to_str().unwrap(),
+    ]);
+    let log = dir.path().join("rtsp_server.log");
+    let [port] = free_ports::<1>();
+    let server = RtspCamera::start(port, &clip, &log).await;
+
+    let mut cmd = live_worker(&server.url);
+    cmd.args(["--reconnect-base-ms", "200", "--reconnect-max-ms", "1000"]);
+    let mut worker = Worker::start(cmd);
+    worker.wait_results(6, Duration::from_secs(45)).await;
+    assert_about_video_fps(&worker.results[1..6]);
+
+    server.kill().await;
+    worker
+        .wait_log("camera lost; reconnecting", 1, Duration::from_secs(30))
+        .await;
+
+    let server = RtspCamera::start(port, &clip, &log).await;
+    let restarted_at = Utc::now();
+    worker
+        .wait_until(
+            "5 results after the RTSP server came back",
+            Duration::from_secs(45),
+            |r| r.iter().filter(|v| timestamp(v) > restarted_at).count() >= 5,
+        )
+        .await;
+    let resumed: Vec<Value> = worker
+        .results
+        .iter()
+        .filter(|v| timestamp(v) > restarted_at)
+        .cloned()
+        .collect();
+    assert_about_video_fps(&resumed[1..]);
+    assert!(worker.log_count("camera opened") >= 2);
+
+    worker.sigterm();
+    let status = worker.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status}\n{}", worker.log_tail());
+    server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_broker_restart_loses_and_duplicates_no_result() {
+    let clips = tempfile::tempdir().expect("temp dir");
+    // 30 s of vtest.avi (300 frames at 10 fps): 60 results at VIDEO_FPS=2.
+    let clip = clips.path().join("vtest30.avi");
+    ffmpeg(&[
+        "-i",
+        &common::media("vtest.avi"),
+        "-t",
+        "30",
+        "-c",
+        "copy",
+        clip.to_str().unwrap(),
+    ]);
+    const EXPECTED: i64 = 60;
+
+    let kafka = PrivateKafka::start();
+    let topic = common::unique_name("results-live");
+    let mut cmd = common::runner();
+    cmd.args([
+        "worker",
+        "--scenario-uuid",
+        SCENARIO,
+        "--camera-url",
+        clip.to_str().unwrap(),
+        "--video-fps",
+        "2",
+        "--realtime",
+        "--mock-seed",
+        "11",
+        // Enough to wait out a broker restart that outlasts the clip.
+        "--flush-timeout-ms",
+        "90000",
+    ])
+    .env("VIDEO_FILE_ROOT", clips.path())
+    .env("KAFKA_BOOTSTRAP_SERVERS", kafka.bootstrap())
+    .env("RESULTS_TOPIC", &topic);
+    let mut worker = Worker::start(cmd);
+
+    {
+        let consumer = kafka.consumer();
+        let mut stored = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stored < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for 5 results in {topic} ({stored} so far)\n{}",
+                worker.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Ok((low, high)) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(2)) {
+                stored = high - low;
+            }
+        }
+    }
+    assert!(
+        worker.child.try_wait().expect("worker status").is_none(),
+        "the worker must still be running when the broker goes away\n{}",
+        worker.log_tail()
+    );
+    kafka.kill();
+    kafka.up();
+
+    let status = worker.wait_exit(Duration::from_secs(100)).await;
+    assert!(
+        status.success(),
+        "the worker rides out a broker restart and exits 0 at the end of the clip, got {status}\n{}",
+        worker.log_tail()
+    );
+
+    let consumer = kafka.consumer();
+    let (low, high) = consumer
+        .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+        .expect("watermarks");
+    assert_eq!(
+        high - low,
+        EXPECTED,
+        "messages in {topic}: no result lost or duplicated"
+    );
+    consumer.subscribe(&[&topic]).unwrap();
+    for expected in 1..=EXPECTED as u64 {
+        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("message within 30 s")
+            .unwrap();
+        assert_eq!(msg.key(), Some(SCENARIO.as_bytes()));
+        let v: Value = serde_json::from_slice(msg.payload().unwrap()).unwrap();
+        assert_result_schema(&v, expected);
+    }
+}
