@@ -20,6 +20,8 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 
@@ -132,6 +134,22 @@ async fn run(
         &uuid::Uuid::new_v4().simple().to_string()[..6]
     );
     namespace(client, &ns).await;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let topics: Vec<String> = ["to_deploy", "to_undeploy", "dlq", "events"]
+        .iter()
+        .map(|t| format!("{ns}.{t}"))
+        .collect();
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .collect();
+    admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .expect("create topics");
     let controller = start_controller(bootstrap, &ns, max_workers);
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -151,8 +169,26 @@ async fn run(
             let _ = seen_tx.send((pod.name_any(), Instant::now()));
         }
     });
-    // Let the controller reach its watch before the clock starts.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Start the clock only once the controller has joined its group and
+    // turned a first request into a Pod.
+    let warm_up = uuid::Uuid::new_v4().to_string();
+    let (warm_tx, _) = mpsc::unbounded_channel();
+    send_all(
+        &producer,
+        &format!("{ns}.to_deploy"),
+        std::slice::from_ref(&warm_up),
+        0,
+        &warm_tx,
+    )
+    .await;
+    let warm_pod = format!("worker-{warm_up}");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(120), seen_rx.recv()).await {
+            Ok(Some((name, _))) if name == warm_pod => break,
+            Ok(Some(_)) => {}
+            _ => panic!("the controller did not create a first Pod within 120 s"),
+        }
+    }
     let (sent_tx, mut sent_rx) = mpsc::unbounded_channel();
     let started = Instant::now();
     send_all(&producer, &format!("{ns}.to_deploy"), &ids, rate, &sent_tx).await;
@@ -189,6 +225,8 @@ async fn run(
     let _ = Api::<Namespace>::all(client.clone())
         .delete(&ns, &DeleteParams::default())
         .await;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
     latencies.sort();
     (latencies, last - started, rss)
 }

@@ -143,6 +143,11 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
+        // Notice topics created after start-up within seconds, not minutes.
+        .set("topic.metadata.refresh.interval.ms", "10000")
+        // Requests are small and handled one by one: a small prefetch
+        // buffer keeps memory flat without slowing ingest.
+        .set("queued.max.messages.kbytes", "1024")
         // Ingest may wait a long time on the Kubernetes API for one message
         // without being evicted from its group.
         .set("max.poll.interval.ms", "86400000")

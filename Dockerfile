@@ -1,0 +1,73 @@
+# syntax=docker/dockerfile:1
+#
+# One image for both roles: `runner controller` (the operator) and
+# `runner worker` (one per scenario; the controller starts worker Pods from
+# this same image). The entrypoint is the binary itself; the subcommand is the
+# first argument (the Helm chart passes `controller`, worker Pods `worker`).
+#
+#   docker build -t vap-runner:dev .
+#   docker run --rm vap-runner:dev --help
+
+# ---------------------------------------------------------------------------
+# Build: Debian bookworm's OpenCV 4.6 (headers + libclang for the opencv
+# crate's binding generator), a C toolchain for the bundled librdkafka.
+# ---------------------------------------------------------------------------
+FROM rust:1-bookworm AS build
+
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      libopencv-dev clang libclang-dev cmake zlib1g-dev libssl-dev pkg-config \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+# The crate's sources (Cargo.toml, Cargo.lock, src/, benches/); .dockerignore
+# keeps build output, test-bed state, tests and docs out of the context.
+COPY . .
+
+# The crate's own feature set (Cargo.toml), release profile, the locked
+# dependency versions. Registry and target directory are build caches only;
+# the binary is copied out of them.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin runner \
+ && install -D -m 0755 target/release/runner /out/runner
+
+# ---------------------------------------------------------------------------
+# Runtime: bookworm-slim with exactly the shared libraries `runner` links
+# (see `ldd runner`; tests/image.rs checks this list against the binary),
+# CA certificates for TLS camera URLs (https, rtsps), and the binary.
+# libc6 and libgcc-s1 come with the base image; apt pulls in the OpenCV
+# libraries' own dependencies (FFmpeg, GStreamer, ...).
+# ---------------------------------------------------------------------------
+FROM debian:bookworm-slim AS runtime
+
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      ca-certificates \
+      libstdc++6 \
+      zlib1g \
+      libopencv-core406 \
+      libopencv-imgproc406 \
+      libopencv-imgcodecs406 \
+      libopencv-videoio406 \
+      libopencv-objdetect406 \
+      libopencv-dnn406 \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*
+
+COPY --from=build /out/runner /usr/local/bin/runner
+
+LABEL org.opencontainers.image.title="vap-runner" \
+      org.opencontainers.image.description="Kubernetes operator and worker that run video-inference on camera streams" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# Non-root, numeric so that Kubernetes can verify runAsNonRoot without
+# looking up a user name. The same UID/GID as the worker Pods' securityContext.
+USER 65532:65532
+
+# The worker's and the controller's /metrics, /healthz and /readyz.
+EXPOSE 8080
+
+# Exec form: no shell between the container runtime and the binary, so
+# SIGTERM reaches `runner` directly.
+ENTRYPOINT ["/usr/local/bin/runner"]
+CMD ["--help"]

@@ -1,0 +1,1134 @@
+//! The Helm chart (`charts/vap-runner`) and the GitHub Actions workflows.
+//!
+//! Static checks run `helm lint` / `helm template` and `actionlint` (both on
+//! the PATH that `scripts/infra env` prints). The install test puts the chart
+//! on the test bed's real kube-apiserver and runs `runner controller` as a
+//! local process with the chart's environment, authenticated as the chart's
+//! ServiceAccount by impersonation: the Role must be enough for a deploy and
+//! an undeploy, and everything outside it must be refused.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::controller::Bed;
+use common::wait_for;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, ResourceExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use vap_runner::controller::crd::{Phase, Scenario, ScenarioSpec};
+use vap_runner::controller::pod::{self as worker_pod, WorkerTemplate};
+
+const KUBE_VERSION: &str = "1.34.0";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart() -> String {
+    repo().join("charts/vap-runner").display().to_string()
+}
+
+/// Runs a tool found on PATH; panics naming the tool when it is missing.
+fn tool(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{program} is missing ({e}); it is built by the test bed: {}",
+                common::TESTBED_HINT
+            )
+        })
+}
+
+fn helm_ok(args: &[&str]) -> String {
+    let out = tool("helm", args);
+    assert!(
+        out.status.success(),
+        "helm {} failed:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every optional part of the chart switched on.
+const ALL_FEATURES: &[&str] = &[
+    "--set",
+    "metrics.serviceMonitor.enabled=true",
+    "--set",
+    "metrics.podMonitor.enabled=true",
+    "--set",
+    "networkPolicy.enabled=true",
+    "--set",
+    "networkPolicy.kafka.cidrs={10.20.0.0/24}",
+    "--set",
+    "networkPolicy.cameras.cidrs={0.0.0.0/0,169.254.0.0/16,192.168.10.0/24}",
+    "--set",
+    "videoFileRoot=/media",
+    "--set",
+    "imagePullSecrets[0].name=registry",
+];
+
+/// `helm template` output as JSON documents.
+fn template(release: &str, namespace: &str, extra: &[&str]) -> Vec<Value> {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        release,
+        chart.as_str(),
+        "--namespace",
+        namespace,
+        "--kube-version",
+        KUBE_VERSION,
+    ];
+    args.extend_from_slice(extra);
+    documents(&helm_ok(&args))
+}
+
+fn documents(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|doc| Value::deserialize(doc).expect("helm renders valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    let found = of_kind(docs, kind);
+    assert_eq!(found.len(), 1, "expected one {kind}, found {}", found.len());
+    found[0]
+}
+
+fn env_of(deployment: &Value) -> BTreeMap<String, Value> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("controller env")
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e.clone()))
+        .collect()
+}
+
+fn env_value(env: &BTreeMap<String, Value>, name: &str) -> String {
+    env.get(name)
+        .unwrap_or_else(|| panic!("the controller has no {name}"))["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} has no literal value"))
+        .to_string()
+}
+
+/// Restricted Pod Security Standard (plus a read-only root filesystem) for a
+/// Pod spec; returns every violation in words.
+fn restricted_violations(what: &str, spec: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    let pod_sc = &spec["securityContext"];
+    for field in ["hostNetwork", "hostPID", "hostIPC"] {
+        if spec[field] == true {
+            problems.push(format!("{what}: {field} is set"));
+        }
+    }
+    const ALLOWED_VOLUMES: &[&str] = &[
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    ];
+    for volume in spec["volumes"].as_array().into_iter().flatten() {
+        for key in volume.as_object().unwrap().keys() {
+            if key != "name" && !ALLOWED_VOLUMES.contains(&key.as_str()) {
+                problems.push(format!("{what}: volume type {key} is not allowed"));
+            }
+        }
+    }
+    if pod_sc["runAsUser"] == 0 {
+        problems.push(format!("{what}: pod runAsUser is 0"));
+    }
+    let containers: Vec<&Value> = ["initContainers", "containers", "ephemeralContainers"]
+        .iter()
+        .flat_map(|k| spec[*k].as_array().into_iter().flatten())
+        .collect();
+    if containers.is_empty() {
+        problems.push(format!("{what}: no containers"));
+    }
+    for c in containers {
+        let name = format!(
+            "{what} container {}",
+            c["name"].as_str().unwrap_or_default()
+        );
+        let sc = &c["securityContext"];
+        if sc["allowPrivilegeEscalation"] != false {
+            problems.push(format!("{name}: allowPrivilegeEscalation is not false"));
+        }
+        if sc["readOnlyRootFilesystem"] != true {
+            problems.push(format!("{name}: readOnlyRootFilesystem is not true"));
+        }
+        if sc["privileged"] == true {
+            problems.push(format!("{name}: privileged"));
+        }
+        let drops: Vec<&str> = sc["capabilities"]["drop"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if !drops.contains(&"ALL") {
+            problems.push(format!("{name}: capabilities.drop lacks ALL"));
+        }
+        for added in sc["capabilities"]["add"].as_array().into_iter().flatten() {
+            if added != "NET_BIND_SERVICE" {
+                problems.push(format!("{name}: adds capability {added}"));
+            }
+        }
+        let non_root = sc["runAsNonRoot"] == true
+            || (sc["runAsNonRoot"].is_null() && pod_sc["runAsNonRoot"] == true);
+        if !non_root {
+            problems.push(format!("{name}: runAsNonRoot is not true"));
+        }
+        if sc["runAsUser"] == 0 {
+            problems.push(format!("{name}: runAsUser is 0"));
+        }
+        let seccomp = if sc["seccompProfile"]["type"].is_null() {
+            &pod_sc["seccompProfile"]["type"]
+        } else {
+            &sc["seccompProfile"]["type"]
+        };
+        if seccomp != "RuntimeDefault" && seccomp != "Localhost" {
+            problems.push(format!("{name}: seccompProfile is not RuntimeDefault"));
+        }
+        for port in c["ports"].as_array().into_iter().flatten() {
+            if !port["hostPort"].is_null() && port["hostPort"] != 0 {
+                problems.push(format!("{name}: uses a hostPort"));
+            }
+        }
+    }
+    problems
+}
+
+fn pod_templates(docs: &[Value]) -> Vec<(String, &Value)> {
+    let mut found = Vec::new();
+    for d in docs {
+        let what = format!(
+            "{} {}",
+            d["kind"].as_str().unwrap_or_default(),
+            d["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        let spec = match d["kind"].as_str().unwrap_or_default() {
+            "Pod" => &d["spec"],
+            "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+                &d["spec"]["template"]["spec"]
+            }
+            "CronJob" => &d["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            _ => continue,
+        };
+        found.push((what, spec));
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------
+// Static checks: helm lint, helm template, actionlint
+// ---------------------------------------------------------------------------
+
+#[test]
+fn chart_lints_clean() {
+    let chart = chart();
+    let base = [
+        "lint",
+        "--strict",
+        chart.as_str(),
+        "--kube-version",
+        KUBE_VERSION,
+    ];
+    helm_ok(&base);
+    let mut all = base.to_vec();
+    all.extend_from_slice(ALL_FEATURES);
+    helm_ok(&all);
+}
+
+#[test]
+fn chart_crd_is_the_crds_directory_copy() {
+    let top = std::fs::read(repo().join("crds/scenario.yaml")).expect("crds/scenario.yaml");
+    let chart = std::fs::read(repo().join("charts/vap-runner/crds/scenario.yaml"))
+        .expect("charts/vap-runner/crds/scenario.yaml");
+    assert!(
+        top == chart,
+        "charts/vap-runner/crds/scenario.yaml differs from crds/scenario.yaml; copy it: \
+         cp crds/scenario.yaml charts/vap-runner/crds/scenario.yaml"
+    );
+}
+
+#[test]
+fn every_pod_meets_the_restricted_pod_security_standard() {
+    let docs = template("vap", "video", ALL_FEATURES);
+    let templates = pod_templates(&docs);
+    assert!(
+        templates.iter().any(|(w, _)| w.starts_with("Deployment")),
+        "the chart renders no controller Deployment"
+    );
+    let mut problems = Vec::new();
+    for (what, spec) in &templates {
+        problems.extend(restricted_violations(what, spec));
+    }
+
+    // Worker Pods are not in the chart: the controller builds them. Check the
+    // Pod it builds with the chart's worker settings.
+    let deployment = one(&docs, "Deployment");
+    let env = env_of(deployment);
+    let template = WorkerTemplate {
+        runner_name: env_value(&env, "RUNNER_NAME"),
+        image: env_value(&env, "WORKER_IMAGE"),
+        resources: serde_json::from_str(&env_value(&env, "WORKER_RESOURCES")).unwrap(),
+        node_selector: serde_json::from_str(&env_value(&env, "WORKER_NODE_SELECTOR")).unwrap(),
+        tolerations: serde_json::from_str(&env_value(&env, "WORKER_TOLERATIONS")).unwrap(),
+        service_account: Some(env_value(&env, "WORKER_SERVICE_ACCOUNT")),
+        ..WorkerTemplate::default()
+    };
+    let mut scenario = Scenario::new(
+        "scn-550e8400-e29b-41d4-a716-446655440000",
+        ScenarioSpec {
+            scenario_uuid: "550e8400-e29b-41d4-a716-446655440000".into(),
+            worker_id: "11223344-5566-7788-99aa-bbccddeeeff0".into(),
+            camera_url: "rtsp://camera.example/stream".into(),
+            fps: None,
+            model: None,
+            stopped: false,
+        },
+    );
+    scenario.metadata.namespace = Some("video".into());
+    scenario.metadata.uid = Some("uid-1".into());
+    let worker = serde_json::to_value(worker_pod::build(&scenario, &template)).unwrap();
+    problems.extend(restricted_violations("worker Pod", &worker["spec"]));
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// (apiGroup, resource, verb, resourceName or "")
+type Grant = (String, String, String, String);
+
+#[test]
+fn rbac_is_namespaced_exact_and_has_no_wildcards() {
+    let docs = template("vap", "video", ALL_FEATURES);
+    for kind in ["ClusterRole", "ClusterRoleBinding"] {
+        assert!(
+            of_kind(&docs, kind).is_empty(),
+            "the chart must grant nothing cluster-wide, but renders a {kind}"
+        );
+    }
+    let role = one(&docs, "Role");
+    assert_eq!(role["metadata"]["namespace"], "video");
+    let mut grants: BTreeSet<Grant> = BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        let list = |key: &str| -> Vec<String> {
+            rule[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        for key in ["apiGroups", "resources", "verbs", "resourceNames"] {
+            let values = list(key);
+            assert!(
+                !values.iter().any(|v| v.contains('*')),
+                "RBAC rule with a wildcard in {key}: {rule}"
+            );
+        }
+        assert!(
+            rule["nonResourceURLs"].is_null(),
+            "a Role rule with nonResourceURLs: {rule}"
+        );
+        let mut names = list("resourceNames");
+        if names.is_empty() {
+            names.push(String::new());
+        }
+        for group in list("apiGroups") {
+            for resource in list("resources") {
+                for verb in list("verbs") {
+                    for name in &names {
+                        grants.insert((
+                            group.clone(),
+                            resource.clone(),
+                            verb.clone(),
+                            name.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let lease = "vap-vap-runner-leader";
+    let expected: BTreeSet<Grant> = [
+        ("runner.vap.io", "scenarios", "list", ""),
+        ("runner.vap.io", "scenarios", "watch", ""),
+        ("runner.vap.io", "scenarios", "create", ""),
+        ("runner.vap.io", "scenarios", "patch", ""),
+        ("runner.vap.io", "scenarios/status", "patch", ""),
+        ("", "pods", "list", ""),
+        ("", "pods", "watch", ""),
+        ("", "pods", "create", ""),
+        ("", "pods", "delete", ""),
+        ("events.k8s.io", "events", "create", ""),
+        ("events.k8s.io", "events", "patch", ""),
+        ("coordination.k8s.io", "leases", "create", ""),
+        ("coordination.k8s.io", "leases", "get", lease),
+        ("coordination.k8s.io", "leases", "update", lease),
+    ]
+    .into_iter()
+    .map(|(g, r, v, n)| (g.into(), r.into(), v.into(), n.into()))
+    .collect();
+    assert_eq!(
+        grants, expected,
+        "the Role must grant exactly what the controller uses"
+    );
+
+    let binding = one(&docs, "RoleBinding");
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let deployment = one(&docs, "Deployment");
+    let sa = &deployment["spec"]["template"]["spec"]["serviceAccountName"];
+    let subjects = binding["subjects"].as_array().unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0]["kind"], "ServiceAccount");
+    assert_eq!(&subjects[0]["name"], sa);
+    assert_eq!(subjects[0]["namespace"], "video");
+
+    // The workers' ServiceAccount has no binding and never mounts a token.
+    let worker_sa = of_kind(&docs, "ServiceAccount")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "vap-vap-runner-worker")
+        .expect("the workers' ServiceAccount");
+    assert_eq!(worker_sa["automountServiceAccountToken"], false);
+    assert_eq!(worker_sa["imagePullSecrets"], json!([{"name": "registry"}]));
+}
+
+#[test]
+fn controller_environment_is_complete_and_read_by_the_binary() {
+    let docs = template(
+        "vap",
+        "video",
+        &[
+            "--set",
+            "kafka.bootstrapServers=kafka-0:9092\\,kafka-1:9092",
+            "--set",
+            "maxWorkers=12",
+            "--set",
+            "videoFps=0.5",
+            "--set",
+            "videoFileRoot=/media",
+            "--set",
+            "worker.nodeSelector.gpu=yes",
+            "--set",
+            "worker.tolerations[0].key=video",
+            "--set",
+            "worker.tolerations[0].operator=Exists",
+            "--set",
+            "image.repository=registry.example/vap-runner",
+            "--set",
+            "image.tag=1.2.3",
+        ],
+    );
+    let deployment = one(&docs, "Deployment");
+    let spec = &deployment["spec"]["template"]["spec"];
+    assert_eq!(spec["containers"][0]["args"], json!(["controller"]));
+    assert_eq!(
+        spec["containers"][0]["image"],
+        "registry.example/vap-runner:1.2.3"
+    );
+    let env = env_of(deployment);
+    let field = |name: &str| env[name]["valueFrom"]["fieldRef"]["fieldPath"].clone();
+    assert_eq!(field("WATCH_NAMESPACE"), "metadata.namespace");
+    assert_eq!(field("POD_NAME"), "metadata.name");
+    for (name, value) in [
+        ("RUNNER_NAME", "vap-vap-runner"),
+        ("CONSUMER_GROUP", "vap-vap-runner"),
+        ("LEADER_ELECTION", "true"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "kafka-0:9092,kafka-1:9092"),
+        ("MAX_WORKERS", "12"),
+        ("VIDEO_FPS", "0.5"),
+        ("DEPLOY_TOPIC", "to_deploy"),
+        ("UNDEPLOY_TOPIC", "to_undeploy"),
+        ("DLQ_TOPIC", "to_deploy.dlq"),
+        ("EVENTS_TOPIC", "scenario_events"),
+        ("RESULTS_TOPIC", "results"),
+        ("LOG_LEVEL", "INFO"),
+        ("LOG_FORMAT", "text"),
+        ("VIDEO_FILE_ROOT", "/media"),
+        ("WORKER_IMAGE", "registry.example/vap-runner:1.2.3"),
+        ("WORKER_SERVICE_ACCOUNT", "vap-vap-runner-worker"),
+    ] {
+        assert_eq!(env_value(&env, name), value, "{name}");
+    }
+    let json_env = |name: &str| -> Value {
+        serde_json::from_str(&env_value(&env, name))
+            .unwrap_or_else(|e| panic!("{name} is not JSON: {e}"))
+    };
+    assert_eq!(
+        json_env("WORKER_RESOURCES"),
+        json!({"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}})
+    );
+    assert_eq!(json_env("WORKER_NODE_SELECTOR"), json!({"gpu": "yes"}));
+    assert_eq!(
+        json_env("WORKER_TOLERATIONS"),
+        json!([{"key": "video", "operator": "Exists"}])
+    );
+
+    // Every variable the chart sets is one `runner controller` reads.
+    let out = common::runner()
+        .args(["controller", "--help"])
+        .output()
+        .expect("runner controller --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for name in env.keys() {
+        assert!(
+            help.contains(&format!("[env: {name}=")) || help.contains(&format!("[env: {name}]")),
+            "the chart sets {name}, which `runner controller` does not read"
+        );
+    }
+}
+
+#[test]
+fn several_releases_have_separate_names_groups_and_leases() {
+    let a = template("team-a", "video", &[]);
+    let b = template("team-b", "video", &["--set", "consumerGroup=runner-group"]);
+    let names = |docs: &[Value]| -> BTreeSet<(String, String)> {
+        docs.iter()
+            .map(|d| {
+                (
+                    d["kind"].as_str().unwrap().to_string(),
+                    d["metadata"]["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let shared: Vec<_> = names(&a).intersection(&names(&b)).cloned().collect();
+    assert!(
+        shared.is_empty(),
+        "two releases in one namespace would collide on {shared:?}"
+    );
+    let env_a = env_of(one(&a, "Deployment"));
+    let env_b = env_of(one(&b, "Deployment"));
+    assert_eq!(env_value(&env_a, "RUNNER_NAME"), "team-a-vap-runner");
+    assert_eq!(env_value(&env_b, "RUNNER_NAME"), "team-b-vap-runner");
+    assert_eq!(env_value(&env_a, "CONSUMER_GROUP"), "team-a-vap-runner");
+    assert_eq!(env_value(&env_b, "CONSUMER_GROUP"), "runner-group");
+    // Each release's Role reaches only its own Lease.
+    let lease_names = |docs: &[Value]| one(docs, "Role")["rules"].to_string();
+    assert!(lease_names(&a).contains("team-a-vap-runner-leader"));
+    assert!(!lease_names(&a).contains("team-b"));
+}
+
+#[test]
+fn optional_parts_are_off_by_default() {
+    let docs = template("vap", "video", &[]);
+    for kind in ["ServiceMonitor", "PodMonitor", "NetworkPolicy"] {
+        assert!(
+            of_kind(&docs, kind).is_empty(),
+            "{kind} must be off by default"
+        );
+    }
+    let service = one(&docs, "Service");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "http");
+    let on = template("vap", "video", ALL_FEATURES);
+    let monitor = one(&on, "ServiceMonitor");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http-metrics");
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"],
+        service["spec"]["selector"]
+    );
+    let pod_monitor = one(&on, "PodMonitor");
+    assert_eq!(
+        pod_monitor["spec"]["selector"]["matchLabels"],
+        json!({"app.kubernetes.io/component": "worker", "runner.vap.io/runner": "vap-vap-runner"})
+    );
+}
+
+/// Whether IPv4 range `cidr` contains address `ip`.
+fn contains(cidr: &str, ip: [u8; 4]) -> bool {
+    let (net, bits) = cidr.split_once('/').unwrap();
+    let bits: u32 = bits.parse().unwrap();
+    let net: std::net::Ipv4Addr = net.parse().unwrap();
+    let mask = if bits == 0 {
+        0
+    } else {
+        u32::MAX << (32 - bits)
+    };
+    (u32::from(net) & mask) == (u32::from(std::net::Ipv4Addr::from(ip)) & mask)
+}
+
+#[test]
+fn network_policy_limits_worker_egress_and_blocks_the_metadata_endpoint() {
+    let docs = template("vap", "video", ALL_FEATURES);
+    let policy = one(&docs, "NetworkPolicy");
+    let spec = &policy["spec"];
+    assert_eq!(
+        spec["podSelector"]["matchLabels"],
+        json!({"app.kubernetes.io/component": "worker", "runner.vap.io/runner": "vap-vap-runner"})
+    );
+    assert_eq!(spec["policyTypes"], json!(["Egress"]));
+    let metadata = [169, 254, 169, 254];
+    let mut cidrs = BTreeSet::new();
+    for rule in spec["egress"].as_array().unwrap() {
+        let to = rule["to"].as_array().cloned().unwrap_or_default();
+        if to.is_empty() {
+            // Only DNS may go anywhere.
+            let ports: Vec<&Value> = rule["ports"].as_array().unwrap().iter().collect();
+            assert!(
+                !ports.is_empty() && ports.iter().all(|p| p["port"] == 53),
+                "an egress rule without destinations allows more than DNS: {rule}"
+            );
+        }
+        for peer in to {
+            let Some(cidr) = peer["ipBlock"]["cidr"].as_str() else {
+                continue;
+            };
+            cidrs.insert(cidr.to_string());
+            let except: Vec<&str> = peer["ipBlock"]["except"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if contains(cidr, metadata) {
+                assert!(
+                    except.contains(&"169.254.169.254/32"),
+                    "{cidr} lets workers reach the metadata endpoint: {peer}"
+                );
+            } else {
+                assert!(except.is_empty(), "{cidr} has a needless except: {peer}");
+            }
+        }
+    }
+    for expected in [
+        "10.20.0.0/24",
+        "0.0.0.0/0",
+        "169.254.0.0/16",
+        "192.168.10.0/24",
+    ] {
+        assert!(
+            cidrs.contains(expected),
+            "{expected} missing from {cidrs:?}"
+        );
+    }
+
+    // Allowing the metadata endpoint itself is refused.
+    let chart = chart();
+    let out = tool(
+        "helm",
+        &[
+            "template",
+            "vap",
+            chart.as_str(),
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "networkPolicy.cameras.cidrs={169.254.169.254/32}",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("blocked range"));
+}
+
+#[test]
+fn values_are_documented_in_the_readme() {
+    fn leaves(prefix: &str, value: &serde_yaml::Value, out: &mut Vec<String>) {
+        match value {
+            serde_yaml::Value::Mapping(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    let key = k.as_str().unwrap();
+                    let path = if prefix.is_empty() {
+                        key.to_string()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    // Kubernetes objects passed through as a whole are documented as one.
+                    if [
+                        "resources",
+                        "podSecurityContext",
+                        "securityContext",
+                        "strategy",
+                    ]
+                    .contains(&key)
+                    {
+                        out.push(path);
+                    } else {
+                        leaves(&path, v, out);
+                    }
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    let text = std::fs::read_to_string(repo().join("charts/vap-runner/values.yaml")).unwrap();
+    let values: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut paths = Vec::new();
+    leaves("", &values, &mut paths);
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let missing: Vec<&String> = paths
+        .iter()
+        .filter(|p| !readme.contains(&format!("`{p}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "values missing from the README's values table: {missing:?}"
+    );
+}
+
+#[test]
+fn workflows_pass_actionlint() {
+    let workflows = repo().join(".github/workflows");
+    for name in ["ci.yml", "e2e-kind.yml"] {
+        assert!(
+            workflows.join(name).exists(),
+            ".github/workflows/{name} is missing"
+        );
+    }
+    let out = tool("actionlint", &["-no-color"]);
+    assert!(
+        out.status.success(),
+        "actionlint found problems:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// On the test bed: install, run the controller as the chart's identity,
+// uninstall
+// ---------------------------------------------------------------------------
+
+/// A kubeconfig like the test bed's admin one whose user acts as `user`.
+fn impersonating_kubeconfig(dir: &Path, user: &str) -> PathBuf {
+    let admin = std::env::var("KUBECONFIG")
+        .unwrap_or_else(|_| panic!("KUBECONFIG is not set; {}", common::TESTBED_HINT));
+    let text = std::fs::read_to_string(&admin).expect("read KUBECONFIG");
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("KUBECONFIG YAML");
+    let users = config["users"]
+        .as_sequence_mut()
+        .expect("users in KUBECONFIG");
+    for entry in users {
+        entry["user"]
+            .as_mapping_mut()
+            .expect("user entry")
+            .insert("as".into(), user.into());
+    }
+    let path = dir.join("impersonated.kubeconfig");
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+async fn client_from(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).expect("read kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    Client::try_from(config).expect("client")
+}
+
+fn forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> bool {
+    matches!(result, Err(kube::Error::Api(e)) if e.code == 403)
+}
+
+/// Runs a helm command against the test bed (KUBECONFIG from the environment).
+fn helm_cluster(args: &[&str]) -> String {
+    helm_ok(args)
+}
+
+#[tokio::test]
+async fn install_run_as_the_charts_identity_and_uninstall() {
+    let bed = Bed::new("chart").await;
+    let ns = bed.namespace.clone();
+    let admin = bed.client.clone();
+
+    // Pods in the namespace must meet the restricted Pod Security Standard:
+    // the chart's controller Pod and the worker Pods the controller creates.
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    namespaces
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest"
+            }}})),
+        )
+        .await
+        .expect("label the namespace");
+
+    let release = common::unique_name("vr");
+    let fullname = format!("{release}-vap-runner");
+    let chart = chart();
+    let sets = [
+        format!("kafka.bootstrapServers={}", bed.bootstrap),
+        format!("consumerGroup={}", bed.group),
+        format!("topics.deploy={}", bed.deploy),
+        format!("topics.undeploy={}", bed.undeploy),
+        format!("topics.dlq={}", bed.dlq),
+        format!("topics.events={}", bed.events),
+        format!("topics.results={}", bed.results),
+        format!("videoFileRoot={}", common::MEDIA_DIR),
+        "image.tag=test".to_string(),
+        "log.level=DEBUG".to_string(),
+        // The API server must accept the NetworkPolicy (except ⊂ cidr).
+        "networkPolicy.enabled=true".to_string(),
+        "networkPolicy.kafka.cidrs={127.0.0.1/32}".to_string(),
+        "networkPolicy.cameras.cidrs={0.0.0.0/0,169.254.0.0/16}".to_string(),
+    ];
+    let mut args = vec![
+        "install",
+        release.as_str(),
+        chart.as_str(),
+        "--namespace",
+        ns.as_str(),
+    ];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    helm_cluster(&args);
+
+    // The Deployment's Pod is created (so it passed restricted admission) and
+    // lands on the fake Node, where no container runs: it never acts.
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let instance = format!("app.kubernetes.io/instance={release}");
+    wait_for(
+        "the chart's controller Pod to be admitted",
+        Duration::from_secs(90),
+        || {
+            let pods = pods.clone();
+            let instance = instance.clone();
+            let ns = ns.clone();
+            let admin = admin.clone();
+            async move {
+                let list = pods
+                    .list(&ListParams::default().labels(&instance))
+                    .await
+                    .ok()?;
+                if list.items.is_empty() {
+                    let events: Api<k8s_openapi::api::core::v1::Event> =
+                        Api::namespaced(admin, &ns);
+                    if let Ok(events) = events.list(&ListParams::default()).await {
+                        for e in events.items {
+                            if e.reason.as_deref() == Some("FailedCreate") {
+                                panic!(
+                                    "the controller Pod was refused: {}",
+                                    e.message.unwrap_or_default()
+                                );
+                            }
+                        }
+                    }
+                    return None;
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+
+    // The controller's identity, as the chart wires it.
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
+    let deployment = deployments.get(&fullname).await.expect("the Deployment");
+    let deployment = serde_json::to_value(&deployment).unwrap();
+    let sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .expect("serviceAccountName")
+        .to_string();
+    let user = format!("system:serviceaccount:{ns}:{sa}");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = impersonating_kubeconfig(dir.path(), &user);
+    let as_controller = client_from(&kubeconfig).await;
+
+    // Inside the Role: reading Scenarios works.
+    let scenarios: Api<Scenario> = Api::namespaced(as_controller.clone(), &ns);
+    scenarios
+        .list(&ListParams::default().limit(1))
+        .await
+        .expect("the controller's identity may list Scenarios");
+    // Outside it: refused.
+    assert!(
+        forbidden(
+            Api::<Secret>::namespaced(as_controller.clone(), &ns)
+                .list(&ListParams::default())
+                .await
+        ),
+        "the controller's identity must not read Secrets"
+    );
+    let cluster_role: ClusterRole = serde_json::from_value(
+        json!({"metadata": {"name": format!("{release}-escalate")}, "rules": []}),
+    )
+    .unwrap();
+    assert!(
+        forbidden(
+            Api::<ClusterRole>::all(as_controller.clone())
+                .create(&PostParams::default(), &cluster_role)
+                .await
+        ),
+        "the controller's identity must not create ClusterRoles"
+    );
+    assert!(
+        forbidden(
+            Api::<Pod>::namespaced(as_controller.clone(), "default")
+                .list(&ListParams::default())
+                .await
+        ),
+        "the controller's identity must not see other namespaces"
+    );
+    assert!(
+        forbidden(
+            scenarios
+                .delete("scn-does-not-matter", &DeleteParams::default())
+                .await
+        ),
+        "the controller never deletes Scenarios, so its identity must not"
+    );
+    assert!(
+        forbidden(
+            Api::<Lease>::namespaced(as_controller.clone(), &ns)
+                .get("another-runner-leader")
+                .await
+        ),
+        "the controller's identity must reach only its own Lease"
+    );
+
+    // Run the controller locally with the Deployment's environment and the
+    // impersonating kubeconfig.
+    let pod_name = format!("{fullname}-local");
+    let mut env: Vec<(String, String)> = Vec::new();
+    for var in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+    {
+        let name = var["name"].as_str().unwrap().to_string();
+        if name == "METRICS_ADDR" {
+            continue; // a free local port instead
+        }
+        let value = if let Some(v) = var["value"].as_str() {
+            v.to_string()
+        } else {
+            match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("metadata.namespace") => ns.clone(),
+                Some("metadata.name") => pod_name.clone(),
+                other => panic!("unexpected env source for {name}: {other:?}"),
+            }
+        };
+        env.push((name, value));
+    }
+    env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut controller = bed.start_controller(&env_refs);
+
+    let id = uuid::Uuid::new_v4().to_string();
+    let scenario_name = format!("scn-{id}");
+    let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
+    bed.deploy(&id, &camera).await;
+    let admin_scenarios: Api<Scenario> = Api::namespaced(admin.clone(), &ns);
+    let running = wait_for_phase(
+        &admin_scenarios,
+        &scenario_name,
+        Phase::Running,
+        &mut controller,
+    )
+    .await;
+    assert_eq!(
+        running.labels().get("runner.vap.io/runner"),
+        Some(&fullname)
+    );
+
+    let worker = pods
+        .get(&format!("worker-{id}"))
+        .await
+        .expect("the worker Pod");
+    let worker_spec = worker.spec.as_ref().unwrap();
+    assert_eq!(
+        worker_spec.service_account_name.as_deref(),
+        Some(format!("{fullname}-worker").as_str())
+    );
+    assert_eq!(worker.labels().get("runner.vap.io/runner"), Some(&fullname));
+    assert_eq!(
+        worker_spec.containers[0].image.as_deref(),
+        Some("vap-runner:test")
+    );
+
+    // Leader election went through the Role's Lease grants.
+    let lease = Api::<Lease>::namespaced(admin.clone(), &ns)
+        .get(&format!("{fullname}-leader"))
+        .await
+        .expect("the leader Lease");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some(pod_name.as_str())
+    );
+
+    // Events were recorded (events.k8s.io).
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), &ns);
+    wait_for("an Event on the Scenario", Duration::from_secs(30), || {
+        let events = events.clone();
+        let scenario_name = scenario_name.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                        == Some(scenario_name.as_str())
+                })
+                .then_some(())
+        }
+    })
+    .await;
+
+    // Undeploy: patching the Scenario and deleting its Pod are allowed too.
+    let body = json!({"scenario_uuid": id}).to_string();
+    bed.send(&bed.undeploy, Some(&id), body.as_bytes()).await;
+    wait_for_phase(
+        &admin_scenarios,
+        &scenario_name,
+        Phase::Stopped,
+        &mut controller,
+    )
+    .await;
+    wait_for(
+        "the stopped worker Pod to be gone",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            let name = format!("worker-{id}");
+            async move { matches!(pods.get_opt(&name).await, Ok(None)).then_some(()) }
+        },
+    )
+    .await;
+
+    // A second scenario is running when the runner is removed.
+    let second = uuid::Uuid::new_v4().to_string();
+    bed.deploy(&second, &camera).await;
+    wait_for_phase(
+        &admin_scenarios,
+        &format!("scn-{second}"),
+        Phase::Running,
+        &mut controller,
+    )
+    .await;
+
+    controller.assert_running();
+    let log = std::fs::read_to_string(&controller.log_path).unwrap_or_default();
+    assert!(
+        !log.to_ascii_lowercase().contains("forbidden"),
+        "the controller hit an RBAC refusal:\n{}",
+        controller.log_tail()
+    );
+
+    // Uninstall as the README says: delete the runner's Scenarios (their
+    // Pods go with them), then `helm uninstall`.
+    admin_scenarios
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels(&format!("runner.vap.io/runner={fullname}")),
+        )
+        .await
+        .expect("delete the runner's Scenarios");
+    let status = controller.terminate();
+    assert!(
+        status.success(),
+        "controller exit: {status}\n{}",
+        controller.log_tail()
+    );
+    helm_cluster(&[
+        "uninstall",
+        release.as_str(),
+        "--namespace",
+        ns.as_str(),
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+
+    let selectors = [
+        format!("app.kubernetes.io/instance={release}"),
+        format!("runner.vap.io/runner={fullname}"),
+    ];
+    wait_for(
+        "no Pod of the release to be left",
+        Duration::from_secs(120),
+        || {
+            let pods = pods.clone();
+            let selectors = selectors.clone();
+            async move {
+                for selector in &selectors {
+                    let list = pods
+                        .list(&ListParams::default().labels(selector))
+                        .await
+                        .ok()?;
+                    if !list.items.is_empty() {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+    assert!(deployments.get_opt(&fullname).await.unwrap().is_none());
+    assert!(
+        Api::<Role>::namespaced(admin.clone(), &ns)
+            .get_opt(&fullname)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+            .get_opt(&fullname)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), &ns);
+    assert!(accounts.get_opt(&sa).await.unwrap().is_none());
+    assert!(
+        accounts
+            .get_opt(&format!("{fullname}-worker"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// Waits for a Scenario's phase, failing early with the log if the controller died.
+async fn wait_for_phase(
+    api: &Api<Scenario>,
+    name: &str,
+    want: Phase,
+    controller: &mut common::controller::ControllerProcess,
+) -> Scenario {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        controller.assert_running();
+        if let Ok(Some(scenario)) = api.get_opt(name).await
+            && scenario.status.as_ref().and_then(|s| s.phase) == Some(want)
+        {
+            return scenario;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "scenario {name} did not become {want:?} within 90 s\n{}",
+            controller.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

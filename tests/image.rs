@@ -1,0 +1,500 @@
+//! The container image (`Dockerfile`), checked without a container engine:
+//! the runtime stage must install a Debian package for every shared library
+//! the `runner` binary loads, run as a numeric non-root user and start the
+//! binary in exec form. Libraries are read from the binary built for these
+//! tests (`readelf -d` for the ones it links directly, `ldd` for the whole
+//! tree) and mapped to packages with Debian's package database (`dpkg -S`),
+//! so these tests need the Debian bookworm build environment the image's
+//! build stage uses (scripts/deps sets it up).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Packages every Debian image has (Essential or required by apt itself);
+/// the runtime stage may rely on them without naming them.
+const BASE_PACKAGES: &[&str] = &["libc6", "libgcc-s1"];
+
+/// The runtime stage's user: the same numeric UID/GID as worker Pods.
+const RUNTIME_USER: &str = "65532:65532";
+
+fn dockerfile() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// One `FROM` section of the Dockerfile, its instructions with continuation
+/// lines joined and comments removed.
+#[derive(Debug)]
+struct Stage {
+    base: String,
+    name: Option<String>,
+    instructions: Vec<String>,
+}
+
+impl Stage {
+    fn with(&self, keyword: &str) -> Vec<&str> {
+        self.instructions
+            .iter()
+            .filter(|i| {
+                i.split_whitespace()
+                    .next()
+                    .is_some_and(|k| k.eq_ignore_ascii_case(keyword))
+            })
+            .map(|i| i[keyword.len()..].trim())
+            .collect()
+    }
+
+    /// The packages named by `apt-get install` in this stage's RUN instructions.
+    fn apt_packages(&self) -> BTreeSet<String> {
+        let mut packages = BTreeSet::new();
+        for run in self.with("RUN") {
+            let words: Vec<&str> = run.split_whitespace().collect();
+            let mut i = 0;
+            while i < words.len() {
+                if words[i] == "install"
+                    && i > 0
+                    && (words[i - 1] == "apt-get" || words[i - 1] == "apt")
+                {
+                    i += 1;
+                    while i < words.len() && !["&&", ";", "||", "|"].contains(&words[i]) {
+                        if !words[i].starts_with('-') {
+                            packages.insert(words[i].to_string());
+                        }
+                        i += 1;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        packages
+    }
+}
+
+fn stages(text: &str) -> Vec<Stage> {
+    let mut instructions = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+            continue;
+        }
+        if let Some(head) = trimmed.strip_suffix('\\') {
+            current.push_str(head);
+            current.push(' ');
+            continue;
+        }
+        current.push_str(trimmed);
+        if !current.trim().is_empty() {
+            instructions.push(current.trim().to_string());
+        }
+        current.clear();
+    }
+    let mut stages: Vec<Stage> = Vec::new();
+    for instruction in instructions {
+        let mut words = instruction.split_whitespace();
+        if words.next().is_some_and(|k| k.eq_ignore_ascii_case("FROM")) {
+            let args: Vec<&str> = words.filter(|w| !w.starts_with("--")).collect();
+            let name = match args.as_slice() {
+                [_, kw, name] if kw.eq_ignore_ascii_case("AS") => Some(name.to_string()),
+                _ => None,
+            };
+            stages.push(Stage {
+                base: args.first().copied().unwrap_or_default().to_string(),
+                name,
+                instructions: Vec::new(),
+            });
+        } else if let Some(stage) = stages.last_mut() {
+            stage.instructions.push(instruction);
+        }
+    }
+    stages
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: {e}; these checks need Debian's binutils and dpkg (scripts/deps)")
+        });
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_runner")
+}
+
+/// The libraries the binary names in its dynamic section (DT_NEEDED).
+fn needed_libraries() -> BTreeSet<String> {
+    run("readelf", &["-d", binary()])
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| {
+            let start = l.find('[')? + 1;
+            let end = l.rfind(']')?;
+            Some(l[start..end].to_string())
+        })
+        .collect()
+}
+
+/// Every library the dynamic loader resolves for the binary: soname → path.
+fn loaded_libraries() -> BTreeMap<String, PathBuf> {
+    let text = run("ldd", &[binary()]);
+    let mut libs = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with("linux-vdso") || line.starts_with("linux-gate") {
+            continue;
+        }
+        assert!(!line.contains("not found"), "ldd cannot resolve: {line}");
+        if let Some((soname, rest)) = line.split_once(" => ") {
+            let path = rest.split_whitespace().next().unwrap_or_default();
+            libs.insert(soname.trim().to_string(), PathBuf::from(path));
+        } else if let Some(path) = line.split_whitespace().next() {
+            // The dynamic loader itself: "/lib64/ld-linux-x86-64.so.2 (0x...)".
+            let soname = Path::new(path)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            libs.insert(soname, PathBuf::from(path));
+        }
+    }
+    libs
+}
+
+/// The paths under which Debian's package database may list `path`. Debian
+/// bookworm's merged /usr means a library may be registered under /lib or
+/// /usr/lib, and alternatives (BLAS, LAPACK) are symlinks into the owning
+/// package's own directory, so the path as given, its /usr twin and the
+/// fully resolved path are all tried.
+fn candidate_paths(path: &Path) -> Vec<PathBuf> {
+    let mut candidates = vec![path.to_path_buf()];
+    let text = path.to_string_lossy();
+    if let Some(rest) = text.strip_prefix("/usr") {
+        candidates.push(PathBuf::from(rest));
+    } else {
+        candidates.push(PathBuf::from(format!("/usr{text}")));
+    }
+    if let Ok(real) = std::fs::canonicalize(path) {
+        let real_text = real.to_string_lossy().into_owned();
+        candidates.push(real.clone());
+        if let Some(rest) = real_text.strip_prefix("/usr") {
+            candidates.push(PathBuf::from(rest));
+        }
+    }
+    candidates
+}
+
+/// The owning package of each library path, asked of `dpkg -S` in one call.
+fn owners(paths: &[&PathBuf]) -> BTreeMap<PathBuf, String> {
+    let mut all: BTreeSet<PathBuf> = BTreeSet::new();
+    for path in paths {
+        all.extend(candidate_paths(path));
+    }
+    // dpkg -S exits non-zero when any path is unowned (most /usr twins are);
+    // the owned ones are still printed.
+    let out = Command::new("dpkg")
+        .arg("-S")
+        .args(&all)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run dpkg: {e}; these checks need Debian's package database (scripts/deps)"
+            )
+        });
+    let mut by_path: BTreeMap<PathBuf, String> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.starts_with("diversion by") {
+            continue;
+        }
+        if let Some((packages, path)) = line.split_once(": ") {
+            let first = packages.split(',').next().unwrap_or_default().trim();
+            let name = first.split(':').next().unwrap_or_default();
+            if !name.is_empty() {
+                by_path.insert(PathBuf::from(path.trim()), name.to_string());
+            }
+        }
+    }
+    paths
+        .iter()
+        .filter_map(|path| {
+            candidate_paths(path)
+                .iter()
+                .find_map(|c| by_path.get(c))
+                .map(|owner| ((*path).clone(), owner.clone()))
+        })
+        .collect()
+}
+
+/// What the package database says about one installed package.
+#[derive(Debug, Default)]
+struct Installed {
+    /// Depends and Pre-Depends: groups of alternatives.
+    depends: Vec<Vec<String>>,
+}
+
+fn installed_packages() -> (BTreeMap<String, Installed>, BTreeMap<String, Vec<String>>) {
+    let text = run(
+        "dpkg-query",
+        &[
+            "-W",
+            "-f",
+            "${db:Status-Abbrev}\t${Package}\t${Depends}, ${Pre-Depends}\t${Provides}\n",
+        ],
+    );
+    let mut packages = BTreeMap::new();
+    let mut providers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let name_of = |item: &str| -> String {
+        item.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let [status, package, depends, provides] = fields.as_slice() else {
+            continue;
+        };
+        if !status.starts_with("ii") {
+            continue;
+        }
+        let depends = depends
+            .split(',')
+            .map(str::trim)
+            .filter(|group| !group.is_empty())
+            .map(|group| group.split('|').map(name_of).collect())
+            .collect();
+        for provided in provides.split(',').map(name_of).filter(|p| !p.is_empty()) {
+            providers
+                .entry(provided)
+                .or_default()
+                .push(package.to_string());
+        }
+        packages.insert(package.to_string(), Installed { depends });
+    }
+    (packages, providers)
+}
+
+/// Every installed package that installing `roots` brings along (Depends and
+/// Pre-Depends, any installed alternative, virtual packages through their
+/// installed providers).
+fn dependency_closure(roots: &BTreeSet<String>) -> BTreeSet<String> {
+    let (packages, providers) = installed_packages();
+    let mut seen = BTreeSet::new();
+    let mut queue: VecDeque<String> = roots.iter().cloned().collect();
+    while let Some(name) = queue.pop_front() {
+        let real: Vec<String> = if packages.contains_key(&name) {
+            vec![name.clone()]
+        } else {
+            providers.get(&name).cloned().unwrap_or_default()
+        };
+        for package in real {
+            if !seen.insert(package.clone()) {
+                continue;
+            }
+            for group in &packages[&package].depends {
+                queue.extend(group.iter().cloned());
+            }
+        }
+    }
+    seen
+}
+
+fn runtime_stage(stages: &[Stage]) -> &Stage {
+    stages.last().expect("the Dockerfile has at least one FROM")
+}
+
+#[test]
+fn build_stage_compiles_on_bookworm_with_opencv() {
+    let text = dockerfile();
+    let stages = stages(&text);
+    assert!(
+        stages.len() >= 2,
+        "the Dockerfile must be multi-stage (build + runtime), found {} stage(s)",
+        stages.len()
+    );
+    let build = stages
+        .iter()
+        .find(|s| s.name.as_deref() == Some("build"))
+        .expect("a stage named `build`");
+    assert!(
+        build.base.starts_with("rust:") && build.base.ends_with("-bookworm")
+            || build.base.starts_with("debian:bookworm"),
+        "the build stage must be Debian bookworm (rust:*-bookworm or debian:bookworm), not {}",
+        build.base
+    );
+    let packages = build.apt_packages();
+    for needed in [
+        "libopencv-dev",
+        "clang",
+        "libclang-dev",
+        "cmake",
+        "zlib1g-dev",
+        "libssl-dev",
+    ] {
+        assert!(
+            packages.contains(needed),
+            "the build stage does not install {needed}: {packages:?}"
+        );
+    }
+    let runs = build.with("RUN").join("\n");
+    assert!(
+        runs.contains("cargo build --release --locked --bin runner"),
+        "the build stage must build the locked release binary:\n{runs}"
+    );
+}
+
+#[test]
+fn runtime_stage_is_slim_non_root_and_starts_the_binary_without_a_shell() {
+    let text = dockerfile();
+    let stages = stages(&text);
+    let runtime = runtime_stage(&stages);
+    assert_eq!(runtime.base, "debian:bookworm-slim");
+
+    let copies = runtime.with("COPY");
+    assert!(
+        copies
+            .iter()
+            .any(|c| c.starts_with("--from=build") && c.ends_with(" /usr/local/bin/runner")),
+        "the runtime stage must copy the binary from the build stage to /usr/local/bin/runner: {copies:?}"
+    );
+    assert!(
+        runtime.apt_packages().contains("ca-certificates"),
+        "the runtime stage needs ca-certificates for https/rtsps cameras"
+    );
+
+    let users = runtime.with("USER");
+    assert_eq!(
+        users.last().copied(),
+        Some(RUNTIME_USER),
+        "the last USER of the runtime stage must be the numeric non-root {RUNTIME_USER}"
+    );
+    // Nothing after USER may need root (package installation must come before it).
+    let user_at = runtime
+        .instructions
+        .iter()
+        .rposition(|i| i.starts_with("USER"))
+        .unwrap();
+    assert!(
+        runtime.instructions[user_at..]
+            .iter()
+            .all(|i| !i.starts_with("RUN")),
+        "no RUN after USER in the runtime stage: the image needs no shell at run time"
+    );
+
+    let entrypoints = runtime.with("ENTRYPOINT");
+    assert_eq!(
+        entrypoints.last().copied(),
+        Some(r#"["/usr/local/bin/runner"]"#),
+        "ENTRYPOINT must be the exec form [\"/usr/local/bin/runner\"]"
+    );
+    for cmd in runtime.with("CMD") {
+        assert!(
+            cmd.starts_with('['),
+            "CMD must be exec form (JSON array), not a shell command: {cmd}"
+        );
+    }
+    let ignore =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(".dockerignore"))
+            .expect(".dockerignore");
+    let ignored: BTreeSet<&str> = ignore
+        .lines()
+        .map(|l| l.trim().trim_end_matches('/'))
+        .collect();
+    for entry in ["target", ".run", ".cache", ".git"] {
+        assert!(
+            ignored.contains(entry),
+            ".dockerignore must exclude {entry}"
+        );
+    }
+}
+
+#[test]
+fn runtime_packages_cover_every_library_the_binary_loads() {
+    let text = dockerfile();
+    let stages = stages(&text);
+    let listed = runtime_stage(&stages).apt_packages();
+    let mut provided: BTreeSet<String> = listed.clone();
+    provided.extend(BASE_PACKAGES.iter().map(|p| p.to_string()));
+
+    let loaded = loaded_libraries();
+    let paths: Vec<&PathBuf> = loaded.values().collect();
+    let owned = owners(&paths);
+    let package_of = |soname: &str| -> String {
+        let path = loaded
+            .get(soname)
+            .unwrap_or_else(|| panic!("ldd does not resolve {soname}"));
+        owned.get(path).cloned().unwrap_or_else(|| {
+            panic!(
+                "no Debian package owns {} ({soname}); the image could not provide it",
+                path.display()
+            )
+        })
+    };
+
+    // What the binary links directly must be named in the runtime stage (or
+    // be part of every Debian image).
+    let mut missing = Vec::new();
+    for soname in needed_libraries() {
+        let package = package_of(&soname);
+        if !provided.contains(&package) {
+            missing.push(format!("{soname} (package {package})"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the runtime stage of the Dockerfile does not install the packages of libraries `runner` links directly: {}",
+        missing.join(", ")
+    );
+
+    // Everything the loader pulls in behind them must come with those
+    // packages' dependencies.
+    let closure = dependency_closure(&provided);
+    for package in &listed {
+        assert!(
+            closure.contains(package),
+            "{package} (runtime stage) is not an installed Debian package here; \
+             the build and runtime stages must use the same OpenCV version"
+        );
+    }
+    let mut uncovered = Vec::new();
+    for soname in loaded.keys() {
+        let package = package_of(soname);
+        if !closure.contains(&package) {
+            uncovered.push(format!("{soname} (package {package})"));
+        }
+    }
+    assert!(
+        uncovered.is_empty(),
+        "libraries `runner` loads that neither the runtime stage's packages nor their dependencies provide: {}",
+        uncovered.join(", ")
+    );
+}
+
+#[test]
+fn runtime_stage_lists_no_development_packages() {
+    let text = dockerfile();
+    let stages = stages(&text);
+    let listed = runtime_stage(&stages).apt_packages();
+    let dev: Vec<&String> = listed
+        .iter()
+        .filter(|p| {
+            p.ends_with("-dev")
+                || ["clang", "cmake", "gcc", "build-essential"].contains(&p.as_str())
+        })
+        .collect();
+    assert!(
+        dev.is_empty(),
+        "the runtime stage must carry only runtime libraries, not {dev:?}"
+    );
+}
