@@ -120,7 +120,8 @@ async fn send_all(
     }
 }
 
-/// Runs one scenario set; returns per-scenario latency and the time to the last Pod.
+/// Runs one scenario set (plus one warm-up scenario, which also takes a slot);
+/// returns per-scenario latency, the time to the last Pod and peak RSS.
 async fn run(
     client: &Client,
     bootstrap: &str,
@@ -273,7 +274,7 @@ async fn main() {
         pct(&lat, 0.99).as_secs_f64() * 1000.0,
         lat.last().unwrap().as_secs_f64() * 1000.0
     );
-    let (_, total, rss_b) = run(&client, &bootstrap, "burst", burst, 0, burst as u64).await;
+    let (_, total, rss_b) = run(&client, &bootstrap, "burst", burst, 0, burst as u64 + 1).await;
     println!(
         "(b) burst of {burst} with MAX_WORKERS={burst}: all Pods exist after {:.1} s   (target <= 60 s)",
         total.as_secs_f64()
