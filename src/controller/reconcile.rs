@@ -126,18 +126,27 @@ pub fn holds_slot(pod: &Pod) -> bool {
     !matches!(phase_from_pod(pod).0, Phase::Succeeded | Phase::Failed)
 }
 
-fn pod_for(ctx: &Context, scenario: &Scenario) -> Option<Arc<Pod>> {
+/// The Scenario's own worker Pod, read from the API server rather than the
+/// cache: the reconcile was triggered by a change of this very Pod, which the
+/// cache may not show yet, and a stale phase here would hold the Scenario in
+/// its old phase until the next periodic reconcile.
+async fn pod_for(ctx: &Context, scenario: &Scenario) -> Result<Option<Pod>, ReconcileError> {
     let name = pod::pod_name(&scenario.spec.scenario_uuid);
-    let pod = ctx
-        .pods
-        .get(&ObjectRef::new(&name).within(&ctx.namespace))?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let Some(pod) = pods
+        .get_opt(&name)
+        .await
+        .map_err(kube_err("reading the worker Pod"))?
+    else {
+        return Ok(None);
+    };
     // Only a Pod this Scenario owns counts (not a leftover of a deleted one).
     let uid = scenario.metadata.uid.as_deref();
     let owned = pod
         .owner_references()
         .iter()
         .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid);
-    owned.then_some(pod)
+    Ok(owned.then_some(pod))
 }
 
 /// When a Scenario joined the queue: the ingest annotation, else its creation time.
@@ -230,7 +239,7 @@ async fn desired_status(
         observed_generation: scenario.metadata.generation,
         ..old.clone()
     };
-    let pod = pod_for(ctx, scenario);
+    let pod = pod_for(ctx, scenario).await?;
 
     if scenario.spec.stopped {
         if let Some(pod) = &pod {
