@@ -381,6 +381,7 @@ fn rbac_is_namespaced_exact_and_has_no_wildcards() {
         ("runner.vap.io", "scenarios", "create", ""),
         ("runner.vap.io", "scenarios", "patch", ""),
         ("runner.vap.io", "scenarios/status", "patch", ""),
+        ("", "pods", "get", ""),
         ("", "pods", "list", ""),
         ("", "pods", "watch", ""),
         ("", "pods", "create", ""),
