@@ -24,15 +24,21 @@ impl Backoff {
         self.attempt
     }
 
-    /// The delay before the next attempt: `base * 2^attempt`, capped at `max`,
-    /// scaled by `jitter` (expected in 0.0..=1.0) into the upper half, so
-    /// retries from many workers spread out without ever waiting less than
-    /// half the nominal delay.
-    pub fn next_delay(&mut self, jitter: f64) -> Duration {
-        let factor = 2f64.powi(self.attempt.min(30) as i32);
+    /// The delay before attempt number `attempt` (counting from 0):
+    /// `base * 2^attempt`, capped at `max`, scaled by `jitter` (expected in
+    /// 0.0..=1.0) into the upper half, so retries from many workers spread out
+    /// without ever waiting less than half the nominal delay.
+    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
+        let factor = 2f64.powi(attempt.min(30) as i32);
         let nominal = (self.base.as_secs_f64() * factor).min(self.max.as_secs_f64());
-        self.attempt = self.attempt.saturating_add(1);
         Duration::from_secs_f64(nominal * (0.5 + 0.5 * jitter.clamp(0.0, 1.0)))
+    }
+
+    /// The delay before the next attempt, counting the attempt.
+    pub fn next_delay(&mut self, jitter: f64) -> Duration {
+        let delay = self.delay(self.attempt, jitter);
+        self.attempt = self.attempt.saturating_add(1);
+        delay
     }
 
     pub fn reset(&mut self) {

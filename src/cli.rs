@@ -258,6 +258,16 @@ pub enum Model {
     Hog,
 }
 
+impl Model {
+    /// The name used on the command line and in worker Pods' `MODEL`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Model::Mock => "mock",
+            Model::Hog => "hog",
+        }
+    }
+}
+
 /// Where a worker writes its results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SinkKind {

@@ -11,5 +11,6 @@ pub mod detector;
 pub mod http;
 pub mod messages;
 pub mod sampler;
+pub mod signals;
 pub mod telemetry;
 pub mod worker;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
+use prometheus_client::metrics::counter::Counter;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -198,16 +199,21 @@ impl Ingest {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        self.retrying("creating a Scenario", shutdown, || async {
-            match self.scenarios.create(&params, &scenario).await {
-                Ok(_) => Ok(Ok(Outcome::Created)),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Ok(Outcome::Duplicate)),
-                Err(kube::Error::Api(e)) if e.code == 400 || e.code == 422 => {
-                    Ok(Err(RejectedByApi(e.message)))
+        self.retrying(
+            "creating a Scenario in Kubernetes",
+            Some(&self.metrics.kubernetes_retries),
+            shutdown,
+            || async {
+                match self.scenarios.create(&params, &scenario).await {
+                    Ok(_) => Ok(Ok(Outcome::Created)),
+                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(Ok(Outcome::Duplicate)),
+                    Err(kube::Error::Api(e)) if e.code == 400 || e.code == 422 => {
+                        Ok(Err(RejectedByApi(e.message)))
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -222,29 +228,39 @@ impl Ingest {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        self.retrying("stopping a Scenario", shutdown, || async {
-            match self.scenarios.patch(&name, &params, &patch).await {
-                Ok(_) => Ok(Outcome::Stopped),
-                Err(kube::Error::Api(e)) if e.code == 404 => {
-                    tracing::warn!(scenario = %req.scenario_uuid, "to_undeploy for an unknown scenario; nothing to stop");
-                    Ok(Outcome::Unknown)
+        self.retrying(
+            "stopping a Scenario in Kubernetes",
+            Some(&self.metrics.kubernetes_retries),
+            shutdown,
+            || async {
+                match self.scenarios.patch(&name, &params, &patch).await {
+                    Ok(_) => Ok(Outcome::Stopped),
+                    Err(kube::Error::Api(e)) if e.code == 404 => {
+                        let scenario = req.scenario_uuid;
+                        tracing::warn!(%scenario, "to_undeploy for an unknown scenario; nothing to stop");
+                        Ok(Outcome::Unknown)
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            }
-        })
+            },
+        )
         .await
     }
 
-    /// Repeats `call` with backoff until it succeeds; `None` on shutdown.
-    async fn retrying<T, F, Fut>(
+    /// Repeats `call` with backoff until it succeeds, counting each retry in
+    /// `retries` when given; `None` on shutdown. Ingest does not move past
+    /// the message meanwhile.
+    async fn retrying<T, E, F, Fut>(
         &self,
         what: &str,
+        retries: Option<&Counter>,
         shutdown: &mut watch::Receiver<bool>,
         mut call: F,
     ) -> Option<T>
     where
+        E: std::fmt::Display,
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, kube::Error>>,
+        Fut: Future<Output = Result<T, E>>,
     {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         loop {
@@ -252,8 +268,10 @@ impl Ingest {
                 Ok(value) => return Some(value),
                 Err(e) => {
                     let delay = backoff.next_delay(rand::random::<f64>());
-                    self.metrics.kubernetes_retries.inc();
-                    tracing::warn!(error = %e, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64, "Kubernetes API call failed while {what}; ingest paused, retrying");
+                    if let Some(retries) = retries {
+                        retries.inc();
+                    }
+                    tracing::warn!(error = %e, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64, "{what} failed; ingest paused, retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.changed() => return None,
@@ -283,8 +301,8 @@ impl Ingest {
         );
         let offset = msg.offset().to_string();
         let partition = msg.partition().to_string();
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-        loop {
+        let what = format!("writing to the dead-letter topic {}", self.config.dlq_topic);
+        self.retrying(&what, None, shutdown, || async {
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "reason",
@@ -315,17 +333,11 @@ impl Ingest {
                 record = record.payload(payload);
             }
             match self.producer.send(record, Duration::from_secs(30)).await {
-                Ok(_) => return Some(Outcome::DeadLettered(category)),
-                Err((e, _)) => {
-                    let delay = backoff.next_delay(rand::random::<f64>());
-                    tracing::warn!(error = %e, "cannot write to the dead-letter topic; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return None,
-                    }
-                }
+                Ok(_) => Ok(Outcome::DeadLettered(category)),
+                Err((e, _)) => Err(e),
             }
-        }
+        })
+        .await
     }
 }
 

@@ -29,7 +29,7 @@ use rdkafka::consumer::StreamConsumer;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::{Mutex, watch};
 
-use crate::cli::{ControllerArgs, Model};
+use crate::cli::ControllerArgs;
 use crate::config::LogLevel;
 use crd::Scenario;
 use ingest::{Ingest, IngestConfig};
@@ -71,13 +71,6 @@ pub fn main(args: ControllerArgs, log_level: LogLevel) -> Result<(), ControllerE
         .block_on(run(args, log_level))
 }
 
-fn model_name(model: Model) -> &'static str {
-    match model {
-        Model::Mock => "mock",
-        Model::Hog => "hog",
-    }
-}
-
 async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), ControllerError> {
     let sup = &args.supervisor;
     let servers = sup.kafka.kafka_bootstrap_servers.to_string();
@@ -105,7 +98,13 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         .map_err(ControllerError::CrdMissing)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(stop_on_signal(stop_tx.clone()));
+    tokio::spawn({
+        let stop_tx = stop_tx.clone();
+        async move {
+            crate::signals::stop_requested().await;
+            let _ = stop_tx.send(true);
+        }
+    });
 
     let mut leadership = if args.leader_election {
         let identity = args.identity.clone().unwrap_or_else(default_identity);
@@ -161,7 +160,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         kafka_bootstrap_servers: servers.clone(),
         results_topic: args.worker.results_topic.clone(),
         default_fps: sup.video_fps.get(),
-        default_model: model_name(args.worker.model).into(),
+        default_model: args.worker.model.as_str().into(),
         video_file_root: args
             .worker
             .video_file_root
@@ -267,19 +266,4 @@ fn default_identity() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "runner".into());
     format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
-}
-
-async fn stop_on_signal(stop: watch::Sender<bool>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
-        _ = int.recv() => tracing::info!("SIGINT received; stopping"),
-    }
-    let _ = stop.send(true);
 }

@@ -475,11 +475,8 @@ pub fn error_policy(scenario: Arc<Scenario>, error: &ReconcileError, ctx: Arc<Co
         *count = count.saturating_add(1);
         *count
     };
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(300));
-    let mut delay = Duration::ZERO;
-    for _ in 0..failures.min(20) {
-        delay = backoff.next_delay(rand::random::<f64>());
-    }
+    let delay = Backoff::new(Duration::from_millis(500), Duration::from_secs(300))
+        .delay(failures - 1, rand::random::<f64>());
     ctx.metrics
         .reconcile_errors
         .get_or_create(&CategoryLabels {

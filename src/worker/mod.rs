@@ -100,7 +100,7 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
     };
     let detector = detector::build(args.settings.model, args.mock_seed).map_err(|source| {
         WorkerError::Detector {
-            model: format!("{:?}", args.settings.model).to_lowercase(),
+            model: args.settings.model.as_str().to_string(),
             source,
         }
     })?;
@@ -133,7 +133,13 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
             .map_err(|e| WorkerError::Thread(e.to_string()))?
     };
 
-    let stop_signal = tokio::spawn(stop_on_signal(shutdown.clone()));
+    let stop_signal = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            crate::signals::stop_requested().await;
+            shutdown.store(true, Ordering::Relaxed);
+        }
+    });
     let captured = tokio::task::spawn_blocking(move || {
         let captured = capture.join();
         let processed = detection.join();
@@ -210,21 +216,4 @@ fn detect_loop(
         }
     }
     frame_number
-}
-
-/// Sets the shutdown flag on SIGTERM or SIGINT.
-async fn stop_on_signal(shutdown: Arc<AtomicBool>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; SIGTERM will end the worker abruptly");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
-        _ = int.recv() => tracing::info!("SIGINT received; stopping"),
-    }
-    shutdown.store(true, Ordering::Relaxed);
 }
