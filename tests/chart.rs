@@ -53,15 +53,10 @@ fn tool(program: &str, args: &[&str]) -> std::process::Output {
 }
 
 fn helm_ok(args: &[&str]) -> String {
-    let out = tool("helm", args);
-    assert!(
-        out.status.success(),
-        "helm {} failed:\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    common::run_ok(
+        Command::new("helm").args(args).current_dir(repo()),
+        &format!("it is built by the test bed: {}", common::TESTBED_HINT),
+    )
 }
 
 /// Every optional part of the chart switched on.
@@ -748,10 +743,6 @@ fn forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> bool {
 }
 
 /// Runs a helm command against the test bed (KUBECONFIG from the environment).
-fn helm_cluster(args: &[&str]) -> String {
-    helm_ok(args)
-}
-
 #[tokio::test]
 async fn install_run_as_the_charts_identity_and_uninstall() {
     let bed = Bed::new("chart").await;
@@ -802,7 +793,7 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
     for s in &sets {
         args.extend(["--set", s.as_str()]);
     }
-    helm_cluster(&args);
+    helm_ok(&args);
 
     // The Deployment's Pod is created (so it passed restricted admission) and
     // lands on the fake Node, where no container runs: it never acts.
@@ -1049,7 +1040,7 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
         "controller exit: {status}\n{}",
         controller.log_tail()
     );
-    helm_cluster(&[
+    helm_ok(&[
         "uninstall",
         release.as_str(),
         "--namespace",

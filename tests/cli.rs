@@ -102,18 +102,11 @@ fn crds_directory_matches_the_rust_types() {
 
 #[test]
 fn json_logs_are_one_object_per_line() {
-    let out = run(
-        &[
-            "worker",
-            "--scenario-uuid",
-            "550e8400-e29b-41d4-a716-446655440000",
-            "--camera-url",
-            "ftp://x/a.mp4",
-            "--sink",
-            "stdout",
-        ],
-        &[("LOG_FORMAT", "json")],
-    );
+    let out = common::worker("550e8400-e29b-41d4-a716-446655440000", "ftp://x/a.mp4")
+        .args(["--sink", "stdout"])
+        .env("LOG_FORMAT", "json")
+        .output()
+        .expect("run runner");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.lines().count() >= 2, "{stderr}");

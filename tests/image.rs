@@ -7,6 +7,8 @@
 //! so these tests need the Debian bookworm build environment the image's
 //! build stage uses (scripts/deps sets it up).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -113,18 +115,10 @@ fn stages(text: &str) -> Vec<Stage> {
 }
 
 fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {program}: {e}; these checks need Debian's binutils and dpkg (scripts/deps)")
-        });
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    common::run_ok(
+        Command::new(program).args(args),
+        "these checks need Debian's binutils and dpkg (scripts/deps)",
+    )
 }
 
 fn binary() -> &'static str {

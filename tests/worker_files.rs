@@ -14,17 +14,10 @@ use serde_json::Value;
 const SCENARIO: &str = "550e8400-e29b-41d4-a716-446655440000";
 
 fn worker(camera: &str) -> Command {
-    let mut cmd = common::runner();
-    cmd.args([
-        "worker",
-        "--scenario-uuid",
-        SCENARIO,
-        "--camera-url",
-        camera,
-    ])
-    .env("VIDEO_FILE_ROOT", common::MEDIA_DIR)
-    .env("VIDEO_FPS", "2")
-    .stdin(Stdio::null());
+    let mut cmd = common::worker(SCENARIO, camera);
+    cmd.env("VIDEO_FILE_ROOT", common::MEDIA_DIR)
+        .env("VIDEO_FPS", "2")
+        .stdin(Stdio::null());
     cmd
 }
 

@@ -203,19 +203,9 @@ impl Worker {
 
 /// `runner worker` on a live camera with the stdout sink; no Kafka needed.
 fn live_worker(camera: &str) -> std::process::Command {
-    let mut cmd = common::runner();
-    cmd.args([
-        "worker",
-        "--scenario-uuid",
-        SCENARIO,
-        "--camera-url",
-        camera,
-        "--sink",
-        "stdout",
-        "--video-fps",
-        "2",
-    ])
-    .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1");
+    let mut cmd = common::worker(SCENARIO, camera);
+    cmd.args(["--sink", "stdout", "--video-fps", "2"])
+        .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1");
     cmd
 }
 
@@ -296,17 +286,11 @@ fn metric(text: &str, name: &str) -> f64 {
 
 /// Runs Debian's ffmpeg; fails with a clear message when it is missing.
 fn ffmpeg(args: &[&str]) {
-    let output = std::process::Command::new("ffmpeg")
-        .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("ffmpeg is missing ({e}); install Debian's ffmpeg (scripts/deps does)")
-        });
-    assert!(
-        output.status.success(),
-        "ffmpeg {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    common::run_ok(
+        std::process::Command::new("ffmpeg")
+            .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
+            .args(args),
+        "install Debian's ffmpeg (scripts/deps does)",
     );
 }
 
@@ -793,13 +777,8 @@ async fn kafka_broker_restart_loses_and_duplicates_no_result() {
 
     let kafka = PrivateKafka::start();
     let topic = common::unique_name("results-live");
-    let mut cmd = common::runner();
+    let mut cmd = common::worker(SCENARIO, clip.to_str().unwrap());
     cmd.args([
-        "worker",
-        "--scenario-uuid",
-        SCENARIO,
-        "--camera-url",
-        clip.to_str().unwrap(),
         "--video-fps",
         "2",
         "--realtime",

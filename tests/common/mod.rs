@@ -77,6 +77,40 @@ where
     }
 }
 
+/// `runner worker` for `scenario` on `camera`; callers add the rest.
+pub fn worker(scenario: &str, camera: &str) -> std::process::Command {
+    let mut cmd = runner();
+    cmd.args([
+        "worker",
+        "--scenario-uuid",
+        scenario,
+        "--camera-url",
+        camera,
+    ]);
+    cmd
+}
+
+/// Runs a command to completion and returns its standard output. Panics
+/// with `missing` when it cannot be started, and with its standard error
+/// when it fails.
+pub fn run_ok(cmd: &mut std::process::Command, missing: &str) -> String {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} ({e}); {missing}"));
+    let args: Vec<_> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Debian's OpenCV sample videos (package opencv-doc, installed by scripts/deps).
 pub const MEDIA_DIR: &str = "/usr/share/doc/opencv-doc/examples/data";
 
