@@ -11,6 +11,7 @@ pub mod detector;
 pub mod http;
 pub mod messages;
 pub mod sampler;
+pub mod scenario;
 pub mod signals;
 pub mod telemetry;
 pub mod worker;

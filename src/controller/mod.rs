@@ -6,7 +6,7 @@
 //! onto the `scenario_events` topic ([`events`]). Only the holder of the
 //! leader Lease ([`leader`]) ingests and reconciles.
 
-pub mod admission;
+pub use crate::scenario::admission;
 pub mod crd;
 pub mod events;
 pub mod ingest;

@@ -1,5 +1,5 @@
 //! Admission: which waiting scenarios start now. A pure function, shared by the
-//! Kubernetes controller and the local supervisor.
+//! Kubernetes operator and the local supervisor.
 //!
 //! Scenarios wait first come, first served by creation time (ties broken by
 //! name, so every replica and every restart computes the same order); as many

@@ -1,0 +1,11 @@
+//! What the runner decides, whoever runs the workers: the order of commands for
+//! one scenario ([`ordering`]), who gets a worker slot ([`admission`]) and the
+//! phases of a scenario's life ([`phase`]). Pure code, no I/O: the operator
+//! (`controller`, workers as Pods) and the local supervisor (workers as child
+//! processes) both carry out what these functions decide.
+
+pub mod admission;
+pub mod ordering;
+pub mod phase;
+
+pub use phase::Phase;
