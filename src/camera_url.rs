@@ -14,6 +14,8 @@ use std::path::{Component, Path, PathBuf};
 
 use url::Url;
 
+use crate::host_policy::{self, HostPolicy, HostRefusal};
+
 /// Longest camera URL accepted.
 pub const MAX_URL_LEN: usize = 2048;
 
@@ -71,6 +73,10 @@ pub enum CameraUrlError {
     NotAVideo { path: String },
     #[error("local file {path} does not exist or cannot be read: {reason}")]
     Unreadable { path: String, reason: String },
+    #[error(
+        "camera URL {shown} is refused by the camera host policy: {reason}; see CAMERA_ALLOW_CIDRS / CAMERA_DENY_CIDRS"
+    )]
+    HostRefused { shown: String, reason: HostRefusal },
 }
 
 impl CameraUrlError {
@@ -89,6 +95,7 @@ impl CameraUrlError {
             CameraUrlError::DotComponents { .. } => "dot_components",
             CameraUrlError::NotAVideo { .. } => "not_a_video",
             CameraUrlError::Unreadable { .. } => "unreadable",
+            CameraUrlError::HostRefused { .. } => "host_refused",
         }
     }
 }
@@ -123,6 +130,11 @@ impl CameraSource {
                 check_file(path, file_root)
             }
             scheme if NETWORK_SCHEMES.contains(&scheme) => {
+                // `http:/x`, `http:\\x` and the like parse differently in
+                // different URL parsers; only the plain form is accepted.
+                if !has_authority_form(raw, scheme) {
+                    return Err(CameraUrlError::NotAUrl { shown: redact(raw) });
+                }
                 if url.host_str().is_none_or(str::is_empty) {
                     return Err(CameraUrlError::MissingHost { shown: redact(raw) });
                 }
@@ -142,7 +154,7 @@ impl CameraSource {
             return Ok(self);
         };
         let unreadable = |e: std::io::Error| CameraUrlError::Unreadable {
-            path: path.display().to_string(),
+            path: redact(&path.display().to_string()),
             reason: e.to_string(),
         };
         let real = path.canonicalize().map_err(unreadable)?;
@@ -151,7 +163,7 @@ impl CameraSource {
             let real_root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
             if !real.starts_with(&real_root) {
                 return Err(CameraUrlError::OutsideRoot {
-                    path: path.display().to_string(),
+                    path: redact(&path.display().to_string()),
                     root: root.display().to_string(),
                 });
             }
@@ -174,6 +186,79 @@ impl CameraSource {
         }
     }
 
+    /// Applies the camera host policy to a network source after resolving
+    /// its name here (blocking). A name that does not resolve passes: opening
+    /// it fails anyway, and [`CameraSource::recheck_host`] runs before every
+    /// open.
+    pub fn check_host(&self, policy: &HostPolicy) -> Result<(), CameraUrlError> {
+        let CameraSource::Network(url) = self else {
+            return Ok(());
+        };
+        match policy.check_url_resolving(url) {
+            Err(reason) if !reason.is_transient() => Err(CameraUrlError::HostRefused {
+                shown: self.to_string(),
+                reason,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The same check at ingest, with the asynchronous resolver and a bound
+    /// on how long resolving may take.
+    pub async fn check_host_at_ingest(
+        &self,
+        policy: &HostPolicy,
+        timeout: std::time::Duration,
+    ) -> Result<(), CameraUrlError> {
+        let CameraSource::Network(url) = self else {
+            return Ok(());
+        };
+        host_policy::check_url_at_ingest(policy, url, timeout)
+            .await
+            .map_err(|reason| CameraUrlError::HostRefused {
+                shown: self.to_string(),
+                reason,
+            })
+    }
+
+    /// Checks the host again right before the capture backend opens it
+    /// (with the policy the worker installed): the name may resolve to
+    /// something else now. The error names the host and the rule.
+    pub fn recheck_host(&self) -> Result<(), String> {
+        match self {
+            CameraSource::Network(url) => host_policy::recheck(url),
+            CameraSource::File(_) => Ok(()),
+        }
+    }
+
+    /// `text` (for example an error of the capture backend) with this
+    /// source's URL, user name and password — as given or percent-decoded —
+    /// replaced by the redacted URL or `***`.
+    pub fn scrub(&self, text: &str) -> String {
+        let url = match self {
+            CameraSource::Network(url) => url,
+            CameraSource::File(path) => {
+                let path = path.display().to_string();
+                return text.replace(&path, &redact(&path));
+            }
+        };
+        let mut scrubbed = text.replace(url.as_str(), &self.to_string());
+        let decode = |s: &str| String::from_utf8_lossy(&percent_decode(s)).into_owned();
+        let mut secrets = vec![url.username().to_string(), decode(url.username())];
+        if let Some(password) = url.password() {
+            secrets.extend([password.to_string(), decode(password)]);
+        }
+        if let Some(query) = url.query() {
+            secrets.push(query.to_string());
+        }
+        secrets.retain(|s| s.len() >= 3);
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        for secret in secrets {
+            scrubbed = scrubbed.replace(&secret, "***");
+        }
+        scrubbed
+    }
+
     /// FFmpeg protocols this source needs, and no others.
     pub fn ffmpeg_protocols(&self) -> &'static str {
         match self {
@@ -188,9 +273,16 @@ impl CameraSource {
     }
 
     /// The value for OpenCV's `OPENCV_FFMPEG_CAPTURE_OPTIONS`: FFmpeg protocols
-    /// limited to this source, and RTSP over TCP for reliability.
+    /// limited to this source, no HTTP redirects (a redirect could lead to a
+    /// host the camera host policy refuses; FFmpeg 5.1's `max_redirects`),
+    /// and RTSP over TCP for reliability.
     pub fn ffmpeg_capture_options(&self) -> String {
         let mut options = format!("protocol_whitelist;{}", self.ffmpeg_protocols());
+        if let CameraSource::Network(url) = self
+            && url.scheme().starts_with("http")
+        {
+            options.push_str("|max_redirects;0");
+        }
         if let CameraSource::Network(url) = self
             && url.scheme().starts_with("rtsp")
         {
@@ -203,8 +295,8 @@ impl CameraSource {
 impl fmt::Display for CameraSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CameraSource::Network(url) => f.write_str(&redact_url(url)),
-            CameraSource::File(path) => write!(f, "{}", path.display()),
+            CameraSource::Network(url) => f.write_str(&redact(url.as_str())),
+            CameraSource::File(path) => f.write_str(&redact(&path.display().to_string())),
         }
     }
 }
@@ -216,7 +308,7 @@ impl fmt::Debug for CameraSource {
 }
 
 fn check_file(path: PathBuf, file_root: Option<&Path>) -> Result<CameraSource, CameraUrlError> {
-    let shown = path.display().to_string();
+    let shown = redact(&path.display().to_string());
     if path
         .components()
         .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
@@ -242,56 +334,178 @@ fn check_file(path: PathBuf, file_root: Option<&Path>) -> Result<CameraSource, C
     Ok(CameraSource::File(path))
 }
 
-/// Query keys whose values are treated as secrets.
-const SECRET_KEYS: &[&str] = &[
-    "pass",
-    "pwd",
-    "token",
-    "secret",
-    "key",
-    "auth",
-    "sig",
-    "signature",
-    "credential",
+/// What a camera URL that cannot be shown safely becomes.
+pub const UNPARSEABLE: &str = "<unparseable>";
+
+/// Query parameters whose values are shown; every other value is `***`.
+/// Only parameters that select a stream, never ones that authenticate.
+const VISIBLE_QUERY_KEYS: &[&str] = &[
+    "channel",
+    "subtype",
+    "stream",
+    "streamtype",
+    "unicast",
+    "proto",
+    "profile",
+    "resolution",
+    "fps",
+    "codec",
+    "camera",
+    "cam",
+    "track",
+    "trackid",
+    "transport",
+    "format",
+    "audio",
+    "video",
+    "mode",
+    "quality",
+    "width",
+    "height",
+    "bitrate",
 ];
 
-/// A camera URL with user, password and secret-looking query values replaced
-/// by `***`. Strings that are not URLs are shown up to their first `@` only
-/// when they contain one.
+/// The one way a camera URL is shown — in logs, errors, dead-letter headers,
+/// Scenario specs and status. It keeps only what cannot carry a secret:
+///
+/// - the scheme, and the host and port when the string is a well-formed
+///   `scheme://[userinfo@]host[:port]/path` URL (any userinfo becomes `***@`);
+/// - path segments made only of unreserved characters (`A-Z a-z 0-9 - . _ ~`),
+///   other segments become `***` (so `/user=admin&password=x` never shows);
+/// - query parameter names; values only for stream selectors such as
+///   `channel` or `subtype`, all other values (and bare entries) become `***`;
+/// - a fragment becomes `#***`.
+///
+/// Anything else — a string that is not a URL, a URL without `//` or host
+/// (`rtsp:/admin:secret@cam`, `rtsp:admin:secret@cam`), backslashes, odd
+/// host characters — is shown as `scheme:<unparseable>` or `<unparseable>`.
+/// Absolute local paths are shown segment by segment as above.
 pub fn redact(raw: &str) -> String {
-    match Url::parse(raw) {
-        Ok(url) => redact_url(&url),
-        Err(_) => match raw.rfind('@') {
-            Some(at) => match raw.find("://") {
-                Some(sep) if sep < at => format!("{}://***@{}", &raw[..sep], &raw[at + 1..]),
-                _ => format!("***@{}", &raw[at + 1..]),
-            },
-            None => raw.to_string(),
-        },
+    if raw.starts_with('/') {
+        return redact_path(raw);
     }
+    let Some(scheme) = scheme_of(raw) else {
+        return UNPARSEABLE.to_string();
+    };
+    let unparseable = || format!("{scheme}:{UNPARSEABLE}");
+    if !has_authority_form(raw, &scheme) {
+        return unparseable();
+    }
+    let Ok(url) = Url::parse(raw) else {
+        return unparseable();
+    };
+    if url.scheme() == "file" {
+        return match url.host_str() {
+            None | Some("") | Some("localhost") => format!("file://{}", redact_path(url.path())),
+            Some(_) => unparseable(),
+        };
+    }
+    let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
+        return unparseable();
+    };
+    let mut shown = format!("{scheme}://");
+    if !url.username().is_empty() || url.password().is_some() {
+        shown.push_str("***@");
+    }
+    if host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-._:[]".contains(c))
+    {
+        shown.push_str(host);
+    } else {
+        shown.push_str("***");
+    }
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    shown.push_str(&redact_path(url.path()));
+    if let Some(query) = url.query() {
+        shown.push('?');
+        shown.push_str(&redact_query(query));
+    }
+    if url.fragment().is_some() {
+        shown.push_str("#***");
+    }
+    shown
 }
 
-fn redact_url(url: &Url) -> String {
-    let mut shown = url.clone();
-    if !shown.username().is_empty() || shown.password().is_some() {
-        let _ = shown.set_username("***");
-        let _ = shown.set_password(None);
+/// The lower-cased scheme of `raw` when it starts with one (`rtsp:`).
+fn scheme_of(raw: &str) -> Option<String> {
+    let (scheme, _) = raw.split_once(':')?;
+    let mut chars = scheme.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        && scheme.len() <= 16;
+    valid.then(|| scheme.to_ascii_lowercase())
+}
+
+/// True when `raw` is spelled `scheme://…` with nothing that parsers read
+/// differently (backslashes, whitespace, control characters).
+fn has_authority_form(raw: &str, scheme: &str) -> bool {
+    raw.get(scheme.len()..scheme.len() + 3) == Some("://")
+        && !raw
+            .chars()
+            .any(|c| c == '\\' || c.is_whitespace() || c.is_control())
+}
+
+/// `%XX` sequences turned into their bytes; everything else kept.
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
     }
-    if shown.query().is_some() {
-        let pairs: Vec<(String, String)> = shown
-            .query_pairs()
-            .map(|(k, v)| {
-                let lower = k.to_ascii_lowercase();
-                let secret = SECRET_KEYS.iter().any(|s| lower.contains(s));
-                (
-                    k.into_owned(),
-                    if secret { "***".into() } else { v.into_owned() },
-                )
-            })
-            .collect();
-        shown.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    shown.to_string()
+    out
+}
+
+fn is_unreserved(text: &str) -> bool {
+    text.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c))
+}
+
+fn redact_path(path: &str) -> String {
+    path.split('/')
+        .map(|segment| {
+            if is_unreserved(segment) {
+                segment
+            } else {
+                "***"
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) if is_unreserved(key) && !key.is_empty() && key.len() <= 32 => {
+                let visible = VISIBLE_QUERY_KEYS.contains(&key.to_ascii_lowercase().as_str())
+                    && value.len() <= 32
+                    && is_unreserved(value);
+                format!("{key}={}", if visible { value } else { "***" })
+            }
+            _ if pair.is_empty() => String::new(),
+            _ => "***".to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 #[cfg(test)]
@@ -400,6 +614,95 @@ mod tests {
         assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 
+    /// Credential-bearing spellings (tests/fixtures/credential-urls.json):
+    /// none of their secrets may show in what the runner prints (the
+    /// redacted form, a refusal, a scrubbed backend message).
+    fn credential_spellings() -> (String, Vec<String>) {
+        let table: serde_json::Value =
+            serde_json::from_str(include_str!("../tests/fixtures/credential-urls.json")).unwrap();
+        let urls = table["urls"].as_array().unwrap();
+        (
+            table["secret"].as_str().unwrap().to_string(),
+            urls.iter()
+                .map(|u| u.as_str().unwrap().to_string())
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn no_credential_spelling_leaks() {
+        let (secret, spellings) = credential_spellings();
+        assert!(spellings.len() >= 30);
+        let policy = HostPolicy::defaults(host_policy::Mode::Kubernetes);
+        for raw in &spellings {
+            let shown = redact(raw);
+            assert!(!shown.contains(secret.as_str()), "{raw} shown as {shown}");
+            match CameraSource::parse(raw, root()) {
+                Err(err) => assert!(!err.to_string().contains(secret.as_str()), "{raw}: {err}"),
+                Ok(source) => {
+                    let text = source.to_string();
+                    assert!(!text.contains(secret.as_str()), "{raw} displayed as {text}");
+                    let backend = format!("could not open {}: 401", source.backend_target());
+                    let scrubbed = source.scrub(&backend);
+                    assert!(!scrubbed.contains(secret.as_str()), "{raw}: {scrubbed}");
+                    if let CameraSource::Network(url) = &source
+                        && let Err(reason) = policy.check(url.host_str().unwrap_or_default(), &[])
+                    {
+                        let shown = source.to_string();
+                        let err = CameraUrlError::HostRefused { shown, reason };
+                        assert!(!err.to_string().contains(secret.as_str()), "{raw}: {err}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn redaction_keeps_what_is_safe_to_show() {
+        let cases = [
+            (
+                "rtsp://admin:pw@cam.example.com:554/Streaming/Channels/101",
+                "rtsp://***@cam.example.com:554/Streaming/Channels/101",
+            ),
+            (
+                "rtsp://cam/live?channel=1&subtype=0&token=abc",
+                "rtsp://cam/live?channel=1&subtype=0&token=***",
+            ),
+            ("https://cam/a.m3u8#frag", "https://cam/a.m3u8#***"),
+            ("rtsp://[fd00::5]:8554/a", "rtsp://[fd00::5]:8554/a"),
+            (
+                "rtsp://cam:554/user=admin&password=x&channel=1",
+                "rtsp://cam:554/***",
+            ),
+            ("rtsp:/admin:pw@cam", "rtsp:<unparseable>"),
+            ("rtsp:admin:pw@cam", "rtsp:<unparseable>"),
+            ("http:/admin:pw@cam", "http:<unparseable>"),
+            ("videotestsrc ! appsink", "<unparseable>"),
+            ("/videos/cam1/a.mp4", "/videos/cam1/a.mp4"),
+            ("file:///videos/a.mp4", "file:///videos/a.mp4"),
+            ("ftp://example.com/a.mp4", "ftp://example.com/a.mp4"),
+        ];
+        for (raw, shown) in cases {
+            assert_eq!(redact(raw), shown, "{raw}");
+        }
+    }
+
+    #[test]
+    fn network_urls_must_be_spelled_plainly() {
+        for raw in [
+            "http:/cam/a",
+            "http:cam/a",
+            "http:\\\\cam\\a",
+            "rtsp:/cam/a",
+        ] {
+            let err = CameraSource::parse(raw, None).unwrap_err();
+            assert!(
+                matches!(err.category(), "not_a_url" | "missing_host"),
+                "{raw}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn ffmpeg_protocols_follow_the_scheme() {
         let file = CameraSource::parse("/videos/a.mp4", root()).unwrap();
@@ -411,5 +714,9 @@ mod tests {
         );
         let http = CameraSource::parse("http://cam/a", None).unwrap();
         assert!(!http.ffmpeg_protocols().contains("file"));
+        assert_eq!(
+            http.ffmpeg_capture_options(),
+            "protocol_whitelist;http,tcp,crypto|max_redirects;0"
+        );
     }
 }

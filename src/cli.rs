@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{BootstrapServers, LogFormat, LogLevel, MaxWorkers, Millis, VideoFps};
+use crate::host_policy::{Cidr, HostPattern, HostPolicy, List, Mode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,6 +111,70 @@ pub struct WorkerSettings {
     pub video_file_root: Option<PathBuf>,
 }
 
+/// Which hosts camera URLs may point at (see the README's "Camera host policy").
+#[derive(Debug, Clone, Args)]
+pub struct CameraPolicyArgs {
+    /// Address ranges cameras must be in, comma-separated CIDRs (empty: anywhere not refused).
+    #[arg(
+        long,
+        env = "CAMERA_ALLOW_CIDRS",
+        value_name = "CAMERA_ALLOW_CIDRS",
+        default_value = ""
+    )]
+    pub camera_allow_cidrs: List<Cidr>,
+
+    /// Address ranges cameras must not be in, comma-separated CIDRs.
+    #[arg(
+        long,
+        env = "CAMERA_DENY_CIDRS",
+        value_name = "CAMERA_DENY_CIDRS",
+        default_value = ""
+    )]
+    pub camera_deny_cidrs: List<Cidr>,
+
+    /// Camera host names allowed whatever their address, comma-separated (`cam1.example.com`, `*.cams.example.com`).
+    #[arg(
+        long,
+        env = "CAMERA_ALLOW_HOSTS",
+        value_name = "CAMERA_ALLOW_HOSTS",
+        default_value = ""
+    )]
+    pub camera_allow_hosts: List<HostPattern>,
+
+    /// Camera host names refused, comma-separated (`cam1.example.com`, `*.internal.example.com`).
+    #[arg(
+        long,
+        env = "CAMERA_DENY_HOSTS",
+        value_name = "CAMERA_DENY_HOSTS",
+        default_value = ""
+    )]
+    pub camera_deny_hosts: List<HostPattern>,
+
+    /// Allow cameras on loopback addresses (default: false in Kubernetes, true elsewhere).
+    #[arg(
+        long,
+        env = "CAMERA_ALLOW_LOOPBACK",
+        value_name = "CAMERA_ALLOW_LOOPBACK"
+    )]
+    pub camera_allow_loopback: Option<bool>,
+}
+
+impl CameraPolicyArgs {
+    /// The policy these settings give in `mode`.
+    pub fn policy(&self, mode: Mode) -> HostPolicy {
+        let defaults = HostPolicy::defaults(mode);
+        HostPolicy {
+            allow_cidrs: self.camera_allow_cidrs.0.clone(),
+            deny_cidrs: self.camera_deny_cidrs.0.clone(),
+            allow_hosts: self.camera_allow_hosts.0.clone(),
+            deny_hosts: self.camera_deny_hosts.0.clone(),
+            allow_loopback: self
+                .camera_allow_loopback
+                .unwrap_or(defaults.allow_loopback),
+        }
+    }
+}
+
 /// The operational HTTP endpoint.
 #[derive(Debug, Clone, Args)]
 pub struct HttpArgs {
@@ -133,6 +198,9 @@ pub struct ControllerArgs {
 
     #[command(flatten)]
     pub http: HttpArgs,
+
+    #[command(flatten)]
+    pub camera_policy: CameraPolicyArgs,
 
     /// Namespace of the Scenarios and worker Pods this runner manages.
     #[arg(
@@ -295,6 +363,9 @@ pub struct WorkerArgs {
 
     #[command(flatten)]
     pub http: HttpArgs,
+
+    #[command(flatten)]
+    pub camera_policy: CameraPolicyArgs,
 
     /// Frames per second to process: the first frame at or after each multiple of 1/VIDEO_FPS s.
     #[arg(long, env = "VIDEO_FPS", value_name = "VIDEO_FPS", default_value = "2")]

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod detector;
+pub mod host_policy;
 pub mod http;
 pub mod messages;
 pub mod sampler;

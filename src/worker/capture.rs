@@ -185,6 +185,7 @@ fn open(settings: &CaptureSettings) -> Result<VideoCapture, String> {
         videoio::CAP_PROP_READ_TIMEOUT_MSEC,
         millis(settings.read_timeout),
     ]);
+    settings.source.recheck_host()?;
     let target = settings.source.backend_target();
     let capture = VideoCapture::from_file_with_params(&target, videoio::CAP_FFMPEG, &params)
         .map_err(|e| redact_backend_error(&e.to_string(), &target, &settings.source))?;
@@ -203,7 +204,7 @@ fn open(settings: &CaptureSettings) -> Result<VideoCapture, String> {
 
 /// OpenCV errors may quote the URL they were given; never let credentials out.
 fn redact_backend_error(message: &str, target: &str, source: &CameraSource) -> String {
-    message.replace(target, &source.to_string())
+    source.scrub(&message.replace(target, &source.to_string()))
 }
 
 /// How frames are timed and handed on: files by their media clock (paced or

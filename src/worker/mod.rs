@@ -52,6 +52,11 @@ pub enum WorkerError {
 pub fn main(args: WorkerArgs) -> Result<(), WorkerError> {
     let root = args.settings.video_file_root.as_deref();
     let source = CameraSource::parse(&args.camera_url, root)?.resolve(root)?;
+    let policy = args
+        .camera_policy
+        .policy(crate::host_policy::Mode::detect());
+    source.check_host(&policy)?;
+    crate::host_policy::install(policy);
     // SAFETY: no other thread exists yet; the async runtime starts below.
     unsafe {
         std::env::set_var(
