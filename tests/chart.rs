@@ -371,6 +371,7 @@ fn rbac_is_namespaced_exact_and_has_no_wildcards() {
     }
     let lease = "vap-vap-runner-leader";
     let expected: BTreeSet<Grant> = [
+        ("runner.vap.io", "scenarios", "get", ""),
         ("runner.vap.io", "scenarios", "list", ""),
         ("runner.vap.io", "scenarios", "watch", ""),
         ("runner.vap.io", "scenarios", "create", ""),
@@ -381,6 +382,7 @@ fn rbac_is_namespaced_exact_and_has_no_wildcards() {
         ("", "pods", "watch", ""),
         ("", "pods", "create", ""),
         ("", "pods", "delete", ""),
+        ("", "secrets", "create", ""),
         ("events.k8s.io", "events", "create", ""),
         ("events.k8s.io", "events", "patch", ""),
         ("coordination.k8s.io", "leases", "create", ""),

@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Api;
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
@@ -24,8 +25,14 @@ use super::crd::{Scenario, ScenarioSpec};
 use super::metrics::{CategoryLabels, ControllerMetrics, IngestLabels};
 use super::pod::{self, ANNOTATION_ENQUEUED_AT, LABEL_RUNNER, LABEL_SCENARIO, label_value};
 use super::reconcile::FIELD_MANAGER;
+use super::secret;
 use crate::backoff::Backoff;
+use crate::camera_url::CameraSource;
+use crate::host_policy::HostPolicy;
 use crate::messages::{DeployRequest, RequestError, UndeployRequest};
+
+/// How long ingest waits for a camera host name to resolve.
+const HOST_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
@@ -34,6 +41,8 @@ pub struct IngestConfig {
     pub dlq_topic: String,
     pub runner_name: String,
     pub video_file_root: Option<PathBuf>,
+    /// The camera host policy, applied here and passed on to workers.
+    pub camera_policy: HostPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +67,7 @@ pub struct Ingest {
     pub consumer: StreamConsumer,
     pub producer: FutureProducer,
     pub scenarios: Api<Scenario>,
+    pub secrets: Api<Secret>,
     pub config: IngestConfig,
     pub metrics: Arc<ControllerMetrics>,
 }
@@ -143,7 +153,12 @@ impl Ingest {
                 Err(e) => self.dead_letter(msg, &e, shutdown).await,
             }
         } else {
-            match DeployRequest::parse(msg.payload(), self.config.video_file_root.as_deref()) {
+            let root = self.config.video_file_root.as_deref();
+            let parsed = match DeployRequest::parse(msg.payload(), root) {
+                Ok(req) => self.check_host(req).await,
+                Err(e) => Err(e),
+            };
+            match parsed {
                 Ok(req) => match self.deploy(&req, shutdown).await? {
                     Ok(outcome) => Some(outcome),
                     Err(rejected) => self.dead_letter(msg, &rejected, shutdown).await,
@@ -153,6 +168,15 @@ impl Ingest {
         }
     }
 
+    /// The camera host policy, with the name resolved from here.
+    async fn check_host(&self, req: DeployRequest) -> Result<DeployRequest, RequestError> {
+        let root = self.config.video_file_root.as_deref();
+        CameraSource::parse(&req.camera_url, root)?
+            .check_host_at_ingest(&self.config.camera_policy, HOST_LOOKUP_TIMEOUT)
+            .await?;
+        Ok(req)
+    }
+
     fn scenario_for(&self, req: &DeployRequest) -> Scenario {
         let uuid = req.scenario_uuid.to_string();
         let mut scenario = Scenario::new(
@@ -160,7 +184,7 @@ impl Ingest {
             ScenarioSpec {
                 scenario_uuid: uuid.clone(),
                 worker_id: req.worker_id.to_string(),
-                camera_url: req.camera_url.clone(),
+                camera_url: secret::shown_url(&req.camera_url),
                 fps: None,
                 model: None,
                 stopped: false,
@@ -204,14 +228,21 @@ impl Ingest {
             Some(&self.metrics.kubernetes_retries),
             shutdown,
             || async {
-                match self.scenarios.create(&params, &scenario).await {
-                    Ok(_) => Ok(Ok(Outcome::Created)),
-                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(Ok(Outcome::Duplicate)),
+                // The Secret is written after its owner exists; a replay
+                // after a crash in between writes it then.
+                let (written, outcome) = match self.scenarios.create(&params, &scenario).await {
+                    Ok(created) => (created, Outcome::Created),
+                    Err(kube::Error::Api(e)) if e.code == 409 => (
+                        self.scenarios.get(&scenario.name_any()).await?,
+                        Outcome::Duplicate,
+                    ),
                     Err(kube::Error::Api(e)) if e.code == 400 || e.code == 422 => {
-                        Ok(Err(RejectedByApi(e.message)))
+                        return Ok(Err(RejectedByApi(e.message)));
                     }
-                    Err(e) => Err(e),
-                }
+                    Err(e) => return Err(e),
+                };
+                secret::store(&self.secrets, &written, &req.camera_url).await?;
+                Ok(Ok(outcome))
             },
         )
         .await

@@ -14,6 +14,7 @@ pub mod leader;
 pub mod metrics;
 pub mod pod;
 pub mod reconcile;
+pub mod secret;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,6 +154,9 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         .create()
         .map_err(kafka_err)?;
 
+    let camera_policy = args
+        .camera_policy
+        .policy(crate::host_policy::Mode::Kubernetes);
     let template = WorkerTemplate {
         runner_name: args.runner_name.clone(),
         image: args.worker_image.clone(),
@@ -171,6 +175,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         node_selector: args.worker_node_selector.0.clone(),
         tolerations: args.worker_tolerations.0.clone(),
         service_account: args.worker_service_account.clone(),
+        camera_policy_env: camera_policy.worker_env(),
     };
 
     let selector = format!("{LABEL_RUNNER}={runner}");
@@ -218,12 +223,14 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         consumer,
         producer,
         scenarios: scenarios.clone(),
+        secrets: Api::namespaced(client.clone(), &namespace),
         config: IngestConfig {
             deploy_topic: args.deploy_topic.clone(),
             undeploy_topic: args.undeploy_topic.clone(),
             dlq_topic: args.dlq_topic.clone(),
             runner_name: args.runner_name.clone(),
             video_file_root: args.worker.video_file_root.clone(),
+            camera_policy,
         },
         metrics: metrics.clone(),
     };

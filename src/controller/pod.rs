@@ -38,6 +38,8 @@ pub struct WorkerTemplate {
     pub node_selector: Value,
     pub tolerations: Value,
     pub service_account: Option<String>,
+    /// The camera host policy as worker environment variables.
+    pub camera_policy_env: Vec<(&'static str, String)>,
 }
 
 impl Default for WorkerTemplate {
@@ -59,6 +61,7 @@ impl Default for WorkerTemplate {
             node_selector: json!({}),
             tolerations: json!([]),
             service_account: None,
+            camera_policy_env: Vec::new(),
         }
     }
 }
@@ -112,7 +115,7 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
         .unwrap_or_else(|| t.default_model.clone());
     let mut env = vec![
         json!({"name": "SCENARIO_UUID", "value": spec.scenario_uuid}),
-        json!({"name": "CAMERA_URL", "value": spec.camera_url}),
+        json!(super::secret::camera_url_env(&spec.scenario_uuid)),
         json!({"name": "VIDEO_FPS", "value": fps.to_string()}),
         json!({"name": "MODEL", "value": model}),
         json!({"name": "KAFKA_BOOTSTRAP_SERVERS", "value": t.kafka_bootstrap_servers}),
@@ -122,6 +125,9 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
     ];
     if let Some(root) = &t.video_file_root {
         env.push(json!({"name": "VIDEO_FILE_ROOT", "value": root}));
+    }
+    for (name, value) in &t.camera_policy_env {
+        env.push(json!({"name": name, "value": value}));
     }
     let probe = |path: &str, period: u32| {
         json!({
@@ -250,6 +256,22 @@ mod tests {
         assert_eq!(env["VIDEO_FPS"], "2");
         assert_eq!(env["MODEL"], "hog");
         assert!(!env.contains_key("VIDEO_FILE_ROOT"));
+        let camera = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "CAMERA_URL");
+        let camera = camera.expect("CAMERA_URL env");
+        assert_eq!(
+            camera.value, None,
+            "the camera URL is never a literal value"
+        );
+        let from = camera.value_from.as_ref().unwrap().secret_key_ref.as_ref();
+        assert_eq!(
+            from.unwrap().name,
+            "scn-550e8400-e29b-41d4-a716-446655440000-camera"
+        );
     }
 
     #[test]
