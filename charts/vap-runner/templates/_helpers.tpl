@@ -130,11 +130,63 @@ An IPv4 address as an integer.
 {{- end }}
 
 {{/*
-"true" when IPv4 range .inner lies inside IPv4 range .outer (equal counts);
-empty otherwise, and for IPv6 ranges.
+An IPv6 address as 32 lower-case hex digits (no embedded IPv4 form).
+*/}}
+{{- define "vap-runner.ipv6Hex" -}}
+{{- $halves := splitList "::" (lower .) }}
+{{- if gt (len $halves) 2 }}
+{{- fail (printf "networkPolicy: %q is not an IPv6 address" .) }}
+{{- end }}
+{{- $left := list }}
+{{- if index $halves 0 }}{{ $left = splitList ":" (index $halves 0) }}{{ end }}
+{{- $right := list }}
+{{- if and (eq (len $halves) 2) (index $halves 1) }}{{ $right = splitList ":" (index $halves 1) }}{{ end }}
+{{- $groups := $left }}
+{{- if eq (len $halves) 2 }}
+{{- range until (sub 8 (add (len $left) (len $right)) | int) }}{{ $groups = append $groups "0" }}{{ end }}
+{{- end }}
+{{- $groups = concat $groups $right }}
+{{- if ne (len $groups) 8 }}
+{{- fail (printf "networkPolicy: %q is not an IPv6 address" .) }}
+{{- end }}
+{{- range $groups }}{{ printf "%4s" . | replace " " "0" }}{{ end }}
+{{- end }}
+
+{{/*
+"true" when IPv6 range .inner lies inside IPv6 range .outer; empty otherwise.
+*/}}
+{{- define "vap-runner.cidr6Within" -}}
+{{- $inner := splitList "/" .inner }}
+{{- $outer := splitList "/" .outer }}
+{{- $innerBits := 128 }}
+{{- if gt (len $inner) 1 }}{{ $innerBits = atoi (index $inner 1) }}{{ end }}
+{{- $outerBits := 128 }}
+{{- if gt (len $outer) 1 }}{{ $outerBits = atoi (index $outer 1) }}{{ end }}
+{{- if ge $innerBits $outerBits }}
+{{- $a := include "vap-runner.ipv6Hex" (index $inner 0) }}
+{{- $b := include "vap-runner.ipv6Hex" (index $outer 0) }}
+{{- $nibbles := div $outerBits 4 | int }}
+{{- $rest := mod $outerBits 4 | int }}
+{{- if eq (substr 0 $nibbles $a) (substr 0 $nibbles $b) }}
+{{- if eq $rest 0 }}true{{ else }}
+{{- $hex := dict "0" 0 "1" 1 "2" 2 "3" 3 "4" 4 "5" 5 "6" 6 "7" 7 "8" 8 "9" 9 "a" 10 "b" 11 "c" 12 "d" 13 "e" 14 "f" 15 }}
+{{- $step := index (list 1 8 4 2) $rest }}
+{{- $x := index $hex (substr $nibbles (add1 $nibbles | int) $a) }}
+{{- $y := index $hex (substr $nibbles (add1 $nibbles | int) $b) }}
+{{- if eq (div $x $step) (div $y $step) }}true{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when range .inner lies inside range .outer of the same family;
+empty otherwise.
 */}}
 {{- define "vap-runner.cidrWithin" -}}
-{{- if not (or (contains ":" .inner) (contains ":" .outer)) }}
+{{- if and (contains ":" .inner) (contains ":" .outer) }}
+{{- include "vap-runner.cidr6Within" . }}
+{{- else if not (or (contains ":" .inner) (contains ":" .outer)) }}
 {{- $inner := splitList "/" .inner }}
 {{- $outer := splitList "/" .outer }}
 {{- $innerBits := 32 }}
