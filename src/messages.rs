@@ -161,16 +161,28 @@ fn uuid_field(
 ) -> Result<Uuid, RequestError> {
     let raw = string_field(map, field)?;
     // Only the hyphenated form of the contract, any case.
-    if raw.len() != 36 {
-        return Err(RequestError::BadUuid {
-            field,
-            value: raw.chars().take(64).collect(),
-        });
-    }
-    Uuid::parse_str(raw).map_err(|_| RequestError::BadUuid {
+    let bad = || RequestError::BadUuid {
         field,
-        value: raw.to_string(),
-    })
+        value: shown_uuid(raw),
+    };
+    if raw.len() != 36 {
+        return Err(bad());
+    }
+    Uuid::parse_str(raw).map_err(|_| bad())
+}
+
+/// A refused UUID as errors show it: as given when it is made of hex digits
+/// and hyphens only (a mistyped UUID), otherwise only its length — it may be
+/// anything, a camera URL with a password included.
+fn shown_uuid(raw: &str) -> String {
+    if raw.len() <= 64 && raw.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        raw.to_string()
+    } else {
+        format!(
+            "<{} characters, not hex digits and hyphens>",
+            raw.chars().count()
+        )
+    }
 }
 
 impl DeployRequest {
@@ -262,5 +274,25 @@ mod request_tests {
             DeployRequest::parse(None, root()).unwrap_err().category(),
             "empty"
         );
+    }
+
+    #[test]
+    fn a_bad_uuid_is_shown_only_when_it_looks_like_one() {
+        let w = r#""worker_id":"11223344-5566-7788-99aa-bbccddeeeff0""#;
+        let c = r#""camera_url":"rtsp://cam/a""#;
+        let typo = format!(r#"{{{w},{c},"scenario_uuid":"550e8400-e29b-41d4-a716-44665544000"}}"#);
+        let err = DeployRequest::parse(Some(typo.as_bytes()), root()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("550e8400-e29b-41d4-a716-44665544000"),
+            "{err}"
+        );
+        // Found by fuzzing: any text in a UUID field was echoed into the
+        // error, and so into logs and the dead-letter `error` header.
+        let secret = format!(r#"{{{w},{c},"scenario_uuid":"rtsp://admin:S3cretPw@cam/a"}}"#);
+        let err = DeployRequest::parse(Some(secret.as_bytes()), root()).unwrap_err();
+        assert_eq!(err.category(), "bad_uuid");
+        assert!(!err.to_string().contains("S3cretPw"), "{err}");
+        assert!(err.to_string().contains("27 characters"), "{err}");
     }
 }
