@@ -430,14 +430,7 @@ async fn a_pod_spec_written_by_the_controller_runs_as_a_real_worker() {
         .await;
     wait_phase(&bed, &id, Phase::Running, Duration::from_secs(60)).await;
     let pod = bed.pods().get(&pod_name(&id)).await.unwrap();
-    let container = &pod.spec.as_ref().unwrap().containers[0];
-    let mut cmd = common::runner();
-    cmd.args(container.args.clone().unwrap_or_default());
-    for e in container.env.clone().unwrap_or_default() {
-        cmd.env(e.name, e.value.unwrap_or_default());
-    }
-    // The Pod's port is only free inside its own network namespace.
-    cmd.env("METRICS_ADDR", "127.0.0.1:0");
+    let mut cmd = bed.pod_command(&pod).await;
     let output = cmd.output().expect("run the Pod's command");
     assert!(
         output.status.success(),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -199,6 +199,35 @@ impl Bed {
         });
         self.send(&self.deploy, Some(scenario), body.to_string().as_bytes())
             .await;
+    }
+}
+
+impl Bed {
+    /// The command of a worker Pod this bed's controller wrote, with its
+    /// environment resolved as the kubelet would (`secretKeyRef`s read as
+    /// the admin), ready to run as a local process.
+    pub async fn pod_command(&self, pod: &Pod) -> std::process::Command {
+        let container = &pod.spec.as_ref().expect("Pod spec").containers[0];
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let mut cmd = super::runner();
+        cmd.args(container.args.clone().unwrap_or_default());
+        for e in container.env.clone().unwrap_or_default() {
+            let value = match (e.value, e.value_from.and_then(|f| f.secret_key_ref)) {
+                (Some(v), _) => v,
+                (None, Some(key_ref)) => {
+                    let secret = secrets.get(&key_ref.name).await.unwrap_or_else(|err| {
+                        panic!("the Secret {} the Pod refers to: {err}", key_ref.name)
+                    });
+                    let data = secret.data.unwrap_or_default();
+                    String::from_utf8_lossy(&data[&key_ref.key].0).into_owned()
+                }
+                (None, None) => String::new(),
+            };
+            cmd.env(e.name, value);
+        }
+        // The Pod's port is only free inside its own network namespace.
+        cmd.env("METRICS_ADDR", "127.0.0.1:0");
+        cmd
     }
 }
 

@@ -1,0 +1,703 @@
+//! Camera credentials and the camera host policy, on the real test bed:
+//! passwords live only in a Secret the controller owns, nothing the runner
+//! writes (logs, dead-letter headers, Scenario spec and status, Pods, Events,
+//! `scenario_events`) shows them, ingest and the worker refuse hosts that
+//! are (or resolve to) metadata, link-local or loopback addresses, and the
+//! worker follows no HTTP redirect.
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::controller::Bed;
+use common::wait_for;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use vap_runner::controller::crd::{Phase, Scenario};
+
+fn uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The credential-bearing spellings of tests/fixtures/credential-urls.json
+/// and the part of their secret that must never show.
+fn credential_spellings() -> (String, Vec<String>) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/credential-urls.json");
+    let table: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let urls = table["urls"].as_array().unwrap();
+    (
+        table["secret"].as_str().unwrap().to_string(),
+        urls.iter()
+            .map(|u| u.as_str().unwrap().to_string())
+            .collect(),
+    )
+}
+
+// ---------------------------------------------------------------- HTTP servers
+
+/// What the test HTTP server answers.
+#[derive(Clone)]
+enum Answer {
+    /// The file, to requests that carry `Authorization: Basic <credentials>`;
+    /// 401 to others.
+    FileWithBasicAuth {
+        body: Arc<Vec<u8>>,
+        credentials: String,
+    },
+    /// `302 Found` to this location.
+    Redirect(String),
+}
+
+/// A small HTTP/1.1 server on 127.0.0.1 that counts the requests it gets.
+struct HttpServer {
+    addr: std::net::SocketAddr,
+    requests: Arc<AtomicUsize>,
+    authorized: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpServer {
+    async fn start(answer: Answer) -> HttpServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let authorized = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let (requests, authorized) = (requests.clone(), authorized.clone());
+            tokio::spawn(async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    let (answer, requests, authorized) =
+                        (answer.clone(), requests.clone(), authorized.clone());
+                    tokio::spawn(async move {
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 2048];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                        let _ = match answer {
+                            Answer::Redirect(location) => {
+                                let reply = format!(
+                                    "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                                );
+                                stream.write_all(reply.as_bytes()).await
+                            }
+                            Answer::FileWithBasicAuth { body, credentials } => {
+                                let expected = format!(
+                                    "authorization: basic {}",
+                                    base64(credentials.as_bytes()).to_ascii_lowercase()
+                                );
+                                if head.contains(&expected) {
+                                    authorized.fetch_add(1, Ordering::SeqCst);
+                                    let reply = format!(
+                                        "HTTP/1.1 200 OK\r\nContent-Type: video/x-msvideo\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                        body.len()
+                                    );
+                                    match stream.write_all(reply.as_bytes()).await {
+                                        Ok(()) => stream.write_all(&body).await,
+                                        Err(e) => Err(e),
+                                    }
+                                } else {
+                                    stream
+                                        .write_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"camera\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                        .await
+                                }
+                            }
+                        };
+                    });
+                }
+            })
+        };
+        HttpServer {
+            addr,
+            requests,
+            authorized,
+            task,
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Standard base64 with padding (for a Basic authorization header).
+fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// A client that acts as `user` (impersonated by the test bed's admin).
+async fn client_as(user: &str) -> Client {
+    let mut config = kube::Config::infer().await.expect("KUBECONFIG");
+    config.auth_info.impersonate = Some(user.to_string());
+    Client::try_from(config).expect("client")
+}
+
+/// `kubectl -n <ns> get <what> -o yaml`.
+fn kubectl_yaml(namespace: &str, what: &str) -> String {
+    common::run_ok(
+        std::process::Command::new("kubectl").args(["-n", namespace, "get", what, "-o", "yaml"]),
+        &format!("kubectl is built by the test bed: {}", common::TESTBED_HINT),
+    )
+}
+
+/// Every message on `topic` from the start, as (headers, payload) text.
+async fn read_topic(bed: &Bed, topic: &str, count: usize) -> Vec<(Vec<(String, String)>, String)> {
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bed.bootstrap)
+        .set("group.id", common::unique_name("security-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[topic]).unwrap();
+    let mut messages = Vec::new();
+    while messages.len() < count {
+        let msg = tokio::time::timeout(Duration::from_secs(60), reader.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {count} messages on {topic}", messages.len()))
+            .unwrap();
+        let headers = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let payload = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+        messages.push((headers, payload));
+    }
+    messages
+}
+
+/// Number of messages on partition 0 of `topic`.
+fn message_count(bed: &Bed, topic: &str) -> i64 {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bed.bootstrap)
+        .create()
+        .unwrap();
+    consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .map(|(low, high)| high - low)
+        .unwrap_or(0)
+}
+
+async fn scenario_count(bed: &Bed) -> usize {
+    bed.scenarios()
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items.len())
+        .unwrap_or(0)
+}
+
+trait SecretsApi {
+    fn secrets(&self) -> Api<Secret>;
+}
+
+impl SecretsApi for Bed {
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn a_camera_password_lives_only_in_the_secret_the_controller_owns() {
+    let password = format!("pw-{}", &uuid()[..8]);
+    let clip = Arc::new(std::fs::read(common::media("vtest.avi")).unwrap());
+    let camera = HttpServer::start(Answer::FileWithBasicAuth {
+        body: clip,
+        credentials: format!("admin:{password}"),
+    })
+    .await;
+    let camera_url = format!("http://admin:{password}@{}/vtest.avi", camera.addr);
+
+    let bed = Bed::new("sec-secret").await;
+    // The camera is on this machine: allow loopback (refused by default in
+    // Kubernetes mode).
+    let controller = bed.start_controller(&[("CAMERA_ALLOW_LOOPBACK", "true")]);
+    let id = uuid();
+    bed.deploy(&id, &camera_url).await;
+    let scenario_name = format!("scn-{id}");
+    let pod_name = format!("worker-{id}");
+    wait_for("the scenario to run", Duration::from_secs(60), || async {
+        let s = bed.scenarios().get_opt(&scenario_name).await.ok()??;
+        (s.status?.phase? == Phase::Running).then_some(())
+    })
+    .await;
+
+    // Exactly one place holds the password: the Secret, owned by the Scenario.
+    let scenario = bed.scenarios().get(&scenario_name).await.unwrap();
+    assert_eq!(
+        scenario.spec.camera_url,
+        format!("http://***@{}/vtest.avi", camera.addr)
+    );
+    let secrets = bed.secrets().list(&ListParams::default()).await.unwrap();
+    let holding: Vec<&Secret> = secrets
+        .items
+        .iter()
+        .filter(|s| {
+            s.data
+                .iter()
+                .flatten()
+                .any(|(_, v)| String::from_utf8_lossy(&v.0).contains(&password))
+        })
+        .collect();
+    assert_eq!(holding.len(), 1, "exactly one Secret holds the password");
+    let secret = holding[0];
+    assert_eq!(secret.name_any(), format!("scn-{id}-camera"));
+    let owner = &secret.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), Some(owner.uid.as_str())),
+        ("Scenario", scenario.metadata.uid.as_deref())
+    );
+    for what in [
+        "pods",
+        "scenarios",
+        "events.events.k8s.io",
+        "events",
+        "configmaps",
+    ] {
+        let yaml = kubectl_yaml(&bed.namespace, what);
+        assert!(
+            !yaml.contains(&password),
+            "kubectl get {what} -o yaml shows the password"
+        );
+    }
+    let log = std::fs::read_to_string(&controller.log_path).unwrap();
+    assert!(
+        !log.contains(&password),
+        "the controller log shows the password"
+    );
+
+    // Someone who may read Pods, Scenarios and Events but not Secrets (the
+    // built-in `view` role plus Scenarios) cannot learn it.
+    let user = format!("viewer-{}", &id[..8]);
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "scenario-reader"},
+        "rules": [{"apiGroups": ["runner.vap.io"], "resources": ["scenarios"], "verbs": ["get", "list", "watch"]}]
+    }))
+    .unwrap();
+    Api::<Role>::namespaced(bed.client.clone(), &bed.namespace)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let bindings: Api<RoleBinding> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    for (name, kind, role) in [
+        ("viewer-view", "ClusterRole", "view"),
+        ("viewer-scenarios", "Role", "scenario-reader"),
+    ] {
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+        }))
+        .unwrap();
+        bindings
+            .create(&PostParams::default(), &binding)
+            .await
+            .unwrap();
+    }
+    let viewer = client_as(&user).await;
+    let seen_pods = wait_for(
+        "the viewer's RoleBindings to apply",
+        Duration::from_secs(30),
+        || {
+            let pods: Api<Pod> = Api::namespaced(viewer.clone(), &bed.namespace);
+            async move { pods.list(&ListParams::default()).await.ok() }
+        },
+    )
+    .await;
+    let seen_scenarios = Api::<Scenario>::namespaced(viewer.clone(), &bed.namespace)
+        .list(&ListParams::default())
+        .await
+        .expect("the viewer may list Scenarios");
+    let seen = format!(
+        "{}{}",
+        serde_json::to_string(&seen_pods.items).unwrap(),
+        serde_json::to_string(&seen_scenarios.items).unwrap()
+    );
+    assert!(seen.contains(&id) && !seen.contains(&password));
+    let viewer_secrets: Api<Secret> = Api::namespaced(viewer.clone(), &bed.namespace);
+    for result in [
+        viewer_secrets
+            .get(&format!("scn-{id}-camera"))
+            .await
+            .map(|_| ()),
+        viewer_secrets
+            .list(&ListParams::default())
+            .await
+            .map(|_| ()),
+    ] {
+        assert!(
+            matches!(result, Err(kube::Error::Api(ref e)) if e.code == 403),
+            "the viewer must not read Secrets: {result:?}"
+        );
+    }
+
+    // The worker still gets the right URL: the Pod's command with its env
+    // resolved as the kubelet would reads the camera, which wants the password.
+    let pod = bed.pods().get(&pod_name).await.unwrap();
+    let mut worker = tokio::process::Command::from(bed.pod_command(&pod).await)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run the Pod's command");
+    wait_for(
+        "results from the worker",
+        Duration::from_secs(60),
+        || async { (message_count(&bed, &bed.results) >= 3).then_some(()) },
+    )
+    .await;
+    assert!(camera.authorized.load(Ordering::SeqCst) >= 1);
+    let pid = worker.id().unwrap().to_string();
+    common::run_ok(
+        std::process::Command::new("kill").args(["-TERM", &pid]),
+        "kill is part of procps",
+    );
+    let output = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut stderr = String::new();
+        worker
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .await
+            .unwrap();
+        (worker.wait().await.unwrap(), stderr)
+    })
+    .await
+    .expect("the worker stops within 30 s of SIGTERM");
+    assert!(output.0.success(), "{}", output.1);
+    assert!(
+        !output.1.contains(&password),
+        "the worker log shows the password:\n{}",
+        output.1
+    );
+}
+
+#[tokio::test]
+async fn ingest_refuses_blocked_hosts_and_no_secret_spelling_leaks() {
+    let bed = Bed::new("sec-ingest").await;
+    let controller = bed.start_controller(&[("MAX_WORKERS", "2")]);
+    // Refused for their host, with reason camera_url: metadata and
+    // link-local addresses (IPv4, IPv6, mapped), a metadata name, and names
+    // that resolve to refused addresses here (a numeric name, and names from
+    // the hosts file, which resolve to loopback — refused in Kubernetes mode).
+    let blocked = [
+        "http://169.254.169.254/latest/meta-data/",
+        "rtsp://169.254.10.20/stream",
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "rtsp://[fe80::1]/stream",
+        "http://[::ffff:169.254.169.254]/",
+        "http://metadata.google.internal/computeMetadata/v1/",
+        "rtsp://0xa9fea9fe/stream",
+        "rtsp://localhost:8554/stream",
+        "rtsp://vm:8554/stream",
+        "rtsp://0.0.0.0/stream",
+        "rtsp://239.1.2.3/stream",
+    ];
+    let (secret, spellings) = credential_spellings();
+    let mut sent = 0;
+    for camera in blocked
+        .iter()
+        .map(|s| s.to_string())
+        .chain(spellings.clone())
+    {
+        bed.deploy(&uuid(), &camera).await;
+        sent += 1;
+    }
+    // Every message ends as a Scenario or on the DLQ.
+    let dead = wait_for(
+        "every request handled",
+        Duration::from_secs(120),
+        || async {
+            let dead = message_count(&bed, &bed.dlq);
+            let total = dead as usize + scenario_count(&bed).await;
+            (total >= sent).then_some(dead as usize)
+        },
+    )
+    .await;
+    let dlq = read_topic(&bed, &bed.dlq, dead).await;
+    let header = |headers: &[(String, String)], key: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    for camera in blocked {
+        let (headers, _) = dlq
+            .iter()
+            .find(|(_, payload)| payload.contains(&format!("\"{camera}\"")))
+            .unwrap_or_else(|| panic!("{camera} was not refused\n{}", controller.log_tail()));
+        assert_eq!(header(headers, "reason"), "camera_url", "{camera}");
+        assert!(
+            header(headers, "error").contains("camera host policy"),
+            "{camera}: {}",
+            header(headers, "error")
+        );
+    }
+
+    // No secret in any header, log line, status, spec, Pod, Event or
+    // scenario_events message (the DLQ payload is the request itself).
+    for (headers, _) in &dlq {
+        for (key, value) in headers {
+            assert!(
+                !value.contains(&secret),
+                "DLQ header {key} shows a secret: {value}"
+            );
+        }
+    }
+    wait_for(
+        "scenarios to get a phase",
+        Duration::from_secs(60),
+        || async {
+            let list = bed.scenarios().list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .all(|s| s.status.as_ref().and_then(|s| s.phase).is_some())
+                .then_some(())
+        },
+    )
+    .await;
+    for what in ["scenarios", "pods", "events.events.k8s.io"] {
+        let yaml = kubectl_yaml(&bed.namespace, what);
+        assert!(
+            !yaml.contains(&secret),
+            "kubectl get {what} -o yaml shows a secret"
+        );
+    }
+    let phase_events = message_count(&bed, &bed.events) as usize;
+    for (_, payload) in read_topic(&bed, &bed.events, phase_events).await {
+        assert!(
+            !payload.contains(&secret),
+            "scenario_events shows a secret: {payload}"
+        );
+    }
+    let log = std::fs::read_to_string(&controller.log_path).unwrap();
+    for line in log.lines() {
+        assert!(
+            !line.contains(&secret),
+            "the controller log shows a secret: {line}"
+        );
+    }
+}
+
+#[test]
+fn the_worker_refuses_names_that_resolve_to_blocked_addresses() {
+    for (camera, expected) in [
+        (
+            "rtsp://admin:S3cretPw@localhost:8554/a",
+            "resolves to 127.0.0.1, a loopback address",
+        ),
+        (
+            "rtsp://admin:S3cretPw@vm:8554/a",
+            "resolves to 127.0.0.1, a loopback address",
+        ),
+        (
+            "rtsp://admin:S3cretPw@0xa9fea9fe/a",
+            "resolves to 169.254.169.254, a cloud metadata address",
+        ),
+        (
+            "http://admin:S3cretPw@169.254.169.254/",
+            "a cloud metadata address",
+        ),
+    ] {
+        let mut cmd = common::worker("550e8400-e29b-41d4-a716-446655440000", camera);
+        cmd.args(["--sink", "stdout"])
+            .env("CAMERA_ALLOW_LOOPBACK", "false")
+            .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1");
+        let out = cmd.output().expect("run the worker");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{camera} was opened:\n{stderr}");
+        assert!(stderr.contains(expected), "{camera}:\n{stderr}");
+        assert!(
+            !stderr.contains("cretPw"),
+            "{camera}: the password shows:\n{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_worker_follows_no_http_redirect() {
+    // The target of the redirect would be a fine camera; only the redirect
+    // is refused, so the worker never reaches it.
+    let clip = Arc::new(std::fs::read(common::media("vtest.avi")).unwrap());
+    let target = HttpServer::start(Answer::FileWithBasicAuth {
+        body: clip,
+        credentials: "admin:pw".into(),
+    })
+    .await;
+    let redirector = HttpServer::start(Answer::Redirect(format!(
+        "http://admin:pw@{}/vtest.avi",
+        target.addr
+    )))
+    .await;
+    let camera = format!("http://{}/cam", redirector.addr);
+    let mut cmd = common::worker("550e8400-e29b-41d4-a716-446655440000", &camera);
+    cmd.args(["--sink", "stdout", "--max-reconnects", "1"])
+        .args(["--reconnect-base-ms", "50", "--open-timeout-ms", "3000"])
+        .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1");
+    // Asynchronously: the servers run on this test's runtime.
+    let out = tokio::process::Command::from(cmd)
+        .output()
+        .await
+        .expect("run the worker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the worker read through a redirect:\n{stderr}"
+    );
+    assert!(redirector.requests.load(Ordering::SeqCst) >= 1, "{stderr}");
+    assert_eq!(
+        target.requests.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed:\n{stderr}"
+    );
+}
+
+#[test]
+fn the_network_policy_cuts_out_ipv4_and_ipv6_metadata() {
+    let chart = format!("{}/charts/vap-runner", env!("CARGO_MANIFEST_DIR"));
+    let rendered = common::run_ok(
+        std::process::Command::new("helm").args([
+            "template",
+            "vap",
+            chart.as_str(),
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "networkPolicy.cameras.cidrs={0.0.0.0/0,::/0,fd00::/8,fd00:ec2::/32,fd00:ec3::/32,192.168.10.0/24}",
+        ]),
+        &format!("helm is built by the test bed: {}", common::TESTBED_HINT),
+    );
+    let policy: serde_json::Value = rendered
+        .split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<serde_json::Value>(doc).ok())
+        .find(|doc| doc["kind"] == "NetworkPolicy")
+        .expect("a NetworkPolicy");
+    let mut excepts = std::collections::BTreeMap::new();
+    for rule in policy["spec"]["egress"].as_array().unwrap() {
+        for peer in rule["to"].as_array().into_iter().flatten() {
+            if let Some(cidr) = peer["ipBlock"]["cidr"].as_str() {
+                excepts.insert(cidr.to_string(), peer["ipBlock"]["except"].clone());
+            }
+        }
+    }
+    let expected = [
+        ("0.0.0.0/0", json!(["169.254.169.254/32"])),
+        ("::/0", json!(["fd00:ec2::254/128"])),
+        ("fd00::/8", json!(["fd00:ec2::254/128"])),
+        ("fd00:ec2::/32", json!(["fd00:ec2::254/128"])),
+        ("fd00:ec3::/32", serde_json::Value::Null),
+        ("192.168.10.0/24", serde_json::Value::Null),
+    ];
+    for (cidr, except) in expected {
+        assert_eq!(excepts.get(cidr), Some(&except), "{cidr}: {excepts:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_one_time_migration_moves_old_camera_urls_into_secrets() {
+    let bed = Bed::new("sec-migrate").await;
+    // Scenarios as a runner before camera Secrets wrote them: the URL, with
+    // its password, in the spec.
+    let old = [
+        (
+            "rtsp://admin:S3cretPw@cam.example.com:554/live?channel=1",
+            "rtsp://***@cam.example.com:554",
+        ),
+        (
+            "http://cam.example.com/mjpeg?token=S3cretPw",
+            "http://cam.example.com",
+        ),
+        ("rtsp:admin:S3cretPw@cam", "<unparseable>"),
+    ];
+    let mut names = Vec::new();
+    for (url, _) in old {
+        let id = uuid();
+        let scenario: Scenario = serde_json::from_value(json!({
+            "apiVersion": "runner.vap.io/v1alpha1", "kind": "Scenario",
+            "metadata": {"name": format!("scn-{id}"), "labels": {"runner.vap.io/runner": "vap-runner"}},
+            "spec": {"scenarioUuid": id, "workerId": "11223344-5566-7788-99aa-bbccddeeeff0", "cameraUrl": url}
+        }))
+        .unwrap();
+        bed.scenarios()
+            .create(&PostParams::default(), &scenario)
+            .await
+            .unwrap();
+        names.push(format!("scn-{id}"));
+    }
+    let script = format!(
+        "{}/scripts/migrate-camera-secrets",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let run = || {
+        common::run_ok(
+            std::process::Command::new(&script).arg(&bed.namespace),
+            "the script needs bash and kubectl",
+        )
+    };
+    let first = run();
+    assert!(first.contains("3 Scenario(s) migrated"), "{first}");
+    assert!(!first.contains("cretPw"), "{first}");
+    for (name, (url, shown)) in names.iter().zip(old) {
+        let scenario = bed.scenarios().get(name).await.unwrap();
+        assert_eq!(scenario.spec.camera_url, shown);
+        let secret = bed.secrets().get(&format!("{name}-camera")).await.unwrap();
+        let data = secret.data.clone().unwrap();
+        assert_eq!(String::from_utf8_lossy(&data["CAMERA_URL"].0), url);
+        let owner = &secret.owner_references()[0];
+        assert_eq!(Some(owner.uid.as_str()), scenario.metadata.uid.as_deref());
+    }
+    let again = run();
+    assert!(
+        again.contains("0 Scenario(s) migrated"),
+        "idempotent: {again}"
+    );
+}
