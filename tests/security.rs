@@ -701,3 +701,54 @@ async fn the_one_time_migration_moves_old_camera_urls_into_secrets() {
         "idempotent: {again}"
     );
 }
+
+#[test]
+fn camera_policy_values_become_the_controllers_settings() {
+    let chart = format!("{}/charts/vap-runner", env!("CARGO_MANIFEST_DIR"));
+    let rendered = common::run_ok(
+        std::process::Command::new("helm").args([
+            "template",
+            "vap",
+            chart.as_str(),
+            "--set",
+            "cameraPolicy.allowCidrs={192.168.10.0/24,fd12::/48}",
+            "--set",
+            "cameraPolicy.denyHosts={*.office.example.com}",
+        ]),
+        &format!("helm is built by the test bed: {}", common::TESTBED_HINT),
+    );
+    let deployment: serde_json::Value = rendered
+        .split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<serde_json::Value>(doc).ok())
+        .find(|doc| doc["kind"] == "Deployment")
+        .expect("a Deployment");
+    let env: std::collections::BTreeMap<String, String> =
+        deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
+            .collect();
+    assert_eq!(env["CAMERA_ALLOW_CIDRS"], "192.168.10.0/24,fd12::/48");
+    assert_eq!(env["CAMERA_DENY_HOSTS"], "*.office.example.com");
+    assert_eq!(env["CAMERA_ALLOW_LOOPBACK"], "false");
+    assert!(
+        !env.contains_key("CAMERA_DENY_CIDRS"),
+        "empty lists are left out"
+    );
+    // The controller reads them as they are rendered.
+    use vap_runner::host_policy::{Cidr, HostPattern, List};
+    assert_eq!(
+        env["CAMERA_ALLOW_CIDRS"]
+            .parse::<List<Cidr>>()
+            .unwrap()
+            .0
+            .len(),
+        2
+    );
+    assert!(
+        env["CAMERA_DENY_HOSTS"]
+            .parse::<List<HostPattern>>()
+            .is_ok()
+    );
+}
