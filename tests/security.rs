@@ -601,26 +601,33 @@ async fn the_worker_follows_no_http_redirect() {
     );
 }
 
-#[test]
-fn the_network_policy_cuts_out_ipv4_and_ipv6_metadata() {
+/// The object of `kind` that `helm template` renders with the `sets`.
+fn rendered(kind: &str, sets: &[&str]) -> serde_json::Value {
     let chart = format!("{}/charts/vap-runner", env!("CARGO_MANIFEST_DIR"));
-    let rendered = common::run_ok(
-        std::process::Command::new("helm").args([
-            "template",
-            "vap",
-            chart.as_str(),
-            "--set",
-            "networkPolicy.enabled=true",
-            "--set",
-            "networkPolicy.cameras.cidrs={0.0.0.0/0,::/0,fd00::/8,fd00:ec2::/32,fd00:ec3::/32,192.168.10.0/24}",
-        ]),
+    let mut helm = std::process::Command::new("helm");
+    helm.args(["template", "vap", chart.as_str()]);
+    for set in sets {
+        helm.args(["--set", set]);
+    }
+    let text = common::run_ok(
+        &mut helm,
         &format!("helm is built by the test bed: {}", common::TESTBED_HINT),
     );
-    let policy: serde_json::Value = rendered
-        .split("\n---")
+    text.split("\n---")
         .filter_map(|doc| serde_yaml::from_str::<serde_json::Value>(doc).ok())
-        .find(|doc| doc["kind"] == "NetworkPolicy")
-        .expect("a NetworkPolicy");
+        .find(|doc| doc["kind"] == kind)
+        .unwrap_or_else(|| panic!("helm template renders no {kind}"))
+}
+
+#[test]
+fn the_network_policy_cuts_out_ipv4_and_ipv6_metadata() {
+    let policy = rendered(
+        "NetworkPolicy",
+        &[
+            "networkPolicy.enabled=true",
+            "networkPolicy.cameras.cidrs={0.0.0.0/0,::/0,fd00::/8,fd00:ec2::/32,fd00:ec3::/32,192.168.10.0/24}",
+        ],
+    );
     let mut excepts = std::collections::BTreeMap::new();
     for rule in policy["spec"]["egress"].as_array().unwrap() {
         for peer in rule["to"].as_array().into_iter().flatten() {
@@ -704,24 +711,13 @@ async fn the_one_time_migration_moves_old_camera_urls_into_secrets() {
 
 #[test]
 fn camera_policy_values_become_the_controllers_settings() {
-    let chart = format!("{}/charts/vap-runner", env!("CARGO_MANIFEST_DIR"));
-    let rendered = common::run_ok(
-        std::process::Command::new("helm").args([
-            "template",
-            "vap",
-            chart.as_str(),
-            "--set",
+    let deployment = rendered(
+        "Deployment",
+        &[
             "cameraPolicy.allowCidrs={192.168.10.0/24,fd12::/48}",
-            "--set",
             "cameraPolicy.denyHosts={*.office.example.com}",
-        ]),
-        &format!("helm is built by the test bed: {}", common::TESTBED_HINT),
+        ],
     );
-    let deployment: serde_json::Value = rendered
-        .split("\n---")
-        .filter_map(|doc| serde_yaml::from_str::<serde_json::Value>(doc).ok())
-        .find(|doc| doc["kind"] == "Deployment")
-        .expect("a Deployment");
     let env: std::collections::BTreeMap<String, String> =
         deployment["spec"]["template"]["spec"]["containers"][0]["env"]
             .as_array()
