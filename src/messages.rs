@@ -60,12 +60,23 @@ mod tests {
 /// Largest `to_deploy` / `to_undeploy` message accepted.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
-/// A valid `to_deploy` message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A valid `to_deploy` message. Its `Debug` form shows the camera URL
+/// redacted, like everything else that prints one.
+#[derive(Clone, PartialEq, Eq)]
 pub struct DeployRequest {
     pub worker_id: Uuid,
     pub scenario_uuid: Uuid,
     pub camera_url: String,
+}
+
+impl std::fmt::Debug for DeployRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeployRequest")
+            .field("worker_id", &self.worker_id)
+            .field("scenario_uuid", &self.scenario_uuid)
+            .field("camera_url", &crate::camera_url::redact(&self.camera_url))
+            .finish()
+    }
 }
 
 /// A valid `to_undeploy` message.
@@ -233,6 +244,12 @@ mod request_tests {
             "550e8400-e29b-41d4-a716-446655440000"
         );
         assert_eq!(req.camera_url, "rtsp://example.com/stream");
+        let with_password = DeployRequest {
+            camera_url: "rtsp://admin:hunter2@example.com/stream".into(),
+            ..req.clone()
+        };
+        let debug = format!("{with_password:?}");
+        assert!(debug.contains("rtsp://***@example.com/stream"), "{debug}");
         let undeploy = UndeployRequest::parse(Some(
             br#"{"scenario_uuid": "550e8400-e29b-41d4-a716-446655440000"}"#,
         ))
