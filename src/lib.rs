@@ -9,6 +9,7 @@ pub mod config;
 pub mod controller;
 pub mod detector;
 pub mod http;
+pub mod ingest;
 pub mod messages;
 pub mod sampler;
 pub mod scenario;
