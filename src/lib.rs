@@ -10,6 +10,7 @@ pub mod controller;
 pub mod detector;
 pub mod host_policy;
 pub mod http;
+pub mod ingest;
 pub mod messages;
 pub mod sampler;
 pub mod scenario;

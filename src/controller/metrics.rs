@@ -1,6 +1,6 @@
 //! The controller's Prometheus metrics (bounded label sets only) and probes.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -10,24 +10,14 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::http::Probes;
+use crate::ingest::IngestMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CategoryLabels {
-    pub category: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IngestLabels {
-    /// `deploy` or `undeploy`.
-    pub kind: &'static str,
-    /// `created`, `duplicate`, `stopped`, `unknown`, `dead_lettered`.
-    pub result: &'static str,
-}
+pub use crate::ingest::CategoryLabels;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
@@ -42,10 +32,7 @@ pub struct ControllerMetrics {
     pub live_workers: Gauge,
     pub pods_created: Counter,
     pub phase_changes: Family<PhaseLabels, Counter>,
-    pub ingested: Family<IngestLabels, Counter>,
-    pub dead_lettered: Family<CategoryLabels, Counter>,
-    pub ingest_lag_seconds: Gauge<f64, AtomicU64>,
-    pub kubernetes_retries: Counter,
+    pub ingest: IngestMetrics,
     pub event_publish_failures: Counter,
     pub leader: Gauge,
     ready: AtomicBool,
@@ -61,10 +48,7 @@ impl ControllerMetrics {
             live_workers: Default::default(),
             pods_created: Default::default(),
             phase_changes: Default::default(),
-            ingested: Default::default(),
-            dead_lettered: Default::default(),
-            ingest_lag_seconds: Default::default(),
-            kubernetes_retries: Default::default(),
+            ingest: Default::default(),
             event_publish_failures: Default::default(),
             leader: Default::default(),
             ready: AtomicBool::new(false),
@@ -106,26 +90,7 @@ impl ControllerMetrics {
             "Scenario phase changes by new phase",
             metrics.phase_changes.clone(),
         );
-        r.register(
-            "ingested",
-            "to_deploy / to_undeploy messages by outcome",
-            metrics.ingested.clone(),
-        );
-        r.register(
-            "dead_lettered",
-            "Messages copied to the dead-letter topic by reason",
-            metrics.dead_lettered.clone(),
-        );
-        r.register(
-            "ingest_lag_seconds",
-            "Age of the last ingested message when it was handled",
-            metrics.ingest_lag_seconds.clone(),
-        );
-        r.register(
-            "kubernetes_retries",
-            "Kubernetes API calls retried by ingest",
-            metrics.kubernetes_retries.clone(),
-        );
+        metrics.ingest.register(r, "kubernetes_retries");
         r.register(
             "event_publish_failures",
             "scenario_events messages that could not be published",

@@ -1,6 +1,7 @@
 //! `runner controller`: the Kubernetes operator.
 //!
-//! Pipeline: Kafka `to_deploy`/`to_undeploy` → [`ingest`] writes Scenarios →
+//! Pipeline: Kafka `to_deploy`/`to_undeploy` → the shared [`crate::ingest`] loop, whose
+//! Kubernetes store ([`ingest`]) writes Scenarios →
 //! [`reconcile`] admits them within MAX_WORKERS ([`admission`]) and creates one
 //! worker Pod each ([`pod`]) → Pod state flows back into Scenario status and
 //! onto the `scenario_events` topic ([`events`]). Only the holder of the
@@ -32,8 +33,9 @@ use tokio::sync::{Mutex, watch};
 
 use crate::cli::ControllerArgs;
 use crate::config::LogLevel;
+use crate::ingest::{Ingest, IngestConfig};
 use crd::Scenario;
-use ingest::{Ingest, IngestConfig};
+use ingest::ScenarioStore;
 use leader::LeaderElector;
 use metrics::ControllerMetrics;
 use pod::{LABEL_RUNNER, WorkerTemplate, label_value};
@@ -56,7 +58,7 @@ pub enum ControllerError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Ingest(#[from] ingest::IngestError),
+    Ingest(#[from] crate::ingest::IngestError),
     #[error("leadership lost; exiting so that a fresh start can compete again")]
     LeadershipLost,
     #[error("cannot start the async runtime: {0}")]
@@ -136,21 +138,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         .set("acks", "all")
         .create()
         .map_err(kafka_err)?;
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &servers)
-        .set("group.id", &sup.consumer_group)
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        // Notice topics created after start-up within seconds, not minutes.
-        .set("topic.metadata.refresh.interval.ms", "10000")
-        // Requests are small and handled one by one: a small prefetch
-        // buffer keeps memory flat without slowing ingest.
-        .set("queued.max.messages.kbytes", "1024")
-        // Ingest may wait a long time on the Kubernetes API for one message
-        // without being evicted from its group.
-        .set("max.poll.interval.ms", "86400000")
+    let consumer: StreamConsumer = crate::ingest::consumer_config(&servers, &sup.consumer_group)
         .create()
         .map_err(kafka_err)?;
 
@@ -222,17 +210,19 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     let ingest = Ingest {
         consumer,
         producer,
-        scenarios: scenarios.clone(),
-        secrets: Api::namespaced(client.clone(), &namespace),
+        store: ScenarioStore {
+            scenarios: scenarios.clone(),
+            secrets: Api::namespaced(client.clone(), &namespace),
+            runner_name: args.runner_name.clone(),
+        },
         config: IngestConfig {
             deploy_topic: args.deploy_topic.clone(),
             undeploy_topic: args.undeploy_topic.clone(),
             dlq_topic: args.dlq_topic.clone(),
-            runner_name: args.runner_name.clone(),
             video_file_root: args.worker.video_file_root.clone(),
             camera_policy,
         },
-        metrics: metrics.clone(),
+        metrics: metrics.ingest.clone(),
     };
     let ingest = tokio::spawn(ingest.run(stop_rx.clone()));
 

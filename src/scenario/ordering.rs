@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 /// Where a command sits in time: its Kafka record's timestamp (milliseconds
 /// since the epoch), then its offset, which orders two records of one topic
 /// that share a timestamp.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Stamp {
     pub timestamp_ms: i64,
@@ -109,7 +111,10 @@ pub fn on_deploy(current: Option<Current>, at: Stamp) -> DeployDecision {
     let Some(c) = current else {
         return DeployDecision::Create;
     };
-    if c.applied.undeploy.is_some_and(|u| at.timestamp_ms <= u.timestamp_ms) {
+    if c.applied
+        .undeploy
+        .is_some_and(|u| at.timestamp_ms <= u.timestamp_ms)
+    {
         return DeployDecision::Ignore(Stale::Overtaken);
     }
     if c.applied.deploy.is_some_and(|d| at <= d) {
@@ -193,19 +198,84 @@ mod tests {
         let tombstone = applied(None, Some(s(200, 1)));
         let cases = [
             ("first deploy creates", None, s(100, 0), D::Create),
-            ("exact replay", cur(running, false, true), s(100, 5), D::Ignore(Stale::Replay)),
-            ("older replay", cur(running, false, true), s(90, 9), D::Ignore(Stale::Replay)),
-            ("same ms, earlier offset", cur(running, false, false), s(100, 4), D::Ignore(Stale::Replay)),
-            ("same ms, later offset is newer", cur(running, false, false), s(100, 6), D::Replace),
-            ("newer, same target", cur(running, false, true), s(150, 0), D::Refresh),
-            ("newer, other camera", cur(running, false, false), s(150, 0), D::Replace),
-            ("newer after a finished run", cur(running, true, true), s(150, 0), D::Rerun),
-            ("replay after a finished run", cur(running, true, true), s(100, 5), D::Ignore(Stale::Replay)),
-            ("older than the stop", cur(stopped, false, true), s(150, 0), D::Ignore(Stale::Overtaken)),
-            ("tie with the stop: undeploy wins", cur(stopped, false, true), s(200, 9), D::Ignore(Stale::Overtaken)),
-            ("newer than the stop runs again", cur(stopped, false, true), s(201, 0), D::Rerun),
-            ("older than a tombstone", cur(tombstone, false, false), s(150, 0), D::Ignore(Stale::Overtaken)),
-            ("newer than a tombstone runs", cur(tombstone, false, false), s(250, 0), D::Rerun),
+            (
+                "exact replay",
+                cur(running, false, true),
+                s(100, 5),
+                D::Ignore(Stale::Replay),
+            ),
+            (
+                "older replay",
+                cur(running, false, true),
+                s(90, 9),
+                D::Ignore(Stale::Replay),
+            ),
+            (
+                "same ms, earlier offset",
+                cur(running, false, false),
+                s(100, 4),
+                D::Ignore(Stale::Replay),
+            ),
+            (
+                "same ms, later offset is newer",
+                cur(running, false, false),
+                s(100, 6),
+                D::Replace,
+            ),
+            (
+                "newer, same target",
+                cur(running, false, true),
+                s(150, 0),
+                D::Refresh,
+            ),
+            (
+                "newer, other camera",
+                cur(running, false, false),
+                s(150, 0),
+                D::Replace,
+            ),
+            (
+                "newer after a finished run",
+                cur(running, true, true),
+                s(150, 0),
+                D::Rerun,
+            ),
+            (
+                "replay after a finished run",
+                cur(running, true, true),
+                s(100, 5),
+                D::Ignore(Stale::Replay),
+            ),
+            (
+                "older than the stop",
+                cur(stopped, false, true),
+                s(150, 0),
+                D::Ignore(Stale::Overtaken),
+            ),
+            (
+                "tie with the stop: undeploy wins",
+                cur(stopped, false, true),
+                s(200, 9),
+                D::Ignore(Stale::Overtaken),
+            ),
+            (
+                "newer than the stop runs again",
+                cur(stopped, false, true),
+                s(201, 0),
+                D::Rerun,
+            ),
+            (
+                "older than a tombstone",
+                cur(tombstone, false, false),
+                s(150, 0),
+                D::Ignore(Stale::Overtaken),
+            ),
+            (
+                "newer than a tombstone runs",
+                cur(tombstone, false, false),
+                s(250, 0),
+                D::Rerun,
+            ),
         ];
         for (name, current, at, want) in cases {
             assert_eq!(on_deploy(current, at), want, "{name}");
@@ -217,13 +287,48 @@ mod tests {
         let running = applied(Some(s(100, 5)), None);
         let stopped = applied(Some(s(100, 5)), Some(s(200, 1)));
         let cases = [
-            ("before any deploy: tombstone", None, s(100, 0), U::Tombstone),
-            ("newer than the deploy stops", Some(running), s(150, 0), U::Stop),
-            ("tie with the deploy: undeploy wins", Some(running), s(100, 0), U::Stop),
-            ("older than the deploy", Some(running), s(99, 9), U::Ignore(Stale::Overtaken)),
-            ("replayed undeploy", Some(stopped), s(200, 1), U::Ignore(Stale::Replay)),
-            ("older undeploy", Some(stopped), s(150, 3), U::Ignore(Stale::Replay)),
-            ("newer undeploy of a stopped scenario", Some(stopped), s(300, 0), U::Stop),
+            (
+                "before any deploy: tombstone",
+                None,
+                s(100, 0),
+                U::Tombstone,
+            ),
+            (
+                "newer than the deploy stops",
+                Some(running),
+                s(150, 0),
+                U::Stop,
+            ),
+            (
+                "tie with the deploy: undeploy wins",
+                Some(running),
+                s(100, 0),
+                U::Stop,
+            ),
+            (
+                "older than the deploy",
+                Some(running),
+                s(99, 9),
+                U::Ignore(Stale::Overtaken),
+            ),
+            (
+                "replayed undeploy",
+                Some(stopped),
+                s(200, 1),
+                U::Ignore(Stale::Replay),
+            ),
+            (
+                "older undeploy",
+                Some(stopped),
+                s(150, 3),
+                U::Ignore(Stale::Replay),
+            ),
+            (
+                "newer undeploy of a stopped scenario",
+                Some(stopped),
+                s(300, 0),
+                U::Stop,
+            ),
         ];
         for (name, a, at, want) in cases {
             assert_eq!(on_undeploy(a, at), want, "{name}");
@@ -252,8 +357,16 @@ mod tests {
             let d = on_deploy(cur(b, false, false), deploy);
             let b1 = after_deploy(b, d, deploy);
             let want_stopped = undeploy.timestamp_ms >= deploy.timestamp_ms;
-            assert_eq!(a1.stopped(), want_stopped, "deploy first, undeploy at {undeploy:?}");
-            assert_eq!(b1.stopped(), want_stopped, "undeploy first, undeploy at {undeploy:?}");
+            assert_eq!(
+                a1.stopped(),
+                want_stopped,
+                "deploy first, undeploy at {undeploy:?}"
+            );
+            assert_eq!(
+                b1.stopped(),
+                want_stopped,
+                "undeploy first, undeploy at {undeploy:?}"
+            );
         }
     }
 }

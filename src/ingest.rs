@@ -1,0 +1,433 @@
+//! Kafka `to_deploy` / `to_undeploy` → a [`CommandStore`].
+//!
+//! Shared by the operator (the store writes Scenarios to the Kubernetes API)
+//! and the local supervisor (the store is its state directory). At-least-once
+//! in, idempotent effect: auto commit is on but offsets are stored only after a
+//! message's effect is durable (the store has it, or the message is copied to
+//! the dead-letter topic). While the store is unavailable the loop retries the
+//! same message with backoff and never moves past it; `max.poll.interval.ms`
+//! is raised so that waiting does not evict the consumer from its group.
+//!
+//! Each command carries its record's [`Stamp`]; the store orders commands for
+//! one scenario with [`crate::scenario::ordering`].
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
+use crate::camera_url::CameraSource;
+use crate::host_policy::HostPolicy;
+use crate::messages::{DeployRequest, RequestError, UndeployRequest};
+use crate::scenario::ordering::{DeployDecision, Stale, Stamp, UndeployDecision};
+
+/// What a store did with a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Deploy(DeployDecision),
+    Undeploy(UndeployDecision),
+}
+
+impl Effect {
+    /// The `result` label of `ingested_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Effect::Deploy(DeployDecision::Create) => "created",
+            Effect::Deploy(DeployDecision::Rerun) => "rerun",
+            Effect::Deploy(DeployDecision::Replace) => "replaced",
+            Effect::Deploy(DeployDecision::Refresh) => "refreshed",
+            Effect::Undeploy(UndeployDecision::Tombstone) => "tombstone",
+            Effect::Undeploy(UndeployDecision::Stop) => "stopped",
+            Effect::Deploy(DeployDecision::Ignore(Stale::Replay))
+            | Effect::Undeploy(UndeployDecision::Ignore(Stale::Replay)) => "duplicate",
+            Effect::Deploy(DeployDecision::Ignore(Stale::Overtaken))
+            | Effect::Undeploy(UndeployDecision::Ignore(Stale::Overtaken)) => "overtaken",
+        }
+    }
+}
+
+/// Why a store did not take a command.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Worth retrying: the store is unreachable or busy. Ingest waits.
+    #[error("{0}")]
+    Transient(String),
+    /// Refused for good (for example, a value the API server's schema
+    /// rejects): the message goes to the dead-letter topic.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Where commands become durable. Each call returns once the effect is stored.
+pub trait CommandStore: Send + Sync {
+    /// What a refusal is called in the dead-letter `reason` header and the
+    /// `dead_lettered_total` metric (for example `rejected_by_kubernetes`).
+    fn rejected_category(&self) -> &'static str;
+
+    fn deploy(
+        &self,
+        req: &DeployRequest,
+        at: Stamp,
+    ) -> impl Future<Output = Result<Effect, StoreError>> + Send;
+
+    fn undeploy(
+        &self,
+        req: &UndeployRequest,
+        at: Stamp,
+    ) -> impl Future<Output = Result<Effect, StoreError>> + Send;
+}
+
+/// How long ingest waits for a camera host name to resolve.
+const HOST_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub deploy_topic: String,
+    pub undeploy_topic: String,
+    pub dlq_topic: String,
+    pub video_file_root: Option<PathBuf>,
+    /// The camera host policy, applied to every deploy before it is stored.
+    pub camera_policy: HostPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("cannot subscribe to {topics}: {source}")]
+    Subscribe {
+        topics: String,
+        source: rdkafka::error::KafkaError,
+    },
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CategoryLabels {
+    pub category: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IngestLabels {
+    /// `deploy` or `undeploy`.
+    pub kind: &'static str,
+    /// An [`Effect::label`], or `dead_lettered`.
+    pub result: &'static str,
+}
+
+/// Ingest's metrics, registered under the caller's prefix.
+#[derive(Clone, Default)]
+pub struct IngestMetrics {
+    pub ingested: Family<IngestLabels, Counter>,
+    pub dead_lettered: Family<CategoryLabels, Counter>,
+    pub lag_seconds: Gauge<f64, AtomicU64>,
+    pub store_retries: Counter,
+}
+
+impl IngestMetrics {
+    /// Registers the series; `store_retries_name` names the retry counter
+    /// after the store (`kubernetes_retries`, `state_retries`).
+    pub fn register(&self, r: &mut Registry, store_retries_name: &str) {
+        r.register(
+            "ingested",
+            "to_deploy / to_undeploy messages by outcome",
+            self.ingested.clone(),
+        );
+        r.register(
+            "dead_lettered",
+            "Messages copied to the dead-letter topic by reason",
+            self.dead_lettered.clone(),
+        );
+        r.register(
+            "ingest_lag_seconds",
+            "Age of the last ingested message when it was handled",
+            self.lag_seconds.clone(),
+        );
+        r.register(
+            store_retries_name,
+            "Store writes retried by ingest",
+            self.store_retries.clone(),
+        );
+    }
+}
+
+/// The consumer settings ingest relies on (at-least-once, store after effect).
+pub fn consumer_config(servers: &str, group: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", servers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // Notice topics created after start-up within seconds, not minutes.
+        .set("topic.metadata.refresh.interval.ms", "10000")
+        // Requests are small and handled one by one: a small prefetch
+        // buffer keeps memory flat without slowing ingest.
+        .set("queued.max.messages.kbytes", "1024")
+        // Ingest may wait a long time on its store for one message without
+        // being evicted from its group.
+        .set("max.poll.interval.ms", "86400000");
+    config
+}
+
+pub struct Ingest<S> {
+    pub consumer: StreamConsumer,
+    pub producer: FutureProducer,
+    pub store: S,
+    pub config: IngestConfig,
+    pub metrics: IngestMetrics,
+}
+
+/// The record's place in time: its timestamp (the ingest time when the
+/// record has none) and offset.
+fn stamp_of(msg: &BorrowedMessage<'_>) -> Stamp {
+    Stamp {
+        timestamp_ms: msg
+            .timestamp()
+            .to_millis()
+            .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+        offset: msg.offset(),
+    }
+}
+
+impl<S: CommandStore> Ingest<S> {
+    /// Consumes until `shutdown` turns true, then commits what was stored.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), IngestError> {
+        let topics = [
+            self.config.deploy_topic.as_str(),
+            self.config.undeploy_topic.as_str(),
+        ];
+        self.consumer
+            .subscribe(&topics)
+            .map_err(|source| IngestError::Subscribe {
+                topics: topics.join(","),
+                source,
+            })?;
+        tracing::info!(topics = %topics.join(","), "ingesting");
+        loop {
+            let msg = tokio::select! {
+                msg = self.consumer.recv() => msg,
+                _ = shutdown.changed() => break,
+            };
+            let msg = match msg {
+                Ok(msg) => msg,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka consumer error; continuing");
+                    continue;
+                }
+            };
+            if let Some(ms) = msg.timestamp().to_millis() {
+                let age = (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
+                self.metrics.lag_seconds.set(age);
+            }
+            let Some(result) = self.handle(&msg, &mut shutdown).await else {
+                break; // shutting down before the effect was durable: do not store
+            };
+            self.count(&msg, result);
+            if let Err(e) = self.consumer.store_offset_from_message(&msg) {
+                tracing::warn!(error = %e, "cannot store a consumed offset");
+            }
+        }
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::warn!(error = %e, "cannot commit offsets on shutdown");
+        }
+        Ok(())
+    }
+
+    fn count(&self, msg: &BorrowedMessage<'_>, result: &'static str) {
+        let kind = if msg.topic() == self.config.undeploy_topic {
+            "undeploy"
+        } else {
+            "deploy"
+        };
+        self.metrics
+            .ingested
+            .get_or_create(&IngestLabels { kind, result })
+            .inc();
+    }
+
+    /// Makes the message's effect durable and returns its `result` label;
+    /// `None` when shutdown interrupted it.
+    async fn handle(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<&'static str> {
+        let at = stamp_of(msg);
+        let stored = if msg.topic() == self.config.undeploy_topic {
+            match UndeployRequest::parse(msg.payload()) {
+                Ok(req) => {
+                    self.storing("stopping a scenario", shutdown, || {
+                        self.store.undeploy(&req, at)
+                    })
+                    .await?
+                }
+                Err(e) => return self.dead_letter(msg, e.category(), &e, shutdown).await,
+            }
+        } else {
+            let root = self.config.video_file_root.as_deref();
+            let parsed = match DeployRequest::parse(msg.payload(), root) {
+                Ok(req) => self.check_host(req).await,
+                Err(e) => Err(e),
+            };
+            match parsed {
+                Ok(req) => {
+                    self.storing("writing a scenario", shutdown, || {
+                        self.store.deploy(&req, at)
+                    })
+                    .await?
+                }
+                Err(e) => return self.dead_letter(msg, e.category(), &e, shutdown).await,
+            }
+        };
+        match stored {
+            Ok(effect) => Some(effect.label()),
+            Err(rejected) => {
+                let category = self.store.rejected_category();
+                self.dead_letter(msg, category, &rejected, shutdown).await
+            }
+        }
+    }
+
+    /// The camera host policy, with the camera's name resolved from here (a
+    /// name that does not resolve here passes; the worker checks it again).
+    async fn check_host(&self, req: DeployRequest) -> Result<DeployRequest, RequestError> {
+        let root = self.config.video_file_root.as_deref();
+        CameraSource::parse(&req.camera_url, root)?
+            .check_host_at_ingest(&self.config.camera_policy, HOST_LOOKUP_TIMEOUT)
+            .await?;
+        Ok(req)
+    }
+
+    /// Repeats a store call while it fails transiently; `Some(Err)` carries a
+    /// permanent refusal, `None` means shutdown.
+    async fn storing<F, Fut>(
+        &self,
+        what: &str,
+        shutdown: &mut watch::Receiver<bool>,
+        mut call: F,
+    ) -> Option<Result<Effect, StoreError>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Effect, StoreError>>,
+    {
+        retrying(what, Some(&self.metrics.store_retries), shutdown, || {
+            let fut = call();
+            async move {
+                match fut.await {
+                    Err(StoreError::Transient(e)) => Err(e),
+                    other => Ok(other),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Copies the message to the dead-letter topic with its reason in headers,
+    /// retrying until the broker has it.
+    async fn dead_letter(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        category: &'static str,
+        error: &(dyn std::fmt::Display + Sync),
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<&'static str> {
+        let text = error.to_string();
+        tracing::warn!(
+            topic = msg.topic(),
+            partition = msg.partition(),
+            offset = msg.offset(),
+            reason = category,
+            "invalid message sent to {}: {text}",
+            self.config.dlq_topic
+        );
+        let offset = msg.offset().to_string();
+        let partition = msg.partition().to_string();
+        let what = format!("writing to the dead-letter topic {}", self.config.dlq_topic);
+        retrying(&what, None, shutdown, || async {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "reason",
+                    value: Some(category),
+                })
+                .insert(Header {
+                    key: "error",
+                    value: Some(text.as_str()),
+                })
+                .insert(Header {
+                    key: "source_topic",
+                    value: Some(msg.topic()),
+                })
+                .insert(Header {
+                    key: "source_partition",
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: "source_offset",
+                    value: Some(offset.as_str()),
+                });
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.config.dlq_topic).headers(headers);
+            if let Some(key) = msg.key() {
+                record = record.key(key);
+            }
+            if let Some(payload) = msg.payload() {
+                record = record.payload(payload);
+            }
+            match self.producer.send(record, Duration::from_secs(30)).await {
+                Ok(_) => Ok(()),
+                Err((e, _)) => Err(e),
+            }
+        })
+        .await?;
+        self.metrics
+            .dead_lettered
+            .get_or_create(&CategoryLabels { category })
+            .inc();
+        Some("dead_lettered")
+    }
+}
+
+/// Repeats `call` with backoff until it succeeds, counting each retry in
+/// `retries` when given; `None` on shutdown. Ingest does not move past the
+/// message meanwhile.
+async fn retrying<T, E, F, Fut>(
+    what: &str,
+    retries: Option<&Counter>,
+    shutdown: &mut watch::Receiver<bool>,
+    mut call: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        match call().await {
+            Ok(value) => return Some(value),
+            Err(e) => {
+                let delay = backoff.next_delay(rand::random::<f64>());
+                if let Some(retries) = retries {
+                    retries.inc();
+                }
+                tracing::warn!(error = %e, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64, "{what} failed; ingest paused, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => return None,
+                }
+            }
+        }
+    }
+}
