@@ -5,6 +5,8 @@
 //! processes) both carry out what these functions decide.
 
 pub mod admission;
+pub mod events;
+pub mod lifecycle;
 pub mod ordering;
 pub mod phase;
 
