@@ -10,6 +10,7 @@ pub mod controller;
 pub mod detector;
 pub mod http;
 pub mod ingest;
+pub mod local;
 pub mod messages;
 pub mod sampler;
 pub mod scenario;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod controller;
+pub mod local;
 
 use std::future::Future;
 use std::net::{TcpStream, ToSocketAddrs};
