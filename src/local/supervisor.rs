@@ -29,6 +29,7 @@ use super::state::{Record, StateError, StateStore};
 use crate::scenario::Phase;
 use crate::scenario::admission::{self, Waiting};
 use crate::scenario::lifecycle::{self, Exit, Intent, Next, RestartPolicy};
+use crate::scenario::supervision::{self, Step, View};
 
 pub struct Settings {
     pub max_workers: usize,
@@ -222,39 +223,37 @@ impl Supervisor {
         let now = Utc::now();
         let mut waiting = Vec::new();
         let mut restart = Vec::new();
-        let mut held = self.children.len();
+        let mut held = 0;
         for record in &records {
-            let stopped = record.applied.stopped();
-            if let Some(child) = self.children.get_mut(&record.uuid) {
-                if stopped {
-                    stop(child, Intent::Stop);
-                } else if child.run != record.run {
-                    stop(child, Intent::Supersede);
-                }
-                continue;
+            let child = self.children.get_mut(&record.uuid);
+            let step = supervision::step(View {
+                stopped: record.applied.stopped(),
+                phase: record.phase,
+                worker: child.as_ref().map(|c| c.run == record.run),
+                restart_due: record.restart_at.is_none_or(|at| at <= now),
+            });
+            if step.holds_slot() {
+                held += 1;
             }
-            if stopped {
-                if record.phase != Some(Phase::Stopped) {
+            match step {
+                Step::StopWorker(intent) => {
+                    if let Some(child) = child {
+                        stop(child, intent);
+                    }
+                }
+                Step::MarkStopped => {
                     self.transition(&record.uuid, Phase::Stopped, None, |r| {
                         r.finished_at = Some(Utc::now());
                         r.queue_position = None;
                         r.restart_at = None;
                     })?;
                 }
-                continue;
-            }
-            match record.phase {
-                None | Some(Phase::Queued) | Some(Phase::Running) => waiting.push(Waiting {
+                Step::Wait => waiting.push(Waiting {
                     key: record.uuid.clone(),
                     created: record.enqueued_at,
                 }),
-                Some(Phase::Starting) => {
-                    held += 1;
-                    if record.restart_at.is_none_or(|at| at <= now) {
-                        restart.push(record);
-                    }
-                }
-                Some(_) => {}
+                Step::HoldSlot { restart_now: true } => restart.push(record),
+                Step::KeepWorker | Step::HoldSlot { .. } | Step::Nothing => {}
             }
         }
         for record in restart {

@@ -9,5 +9,6 @@ pub mod events;
 pub mod lifecycle;
 pub mod ordering;
 pub mod phase;
+pub mod supervision;
 
 pub use phase::Phase;
