@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::local::{LocalBed, Sampler, TopicLog};
+use common::local::{LocalBed, Sampler, TopicLog, http_get};
 use common::wait_for;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -153,6 +153,33 @@ async fn duplicates_run_once_bad_messages_go_to_the_dlq_and_undeploy_stops() {
     assert_eq!(bed.workers().len(), 1);
     let reasons = dlq_reasons(&bed).await;
     assert_eq!(reasons, ["not_json", "missing_field", "camera_url"]);
+
+    let addr = local
+        .metrics_addr()
+        .expect("the metrics address in the log");
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    assert_eq!(http_get(&addr, "/readyz").0, 200);
+    let (status, metrics) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "vap_local_dead_lettered_total{category=\"not_json\"} 1",
+        "vap_local_ingested_total{kind=\"deploy\",result=\"created\"} 1",
+        "vap_local_ingested_total{kind=\"deploy\",result=\"refreshed\"} 99",
+        "vap_local_live_workers 1",
+        "vap_local_workers_started_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+
+    // A second supervisor on the same STATE_DIR refuses to start.
+    let mut second = bed.start(&[]);
+    assert!(!second.wait_exit().success());
+    let log = std::fs::read_to_string(&second.log_path).unwrap();
+    assert!(
+        log.contains("another `runner local` uses STATE_DIR"),
+        "{log}"
+    );
+    assert_eq!(bed.workers().len(), 1, "the running worker is left alone");
 
     bed.undeploy(&s).await;
     wait_for(

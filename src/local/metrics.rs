@@ -1,7 +1,7 @@
 //! The local supervisor's Prometheus metrics (prefix `vap_local_`; names
 //! match the controller's where the meaning is the same) and probes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -35,7 +35,13 @@ pub struct LocalMetrics {
     pub state_errors: Counter,
     pub scenarios_file_errors: Family<ReasonLabels, Counter>,
     ready: AtomicBool,
+    /// When the supervision loop last went round (Unix seconds; 0: not yet).
+    loop_seen: AtomicI64,
 }
+
+/// The supervision loop goes round at least every few seconds; this long
+/// without a round means it is stuck.
+const LOOP_STALL_SECS: i64 = 60;
 
 impl LocalMetrics {
     pub fn new() -> (Self, Registry) {
@@ -91,6 +97,12 @@ impl LocalMetrics {
         (metrics, registry)
     }
 
+    /// Called by the supervision loop on every round.
+    pub fn loop_alive(&self) {
+        self.loop_seen
+            .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+    }
+
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }
@@ -98,6 +110,11 @@ impl LocalMetrics {
 
 impl Probes for LocalMetrics {
     fn healthy(&self) -> Result<(), String> {
+        let seen = self.loop_seen.load(Ordering::Relaxed);
+        let idle = chrono::Utc::now().timestamp() - seen;
+        if seen > 0 && idle > LOOP_STALL_SECS {
+            return Err(format!("the supervision loop has not run for {idle} s"));
+        }
         Ok(())
     }
 

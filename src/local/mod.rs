@@ -95,6 +95,7 @@ async fn run(
             path: args.state_dir.clone(),
             source,
         })?;
+    let _lock = state::DirLock::take(&state_dir)?;
     let state = Arc::new(StateStore::open(&state_dir)?);
     let file_root = args.worker.video_file_root.clone();
     // A bad scenarios file stops start-up; on SIGHUP it only logs.

@@ -115,6 +115,10 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "another `runner local` uses STATE_DIR={path} (it holds {path}/supervisor.lock); stop it, or give this one its own STATE_DIR"
+    )]
+    InUse { path: PathBuf },
     #[error("cannot open the state database {path}: {source}")]
     Open {
         path: PathBuf,
@@ -132,6 +136,37 @@ pub enum StateError {
 }
 
 pub const DATABASE_FILE: &str = "state.db";
+
+/// Held by the supervisor for its whole life: one supervisor per STATE_DIR.
+/// The kernel releases it when the supervisor dies, however it dies, and
+/// workers do not inherit it (Rust opens files close-on-exec).
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    pub fn take(dir: &Path) -> Result<DirLock, StateError> {
+        use std::os::fd::AsRawFd;
+        let dir_err = |source| StateError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("supervisor.lock"))
+            .map_err(dir_err)?;
+        // SAFETY: flock(2) on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(StateError::InUse {
+                path: dir.to_path_buf(),
+            });
+        }
+        Ok(DirLock { _file: file })
+    }
+}
 
 pub struct StateStore {
     conn: Mutex<Connection>,
@@ -318,6 +353,16 @@ mod tests {
         );
         store.update("a", |r| *r = None).unwrap();
         assert!(store.get("a").unwrap().is_none());
+    }
+
+    #[test]
+    fn one_supervisor_per_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = DirLock::take(dir.path()).unwrap();
+        let err = DirLock::take(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("another `runner local`"), "{err}");
+        drop(lock);
+        assert!(DirLock::take(dir.path()).is_ok());
     }
 
     #[test]

@@ -161,6 +161,7 @@ impl Supervisor {
     /// (SIGTERM, SIGKILL after the grace period) and returns.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
+            self.metrics.loop_alive();
             if let Err(e) = self.reconcile() {
                 self.metrics.state_errors.inc();
                 tracing::error!(error = %e, "cannot read or write the state store; retrying");

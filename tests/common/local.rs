@@ -288,6 +288,31 @@ impl LocalProcess {
         }
     }
 
+    /// Waits up to 30 s for the process to exit by itself.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running supervisor");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "runner local did not exit within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The address of its /metrics, /healthz and /readyz, from its log.
+    pub fn metrics_addr(&self) -> Option<String> {
+        let log = std::fs::read_to_string(&self.log_path).ok()?;
+        let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+        let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+        Some(addr.to_string())
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -436,4 +461,30 @@ impl Drop for TopicLog {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A plain HTTP/1.1 GET: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("GET http://{addr}{path}: not HTTP: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
 }
