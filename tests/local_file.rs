@@ -89,6 +89,14 @@ async fn scenarios_file_edits_apply_on_sighup_without_kafka() {
     );
     let rows = bed.list();
     assert_eq!(rows[A].phase, "Stopped");
+    for running in [B, C] {
+        let row = &rows[running];
+        assert_eq!(
+            (row.phase.as_str(), row.pid),
+            ("Queued", None),
+            "a scenario stopped with the supervisor waits for its next start"
+        );
+    }
 }
 
 #[test]

@@ -45,9 +45,11 @@ pub fn apply_deploy(
             }
         }
         DeployDecision::Replace => {
+            // A new run: the supervisor replaces the worker; restarts count anew.
             if let Some(r) = record.as_mut() {
                 retarget(r, target);
                 r.run += 1;
+                r.restarts = 0;
             }
         }
         DeployDecision::Refresh | DeployDecision::Ignore(_) => {}

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::process;
 use super::state::Record;
 
 /// The table, one line per scenario in queue order, with a header.
@@ -18,7 +19,11 @@ pub fn table(records: &[Record], now: DateTime<Utc>) -> String {
     ]];
     for r in records {
         let phase = r.phase.map_or("Queued", |p| p.as_str());
-        let live = r.phase.is_some_and(|p| p.is_live());
+        // A PID only while that very process runs (not after a crash of the
+        // supervisor, nor for a later process that reused the number).
+        let live = r.phase.is_some_and(|p| p.is_live())
+            && r.pid
+                .is_some_and(|pid| process::is_running(pid, r.pid_start));
         rows.push([
             r.uuid.clone(),
             phase.to_string(),
@@ -78,7 +83,8 @@ mod tests {
         };
         let mut running = Record::new("aaaa", target.clone(), now - chrono::Duration::seconds(90));
         running.phase = Some(Phase::Running);
-        running.pid = Some(4242);
+        running.pid = Some(std::process::id());
+        running.pid_start = process::start_time(std::process::id());
         running.restarts = 1;
         let mut queued = Record::new("bbbb", target, now - chrono::Duration::seconds(5));
         queued.phase = Some(Phase::Queued);
@@ -92,9 +98,10 @@ mod tests {
             lines[0],
             ["UUID", "PHASE", "PID", "WORKER", "RESTARTS", "AGE", "QUEUE"]
         );
+        let me = std::process::id().to_string();
         assert_eq!(
             lines[1],
-            ["aaaa", "Running", "4242", "w-1", "1", "90s", "-"]
+            ["aaaa", "Running", me.as_str(), "w-1", "1", "90s", "-"]
         );
         assert_eq!(lines[2], ["bbbb", "Queued", "-", "w-1", "0", "5s", "1"]);
         assert!(!text.contains("secret"), "camera URLs are never listed");

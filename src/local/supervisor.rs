@@ -143,18 +143,24 @@ impl Supervisor {
         }
         for record in self.state.all()? {
             if record.phase.is_some_and(Phase::is_live) {
-                self.state.update(&record.uuid, |r| {
-                    if let Some(r) = r.as_mut() {
-                        r.phase = None;
-                        r.pid = None;
-                        r.pid_start = None;
-                        r.restart_at = None;
-                    }
-                })?;
+                self.requeue_without_worker(&record.uuid)?;
                 tracing::info!(scenario = %record.uuid, "scenario had a worker when the previous supervisor ended; queued again");
             }
         }
         Ok(())
+    }
+
+    /// Back to the queue at its old place, with no worker recorded: the
+    /// scenario starts again when admission gives it a slot.
+    fn requeue_without_worker(&self, uuid: &str) -> Result<(), StateError> {
+        self.state.update(uuid, |r| {
+            if let Some(r) = r.as_mut() {
+                r.phase = None;
+                r.pid = None;
+                r.pid_start = None;
+                r.restart_at = None;
+            }
+        })
     }
 
     /// Supervises until `shutdown` turns true, then stops every worker
@@ -481,14 +487,7 @@ impl Supervisor {
                 })
             }
             Next::Requeue => {
-                self.state.update(uuid, |r| {
-                    if let Some(r) = r.as_mut() {
-                        r.phase = None;
-                        r.pid = None;
-                        r.pid_start = None;
-                        r.restarts = 0;
-                    }
-                })?;
+                self.requeue_without_worker(uuid)?;
                 Ok(())
             }
             Next::Keep => Ok(()),
@@ -514,6 +513,10 @@ impl Supervisor {
             tokio::select! {
                 Some(exited) = self.exits_rx.recv() => {
                     self.children.remove(&exited.uuid);
+                    // It runs again on the next start; until then it is listed as queued.
+                    if let Err(e) = self.requeue_without_worker(&exited.uuid) {
+                        tracing::error!(error = %e, scenario = %exited.uuid, "cannot record a stopped worker");
+                    }
                 }
                 _ = &mut grace, if !killed => {
                     for child in self.children.values() {
