@@ -162,3 +162,58 @@ fn local_help_documents_its_settings() {
         );
     }
 }
+
+/// The README's run command: a scenarios file, MAX_WORKERS below the number
+/// of scenarios, results on stdout, no Kafka, exit when every clip has ended.
+#[test]
+fn the_demo_runs_every_clip_through_the_queue_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("scenarios.yaml");
+    std::fs::write(
+        &file,
+        entry(A, "Megamind.avi") + &entry(B, "Megamind_bugy.avi") + &entry(C, "Megamind.avi"),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let out = common::runner()
+        .arg("local")
+        .arg("--scenarios")
+        .arg(&file)
+        .args([
+            "--max-workers",
+            "2",
+            "--exit-when-done",
+            "--",
+            "--sink",
+            "stdout",
+        ])
+        .env("STATE_DIR", &state)
+        .env("VIDEO_FILE_ROOT", common::MEDIA_DIR)
+        .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+        .output()
+        .expect("run runner local");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let mut per_scenario = std::collections::HashMap::<String, usize>::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a whole JSON line ({e}): {line}"));
+        *per_scenario
+            .entry(v["scenario_uuid"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(per_scenario.get(A), per_scenario.get(C), "{per_scenario:?}");
+    assert!(per_scenario.get(A).is_some_and(|n| *n > 0) && per_scenario.contains_key(B));
+    assert!(
+        stderr.contains("WaitingForSlot"),
+        "the third scenario waited for a slot: {stderr}"
+    );
+    let list = common::run_ok(
+        common::runner()
+            .args(["local", "list"])
+            .env("STATE_DIR", &state),
+        "the runner binary is built by cargo test",
+    );
+    let rows = common::local::parse_list(&list);
+    assert!(rows.values().all(|r| r.phase == "Succeeded"), "{list}");
+}

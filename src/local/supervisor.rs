@@ -55,6 +55,15 @@ pub enum SupervisorError {
     OrphansSurvive { dir: PathBuf, pids: Vec<u32> },
 }
 
+/// What one reconcile found.
+#[derive(Default)]
+struct Round {
+    /// The earliest pending restart.
+    next_restart: Option<chrono::DateTime<Utc>>,
+    /// Every scenario has ended (Succeeded, Failed, Stopped).
+    all_ended: bool,
+}
+
 /// A worker process of this supervisor.
 struct Child {
     pid: u32,
@@ -168,16 +177,17 @@ impl Supervisor {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
             self.metrics.loop_alive();
-            if let Err(e) = self.reconcile() {
+            let round = self.reconcile().unwrap_or_else(|e| {
                 self.metrics.state_errors.inc();
                 tracing::error!(error = %e, "cannot read or write the state store; retrying");
-            }
-            if self.settings.exit_when_done && self.all_done() {
+                Round::default()
+            });
+            if self.settings.exit_when_done && round.all_ended {
                 tracing::info!("every scenario has ended; exiting (EXIT_WHEN_DONE)");
                 break;
             }
             let next = self
-                .next_deadline()
+                .next_deadline(round.next_restart)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(5));
             tokio::select! {
                 Some(exited) = self.exits_rx.recv() => self.on_exit(exited),
@@ -189,30 +199,19 @@ impl Supervisor {
         self.stop_all().await;
     }
 
-    fn all_done(&self) -> bool {
-        self.children.is_empty()
-            && self.state.all().is_ok_and(|records| {
-                records
-                    .iter()
-                    .all(|r| r.phase.is_some_and(Phase::is_terminal))
-            })
-    }
-
-    /// The earliest moment something is due: a restart or a SIGKILL.
-    fn next_deadline(&self) -> Option<Instant> {
+    /// The earliest moment something is due: a SIGKILL after the grace
+    /// period, or a restart.
+    fn next_deadline(&self, restart: Option<chrono::DateTime<Utc>>) -> Option<Instant> {
         let kills = self.children.values().filter_map(|c| match c.stopping {
             Some((_, at)) if !c.killed => Some(at + self.settings.stop_grace),
             _ => None,
         });
-        let restarts = self.state.all().ok().into_iter().flatten().filter_map(|r| {
-            let at = r.restart_at?;
-            let wait = (at - Utc::now()).to_std().unwrap_or_default();
-            Some(Instant::now() + wait)
-        });
-        kills.chain(restarts).min()
+        let restart =
+            restart.map(|at| Instant::now() + (at - Utc::now()).to_std().unwrap_or_default());
+        kills.chain(restart).min()
     }
 
-    fn reconcile(&mut self) -> Result<(), SupervisorError> {
+    fn reconcile(&mut self) -> Result<Round, SupervisorError> {
         for child in self.children.values_mut() {
             if let Some((_, at)) = child.stopping
                 && !child.killed
@@ -231,6 +230,10 @@ impl Supervisor {
         let mut waiting = Vec::new();
         let mut restart = Vec::new();
         let mut held = 0;
+        let mut round = Round {
+            next_restart: None,
+            all_ended: true,
+        };
         for record in &records {
             let child = self.children.get_mut(&record.uuid);
             let step = supervision::step(View {
@@ -242,6 +245,7 @@ impl Supervisor {
             if step.holds_slot() {
                 held += 1;
             }
+            round.all_ended &= step == Step::Nothing;
             match step {
                 Step::StopWorker(intent) => {
                     if let Some(child) = child {
@@ -260,7 +264,12 @@ impl Supervisor {
                     created: record.enqueued_at,
                 }),
                 Step::HoldSlot { restart_now: true } => restart.push(record),
-                Step::KeepWorker | Step::HoldSlot { .. } | Step::Nothing => {}
+                Step::HoldSlot { restart_now: false } => {
+                    if let Some(at) = record.restart_at {
+                        round.next_restart = Some(round.next_restart.map_or(at, |n| n.min(at)));
+                    }
+                }
+                Step::KeepWorker | Step::Nothing => {}
             }
         }
         for record in restart {
@@ -284,7 +293,7 @@ impl Supervisor {
         self.metrics
             .live_workers
             .set((held + decision.start.len()) as i64);
-        Ok(())
+        Ok(round)
     }
 
     /// Sets a scenario's phase (and whatever `edit` changes) in one
