@@ -84,10 +84,8 @@ async fn run(
 ) -> Result<(), LocalError> {
     let sup = &args.supervisor;
     let servers = sup.kafka.kafka_bootstrap_servers.to_string();
-    std::fs::create_dir_all(&args.state_dir).map_err(|source| state::StateError::Dir {
-        path: args.state_dir.clone(),
-        source,
-    })?;
+    // Creates the directory; one supervisor per STATE_DIR from here on.
+    let _lock = state::DirLock::take(&args.state_dir)?;
     let state_dir = args
         .state_dir
         .canonicalize()
@@ -95,7 +93,6 @@ async fn run(
             path: args.state_dir.clone(),
             source,
         })?;
-    let _lock = state::DirLock::take(&state_dir)?;
     let state = Arc::new(StateStore::open(&state_dir)?);
     let file_root = args.worker.video_file_root.clone();
     // A bad scenarios file stops start-up; on SIGHUP it only logs.
