@@ -43,29 +43,20 @@ impl PhaseEvents {
             }
         };
         let record = FutureRecord::to(topic).key(scenario_uuid).payload(&payload);
-        let failed = |metrics: &LocalMetrics, error: String| {
+        let delivery = producer.send_result(record).map_err(|(e, _)| e);
+        let metrics = self.metrics.clone();
+        let scenario = scenario_uuid.to_string();
+        tokio::spawn(async move {
+            let error = match delivery {
+                Err(e) => e.to_string(),
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => return,
+                    Ok(Err((e, _))) => e.to_string(),
+                    Err(_) => "the producer was closed".to_string(),
+                },
+            };
             metrics.event_publish_failures.inc();
-            tracing::warn!(
-                scenario = scenario_uuid,
-                error,
-                "cannot publish a scenario event"
-            );
-        };
-        match producer.send_result(record) {
-            Ok(delivery) => {
-                let metrics = self.metrics.clone();
-                let scenario = scenario_uuid.to_string();
-                tokio::spawn(async move {
-                    let error = match delivery.await {
-                        Ok(Ok(_)) => return,
-                        Ok(Err((e, _))) => e.to_string(),
-                        Err(_) => "the producer was closed".to_string(),
-                    };
-                    metrics.event_publish_failures.inc();
-                    tracing::warn!(scenario, error, "cannot publish a scenario event");
-                });
-            }
-            Err((e, _)) => failed(&self.metrics, e.to_string()),
-        }
+            tracing::warn!(scenario, error, "cannot publish a scenario event");
+        });
     }
 }
