@@ -77,7 +77,8 @@ async fn a_killed_supervisor_is_replaced_without_duplicates_or_losses() {
     let log = std::fs::read_to_string(&second.log_path).unwrap_or_default();
     assert!(
         log.contains("stopping workers left behind by a previous supervisor"),
-        "{}",
+        "first:\n{}\nsecond:\n{}",
+        first.log_tail(),
         second.log_tail()
     );
     assert!(second.terminate().success(), "{}", second.log_tail());
