@@ -217,3 +217,46 @@ fn the_demo_runs_every_clip_through_the_queue_and_exits() {
     let rows = common::local::parse_list(&list);
     assert!(rows.values().all(|r| r.phase == "Succeeded"), "{list}");
 }
+
+/// Kafka and the file together: both feed the same store, and the file
+/// stops only what it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_and_the_file_together() {
+    let bed = LocalBed::new("local-both").await;
+    let file = bed.logs.path().join("scenarios.yaml");
+    std::fs::write(&file, entry(A, "vtest.avi")).unwrap();
+    let file_arg = file.display().to_string();
+    let mut local = bed.start(&[
+        ("SCENARIOS_FILE", file_arg.as_str()),
+        ("KAFKA_INGEST", "true"),
+        ("REALTIME", "true"),
+    ]);
+    bed.deploy(B, &common::media("vtest.avi")).await;
+    let phase = |uuid: &str| bed.list().get(uuid).map(|r| r.phase.clone());
+    wait_for(
+        "A from the file and B from Kafka Running",
+        Duration::from_secs(60),
+        || {
+            local.assert_running();
+            let both =
+                phase(A).as_deref() == Some("Running") && phase(B).as_deref() == Some("Running");
+            async move { both.then_some(()) }
+        },
+    )
+    .await;
+    std::fs::write(&file, "").unwrap();
+    local.signal("-HUP");
+    wait_for("A Stopped", Duration::from_secs(30), || {
+        let stopped = phase(A).as_deref() == Some("Stopped");
+        async move { stopped.then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        phase(B).as_deref(),
+        Some("Running"),
+        "the file never stops what Kafka started"
+    );
+    let workers = bed.workers();
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    assert!(local.terminate().success(), "{}", local.log_tail());
+}
