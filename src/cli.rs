@@ -43,7 +43,7 @@ pub enum Command {
     /// Run one scenario: read a camera, sample frames, detect, publish results.
     Worker(Box<WorkerArgs>),
     /// Supervise workers as local processes (no Kubernetes), with the controller's admission rules.
-    Local(LocalArgs),
+    Local(Box<LocalArgs>),
     /// Print the Scenario CustomResourceDefinition as YAML.
     Crd,
 }
@@ -315,6 +315,99 @@ impl std::str::FromStr for JsonValue {
 pub struct LocalArgs {
     #[command(flatten)]
     pub supervisor: SupervisorArgs,
+
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
+
+    /// Directory of the supervisor's state database (created if missing).
+    #[arg(
+        long,
+        env = "STATE_DIR",
+        value_name = "STATE_DIR",
+        default_value = "/var/lib/vap-runner",
+        global = true
+    )]
+    pub state_dir: PathBuf,
+
+    /// A YAML or JSON list of scenarios to run ({scenario_uuid, camera_url, worker_id?, fps?, model?}); re-read on SIGHUP.
+    #[arg(long, env = "SCENARIOS_FILE", value_name = "SCENARIOS_FILE")]
+    pub scenarios: Option<PathBuf>,
+
+    /// Consume to_deploy / to_undeploy and publish scenario_events (default: true without a scenarios file, false with one).
+    #[arg(long, env = "KAFKA_INGEST", value_name = "KAFKA_INGEST", action = clap::ArgAction::Set)]
+    pub kafka_ingest: Option<bool>,
+
+    /// Exit with status 0 once every scenario has ended (only without Kafka ingest): for batch runs over files.
+    #[arg(long, env = "EXIT_WHEN_DONE")]
+    pub exit_when_done: bool,
+
+    /// Topic of deploy requests.
+    #[arg(long, env = "DEPLOY_TOPIC", default_value = "to_deploy")]
+    pub deploy_topic: String,
+
+    /// Topic of undeploy requests.
+    #[arg(long, env = "UNDEPLOY_TOPIC", default_value = "to_undeploy")]
+    pub undeploy_topic: String,
+
+    /// Topic invalid requests are copied to, with the reason in a header.
+    #[arg(long, env = "DLQ_TOPIC", default_value = "to_deploy.dlq")]
+    pub dlq_topic: String,
+
+    /// Topic every phase change is published to.
+    #[arg(long, env = "EVENTS_TOPIC", default_value = "scenario_events")]
+    pub events_topic: String,
+
+    /// Restarts of a failing worker before its scenario is Failed.
+    #[arg(
+        long,
+        env = "RESTART_BUDGET",
+        value_name = "RESTART_BUDGET",
+        default_value = "5"
+    )]
+    pub restart_budget: u32,
+
+    /// First restart delay in milliseconds; it doubles per restart, with jitter.
+    #[arg(
+        long,
+        env = "RESTART_BACKOFF_MS",
+        value_name = "RESTART_BACKOFF_MS",
+        default_value = "1000"
+    )]
+    pub restart_backoff_ms: Millis,
+
+    /// Longest restart delay in milliseconds.
+    #[arg(
+        long,
+        env = "RESTART_BACKOFF_MAX_MS",
+        value_name = "RESTART_BACKOFF_MAX_MS",
+        default_value = "60000"
+    )]
+    pub restart_backoff_max_ms: Millis,
+
+    /// Milliseconds a worker gets to stop after SIGTERM before SIGKILL.
+    #[arg(
+        long,
+        env = "STOP_GRACE_MS",
+        value_name = "STOP_GRACE_MS",
+        default_value = "15000"
+    )]
+    pub stop_grace_ms: Millis,
+
+    /// Extra `runner worker` arguments for every worker, after `--` (for example `-- --model hog --realtime`).
+    #[arg(last = true, value_name = "WORKER_ARGS")]
+    pub worker_args: Vec<String>,
+
+    #[command(subcommand)]
+    pub action: Option<LocalAction>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum LocalAction {
+    /// Print the scenarios in STATE_DIR (UUID, phase, PID, worker, restarts, age, queue position).
+    List,
 }
 
 /// Which detector a worker runs.

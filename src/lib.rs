@@ -11,6 +11,7 @@ pub mod detector;
 pub mod host_policy;
 pub mod http;
 pub mod ingest;
+pub mod local;
 pub mod messages;
 pub mod sampler;
 pub mod scenario;

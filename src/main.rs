@@ -4,7 +4,7 @@ use clap::Parser;
 use clap::error::ErrorKind;
 use vap_runner::cli::{Cli, Command};
 use vap_runner::controller::{self, crd};
-use vap_runner::{telemetry, worker};
+use vap_runner::{local, telemetry, worker};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -22,9 +22,8 @@ fn main() -> ExitCode {
         Command::Worker(args) => worker::main(*args).map_err(Into::into),
         Command::Controller(args) => controller::main(*args, cli.log_level).map_err(Into::into),
         Command::Crd => print_crd(),
-        Command::Local(_) => {
-            eprintln!("runner {name}: not implemented in this build");
-            return ExitCode::from(3);
+        Command::Local(args) => {
+            local::main(*args, cli.log_level, cli.log_format).map_err(Into::into)
         }
     };
     match result {

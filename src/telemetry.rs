@@ -20,6 +20,10 @@ pub fn init(level: LogLevel, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written (standard error closed, as for a
+        // worker whose supervisor died) is dropped; reporting that on the same
+        // broken standard error would panic and end the process.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     // A second call (as in tests) keeps the first subscriber.
     let _ = match format {

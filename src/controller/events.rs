@@ -6,21 +6,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde::Serialize;
 
 use super::crd::Phase;
 use super::metrics::ControllerMetrics;
 use crate::messages::wire_timestamp;
 
-/// One `scenario_events` message (key = scenario UUID).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PhaseEvent<'a> {
-    pub scenario_uuid: &'a str,
-    pub phase: &'a str,
-    pub reason: &'a str,
-    pub message: &'a str,
-    pub timestamp: String,
-}
+pub use crate::scenario::events::PhaseEvent;
 
 #[derive(Clone)]
 pub struct PhasePublisher {

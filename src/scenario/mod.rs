@@ -5,7 +5,10 @@
 //! processes) both carry out what these functions decide.
 
 pub mod admission;
+pub mod events;
+pub mod lifecycle;
 pub mod ordering;
 pub mod phase;
+pub mod supervision;
 
 pub use phase::Phase;

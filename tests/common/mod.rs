@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod controller;
+pub mod local;
 
 use std::future::Future;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -144,6 +145,12 @@ pub fn runner() -> std::process::Command {
         "MAX_WORKERS",
         "CONSUMER_GROUP",
         "LOG_LEVEL",
+        "STATE_DIR",
+        "SCENARIOS_FILE",
+        "KAFKA_INGEST",
+        "EXIT_WHEN_DONE",
+        "RESTART_BUDGET",
+        "STOP_GRACE_MS",
     ] {
         cmd.env_remove(var);
     }

@@ -1,0 +1,324 @@
+//! `runner local`: the runner without Kubernetes. Workers are child processes
+//! of the supervisor instead of Pods; what the runner decides (command
+//! ordering, admission, lifecycle, events) is the shared [`crate::scenario`].
+//!
+//! Pipeline: Kafka `to_deploy`/`to_undeploy` (the shared [`crate::ingest`]
+//! loop with [`commands::LocalCommands`]) and the scenarios file
+//! ([`scenarios_file`]) → the state store in STATE_DIR ([`state`]) →
+//! [`supervisor`] starts, restarts and stops `runner worker` processes
+//! ([`process`]) → phase changes go to `scenario_events` ([`events`]).
+
+pub mod commands;
+pub mod events;
+pub mod list;
+pub mod metrics;
+pub mod process;
+pub mod scenarios_file;
+pub mod state;
+pub mod supervisor;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::producer::FutureProducer;
+use tokio::sync::{Notify, watch};
+
+use crate::cli::{LocalAction, LocalArgs};
+use crate::config::{LogFormat, LogLevel};
+use crate::ingest::{Ingest, IngestConfig};
+use crate::scenario::lifecycle::RestartPolicy;
+use crate::scenario::ordering::Stamp;
+use commands::LocalCommands;
+use metrics::{LocalMetrics, ReasonLabels};
+use process::WorkerCommand;
+use scenarios_file::FileCommand;
+use state::StateStore;
+use supervisor::{Settings, Supervisor, SupervisorError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    ScenariosFile(#[from] scenarios_file::FileError),
+    #[error("cannot configure Kafka at KAFKA_BOOTSTRAP_SERVERS={servers}: {source}")]
+    Kafka {
+        servers: String,
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("cannot serve metrics on METRICS_ADDR={addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestError),
+    #[error("cannot find the runner binary to start workers with: {0}")]
+    Program(std::io::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+pub fn main(args: LocalArgs, log_level: LogLevel, log_format: LogFormat) -> Result<(), LocalError> {
+    if let Some(LocalAction::List) = args.action {
+        let store = StateStore::open_read_only(&args.state_dir)?;
+        print!("{}", list::table(&store.all()?, chrono::Utc::now()));
+        return Ok(());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(LocalError::Runtime)?
+        .block_on(run(args, log_level, log_format))
+}
+
+async fn run(
+    args: LocalArgs,
+    log_level: LogLevel,
+    log_format: LogFormat,
+) -> Result<(), LocalError> {
+    let sup = &args.supervisor;
+    let servers = sup.kafka.kafka_bootstrap_servers.to_string();
+    // Creates the directory; one supervisor per STATE_DIR from here on.
+    let _lock = state::DirLock::take(&args.state_dir)?;
+    let state_dir = args
+        .state_dir
+        .canonicalize()
+        .map_err(|source| state::StateError::Dir {
+            path: args.state_dir.clone(),
+            source,
+        })?;
+    let state = Arc::new(StateStore::open(&state_dir)?);
+    let file_root = args.worker.video_file_root.clone();
+    // A bad scenarios file stops start-up; on SIGHUP it only logs.
+    let initial = match &args.scenarios {
+        Some(path) => Some(scenarios_file::load(path, file_root.as_deref())?),
+        None => None,
+    };
+
+    let (metrics, registry) = LocalMetrics::new();
+    let metrics = Arc::new(metrics);
+    let (bound, server) = crate::http::bind(args.http.metrics_addr, registry, metrics.clone())
+        .await
+        .map_err(|source| LocalError::Metrics {
+            addr: args.http.metrics_addr,
+            source,
+        })?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    let server = tokio::spawn(server);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn({
+        let stop_tx = stop_tx.clone();
+        async move {
+            crate::signals::stop_requested().await;
+            let _ = stop_tx.send(true);
+        }
+    });
+
+    let use_kafka = args.kafka_ingest.unwrap_or(args.scenarios.is_none());
+    let kafka_err = |source| LocalError::Kafka {
+        servers: servers.clone(),
+        source,
+    };
+    let producer: Option<FutureProducer> = if use_kafka {
+        Some(
+            ClientConfig::new()
+                .set("bootstrap.servers", &servers)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .create()
+                .map_err(kafka_err)?,
+        )
+    } else {
+        None
+    };
+
+    let mut env = vec![
+        ("KAFKA_BOOTSTRAP_SERVERS".to_string(), servers.clone()),
+        (
+            "RESULTS_TOPIC".to_string(),
+            args.worker.results_topic.clone(),
+        ),
+        ("LOG_LEVEL".to_string(), log_level.to_string()),
+        (
+            "LOG_FORMAT".to_string(),
+            match log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            }
+            .to_string(),
+        ),
+        // Each worker serves its own /metrics on a free local port.
+        ("METRICS_ADDR".to_string(), "127.0.0.1:0".to_string()),
+    ];
+    if let Some(root) = &file_root {
+        env.push(("VIDEO_FILE_ROOT".to_string(), root.display().to_string()));
+    }
+    let settings = Settings {
+        max_workers: sup.max_workers.0,
+        policy: RestartPolicy {
+            budget: args.restart_budget,
+            base_delay: args.restart_backoff_ms.0,
+            max_delay: args.restart_backoff_max_ms.0,
+        },
+        stop_grace: args.stop_grace_ms.0,
+        worker: WorkerCommand {
+            program: std::env::current_exe().map_err(LocalError::Program)?,
+            state_dir: state_dir.clone(),
+            env,
+            extra_args: args.worker_args.clone(),
+        },
+        default_fps: sup.video_fps.to_string(),
+        default_model: args.worker.model.as_str().to_string(),
+        json_logs: log_format == LogFormat::Json,
+        state_dir: state_dir.clone(),
+        exit_when_done: args.exit_when_done && !use_kafka,
+    };
+    let wake = Arc::new(Notify::new());
+    let events = events::PhaseEvents {
+        kafka: producer.clone().map(|p| (p, args.events_topic.clone())),
+        metrics: metrics.clone(),
+    };
+    let mut supervisor = Supervisor::new(
+        state.clone(),
+        settings,
+        events,
+        metrics.clone(),
+        wake.clone(),
+    );
+    // Workers a killed predecessor left behind stop before anything starts.
+    supervisor.recover().await?;
+
+    if let (Some(path), Some(wanted)) = (&args.scenarios, initial) {
+        apply_file(&state, wanted, path)?;
+        tokio::spawn(reload_on_sighup(
+            path.clone(),
+            file_root.clone(),
+            state.clone(),
+            wake.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
+    }
+
+    let ingest = match producer {
+        Some(producer) => {
+            let consumer: StreamConsumer =
+                crate::ingest::consumer_config(&servers, &sup.consumer_group)
+                    .create()
+                    .map_err(kafka_err)?;
+            let ingest = Ingest {
+                consumer,
+                producer,
+                store: LocalCommands {
+                    state: state.clone(),
+                    wake: wake.clone(),
+                },
+                config: IngestConfig {
+                    deploy_topic: args.deploy_topic.clone(),
+                    undeploy_topic: args.undeploy_topic.clone(),
+                    dlq_topic: args.dlq_topic.clone(),
+                    video_file_root: file_root.clone(),
+                },
+                metrics: metrics.ingest.clone(),
+            };
+            Some(tokio::spawn(ingest.run(stop_rx.clone())))
+        }
+        None => None,
+    };
+
+    metrics.set_ready();
+    tracing::info!(
+        state_dir = %state_dir.display(),
+        max_workers = sup.max_workers.0,
+        kafka = use_kafka,
+        scenarios_file = ?args.scenarios,
+        "local supervisor running"
+    );
+    supervisor.run(stop_rx).await;
+    let _ = stop_tx.send(true);
+    server.abort();
+    if let Some(ingest) = ingest
+        && let Ok(Err(e)) = ingest.await
+    {
+        return Err(e.into());
+    }
+    tracing::info!("local supervisor stopped");
+    Ok(())
+}
+
+/// Stores what the scenarios file calls for, each command stamped with the
+/// load time (the entry's index orders commands within one load).
+fn apply_file(
+    state: &StateStore,
+    wanted: Vec<scenarios_file::Wanted>,
+    path: &Path,
+) -> Result<(), LocalError> {
+    let now = chrono::Utc::now();
+    let commands = scenarios_file::plan(&wanted, &state.all()?);
+    tracing::info!(file = %path.display(), scenarios = wanted.len(), changes = commands.len(), "scenarios file loaded");
+    for (i, command) in commands.into_iter().enumerate() {
+        let at = Stamp {
+            timestamp_ms: now.timestamp_millis(),
+            offset: i as i64,
+        };
+        match command {
+            FileCommand::Deploy(w) => {
+                state.update(&w.uuid, |r| {
+                    commands::apply_deploy(r, &w.uuid, w.target, at, now)
+                })?;
+            }
+            FileCommand::Undeploy(uuid) => {
+                state.update(&uuid, |r| commands::apply_undeploy(r, &uuid, at, now))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn reload_on_sighup(
+    path: PathBuf,
+    file_root: Option<PathBuf>,
+    state: Arc<StateStore>,
+    wake: Arc<Notify>,
+    metrics: Arc<LocalMetrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install a SIGHUP handler; the scenarios file is read at start only");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {}
+            _ = stop.changed() => return,
+        }
+        tracing::info!(file = %path.display(), "SIGHUP received; reloading the scenarios file");
+        let loaded = scenarios_file::load(&path, file_root.as_deref())
+            .map_err(LocalError::from)
+            .and_then(|wanted| apply_file(&state, wanted, &path));
+        match loaded {
+            Ok(()) => wake.notify_one(),
+            Err(e) => {
+                let reason = match &e {
+                    LocalError::ScenariosFile(f) => f.category(),
+                    _ => "state",
+                };
+                metrics
+                    .scenarios_file_errors
+                    .get_or_create(&ReasonLabels { reason })
+                    .inc();
+                tracing::error!(
+                    "scenarios file not applied, the running scenarios are unchanged: {e}"
+                );
+            }
+        }
+    }
+}

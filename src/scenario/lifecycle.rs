@@ -1,0 +1,232 @@
+//! What follows when a worker ends, whoever ran it: the scenario's next phase,
+//! whether the worker is restarted, and the reason and message published with
+//! the change.
+//!
+//! A worker that exits 0 finished its source (a clip ended): Succeeded. One
+//! that exits non-zero or is killed is restarted with exponential backoff
+//! until the restart budget is spent, then Failed. A worker ended on purpose
+//! (undeployed, replaced by a newer deploy, or the supervisor stopping) is
+//! never counted as a failure.
+
+use std::time::Duration;
+
+use super::Phase;
+use crate::backoff::Backoff;
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this status code.
+    Code(i32),
+    /// A signal ended it.
+    Signal(i32),
+}
+
+impl Exit {
+    pub fn describe(self) -> String {
+        match self {
+            Exit::Code(code) => format!("worker exited with code {code}"),
+            Exit::Signal(9) => "worker was killed by signal 9 (SIGKILL)".to_string(),
+            Exit::Signal(15) => "worker was ended by signal 15 (SIGTERM)".to_string(),
+            Exit::Signal(sig) => format!("worker was ended by signal {sig}"),
+        }
+    }
+}
+
+/// Why the scenario's worker is no longer wanted, if it is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// The worker should still be running: it ended by itself.
+    Run,
+    /// `to_undeploy` (or removal from the scenarios file) stopped the scenario.
+    Stop,
+    /// A newer deploy replaced the worker (another camera or `worker_id`), or
+    /// asked for a fresh run.
+    Supersede,
+    /// The supervisor itself is stopping; the scenario resumes on its next start.
+    Shutdown,
+}
+
+/// Restart settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Restarts allowed per run before the scenario is Failed.
+    pub budget: u32,
+    /// First restart delay; it doubles per restart up to `max_delay`.
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+/// The scenario's next step after its worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Phase Succeeded; the slot frees.
+    Succeeded,
+    /// Restart number `restart` (1-based) after `delay`; the slot stays held.
+    Restart { restart: u32, delay: Duration },
+    /// Phase Failed: the budget is spent; the slot frees.
+    Failed,
+    /// Phase Stopped; the slot frees.
+    Stopped,
+    /// Back to the queue, keeping its place (a replaced or re-run worker).
+    Requeue,
+    /// Keep the recorded phase: the supervisor is stopping.
+    Keep,
+}
+
+/// Decides what follows a worker's end. `restarts` is the number of restarts
+/// of the current run so far; `jitter` in 0.0..=1.0 spreads restart delays.
+pub fn after_exit(
+    intent: Intent,
+    exit: Exit,
+    restarts: u32,
+    policy: &RestartPolicy,
+    jitter: f64,
+) -> Next {
+    match intent {
+        Intent::Stop => Next::Stopped,
+        Intent::Supersede => Next::Requeue,
+        Intent::Shutdown => Next::Keep,
+        Intent::Run if exit == Exit::Code(0) => Next::Succeeded,
+        Intent::Run if restarts < policy.budget => Next::Restart {
+            restart: restarts + 1,
+            delay: Backoff::new(policy.base_delay, policy.max_delay).delay(restarts, jitter),
+        },
+        Intent::Run => Next::Failed,
+    }
+}
+
+/// The reason and message published with a change to `phase`.
+pub fn phase_reason(phase: Phase) -> (&'static str, &'static str) {
+    match phase {
+        Phase::Queued => (
+            "WaitingForSlot",
+            "all MAX_WORKERS slots are taken; waiting in FIFO order",
+        ),
+        Phase::Starting => ("BackOff", "worker ended; restarting after a delay"),
+        Phase::Running => ("WorkerStarted", "worker is running"),
+        Phase::Succeeded => ("WorkerSucceeded", "worker finished"),
+        Phase::Failed => ("WorkerFailed", "worker failed"),
+        Phase::Stopped => ("Undeployed", "stopped by to_undeploy"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: RestartPolicy = RestartPolicy {
+        budget: 2,
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_millis(300),
+    };
+
+    #[test]
+    fn after_exit_table() {
+        let ms = Duration::from_millis;
+        let cases = [
+            ("clip ended", Intent::Run, Exit::Code(0), 0, Next::Succeeded),
+            (
+                "clip ended after restarts",
+                Intent::Run,
+                Exit::Code(0),
+                2,
+                Next::Succeeded,
+            ),
+            (
+                "first failure",
+                Intent::Run,
+                Exit::Code(1),
+                0,
+                Next::Restart {
+                    restart: 1,
+                    delay: ms(100),
+                },
+            ),
+            (
+                "killed",
+                Intent::Run,
+                Exit::Signal(9),
+                1,
+                Next::Restart {
+                    restart: 2,
+                    delay: ms(200),
+                },
+            ),
+            ("budget spent", Intent::Run, Exit::Code(1), 2, Next::Failed),
+            (
+                "killed, budget spent",
+                Intent::Run,
+                Exit::Signal(9),
+                2,
+                Next::Failed,
+            ),
+            (
+                "undeployed, clean exit",
+                Intent::Stop,
+                Exit::Code(0),
+                0,
+                Next::Stopped,
+            ),
+            (
+                "undeployed, SIGKILL after the grace",
+                Intent::Stop,
+                Exit::Signal(9),
+                2,
+                Next::Stopped,
+            ),
+            (
+                "replaced",
+                Intent::Supersede,
+                Exit::Signal(15),
+                0,
+                Next::Requeue,
+            ),
+            (
+                "supervisor stopping",
+                Intent::Shutdown,
+                Exit::Code(0),
+                0,
+                Next::Keep,
+            ),
+        ];
+        for (name, intent, exit, restarts, want) in cases {
+            assert_eq!(
+                after_exit(intent, exit, restarts, &POLICY, 1.0),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn restart_delays_are_capped() {
+        let policy = RestartPolicy {
+            budget: 100,
+            ..POLICY
+        };
+        let Next::Restart { delay, .. } = after_exit(Intent::Run, Exit::Code(1), 50, &policy, 1.0)
+        else {
+            panic!("a restart within the budget");
+        };
+        assert_eq!(delay, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn a_zero_budget_fails_at_once() {
+        let policy = RestartPolicy {
+            budget: 0,
+            ..POLICY
+        };
+        assert_eq!(
+            after_exit(Intent::Run, Exit::Code(3), 0, &policy, 0.5),
+            Next::Failed
+        );
+    }
+
+    #[test]
+    fn exits_are_described_for_people() {
+        assert_eq!(Exit::Code(2).describe(), "worker exited with code 2");
+        assert!(Exit::Signal(9).describe().contains("SIGKILL"));
+    }
+}
