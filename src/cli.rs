@@ -322,6 +322,9 @@ pub struct LocalArgs {
     #[command(flatten)]
     pub http: HttpArgs,
 
+    #[command(flatten)]
+    pub camera_policy: CameraPolicyArgs,
+
     /// Directory of the supervisor's state database (created if missing).
     #[arg(
         long,

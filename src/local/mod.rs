@@ -160,6 +160,15 @@ async fn run(
     if let Some(root) = &file_root {
         env.push(("VIDEO_FILE_ROOT".to_string(), root.display().to_string()));
     }
+    // The camera host policy is checked at ingest and again by each worker
+    // after it resolves the camera's name.
+    let camera_policy = args.camera_policy.policy(crate::host_policy::Mode::Local);
+    env.extend(
+        camera_policy
+            .worker_env()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+    );
     let settings = Settings {
         max_workers: sup.max_workers.0,
         policy: RestartPolicy {
@@ -225,6 +234,7 @@ async fn run(
                     undeploy_topic: args.undeploy_topic.clone(),
                     dlq_topic: args.dlq_topic.clone(),
                     video_file_root: file_root.clone(),
+                    camera_policy,
                 },
                 metrics: metrics.ingest.clone(),
             };
