@@ -1,24 +1,40 @@
 //! The operator's [`CommandStore`]: commands become `Scenario` objects in the
 //! Kubernetes API. The Kafka side (parsing, dead letters, offsets, retries) is
 //! the shared [`crate::ingest`].
+//!
+//! Commands for one scenario are ordered by [`crate::scenario::ordering`]:
+//! the Scenario records the stamps of the newest deploy and undeploy applied
+//! (`spec.applied`), and each command reads the Scenario, decides, and writes
+//! it back with the resourceVersion it read, so two writers never both win.
+//! An undeploy for a scenario that does not exist yet leaves a stopped
+//! tombstone; a deploy that runs the scenario again, or replaces its worker,
+//! starts a new run (`spec.run`), whose worker replaces any older one.
 
-use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
-use serde_json::json;
+use kube::api::PostParams;
+use kube::{Api, ResourceExt};
 
-use super::crd::{Scenario, ScenarioSpec};
+use super::crd::{Phase, Scenario, ScenarioSpec};
 use super::pod::{self, ANNOTATION_ENQUEUED_AT, LABEL_RUNNER, LABEL_SCENARIO, label_value};
 use super::reconcile::FIELD_MANAGER;
 use crate::ingest::{CommandStore, Effect, StoreError};
 use crate::messages::{DeployRequest, UndeployRequest};
-use crate::scenario::ordering::{DeployDecision, Stale, Stamp, UndeployDecision};
+use crate::scenario::ordering::{self, Applied, Current, DeployDecision, Stamp, UndeployDecision};
+
+/// Read-decide-write rounds before a command is handed back to ingest's
+/// retry loop (each lost round means another writer changed the Scenario).
+const CONFLICT_ROUNDS: usize = 5;
 
 pub struct ScenarioStore {
     pub scenarios: Api<Scenario>,
     pub runner_name: String,
 }
 
+fn now_annotation() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
 impl ScenarioStore {
+    /// The Scenario a deploy request asks for (its first run).
     fn scenario_for(&self, req: &DeployRequest) -> Scenario {
         let uuid = req.scenario_uuid.to_string();
         let mut scenario = Scenario::new(
@@ -30,24 +46,115 @@ impl ScenarioStore {
                 fps: None,
                 model: None,
                 stopped: false,
+                applied: Applied::default(),
+                run: 1,
             },
         );
+        self.label(&mut scenario, &uuid);
+        scenario
+    }
+
+    /// A stopped Scenario with no worker, written by an undeploy read before
+    /// any deploy: an older deploy read later cannot start it.
+    fn tombstone_for(&self, req: &UndeployRequest) -> Scenario {
+        let uuid = req.scenario_uuid.to_string();
+        let mut scenario = Scenario::new(
+            &pod::scenario_name(&uuid),
+            ScenarioSpec {
+                scenario_uuid: uuid.clone(),
+                worker_id: String::new(),
+                camera_url: String::new(),
+                fps: None,
+                model: None,
+                stopped: false,
+                applied: Applied::default(),
+                run: 0,
+            },
+        );
+        self.label(&mut scenario, &uuid);
+        scenario
+    }
+
+    fn label(&self, scenario: &mut Scenario, uuid: &str) {
         scenario.metadata.labels = Some(
             [
                 (LABEL_RUNNER.to_string(), label_value(&self.runner_name)),
-                (LABEL_SCENARIO.to_string(), label_value(&uuid)),
+                (LABEL_SCENARIO.to_string(), label_value(uuid)),
             ]
             .into(),
         );
-        scenario.metadata.annotations = Some(
-            [(
-                ANNOTATION_ENQUEUED_AT.to_string(),
-                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-            )]
-            .into(),
-        );
-        scenario
+        scenario.metadata.annotations =
+            Some([(ANNOTATION_ENQUEUED_AT.to_string(), now_annotation())].into());
     }
+
+    fn params() -> PostParams {
+        PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Creates `scenario`; `Ok(false)` when another writer created it first.
+    async fn create(&self, scenario: &Scenario) -> Result<bool, StoreError> {
+        match self.scenarios.create(&Self::params(), scenario).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
+    /// Writes `scenario` back if nobody changed it since it was read;
+    /// `Ok(false)` when someone did.
+    async fn replace(&self, scenario: &Scenario) -> Result<bool, StoreError> {
+        match self
+            .scenarios
+            .replace(&scenario.name_any(), &Self::params(), scenario)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+}
+
+/// The existing Scenario as a deploy of `wanted` sees it.
+pub fn current(existing: &Scenario, wanted: &ScenarioSpec) -> Current {
+    let finished = existing.status.as_ref().is_some_and(|st| {
+        st.observed_run == existing.spec.run
+            && st
+                .phase
+                .is_some_and(|p| matches!(p, Phase::Succeeded | Phase::Failed))
+    });
+    Current {
+        applied: existing.spec.applied,
+        finished,
+        same_target: existing.spec.camera_url == wanted.camera_url
+            && existing.spec.worker_id == wanted.worker_id,
+    }
+}
+
+/// `existing` after a deploy of `wanted` decided as `decision` at `at`.
+pub fn deployed(
+    mut existing: Scenario,
+    wanted: &ScenarioSpec,
+    decision: DeployDecision,
+    at: Stamp,
+) -> Scenario {
+    existing.spec.applied = ordering::after_deploy(existing.spec.applied, decision, at);
+    if matches!(decision, DeployDecision::Rerun | DeployDecision::Replace) {
+        existing.spec.camera_url = wanted.camera_url.clone();
+        existing.spec.worker_id = wanted.worker_id.clone();
+        existing.spec.run += 1;
+    }
+    if decision == DeployDecision::Rerun {
+        // A fresh run queues behind the scenarios waiting now; a replaced
+        // worker keeps its place.
+        existing
+            .annotations_mut()
+            .insert(ANNOTATION_ENQUEUED_AT.to_string(), now_annotation());
+    }
+    existing
 }
 
 /// Sorts an API error into what ingest does with it: 400 and 422 are the API
@@ -62,43 +169,131 @@ fn store_error(e: kube::Error) -> StoreError {
     }
 }
 
+fn conflicted(name: &str) -> StoreError {
+    StoreError::Transient(format!(
+        "Scenario {name} kept changing while it was written; retrying"
+    ))
+}
+
 impl CommandStore for ScenarioStore {
     fn rejected_category(&self) -> &'static str {
         "rejected_by_kubernetes"
     }
 
-    /// Creates the Scenario unless it exists: duplicates and replays (also of
-    /// a stopped scenario) change nothing.
-    async fn deploy(&self, req: &DeployRequest, _at: Stamp) -> Result<Effect, StoreError> {
-        let scenario = self.scenario_for(req);
-        let params = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        match self.scenarios.create(&params, &scenario).await {
-            Ok(_) => Ok(Effect::Deploy(DeployDecision::Create)),
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                Ok(Effect::Deploy(DeployDecision::Ignore(Stale::Replay)))
+    async fn deploy(&self, req: &DeployRequest, at: Stamp) -> Result<Effect, StoreError> {
+        let mut wanted = self.scenario_for(req);
+        let name = wanted.name_any();
+        for _ in 0..CONFLICT_ROUNDS {
+            let existing = self.scenarios.get_opt(&name).await.map_err(store_error)?;
+            let Some(existing) = existing else {
+                let decision = ordering::on_deploy(None, at);
+                wanted.spec.applied = ordering::after_deploy(Applied::default(), decision, at);
+                if self.create(&wanted).await? {
+                    return Ok(Effect::Deploy(decision));
+                }
+                continue;
+            };
+            let decision = ordering::on_deploy(Some(current(&existing, &wanted.spec)), at);
+            if let DeployDecision::Ignore(_) = decision {
+                return Ok(Effect::Deploy(decision));
             }
-            Err(e) => Err(store_error(e)),
+            if self
+                .replace(&deployed(existing, &wanted.spec, decision, at))
+                .await?
+            {
+                return Ok(Effect::Deploy(decision));
+            }
+        }
+        Err(conflicted(&name))
+    }
+
+    async fn undeploy(&self, req: &UndeployRequest, at: Stamp) -> Result<Effect, StoreError> {
+        let mut tombstone = self.tombstone_for(req);
+        let name = tombstone.name_any();
+        for _ in 0..CONFLICT_ROUNDS {
+            let existing = self.scenarios.get_opt(&name).await.map_err(store_error)?;
+            let Some(mut existing) = existing else {
+                let decision = ordering::on_undeploy(None, at);
+                tombstone.spec.applied = ordering::after_undeploy(Applied::default(), decision, at);
+                if self.create(&tombstone).await? {
+                    let scenario = req.scenario_uuid;
+                    tracing::info!(%scenario, "to_undeploy before any deploy: a stopped tombstone keeps older deploys out");
+                    return Ok(Effect::Undeploy(decision));
+                }
+                continue;
+            };
+            let decision = ordering::on_undeploy(Some(existing.spec.applied), at);
+            if let UndeployDecision::Ignore(_) = decision {
+                return Ok(Effect::Undeploy(decision));
+            }
+            existing.spec.applied = ordering::after_undeploy(existing.spec.applied, decision, at);
+            if self.replace(&existing).await? {
+                return Ok(Effect::Undeploy(decision));
+            }
+        }
+        Err(conflicted(&name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::crd::ScenarioStatus;
+
+    fn stamp(ms: i64) -> Stamp {
+        Stamp {
+            timestamp_ms: ms,
+            offset: 0,
         }
     }
 
-    async fn undeploy(&self, req: &UndeployRequest, _at: Stamp) -> Result<Effect, StoreError> {
-        let name = pod::scenario_name(&req.scenario_uuid.to_string());
-        let patch = Patch::Merge(json!({"spec": {"stopped": true}}));
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
+    fn spec(camera: &str) -> ScenarioSpec {
+        crate::controller::crd::example_spec(camera)
+    }
+
+    #[test]
+    fn a_newer_deploy_with_another_camera_starts_a_new_run() {
+        let existing = Scenario::new("scn-x", spec("rtsp://a/1"));
+        let wanted = spec("rtsp://b/2");
+        let c = current(&existing, &wanted);
+        assert!(!c.same_target && !c.finished);
+        let decision = ordering::on_deploy(Some(c), stamp(200));
+        assert_eq!(decision, DeployDecision::Replace);
+        let next = deployed(existing, &wanted, decision, stamp(200));
+        assert_eq!(next.spec.camera_url, "rtsp://b/2");
+        assert_eq!(next.spec.run, 2);
+        assert_eq!(next.spec.applied.deploy, Some(stamp(200)));
+    }
+
+    #[test]
+    fn a_refresh_keeps_the_run_and_a_finished_run_is_rerun() {
+        let existing = Scenario::new("scn-x", spec("rtsp://a/1"));
+        let wanted = spec("rtsp://a/1");
+        let next = deployed(
+            existing.clone(),
+            &wanted,
+            DeployDecision::Refresh,
+            stamp(150),
+        );
+        assert_eq!(
+            (next.spec.run, next.spec.applied.deploy),
+            (1, Some(stamp(150)))
+        );
+
+        let mut finished = existing;
+        finished.status = Some(ScenarioStatus {
+            phase: Some(Phase::Succeeded),
+            observed_run: 1,
             ..Default::default()
-        };
-        match self.scenarios.patch(&name, &params, &patch).await {
-            Ok(_) => Ok(Effect::Undeploy(UndeployDecision::Stop)),
-            Err(kube::Error::Api(e)) if e.code == 404 => {
-                let scenario = req.scenario_uuid;
-                tracing::warn!(%scenario, "to_undeploy for an unknown scenario; nothing to stop");
-                Ok(Effect::Undeploy(UndeployDecision::Ignore(Stale::Overtaken)))
-            }
-            Err(e) => Err(store_error(e)),
-        }
+        });
+        let c = current(&finished, &wanted);
+        assert!(c.finished);
+        assert_eq!(
+            ordering::on_deploy(Some(c), stamp(300)),
+            DeployDecision::Rerun
+        );
+        let rerun = deployed(finished, &wanted, DeployDecision::Rerun, stamp(300));
+        assert_eq!(rerun.spec.run, 2);
+        assert!(rerun.annotations().contains_key(ANNOTATION_ENQUEUED_AT));
     }
 }
