@@ -106,9 +106,12 @@ impl ScenarioStore {
     /// Writes `scenario` back if nobody changed it since it was read;
     /// `Ok(false)` when someone did.
     async fn replace(&self, scenario: &Scenario) -> Result<bool, StoreError> {
+        // The server keeps its own record of field managers.
+        let mut scenario = scenario.clone();
+        scenario.metadata.managed_fields = None;
         match self
             .scenarios
-            .replace(&scenario.name_any(), &Self::params(), scenario)
+            .replace(&scenario.name_any(), &Self::params(), &scenario)
             .await
         {
             Ok(_) => Ok(true),

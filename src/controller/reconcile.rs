@@ -172,7 +172,14 @@ fn decide(ctx: &Context, adm: &mut Admission) -> (admission::Decision<String>, u
     let cached_names: HashSet<String> = cached.iter().map(|p| p.name_any()).collect();
     adm.pending
         .retain(|name, at| !cached_names.contains(name) && at.elapsed() < PENDING_GRACE);
-    let live = cached.iter().filter(|p| plan::holds_slot(p)).count() + adm.pending.len();
+    let holding: HashSet<String> = cached
+        .iter()
+        .filter(|p| plan::holds_slot(p))
+        .map(|p| p.name_any())
+        .collect();
+    let live = holding.len() + adm.pending.len();
+    // A Scenario whose ended Pod is still being replaced waits too, in its
+    // place: the slot it frees is not handed to a younger one meanwhile.
     let waiting: Vec<Waiting<String>> = ctx
         .scenarios
         .state()
@@ -181,7 +188,7 @@ fn decide(ctx: &Context, adm: &mut Admission) -> (admission::Decision<String>, u
         .filter(|s| wants_worker(s))
         .filter(|s| {
             let name = pod::pod_name(&s.spec.scenario_uuid);
-            !cached_names.contains(&name) && !adm.pending.contains_key(&name)
+            !holding.contains(&name) && !adm.pending.contains_key(&name)
         })
         .map(|s| Waiting {
             key: s.name_any(),
@@ -247,6 +254,9 @@ pub async fn reconcile(
 #[tracing::instrument(skip_all, fields(scenario = %scenario.name_any()))]
 async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, ReconcileError> {
     let namespace = scenario.namespace().ok_or(ReconcileError::NoNamespace)?;
+    if !ctx.leadership.holds() {
+        return Err(ReconcileError::NotLeader);
+    }
     ctx.pods
         .wait_until_ready()
         .await
@@ -256,6 +266,11 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         return Ok(Action::await_change());
     }
     let pod = pod_of(ctx, scenario);
+    if let Some(pod) = &pod {
+        // The cache shows it now: it no longer needs counting as pending
+        // (and must not be once it is gone).
+        ctx.admission.lock().await.pending.remove(&pod.name_any());
+    }
     let plan = if pod.is_none() && wants_worker(scenario) {
         // Admission and creation in one critical section.
         let mut adm = ctx.admission.lock().await;
