@@ -325,6 +325,9 @@ async fn kube_client(timeout: Option<Duration>) -> Result<Client, ControllerErro
         .map_err(|e| ControllerError::Kubernetes(kube::Error::InferConfig(e)))?;
     if let Some(timeout) = timeout {
         config.read_timeout = Some(timeout);
+        // Count from when each request is sent, not from when its pooled
+        // connection went idle.
+        config.reset_reader_on_write = true;
         config.write_timeout = Some(timeout);
         config.connect_timeout = Some(timeout);
     }

@@ -607,8 +607,9 @@ fn give_up(d: &mut Draft, pod: &Pod, restarts: u32, words: &str) {
 /// Adds the TTL clean-up and the requeue time.
 fn finish(mut d: Draft, rules: Rules) -> Plan {
     let terminal = d.status.phase.is_some_and(Phase::is_terminal);
+    // Events drive everything; a slow look-again is a safety net only (it
+    // costs no API call when nothing changed).
     let mut requeue = match d.status.phase {
-        Some(Phase::Queued) => None,
         Some(p) if p.is_terminal() => None,
         _ => Some(Duration::from_secs(300)),
     };

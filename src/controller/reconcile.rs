@@ -15,9 +15,11 @@
 //! Pod cache is complete before the first reconcile, and the deterministic Pod
 //! name turns a repeated creation into a harmless "already exists".
 //!
-//! The queue is event-driven: a Queued Scenario is not looked at again until
-//! something frees a slot (a Pod ends or disappears, a Scenario stops or
-//! finishes); then [`wake_queue`] wakes just the Scenarios that may start.
+//! The queue is event-driven: a Queued Scenario is served from the caches and
+//! looked at again when something frees a slot (a Pod ends or disappears, a
+//! Scenario stops or finishes): then [`wake_queue`] wakes just the Scenarios
+//! that may start. (A five-minute look-again is only a safety net; with
+//! nothing changed it makes no API call.)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
