@@ -888,10 +888,10 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
     assert!(
         forbidden(
             scenarios
-                .delete("scn-does-not-matter", &DeleteParams::default())
+                .delete_collection(&DeleteParams::default(), &ListParams::default())
                 .await
         ),
-        "the controller never deletes Scenarios, so its identity must not"
+        "the controller deletes finished Scenarios one by one, never in bulk, so its identity must not"
     );
     assert!(
         forbidden(
