@@ -287,11 +287,6 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         if plan.steps.contains(&Step::CreatePod) {
             plan = create_pod(ctx, &mut adm, scenario, plan).await?;
         }
-        for other in decision.start.into_iter().filter(|n| *n != me) {
-            let _ = ctx
-                .wake
-                .unbounded_send(ObjectRef::new(&other).within(&ctx.namespace));
-        }
         plan
     } else {
         plan::plan(scenario, pod.as_deref(), Slot::Full, ctx.rules, Utc::now())
