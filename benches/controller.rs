@@ -85,6 +85,21 @@ fn start_controller(bootstrap: &str, namespace: &str, max_workers: u64) -> Contr
     Controller(child)
 }
 
+/// Installs this build's Scenario CRD (again: on a shared test bed another
+/// checkout may have installed its own meanwhile).
+async fn apply_crd(client: &Client) {
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(include_str!("../crds/scenario.yaml")).unwrap();
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .patch(
+            "scenarios.runner.vap.io",
+            &PatchParams::apply("vap-runner-bench").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply CRD");
+}
+
 /// A namespace and topic set of one run.
 struct Bed {
     namespace: String,
@@ -94,6 +109,7 @@ struct Bed {
 
 impl Bed {
     async fn new(client: &Client, bootstrap: &str, label: &str) -> Bed {
+        apply_crd(client).await;
         let namespace = format!(
             "bench-{label}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..6]
@@ -332,16 +348,6 @@ async fn main() {
     let client = Client::try_default()
         .await
         .expect("KUBECONFIG for the test bed");
-    let crd: CustomResourceDefinition =
-        serde_yaml::from_str(include_str!("../crds/scenario.yaml")).unwrap();
-    Api::<CustomResourceDefinition>::all(client.clone())
-        .patch(
-            "scenarios.runner.vap.io",
-            &PatchParams::apply("vap-runner-bench").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("apply CRD");
 
     let rate = env_or("BENCH_RATE", 10);
     let seconds = env_or("BENCH_SECONDS", 60);

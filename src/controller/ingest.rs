@@ -186,15 +186,17 @@ impl CommandStore for ScenarioStore {
     async fn deploy(&self, req: &DeployRequest, at: Stamp) -> Result<Effect, StoreError> {
         let mut wanted = self.scenario_for(req);
         let name = wanted.name_any();
+        // Most deploys are for new scenarios: try to create first (one call),
+        // and read-decide-write only when the Scenario exists.
+        let create = ordering::on_deploy(None, at);
+        wanted.spec.applied = ordering::after_deploy(Applied::default(), create, at);
         for _ in 0..CONFLICT_ROUNDS {
+            if self.create(&wanted).await? {
+                return Ok(Effect::Deploy(create));
+            }
             let existing = self.scenarios.get_opt(&name).await.map_err(store_error)?;
             let Some(existing) = existing else {
-                let decision = ordering::on_deploy(None, at);
-                wanted.spec.applied = ordering::after_deploy(Applied::default(), decision, at);
-                if self.create(&wanted).await? {
-                    return Ok(Effect::Deploy(decision));
-                }
-                continue;
+                continue; // deleted meanwhile: create it
             };
             let decision = ordering::on_deploy(Some(current(&existing, &wanted.spec)), at);
             if let DeployDecision::Ignore(_) = decision {
