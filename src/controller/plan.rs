@@ -447,7 +447,9 @@ pub fn plan(
                 Some((reason, message)) => d.ready(false, &reason, &message),
                 None => d.ready(
                     false,
-                    "PodPending",
+                    // The same words as when it was created: no status write
+                    // while it is scheduled and its image pulled.
+                    "PodCreated",
                     "worker Pod created; waiting for it to run",
                 ),
             }
@@ -818,7 +820,7 @@ mod tests {
                 Some(pod(json!({"phase": "Pending"}))),
                 Full,
                 Starting,
-                ("False", "PodPending"),
+                ("False", "PodCreated"),
                 vec![],
             ),
             row(
