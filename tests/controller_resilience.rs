@@ -707,3 +707,28 @@ fn running_and_ready() -> serde_json::Value {
         }]
     })
 }
+
+#[tokio::test]
+async fn a_leader_stopped_with_sigterm_releases_its_lease() {
+    let bed = Bed::new("ctl-release").await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(bed.client.clone(), &bed.namespace);
+    let holder = || async {
+        let lease = leases.get_opt("vap-runner-leader").await.ok()??;
+        Some(lease.spec?.holder_identity.unwrap_or_default())
+    };
+    let mut leader = bed.start_controller(&[("POD_NAME", "replica-a")]);
+    wait_for("replica-a to lead", Duration::from_secs(60), || async {
+        (holder().await? == "replica-a").then_some(())
+    })
+    .await;
+    let mut standby = bed.start_controller(&[("POD_NAME", "replica-b")]);
+    assert!(leader.terminate().success(), "a clean exit on SIGTERM");
+    // Released on the way out: nobody has to wait for it to expire.
+    assert_ne!(holder().await.as_deref(), Some("replica-a"));
+    wait_for("replica-b to lead", Duration::from_secs(60), || async {
+        (holder().await? == "replica-b").then_some(())
+    })
+    .await;
+    standby.assert_running();
+}
