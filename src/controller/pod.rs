@@ -287,9 +287,10 @@ mod tests {
             "the camera URL is never a literal value"
         );
         let from = camera.value_from.as_ref().unwrap().secret_key_ref.as_ref();
+        // The Secret of the Scenario's current run (the fixture's run 3).
         assert_eq!(
             from.unwrap().name,
-            "scn-550e8400-e29b-41d4-a716-446655440000-camera"
+            "scn-550e8400-e29b-41d4-a716-446655440000-camera-r3"
         );
     }
 
