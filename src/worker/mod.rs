@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::camera_url::{CameraSource, CameraUrlError};
 use crate::cli::{SinkKind, WorkerArgs};
-use crate::detector::{self, DetectError, Detector};
+use crate::detector::{self, DetectError, Detector, DetectorConfig, YoloConfig};
 use crate::messages::{ResultMessage, wire_timestamp};
 use capture::{CaptureEnd, CaptureError, CaptureSettings, Frame};
 use handoff::Handoff;
@@ -82,6 +82,12 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     let server = tokio::spawn(server);
 
+    let detector =
+        detector::build(&detector_config(&args)).map_err(|source| WorkerError::Detector {
+            model: args.settings.model.as_str().to_string(),
+            source,
+        })?;
+
     let sink: Arc<dyn ResultSink> = match args.sink {
         SinkKind::Stdout => Arc::new(StdoutSink::new(metrics.clone())),
         SinkKind::Kafka => {
@@ -98,12 +104,6 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
             )
         }
     };
-    let detector = detector::build(args.settings.model, args.mock_seed).map_err(|source| {
-        WorkerError::Detector {
-            model: args.settings.model.as_str().to_string(),
-            source,
-        }
-    })?;
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let handoff = Arc::new(Handoff::<Frame>::default());
@@ -178,6 +178,22 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
     Ok(())
 }
 
+fn detector_config(args: &WorkerArgs) -> DetectorConfig {
+    let d = &args.detector;
+    DetectorConfig {
+        model: args.settings.model,
+        mock_seed: args.mock_seed,
+        yolo: YoloConfig {
+            model_dir: d.model_dir.clone(),
+            confidence: d.confidence_threshold,
+            nms: d.nms_threshold,
+            input_size: d.model_input_size,
+            classes: d.detect_classes.clone(),
+        },
+        threads: d.inference_threads.0,
+    }
+}
+
 /// Takes sampled frames until the hand-off closes; one result per frame.
 /// Returns the number of frames processed.
 fn detect_loop(
@@ -198,10 +214,16 @@ fn detect_loop(
                 continue;
             }
         };
-        metrics
-            .inference_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let inference = started.elapsed();
+        metrics.inference_seconds.observe(inference.as_secs_f64());
         frame_number += 1;
+        tracing::debug!(
+            %scenario,
+            frame_number,
+            detections = detections.len(),
+            inference_ms = inference.as_secs_f64() * 1000.0,
+            "frame processed"
+        );
         metrics.frames_processed.inc();
         metrics.detections.inc_by(detections.len() as u64);
         let result = ResultMessage {
