@@ -356,7 +356,7 @@ pub struct WorkerArgs {
     )]
     pub reconnect_max_ms: Millis,
 
-    /// Seconds without a frame after which /healthz fails, so Kubernetes restarts a stuck worker.
+    /// Seconds the capture loop or the detector may make no progress before /healthz fails, so Kubernetes restarts a stuck worker (a camera outage only fails /readyz).
     #[arg(
         long,
         env = "WATCHDOG_SECS",

@@ -182,6 +182,17 @@ impl Worker {
         assert!(status.success(), "kill -TERM {pid} failed");
     }
 
+    /// SIGTERM, then checks the worker exits 0 within 20 s.
+    async fn stop(&mut self) {
+        self.sigterm();
+        let status = self.wait_exit(Duration::from_secs(20)).await;
+        assert!(
+            status.success(),
+            "SIGTERM must end the worker with exit 0, got {status}\n{}",
+            self.log_tail()
+        );
+    }
+
     /// Waits for the worker to exit, then reads the results it wrote last.
     async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let status = match tokio::time::timeout(timeout, self.child.wait()).await {
@@ -843,4 +854,38 @@ async fn kafka_broker_restart_loses_and_duplicates_no_result() {
         let v: Value = serde_json::from_slice(msg.payload().unwrap()).unwrap();
         assert_result_schema(&v, expected);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_outage_fails_readiness_not_liveness() {
+    let camera = MjpegCamera::start(Connection::Endless).await;
+    let url = camera.url.clone();
+    let [metrics_port] = free_ports::<1>();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut cmd = live_worker(&url);
+    cmd.args(["--metrics-addr", &metrics_addr, "--watchdog-secs", "1"])
+        .args(["--reconnect-base-ms", "200", "--reconnect-max-ms", "400"])
+        .args(["--read-timeout-ms", "1000", "--open-timeout-ms", "1000"]);
+    let mut worker = Worker::start(cmd);
+    worker.wait_results(2, Duration::from_secs(30)).await;
+    for probe in ["/healthz", "/readyz"] {
+        let (status, body) = http_get(&metrics_addr, probe).await;
+        assert_eq!(status, 200, "{probe} while the camera delivers: {body}");
+    }
+
+    // The camera goes away for longer than WATCHDOG_SECS.
+    drop(camera);
+    worker
+        .wait_log("camera lost; reconnecting", 5, Duration::from_secs(60))
+        .await;
+    let (status, body) = http_get(&metrics_addr, "/readyz").await;
+    assert_eq!(status, 503, "/readyz reports the outage: {body}");
+    assert!(body.contains("camera not open"), "{body}");
+    let (status, body) = http_get(&metrics_addr, "/healthz").await;
+    assert_eq!(
+        status, 200,
+        "a worker that keeps reconnecting is alive, however long the camera is down: {body}"
+    );
+
+    worker.stop().await;
 }

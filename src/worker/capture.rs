@@ -99,6 +99,7 @@ fn read_with_reconnects(
     let started = Instant::now();
 
     loop {
+        metrics.health().capture_progress();
         if shutdown.load(Ordering::Relaxed) {
             return Ok(CaptureEnd::Shutdown);
         }
@@ -169,7 +170,7 @@ fn read_with_reconnects(
             reason = %failure,
             "camera lost; reconnecting"
         );
-        if sleep_unless_shutdown(delay, shutdown) {
+        if sleep_unless_shutdown(delay, shutdown, metrics) {
             return Ok(CaptureEnd::Shutdown);
         }
     }
@@ -235,6 +236,7 @@ fn read_stream(
         if shutdown.load(Ordering::Relaxed) {
             return StreamEnd::Shutdown;
         }
+        metrics.health().capture_progress();
         if !capture.grab().unwrap_or(false) {
             return StreamEnd::Ended { frames, lasted };
         }
@@ -255,6 +257,7 @@ fn read_stream(
                     && sleep_unless_shutdown(
                         due.saturating_duration_since(Instant::now()),
                         shutdown,
+                        metrics,
                     )
                 {
                     return StreamEnd::Shutdown;
@@ -272,7 +275,10 @@ fn read_stream(
         };
         match pace {
             Pace::File { .. } => {
-                if !handoff.put_wait(frame) {
+                metrics.health().capture_waiting(true);
+                let taken = handoff.put_wait(frame);
+                metrics.health().capture_waiting(false);
+                if !taken {
                     return StreamEnd::Shutdown;
                 }
             }
@@ -308,10 +314,12 @@ fn retrieve(capture: &mut VideoCapture, metrics: &WorkerMetrics) -> Option<Frame
     }
 }
 
-/// Sleeps for `total` in short steps; true when shutdown was requested meanwhile.
-fn sleep_unless_shutdown(total: Duration, shutdown: &AtomicBool) -> bool {
+/// Sleeps for `total` in short steps (each one capture progress); true when
+/// shutdown was requested meanwhile.
+fn sleep_unless_shutdown(total: Duration, shutdown: &AtomicBool, metrics: &WorkerMetrics) -> bool {
     let deadline = Instant::now() + total;
     loop {
+        metrics.health().capture_progress();
         if shutdown.load(Ordering::Relaxed) {
             return true;
         }

@@ -206,7 +206,10 @@ fn detect_loop(
     let mut frame_number = 0;
     while let Some(frame) = handoff.take() {
         let started = Instant::now();
-        let detections = match detector.detect(&frame.image) {
+        metrics.health().detect_started();
+        let detected = detector.detect(&frame.image);
+        metrics.health().detect_finished();
+        let detections = match detected {
             Ok(d) => d,
             Err(e) => {
                 metrics.inference_errors.inc();
