@@ -374,8 +374,23 @@ pub struct WorkerArgs {
     )]
     pub flush_timeout_ms: Millis,
 
+    /// How RTSP carries the video: tcp, udp, or auto (TCP, and UDP when the server refuses TCP).
+    #[arg(long, env = "RTSP_TRANSPORT", value_enum, default_value_t = RtspTransportMode::Auto)]
+    pub rtsp_transport: RtspTransportMode,
+
     #[command(flatten)]
     pub detector: DetectorArgs,
+}
+
+/// How a worker carries RTSP media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RtspTransportMode {
+    /// RTP interleaved in the RTSP TCP connection.
+    Tcp,
+    /// RTP over UDP.
+    Udp,
+    /// TCP first; UDP when the server refuses TCP transport.
+    Auto,
 }
 
 /// Settings of the detector models that load files (`MODEL=yolo`).

@@ -64,6 +64,7 @@ fn help_documents_every_setting_with_its_variable() {
         "MODEL_INPUT_SIZE",
         "DETECT_CLASSES",
         "INFERENCE_THREADS",
+        "RTSP_TRANSPORT",
         "WATCHDOG_SECS",
     ] {
         assert!(

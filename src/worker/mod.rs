@@ -8,6 +8,7 @@ pub mod capture;
 pub mod handoff;
 pub mod metrics;
 pub mod sink;
+pub mod transport;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,12 +54,7 @@ pub fn main(args: WorkerArgs) -> Result<(), WorkerError> {
     let root = args.settings.video_file_root.as_deref();
     let source = CameraSource::parse(&args.camera_url, root)?.resolve(root)?;
     // SAFETY: no other thread exists yet; the async runtime starts below.
-    unsafe {
-        std::env::set_var(
-            "OPENCV_FFMPEG_CAPTURE_OPTIONS",
-            source.ffmpeg_capture_options(),
-        )
-    };
+    unsafe { transport::apply(&source, transport::initial(args.rtsp_transport)) };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -116,6 +112,7 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
         max_reconnects: args.max_reconnects,
         reconnect_base: args.reconnect_base_ms.0,
         reconnect_max: args.reconnect_max_ms.0,
+        rtsp_transport: args.rtsp_transport,
     };
 
     let capture = {
