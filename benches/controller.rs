@@ -4,10 +4,15 @@
 //! (a) a steady 10 `to_deploy` per second for 60 s: p50/p99 from the moment a
 //!     message is produced until the watch shows its worker Pod;
 //! (b) a burst of 1000 with MAX_WORKERS=1000: time until all 1000 Pods exist;
-//! (c) the controller's peak RSS (VmHWM) over both.
+//! (c) the controller's peak RSS (VmHWM) over both;
+//! (d) 1000 Queued scenarios with MAX_WORKERS=1: the apiserver's request rate
+//!     for Scenarios, Pods and Leases (watches excluded) over 30 s while the
+//!     queue sits idle. The apiserver counts every client, so with other
+//!     clients at work the figure is an upper bound for the controller's.
 //!
-//! Targets: p99 ≤ 1 s, burst ≤ 60 s, RSS ≤ 64 MB. `BENCH_RATE`,
-//! `BENCH_SECONDS` and `BENCH_BURST` scale the runs down for a quick look.
+//! Targets: p99 ≤ 1 s, burst ≤ 60 s, RSS ≤ 64 MB, idle queue ≤ 1 request/s.
+//! `BENCH_RATE`, `BENCH_SECONDS`, `BENCH_BURST` and `BENCH_QUEUED` scale the
+//! runs down for a quick look.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -80,13 +85,136 @@ fn start_controller(bootstrap: &str, namespace: &str, max_workers: u64) -> Contr
     Controller(child)
 }
 
-async fn namespace(client: &Client, name: &str) {
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
+/// Installs this build's Scenario CRD (again: on a shared test bed another
+/// checkout may have installed its own meanwhile).
+async fn apply_crd(client: &Client) {
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(include_str!("../crds/scenario.yaml")).unwrap();
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .patch(
+            "scenarios.runner.vap.io",
+            &PatchParams::apply("vap-runner-bench").force(),
+            &Patch::Apply(&crd),
+        )
         .await
-        .expect("create namespace");
+        .expect("apply CRD");
+}
+
+/// A namespace and topic set of one run.
+struct Bed {
+    namespace: String,
+    topics: Vec<String>,
+    admin: AdminClient<DefaultClientContext>,
+}
+
+impl Bed {
+    async fn new(client: &Client, bootstrap: &str, label: &str) -> Bed {
+        apply_crd(client).await;
+        let namespace = format!(
+            "bench-{label}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..6]
+        );
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}})).unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .create()
+            .unwrap();
+        let topics: Vec<String> = ["to_deploy", "to_undeploy", "dlq", "events"]
+            .iter()
+            .map(|t| format!("{namespace}.{t}"))
+            .collect();
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+            .collect();
+        admin
+            .create_topics(&new, &AdminOptions::new())
+            .await
+            .expect("create topics");
+        Bed {
+            namespace,
+            topics,
+            admin,
+        }
+    }
+
+    async fn remove(self, client: &Client) {
+        let _ = Api::<Namespace>::all(client.clone())
+            .delete(&self.namespace, &DeleteParams::default())
+            .await;
+        let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        let _ = self.admin.delete_topics(&names, &AdminOptions::new()).await;
+    }
+}
+
+/// Non-watch requests the apiserver has served for Scenarios, Pods and Leases.
+fn apiserver_requests() -> f64 {
+    let out = Command::new("kubectl")
+        .args(["get", "--raw", "/metrics"])
+        .output()
+        .expect("kubectl (on PATH after `eval \"$(scripts/infra env)\"`)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            ["\"scenarios\"", "\"pods\"", "\"leases\""]
+                .iter()
+                .any(|r| l.contains(&format!("resource={r}")))
+        })
+        .filter(|l| !l.contains("verb=\"WATCH\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// (d): `count` scenarios queued behind MAX_WORKERS=1; the apiserver's
+/// request rate over 30 s while nothing changes.
+async fn idle_queue(client: &Client, bootstrap: &str, count: usize) -> f64 {
+    let bed = Bed::new(client, bootstrap, "queued").await;
+    let _controller = start_controller(bootstrap, &bed.namespace, 1);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let ids: Vec<String> = (0..count)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    let (sent, _) = mpsc::unbounded_channel();
+    send_all(&producer, &bed.topics[0], &ids, 0, &sent).await;
+    let scenarios: Api<vap_runner::controller::crd::Scenario> =
+        Api::namespaced(client.clone(), &bed.namespace);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let list = scenarios.list(&Default::default()).await.expect("list");
+        let queued = list
+            .items
+            .iter()
+            .filter(|s| {
+                s.status.as_ref().and_then(|st| st.phase)
+                    == Some(vap_runner::controller::crd::Phase::Queued)
+            })
+            .count();
+        if queued + 1 >= count {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {queued} of {count} scenarios queued within 300 s"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    // Let the last status writes settle, then count.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let window = Duration::from_secs(30);
+    let before = apiserver_requests();
+    tokio::time::sleep(window).await;
+    let after = apiserver_requests();
+    bed.remove(client).await;
+    (after - before) / window.as_secs_f64()
 }
 
 /// Sends `ids` at `rate` per second (0 = as fast as possible), recording send times.
@@ -130,27 +258,8 @@ async fn run(
     rate: u64,
     max_workers: u64,
 ) -> (Vec<Duration>, Duration, u64) {
-    let ns = format!(
-        "bench-{label}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    );
-    namespace(client, &ns).await;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
-    let topics: Vec<String> = ["to_deploy", "to_undeploy", "dlq", "events"]
-        .iter()
-        .map(|t| format!("{ns}.{t}"))
-        .collect();
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
-        .collect();
-    admin
-        .create_topics(&new, &AdminOptions::new())
-        .await
-        .expect("create topics");
+    let bed = Bed::new(client, bootstrap, label).await;
+    let ns = bed.namespace.clone();
     let controller = start_controller(bootstrap, &ns, max_workers);
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -223,11 +332,7 @@ async fn run(
     let rss = controller.peak_rss_kb();
     drop(controller);
     watch.abort();
-    let _ = Api::<Namespace>::all(client.clone())
-        .delete(&ns, &DeleteParams::default())
-        .await;
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+    bed.remove(client).await;
     latencies.sort();
     (latencies, last - started, rss)
 }
@@ -243,16 +348,6 @@ async fn main() {
     let client = Client::try_default()
         .await
         .expect("KUBECONFIG for the test bed");
-    let crd: CustomResourceDefinition =
-        serde_yaml::from_str(include_str!("../crds/scenario.yaml")).unwrap();
-    Api::<CustomResourceDefinition>::all(client.clone())
-        .patch(
-            "scenarios.runner.vap.io",
-            &PatchParams::apply("vap-runner-bench").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("apply CRD");
 
     let rate = env_or("BENCH_RATE", 10);
     let seconds = env_or("BENCH_SECONDS", 60);
@@ -283,5 +378,10 @@ async fn main() {
         "(c) controller peak RSS: {:.1} MB steady, {:.1} MB burst   (target <= 64 MB)",
         rss_a as f64 / 1024.0,
         rss_b as f64 / 1024.0
+    );
+    let queued = env_or("BENCH_QUEUED", 1000) as usize;
+    let rate = idle_queue(&client, &bootstrap, queued).await;
+    println!(
+        "(d) {queued} scenarios queued behind MAX_WORKERS=1, idle for 30 s: {rate:.2} apiserver requests/s for Scenarios, Pods and Leases, all clients   (target <= 1/s)"
     );
 }

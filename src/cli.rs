@@ -1,10 +1,12 @@
 //! The `runner` command line. Every flag can also be given as an environment
 //! variable (shown in `--help`), which is how the Helm chart configures Pods.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 
 use crate::config::{BootstrapServers, LogFormat, LogLevel, MaxWorkers, Millis, VideoFps};
 use crate::detector::settings::{ClassFilter, InputSize, Threads, Threshold};
@@ -242,7 +244,7 @@ pub struct ControllerArgs {
         value_name = "WORKER_RESOURCES",
         default_value = r#"{"requests":{"cpu":"250m","memory":"128Mi"},"limits":{"cpu":"1","memory":"256Mi"}}"#
     )]
-    pub worker_resources: JsonValue,
+    pub worker_resources: WorkerResources,
 
     /// nodeSelector of worker Pods, as a JSON object.
     #[arg(
@@ -251,7 +253,7 @@ pub struct ControllerArgs {
         value_name = "WORKER_NODE_SELECTOR",
         default_value = "{}"
     )]
-    pub worker_node_selector: JsonValue,
+    pub worker_node_selector: WorkerNodeSelector,
 
     /// tolerations of worker Pods, as a JSON array.
     #[arg(
@@ -260,7 +262,7 @@ pub struct ControllerArgs {
         value_name = "WORKER_TOLERATIONS",
         default_value = "[]"
     )]
-    pub worker_tolerations: JsonValue,
+    pub worker_tolerations: WorkerTolerations,
 
     /// ServiceAccount of worker Pods (they need no API access; its token is not mounted).
     #[arg(
@@ -297,18 +299,99 @@ pub struct ControllerArgs {
     /// This replica's identity in the Lease (defaults to POD_NAME or the host name).
     #[arg(long, env = "POD_NAME", value_name = "POD_NAME")]
     pub identity: Option<String>,
+
+    /// Restarts of one run's worker (container restarts, and live-camera
+    /// workers started again after they exited) before the scenario is Failed
+    /// and its slot frees.
+    #[arg(
+        long,
+        env = "WORKER_RESTART_LIMIT",
+        value_name = "WORKER_RESTART_LIMIT",
+        default_value_t = crate::scenario::restart::DEFAULT_RESTART_LIMIT
+    )]
+    pub worker_restart_limit: u32,
+
+    /// Seconds a finished Scenario (Succeeded, Failed or Stopped) is kept before
+    /// it and its Pod are deleted; 0 keeps them.
+    #[arg(
+        long,
+        env = "FINISHED_TTL_SECS",
+        value_name = "FINISHED_TTL_SECS",
+        default_value = "86400"
+    )]
+    pub finished_ttl_secs: u64,
 }
 
-/// A JSON value given on the command line or in the environment.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JsonValue(pub serde_json::Value);
+/// A worker Pod setting given as JSON, parsed into its Kubernetes type when the
+/// controller starts, so a wrong shape stops start-up with one line instead of
+/// failing at the first Pod.
+fn kube_json<T>(var: &str, shape: &str, example: &str, raw: &str) -> Result<T, String>
+where
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let refused =
+        |why: String| format!("{var}={raw:?} is not {shape} ({why}); use JSON such as {example}");
+    let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| refused(e.to_string()))?;
+    let typed: T = serde_json::from_value(value.clone()).map_err(|e| refused(e.to_string()))?;
+    // Kubernetes types skip fields they do not know: a misspelt key would be
+    // dropped silently, so the value must survive the round trip unchanged.
+    let back = serde_json::to_value(&typed).map_err(|e| refused(e.to_string()))?;
+    if back != value {
+        return Err(refused(format!(
+            "it has fields the type does not know; it reads as {back}"
+        )));
+    }
+    Ok(typed)
+}
 
-impl std::str::FromStr for JsonValue {
+/// `resources` of the worker container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerResources(pub ResourceRequirements);
+
+/// `nodeSelector` of worker Pods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerNodeSelector(pub BTreeMap<String, String>);
+
+/// `tolerations` of worker Pods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerTolerations(pub Vec<Toleration>);
+
+impl std::str::FromStr for WorkerResources {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        serde_json::from_str(s)
-            .map(JsonValue)
-            .map_err(|e| format!("{s:?} is not valid JSON: {e}"))
+        kube_json(
+            "WORKER_RESOURCES",
+            "container resources",
+            r#"{"requests":{"cpu":"250m","memory":"128Mi"},"limits":{"memory":"256Mi"}}"#,
+            s,
+        )
+        .map(WorkerResources)
+    }
+}
+
+impl std::str::FromStr for WorkerNodeSelector {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        kube_json(
+            "WORKER_NODE_SELECTOR",
+            "a node selector (an object of label: value strings)",
+            r#"{"kubernetes.io/arch":"amd64"}"#,
+            s,
+        )
+        .map(WorkerNodeSelector)
+    }
+}
+
+impl std::str::FromStr for WorkerTolerations {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        kube_json(
+            "WORKER_TOLERATIONS",
+            "a list of tolerations",
+            r#"[{"key":"gpu","operator":"Exists","effect":"NoSchedule"}]"#,
+            s,
+        )
+        .map(WorkerTolerations)
     }
 }
 
@@ -649,6 +732,40 @@ mod tests {
         assert_eq!(default("MAX_WORKERS"), "4");
         assert_eq!(default("VIDEO_FPS"), "2");
         assert_eq!(default("LOG_LEVEL"), "INFO");
+    }
+
+    #[test]
+    fn worker_pod_settings_of_the_wrong_shape_fail_with_one_line() {
+        for (flag, value, var) in [
+            ("--worker-tolerations", "{}", "WORKER_TOLERATIONS"),
+            ("--worker-node-selector", "[1]", "WORKER_NODE_SELECTOR"),
+            (
+                "--worker-resources",
+                r#"{"request":{"cpu":"1"}}"#,
+                "WORKER_RESOURCES",
+            ),
+            ("--worker-resources", "not json", "WORKER_RESOURCES"),
+        ] {
+            let err = Cli::try_parse_from(["runner", "controller", flag, value]).unwrap_err();
+            let text = err.to_string();
+            let first = text.lines().next().unwrap();
+            assert!(
+                first.contains(var) && first.contains("use JSON such as"),
+                "{first}"
+            );
+        }
+        let ok = Cli::try_parse_from([
+            "runner",
+            "controller",
+            "--worker-tolerations",
+            r#"[{"key":"gpu","operator":"Exists","effect":"NoSchedule"}]"#,
+        ])
+        .unwrap();
+        let Command::Controller(args) = ok.command else {
+            panic!("controller")
+        };
+        assert_eq!(args.worker_tolerations.0[0].key.as_deref(), Some("gpu"));
+        assert!(args.worker_resources.0.limits.is_some());
     }
 
     #[test]

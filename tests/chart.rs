@@ -306,6 +306,8 @@ fn every_pod_meets_the_restricted_pod_security_standard() {
             fps: None,
             model: None,
             stopped: false,
+            applied: Default::default(),
+            run: 1,
         },
     );
     scenario.metadata.namespace = Some("video".into());
@@ -375,7 +377,9 @@ fn rbac_is_namespaced_exact_and_has_no_wildcards() {
         ("runner.vap.io", "scenarios", "list", ""),
         ("runner.vap.io", "scenarios", "watch", ""),
         ("runner.vap.io", "scenarios", "create", ""),
-        ("runner.vap.io", "scenarios", "patch", ""),
+        ("runner.vap.io", "scenarios", "get", ""),
+        ("runner.vap.io", "scenarios", "update", ""),
+        ("runner.vap.io", "scenarios", "delete", ""),
         ("runner.vap.io", "scenarios/status", "patch", ""),
         ("", "pods", "get", ""),
         ("", "pods", "list", ""),
@@ -886,10 +890,10 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
     assert!(
         forbidden(
             scenarios
-                .delete("scn-does-not-matter", &DeleteParams::default())
+                .delete_collection(&DeleteParams::default(), &ListParams::default())
                 .await
         ),
-        "the controller never deletes Scenarios, so its identity must not"
+        "the controller deletes finished Scenarios one by one, never in bulk, so its identity must not"
     );
     assert!(
         forbidden(

@@ -1,12 +1,25 @@
 //! The `Scenario` custom resource: one per scenario UUID. The CRD YAML in
 //! `crds/` is generated from these types (`runner crd`); a test fails when it
-//! is stale.
+//! is stale. The apiserver itself refuses specs that break the rules written
+//! here (OpenAPI patterns and bounds, CEL rules for immutable fields).
 
 use chrono::{DateTime, Utc};
 use kube::CustomResource;
 use kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::scenario::ordering::Applied;
+
+/// A lowercase or uppercase hyphenated UUID.
+pub const UUID_PATTERN: &str =
+    "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+/// A UUID, or empty (a stopped tombstone written by a `to_undeploy` that came
+/// before any deploy has no worker).
+pub const UUID_OR_EMPTY_PATTERN: &str =
+    "^$|^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+/// Detector models a Scenario may name (`MODEL` of the worker).
+pub const MODELS: &[&str] = &["mock", "hog", "yolo"];
 
 /// A request to run one worker for one scenario on one camera.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -20,32 +33,57 @@ use serde::{Deserialize, Serialize};
     status = "ScenarioStatus",
     printcolumn = r#"{"name":"UUID","type":"string","jsonPath":".spec.scenarioUuid"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Pod","type":"string","jsonPath":".status.podName"}"#,
-    printcolumn = r#"{"name":"Worker","type":"string","jsonPath":".spec.workerId"}"#,
-    printcolumn = r#"{"name":"Queue","type":"integer","jsonPath":".status.queuePosition","priority":1}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Pod","type":"string","jsonPath":".status.podName","priority":1}"#,
+    printcolumn = r#"{"name":"Worker","type":"string","jsonPath":".spec.workerId","priority":1}"#,
     printcolumn = r#"{"name":"Restarts","type":"integer","jsonPath":".status.restartCount","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ScenarioSpec {
-    /// The scenario's UUID, as in `to_deploy`; the key of its results.
+    /// The scenario's UUID, as in `to_deploy`; the key of its results. Immutable.
+    #[schemars(regex(pattern = UUID_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "scenarioUuid is immutable"}]))]
     pub scenario_uuid: String,
     /// The `worker_id` of the `to_deploy` message: the platform's identifier for
     /// the worker slot that asked for this scenario. Recorded here and as the
     /// `runner.vap.io/worker-id` label of the scenario's Pod; it does not
-    /// influence scheduling.
+    /// influence scheduling. Empty on a tombstone (see `applied`).
+    #[schemars(regex(pattern = UUID_OR_EMPTY_PATTERN))]
     pub worker_id: String,
     /// Camera URL the worker reads (credentials are never copied into status or events).
     pub camera_url: String,
-    /// Frames per second to process; the runner's VIDEO_FPS when absent.
+    /// Frames per second to process (> 0); the runner's VIDEO_FPS when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = 0, "exclusiveMinimum" = true))]
     pub fps: Option<f64>,
-    /// Detector model (`mock` or `hog`); the runner's default when absent.
+    /// Detector model (`mock`, `hog` or `yolo`); the runner's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["mock", "hog", "yolo"]))]
     pub model: Option<String>,
-    /// Set by `to_undeploy`: the worker is stopped and never started again.
+    /// Stops the scenario by hand (`kubectl patch`), whatever the commands say.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopped: bool,
+    /// The Kafka record stamps of the newest `to_deploy` and `to_undeploy`
+    /// applied to this scenario: commands are ordered by them, last writer
+    /// wins. The scenario is stopped when its undeploy is not older than its
+    /// deploy.
+    #[serde(default, skip_serializing_if = "Applied::is_empty")]
+    pub applied: Applied,
+    /// Counts the scenario's runs: a deploy that runs it again, or replaces its
+    /// worker, starts a new run, and a worker of an older run is removed.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub run: u32,
+}
+
+impl ScenarioSpec {
+    /// Stopped by a `to_undeploy` newer than (or as old as) its last deploy,
+    /// or by hand.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped || self.applied.stopped()
+    }
 }
 
 pub use crate::scenario::Phase;
@@ -69,19 +107,26 @@ pub struct ScenarioCondition {
 pub struct ScenarioStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
+    /// `Ready` (the worker runs and its camera delivers) and `Admitted` (it
+    /// holds a worker slot, or why it waits).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<ScenarioCondition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The run (`spec.run`) this status describes.
+    #[serde(default)]
+    pub observed_run: u32,
     /// The worker Pod, once created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
-    /// 1-based place in the queue while Queued.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub queue_position: Option<u32>,
-    /// Restarts of the worker container.
+    /// Restarts of this run's worker: container restarts plus workers of a
+    /// live camera started again after they exited.
     #[serde(default)]
     pub restart_count: i32,
+    /// Workers of this run started again after they exited (counted in
+    /// `restartCount`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reruns: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,6 +134,39 @@ pub struct ScenarioStatus {
     /// The last error, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+impl ScenarioStatus {
+    /// The condition of `type_`, if set.
+    pub fn condition(&self, type_: &str) -> Option<&ScenarioCondition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+/// A spec for unit tests: deployed at 100 ms, run 1, on `camera`.
+#[cfg(test)]
+pub(crate) fn example_spec(camera: &str) -> ScenarioSpec {
+    use crate::scenario::ordering::Stamp;
+    ScenarioSpec {
+        scenario_uuid: "550e8400-e29b-41d4-a716-446655440000".into(),
+        worker_id: "11223344-5566-7788-99aa-bbccddeeeff0".into(),
+        camera_url: camera.into(),
+        fps: None,
+        model: None,
+        stopped: false,
+        applied: Applied {
+            deploy: Some(Stamp {
+                timestamp_ms: 100,
+                offset: 0,
+            }),
+            undeploy: None,
+        },
+        run: 1,
+    }
 }
 
 /// The CRD as YAML, as `runner crd` prints it and `crds/` holds it.
@@ -118,8 +196,21 @@ mod tests {
             .iter()
             .map(|c| c.name.as_str())
             .collect();
-        for expected in ["UUID", "Phase", "Pod", "Worker", "Age"] {
+        for expected in ["UUID", "Phase", "Ready", "Reason", "Pod", "Worker", "Age"] {
             assert!(columns.contains(&expected), "{columns:?}");
+        }
+    }
+
+    #[test]
+    fn crd_carries_the_validation_rules() {
+        let yaml = crd_yaml().unwrap();
+        for needle in [
+            UUID_PATTERN,
+            "scenarioUuid is immutable",
+            "exclusiveMinimum: true",
+            "- yolo",
+        ] {
+            assert!(yaml.contains(needle), "CRD lacks {needle}:\n{yaml}");
         }
     }
 }

@@ -1,28 +1,49 @@
 //! The operator's [`CommandStore`]: commands become `Scenario` objects in the
 //! Kubernetes API. The Kafka side (parsing, dead letters, offsets, retries) is
 //! the shared [`crate::ingest`].
+//!
+//! Commands for one scenario are ordered by [`crate::scenario::ordering`]:
+//! the Scenario records the stamps of the newest deploy and undeploy applied
+//! (`spec.applied`), and each command reads the Scenario, decides, and writes
+//! it back with the resourceVersion it read, so two writers never both win.
+//! An undeploy for a scenario that does not exist yet leaves a stopped
+//! tombstone; a deploy that runs the scenario again, or replaces its worker,
+//! starts a new run (`spec.run`), whose worker replaces any older one.
+//!
+//! The spec shows the camera URL redacted; the URL itself goes into the run's
+//! camera Secret ([`secret`]), written right after the Scenario. A replay of
+//! the deploy that set the current run writes it then, should the runner
+//! have stopped in between.
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use kube::{Api, ResourceExt};
-use serde_json::json;
 
-use super::crd::{Scenario, ScenarioSpec};
+use super::crd::{Phase, Scenario, ScenarioSpec};
 use super::pod::{self, ANNOTATION_ENQUEUED_AT, LABEL_RUNNER, LABEL_SCENARIO, label_value};
 use super::reconcile::FIELD_MANAGER;
 use super::secret;
 use crate::ingest::{CommandStore, Effect, StoreError};
 use crate::messages::{DeployRequest, UndeployRequest};
-use crate::scenario::ordering::{DeployDecision, Stale, Stamp, UndeployDecision};
+use crate::scenario::ordering::{self, Applied, Current, DeployDecision, Stamp, UndeployDecision};
+
+/// Read-decide-write rounds before a command is handed back to ingest's
+/// retry loop (each lost round means another writer changed the Scenario).
+const CONFLICT_ROUNDS: usize = 5;
 
 pub struct ScenarioStore {
     pub scenarios: Api<Scenario>,
-    /// Where each scenario's camera URL is kept (see [`secret`]).
+    /// Where each run's camera URL is kept (see [`secret`]).
     pub secrets: Api<Secret>,
     pub runner_name: String,
 }
 
+fn now_annotation() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
 impl ScenarioStore {
+    /// The Scenario a deploy request asks for (its first run).
     fn scenario_for(&self, req: &DeployRequest) -> Scenario {
         let uuid = req.scenario_uuid.to_string();
         let mut scenario = Scenario::new(
@@ -34,24 +55,130 @@ impl ScenarioStore {
                 fps: None,
                 model: None,
                 stopped: false,
+                applied: Applied::default(),
+                run: 1,
             },
         );
+        self.label(&mut scenario, &uuid);
+        scenario
+    }
+
+    /// A stopped Scenario with no worker, written by an undeploy read before
+    /// any deploy: an older deploy read later cannot start it.
+    fn tombstone_for(&self, req: &UndeployRequest) -> Scenario {
+        let uuid = req.scenario_uuid.to_string();
+        let mut scenario = Scenario::new(
+            &pod::scenario_name(&uuid),
+            ScenarioSpec {
+                scenario_uuid: uuid.clone(),
+                worker_id: String::new(),
+                camera_url: String::new(),
+                fps: None,
+                model: None,
+                stopped: false,
+                applied: Applied::default(),
+                run: 0,
+            },
+        );
+        self.label(&mut scenario, &uuid);
+        scenario
+    }
+
+    fn label(&self, scenario: &mut Scenario, uuid: &str) {
         scenario.metadata.labels = Some(
             [
                 (LABEL_RUNNER.to_string(), label_value(&self.runner_name)),
-                (LABEL_SCENARIO.to_string(), label_value(&uuid)),
+                (LABEL_SCENARIO.to_string(), label_value(uuid)),
             ]
             .into(),
         );
-        scenario.metadata.annotations = Some(
-            [(
-                ANNOTATION_ENQUEUED_AT.to_string(),
-                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-            )]
-            .into(),
-        );
-        scenario
+        scenario.metadata.annotations =
+            Some([(ANNOTATION_ENQUEUED_AT.to_string(), now_annotation())].into());
     }
+
+    fn params() -> PostParams {
+        PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Creates `scenario`; `Ok(None)` when another writer created it first.
+    async fn create(&self, scenario: &Scenario) -> Result<Option<Scenario>, StoreError> {
+        match self.scenarios.create(&Self::params(), scenario).await {
+            Ok(written) => Ok(Some(written)),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
+    /// Writes the camera Secret of `scenario`'s current run (the Scenario as
+    /// the API server returned it, so with its UID for the owner reference).
+    async fn store_camera_url(
+        &self,
+        scenario: &Scenario,
+        camera_url: &str,
+    ) -> Result<(), StoreError> {
+        secret::store(&self.secrets, scenario, camera_url)
+            .await
+            .map_err(store_error)
+    }
+
+    /// Writes `scenario` back if nobody changed it since it was read;
+    /// `Ok(None)` when someone did.
+    async fn replace(&self, scenario: &Scenario) -> Result<Option<Scenario>, StoreError> {
+        // The server keeps its own record of field managers.
+        let mut scenario = scenario.clone();
+        scenario.metadata.managed_fields = None;
+        match self
+            .scenarios
+            .replace(&scenario.name_any(), &Self::params(), &scenario)
+            .await
+        {
+            Ok(written) => Ok(Some(written)),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+}
+
+/// The existing Scenario as a deploy of `wanted` sees it.
+pub fn current(existing: &Scenario, wanted: &ScenarioSpec) -> Current {
+    let finished = existing.status.as_ref().is_some_and(|st| {
+        st.observed_run == existing.spec.run
+            && st
+                .phase
+                .is_some_and(|p| matches!(p, Phase::Succeeded | Phase::Failed))
+    });
+    Current {
+        applied: existing.spec.applied,
+        finished,
+        same_target: existing.spec.camera_url == wanted.camera_url
+            && existing.spec.worker_id == wanted.worker_id,
+    }
+}
+
+/// `existing` after a deploy of `wanted` decided as `decision` at `at`.
+pub fn deployed(
+    mut existing: Scenario,
+    wanted: &ScenarioSpec,
+    decision: DeployDecision,
+    at: Stamp,
+) -> Scenario {
+    existing.spec.applied = ordering::after_deploy(existing.spec.applied, decision, at);
+    if matches!(decision, DeployDecision::Rerun | DeployDecision::Replace) {
+        existing.spec.camera_url = wanted.camera_url.clone();
+        existing.spec.worker_id = wanted.worker_id.clone();
+        existing.spec.run += 1;
+    }
+    if decision == DeployDecision::Rerun {
+        // A fresh run queues behind the scenarios waiting now; a replaced
+        // worker keeps its place.
+        existing
+            .annotations_mut()
+            .insert(ANNOTATION_ENQUEUED_AT.to_string(), now_annotation());
+    }
+    existing
 }
 
 /// Sorts an API error into what ingest does with it: 400 and 422 are the API
@@ -66,57 +193,140 @@ fn store_error(e: kube::Error) -> StoreError {
     }
 }
 
+fn conflicted(name: &str) -> StoreError {
+    StoreError::Transient(format!(
+        "Scenario {name} kept changing while it was written; retrying"
+    ))
+}
+
 impl CommandStore for ScenarioStore {
     fn rejected_category(&self) -> &'static str {
         "rejected_by_kubernetes"
     }
 
-    /// Creates the Scenario (with the camera URL redacted) unless it exists:
-    /// duplicates and replays (also of a stopped scenario) change nothing.
-    /// Then writes the camera Secret it owns; a replay after a crash in
-    /// between writes it then, and an existing one is never overwritten.
-    async fn deploy(&self, req: &DeployRequest, _at: Stamp) -> Result<Effect, StoreError> {
-        let scenario = self.scenario_for(req);
-        let params = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        let (written, effect) = match self.scenarios.create(&params, &scenario).await {
-            Ok(created) => (created, Effect::Deploy(DeployDecision::Create)),
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                let existing = self
-                    .scenarios
-                    .get(&scenario.name_any())
-                    .await
-                    .map_err(store_error)?;
-                (
-                    existing,
-                    Effect::Deploy(DeployDecision::Ignore(Stale::Replay)),
-                )
+    async fn deploy(&self, req: &DeployRequest, at: Stamp) -> Result<Effect, StoreError> {
+        let mut wanted = self.scenario_for(req);
+        let name = wanted.name_any();
+        // Most deploys are for new scenarios: try to create first (one call),
+        // and read-decide-write only when the Scenario exists.
+        let create = ordering::on_deploy(None, at);
+        wanted.spec.applied = ordering::after_deploy(Applied::default(), create, at);
+        for _ in 0..CONFLICT_ROUNDS {
+            if let Some(written) = self.create(&wanted).await? {
+                self.store_camera_url(&written, &req.camera_url).await?;
+                return Ok(Effect::Deploy(create));
             }
-            Err(e) => return Err(store_error(e)),
-        };
-        secret::store(&self.secrets, &written, &req.camera_url)
-            .await
-            .map_err(store_error)?;
-        Ok(effect)
+            let existing = self.scenarios.get_opt(&name).await.map_err(store_error)?;
+            let Some(existing) = existing else {
+                continue; // deleted meanwhile: create it
+            };
+            let decision = ordering::on_deploy(Some(current(&existing, &wanted.spec)), at);
+            if let DeployDecision::Ignore(_) = decision {
+                if existing.spec.applied.deploy == Some(at) && existing.spec.run > 0 {
+                    // This very deploy set the current run: its Secret may
+                    // not have been written before the runner stopped.
+                    self.store_camera_url(&existing, &req.camera_url).await?;
+                }
+                return Ok(Effect::Deploy(decision));
+            }
+            let next = deployed(existing, &wanted.spec, decision, at);
+            if let Some(written) = self.replace(&next).await? {
+                if written.spec.applied.deploy == Some(at) {
+                    self.store_camera_url(&written, &req.camera_url).await?;
+                }
+                return Ok(Effect::Deploy(decision));
+            }
+        }
+        Err(conflicted(&name))
     }
 
-    async fn undeploy(&self, req: &UndeployRequest, _at: Stamp) -> Result<Effect, StoreError> {
-        let name = pod::scenario_name(&req.scenario_uuid.to_string());
-        let patch = Patch::Merge(json!({"spec": {"stopped": true}}));
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        match self.scenarios.patch(&name, &params, &patch).await {
-            Ok(_) => Ok(Effect::Undeploy(UndeployDecision::Stop)),
-            Err(kube::Error::Api(e)) if e.code == 404 => {
-                let scenario = req.scenario_uuid;
-                tracing::warn!(%scenario, "to_undeploy for an unknown scenario; nothing to stop");
-                Ok(Effect::Undeploy(UndeployDecision::Ignore(Stale::Overtaken)))
+    async fn undeploy(&self, req: &UndeployRequest, at: Stamp) -> Result<Effect, StoreError> {
+        let mut tombstone = self.tombstone_for(req);
+        let name = tombstone.name_any();
+        for _ in 0..CONFLICT_ROUNDS {
+            let existing = self.scenarios.get_opt(&name).await.map_err(store_error)?;
+            let Some(mut existing) = existing else {
+                let decision = ordering::on_undeploy(None, at);
+                tombstone.spec.applied = ordering::after_undeploy(Applied::default(), decision, at);
+                if self.create(&tombstone).await?.is_some() {
+                    let scenario = req.scenario_uuid;
+                    tracing::info!(%scenario, "to_undeploy before any deploy: a stopped tombstone keeps older deploys out");
+                    return Ok(Effect::Undeploy(decision));
+                }
+                continue;
+            };
+            let decision = ordering::on_undeploy(Some(existing.spec.applied), at);
+            if let UndeployDecision::Ignore(_) = decision {
+                return Ok(Effect::Undeploy(decision));
             }
-            Err(e) => Err(store_error(e)),
+            existing.spec.applied = ordering::after_undeploy(existing.spec.applied, decision, at);
+            if self.replace(&existing).await?.is_some() {
+                return Ok(Effect::Undeploy(decision));
+            }
         }
+        Err(conflicted(&name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::crd::ScenarioStatus;
+
+    fn stamp(ms: i64) -> Stamp {
+        Stamp {
+            timestamp_ms: ms,
+            offset: 0,
+        }
+    }
+
+    fn spec(camera: &str) -> ScenarioSpec {
+        crate::controller::crd::example_spec(camera)
+    }
+
+    #[test]
+    fn a_newer_deploy_with_another_camera_starts_a_new_run() {
+        let existing = Scenario::new("scn-x", spec("rtsp://a/1"));
+        let wanted = spec("rtsp://b/2");
+        let c = current(&existing, &wanted);
+        assert!(!c.same_target && !c.finished);
+        let decision = ordering::on_deploy(Some(c), stamp(200));
+        assert_eq!(decision, DeployDecision::Replace);
+        let next = deployed(existing, &wanted, decision, stamp(200));
+        assert_eq!(next.spec.camera_url, "rtsp://b/2");
+        assert_eq!(next.spec.run, 2);
+        assert_eq!(next.spec.applied.deploy, Some(stamp(200)));
+    }
+
+    #[test]
+    fn a_refresh_keeps_the_run_and_a_finished_run_is_rerun() {
+        let existing = Scenario::new("scn-x", spec("rtsp://a/1"));
+        let wanted = spec("rtsp://a/1");
+        let next = deployed(
+            existing.clone(),
+            &wanted,
+            DeployDecision::Refresh,
+            stamp(150),
+        );
+        assert_eq!(
+            (next.spec.run, next.spec.applied.deploy),
+            (1, Some(stamp(150)))
+        );
+
+        let mut finished = existing;
+        finished.status = Some(ScenarioStatus {
+            phase: Some(Phase::Succeeded),
+            observed_run: 1,
+            ..Default::default()
+        });
+        let c = current(&finished, &wanted);
+        assert!(c.finished);
+        assert_eq!(
+            ordering::on_deploy(Some(c), stamp(300)),
+            DeployDecision::Rerun
+        );
+        let rerun = deployed(finished, &wanted, DeployDecision::Rerun, stamp(300));
+        assert_eq!(rerun.spec.run, 2);
+        assert!(rerun.annotations().contains_key(ANNOTATION_ENQUEUED_AT));
     }
 }

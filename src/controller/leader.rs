@@ -1,17 +1,33 @@
 //! Leader election with a coordination.k8s.io Lease, so two controller
-//! replicas never act at once. The holder renews the Lease every third of its
-//! duration; a replica takes over only after the holder let it expire.
+//! replicas never act at once, whatever their clocks say.
+//!
+//! - A standby never compares the holder's `renewTime` with its own clock: it
+//!   measures, on its own monotonic clock, how long the Lease has gone
+//!   unchanged since it last saw it change, and takes over only after a whole
+//!   lease duration of silence.
+//! - The holder renews every `retry` and counts its leadership from the start
+//!   of its last successful renewal: it stops acting once `renew_deadline`
+//!   (well inside the lease duration) has passed without one. A holder paused
+//!   (SIGSTOP, a long GC, a hung connection) therefore finds its leadership
+//!   already over when it resumes, before the standby can have taken over.
+//! - Every Lease call has a timeout (the Lease client's own), shorter than the
+//!   renew interval.
+//! - On SIGTERM the holder releases the Lease, so a standby takes over at once.
+//!
 //! Optimistic concurrency (resourceVersion) makes every take-over a single
 //! winner's write.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Outcome of one attempt to take or keep the Lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,16 +36,77 @@ pub enum Attempt {
     HeldByOther,
 }
 
-/// Whether `lease` may be taken by `identity` now: free, ours, or expired.
-pub fn may_take(lease: &LeaseSpec, identity: &str, now: Timestamp) -> bool {
-    let holder = lease.holder_identity.as_deref().unwrap_or("");
-    if holder.is_empty() || holder == identity {
-        return true;
+/// Timing of leadership.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long a Lease stays valid without renewal.
+    pub lease_duration: Duration,
+    /// The holder stops acting this long after its last successful renewal.
+    pub renew_deadline: Duration,
+    /// Pause between attempts and renewals.
+    pub retry: Duration,
+}
+
+impl Timing {
+    /// Renew deadline at two thirds of the lease, retries every sixth.
+    pub fn for_lease(lease_duration: Duration) -> Timing {
+        Timing {
+            lease_duration,
+            renew_deadline: lease_duration * 2 / 3,
+            retry: lease_duration / 6,
+        }
     }
-    let duration = i64::from(lease.lease_duration_seconds.unwrap_or(15));
-    match &lease.renew_time {
-        Some(MicroTime(renewed)) => *renewed + SignedDuration::from_secs(duration) < now,
-        None => true,
+}
+
+/// What a standby last saw of the Lease, and when (its own clock).
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    record: (Option<String>, Option<String>),
+    at: Instant,
+}
+
+/// Whether a standby may take the Lease: free, ours, or unchanged for a whole
+/// lease duration since this replica first saw its current record.
+pub fn may_take(
+    holder: Option<&str>,
+    identity: &str,
+    unchanged_for: Duration,
+    lease_duration: Duration,
+) -> bool {
+    let holder = holder.unwrap_or("");
+    holder.is_empty() || holder == identity || unchanged_for >= lease_duration
+}
+
+/// Tells acting code whether leadership still holds, by the holder's own
+/// monotonic clock. Without leader election it always holds.
+#[derive(Clone)]
+pub struct Leadership {
+    inner: Option<Arc<Clock>>,
+}
+
+struct Clock {
+    base: Instant,
+    /// Nanoseconds after `base` when the last successful renewal started.
+    renewed: AtomicU64,
+    renew_deadline: Duration,
+}
+
+impl Leadership {
+    /// Leadership that always holds (leader election off).
+    pub fn always() -> Leadership {
+        Leadership { inner: None }
+    }
+
+    /// True while the last successful renewal started less than the renew
+    /// deadline ago.
+    pub fn holds(&self) -> bool {
+        match &self.inner {
+            None => true,
+            Some(c) => {
+                let renewed = c.base + Duration::from_nanos(c.renewed.load(Ordering::Acquire));
+                renewed.elapsed() < c.renew_deadline
+            }
+        }
     }
 }
 
@@ -37,23 +114,30 @@ pub struct LeaderElector {
     api: Api<Lease>,
     name: String,
     identity: String,
-    duration: Duration,
+    timing: Timing,
+    seen: Option<Seen>,
 }
 
 impl LeaderElector {
-    pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
+    pub fn new(api: Api<Lease>, name: &str, identity: &str, timing: Timing) -> Self {
         LeaderElector {
             api,
             name: name.to_string(),
             identity: identity.to_string(),
-            duration,
+            timing,
+            seen: None,
         }
     }
 
+    fn seconds(&self) -> i32 {
+        i32::try_from(self.timing.lease_duration.as_secs())
+            .unwrap_or(15)
+            .max(1)
+    }
+
     /// One attempt to take or renew the Lease.
-    pub async fn try_acquire(&self) -> Result<Attempt, kube::Error> {
+    pub async fn try_acquire(&mut self) -> Result<Attempt, kube::Error> {
         let now = Timestamp::now();
-        let seconds = i32::try_from(self.duration.as_secs()).unwrap_or(15).max(1);
         match self.api.get_opt(&self.name).await? {
             None => {
                 let lease = Lease {
@@ -63,7 +147,7 @@ impl LeaderElector {
                     },
                     spec: Some(LeaseSpec {
                         holder_identity: Some(self.identity.clone()),
-                        lease_duration_seconds: Some(seconds),
+                        lease_duration_seconds: Some(self.seconds()),
                         acquire_time: Some(MicroTime(now)),
                         renew_time: Some(MicroTime(now)),
                         lease_transitions: Some(0),
@@ -78,13 +162,32 @@ impl LeaderElector {
             }
             Some(mut lease) => {
                 let spec = lease.spec.clone().unwrap_or_default();
-                if !may_take(&spec, &self.identity, now) {
+                let record = (
+                    spec.holder_identity.clone(),
+                    lease.metadata.resource_version.clone(),
+                );
+                let seen = match self.seen.take() {
+                    Some(s) if s.record == record => s,
+                    _ => Seen {
+                        record,
+                        at: Instant::now(),
+                    },
+                };
+                let unchanged_for = seen.at.elapsed();
+                self.seen = Some(seen);
+                let holder = spec.holder_identity.as_deref();
+                if !may_take(
+                    holder,
+                    &self.identity,
+                    unchanged_for,
+                    self.timing.lease_duration,
+                ) {
                     return Ok(Attempt::HeldByOther);
                 }
-                let ours = spec.holder_identity.as_deref() == Some(self.identity.as_str());
+                let ours = holder == Some(self.identity.as_str());
                 let mut next = spec.clone();
                 next.holder_identity = Some(self.identity.clone());
-                next.lease_duration_seconds = Some(seconds);
+                next.lease_duration_seconds = Some(self.seconds());
                 next.renew_time = Some(MicroTime(now));
                 if !ours {
                     next.acquire_time = Some(MicroTime(now));
@@ -106,29 +209,87 @@ impl LeaderElector {
         }
     }
 
+    /// Gives the Lease up (on shutdown) so a standby takes over at once.
+    pub async fn release(&self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+            return;
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.renew_time = None;
+        spec.acquire_time = None;
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => tracing::info!(lease = %self.name, "Lease released"),
+            Err(e) => tracing::warn!(lease = %self.name, error = %e, "cannot release the Lease"),
+        }
+    }
+
     /// Waits until this replica holds the Lease, then keeps renewing it in the
-    /// background. The returned receiver turns `false` when leadership is lost
-    /// (the renewals failed for a whole Lease duration).
-    pub async fn lead(self) -> watch::Receiver<bool> {
-        let retry = self.duration / 3;
-        loop {
+    /// background until `stop` fires (then releases it). The receiver turns
+    /// `false` when leadership is lost; [`Leadership::holds`] turns false at
+    /// the renew deadline even before that task notices.
+    pub async fn lead(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+    ) -> (
+        watch::Receiver<bool>,
+        Leadership,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let timing = self.timing;
+        let started = loop {
+            let attempt_start = Instant::now();
             match self.try_acquire().await {
-                Ok(Attempt::Held) => break,
+                Ok(Attempt::Held) => break attempt_start,
                 Ok(Attempt::HeldByOther) => {
                     tracing::debug!(lease = %self.name, "another replica leads; waiting")
                 }
                 Err(e) => tracing::warn!(lease = %self.name, error = %e, "cannot read the Lease"),
             }
-            tokio::time::sleep(retry).await;
-        }
+            tokio::time::sleep(timing.retry).await;
+        };
         tracing::info!(lease = %self.name, identity = %self.identity, "leading");
+        let clock = Arc::new(Clock {
+            base: started,
+            renewed: AtomicU64::new(0),
+            renew_deadline: timing.renew_deadline,
+        });
+        let leadership = Leadership {
+            inner: Some(clock.clone()),
+        };
         let (tx, rx) = watch::channel(true);
-        tokio::spawn(async move {
-            let mut last_renewed = tokio::time::Instant::now();
+        let keeper = leadership.clone();
+        let task = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(retry).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(timing.retry) => {}
+                    _ = stop.changed() => {
+                        self.release().await;
+                        return;
+                    }
+                }
+                let attempt_start = Instant::now();
                 match self.try_acquire().await {
-                    Ok(Attempt::Held) => last_renewed = tokio::time::Instant::now(),
+                    Ok(Attempt::Held) if keeper.holds() => {
+                        let nanos = attempt_start.duration_since(clock.base).as_nanos();
+                        clock
+                            .renewed
+                            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Release);
+                    }
+                    Ok(Attempt::Held) => {
+                        tracing::error!(lease = %self.name, "the Lease was renewed after the renew deadline; stopping");
+                        let _ = tx.send(false);
+                        return;
+                    }
                     Ok(Attempt::HeldByOther) => {
                         tracing::error!(lease = %self.name, "leadership taken by another replica");
                         let _ = tx.send(false);
@@ -136,7 +297,8 @@ impl LeaderElector {
                     }
                     Err(e) => {
                         tracing::warn!(lease = %self.name, error = %e, "cannot renew the Lease");
-                        if last_renewed.elapsed() >= self.duration {
+                        if !keeper.holds() {
+                            tracing::error!(lease = %self.name, "no renewal within the renew deadline; stopping");
                             let _ = tx.send(false);
                             return;
                         }
@@ -144,7 +306,7 @@ impl LeaderElector {
                 }
             }
         });
-        rx
+        (rx, leadership, task)
     }
 }
 
@@ -152,23 +314,40 @@ impl LeaderElector {
 mod tests {
     use super::*;
 
-    fn spec(holder: &str, renewed_secs_ago: i64) -> LeaseSpec {
-        LeaseSpec {
-            holder_identity: Some(holder.to_string()),
-            lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(
-                Timestamp::now() - SignedDuration::from_secs(renewed_secs_ago),
-            )),
-            ..Default::default()
+    #[test]
+    fn a_standby_waits_a_whole_lease_of_silence_by_its_own_clock() {
+        let lease = Duration::from_secs(15);
+        let s = Duration::from_secs;
+        assert!(!may_take(Some("b"), "a", s(5), lease));
+        assert!(!may_take(Some("b"), "a", s(14), lease));
+        assert!(may_take(Some("b"), "a", s(15), lease));
+        assert!(may_take(Some("a"), "a", s(0), lease));
+        assert!(may_take(None, "a", s(0), lease));
+        assert!(may_take(Some(""), "a", s(0), lease));
+    }
+
+    #[test]
+    fn the_renew_deadline_is_well_inside_the_lease() {
+        let t = Timing::for_lease(Duration::from_secs(15));
+        assert!(t.renew_deadline + t.retry < t.lease_duration);
+        assert!(t.retry * 3 <= t.renew_deadline);
+    }
+
+    fn renewed_ago(secs: u64) -> Leadership {
+        Leadership {
+            inner: Some(Arc::new(Clock {
+                base: Instant::now() - Duration::from_secs(secs),
+                renewed: AtomicU64::new(0),
+                renew_deadline: Duration::from_secs(10),
+            })),
         }
     }
 
     #[test]
-    fn a_live_lease_of_another_replica_is_respected() {
-        let now = Timestamp::now();
-        assert!(!may_take(&spec("b", 5), "a", now));
-        assert!(may_take(&spec("b", 20), "a", now));
-        assert!(may_take(&spec("a", 5), "a", now));
-        assert!(may_take(&LeaseSpec::default(), "a", now));
+    fn leadership_ends_at_the_renew_deadline_without_renewals() {
+        assert!(renewed_ago(0).holds());
+        assert!(renewed_ago(9).holds());
+        assert!(!renewed_ago(11).holds());
+        assert!(Leadership::always().holds());
     }
 }

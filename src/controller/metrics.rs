@@ -31,6 +31,8 @@ pub struct ControllerMetrics {
     pub queue_length: Gauge,
     pub live_workers: Gauge,
     pub pods_created: Counter,
+    pub status_writes: Counter,
+    pub scenarios_expired: Counter,
     pub phase_changes: Family<PhaseLabels, Counter>,
     pub ingest: IngestMetrics,
     pub event_publish_failures: Counter,
@@ -47,6 +49,8 @@ impl ControllerMetrics {
             queue_length: Default::default(),
             live_workers: Default::default(),
             pods_created: Default::default(),
+            status_writes: Default::default(),
+            scenarios_expired: Default::default(),
             phase_changes: Default::default(),
             ingest: Default::default(),
             event_publish_failures: Default::default(),
@@ -84,6 +88,16 @@ impl ControllerMetrics {
             "pods_created",
             "Worker Pods created",
             metrics.pods_created.clone(),
+        );
+        r.register(
+            "status_writes",
+            "Scenario status writes (only when the status changed)",
+            metrics.status_writes.clone(),
+        );
+        r.register(
+            "scenarios_expired",
+            "Finished Scenarios deleted after FINISHED_TTL_SECS",
+            metrics.scenarios_expired.clone(),
         );
         r.register(
             "phase_changes",

@@ -4,8 +4,10 @@
 //! Kubernetes store ([`ingest`]) writes Scenarios →
 //! [`reconcile`] admits them within MAX_WORKERS ([`admission`]) and creates one
 //! worker Pod each ([`pod`]) → Pod state flows back into Scenario status and
-//! onto the `scenario_events` topic ([`events`]). Only the holder of the
-//! leader Lease ([`leader`]) ingests and reconciles.
+//! onto the `scenario_events` topic ([`events`]). Each reconcile handles its own
+//! Scenario: the pure [`plan`] decides from the Scenario, its Pod and the
+//! admission's answer, and [`reconcile`] carries the steps out. Only the
+//! holder of the leader Lease ([`leader`]) ingests and reconciles.
 
 pub use crate::scenario::admission;
 pub mod crd;
@@ -13,6 +15,7 @@ pub mod events;
 pub mod ingest;
 pub mod leader;
 pub mod metrics;
+pub mod plan;
 pub mod pod;
 pub mod reconcile;
 pub mod secret;
@@ -29,15 +32,16 @@ use kube::{Api, Client};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::producer::FutureProducer;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, Notify, watch};
 
 use crate::cli::ControllerArgs;
 use crate::config::LogLevel;
 use crate::ingest::{Ingest, IngestConfig};
 use crd::Scenario;
 use ingest::ScenarioStore;
-use leader::LeaderElector;
+use leader::{LeaderElector, Leadership, Timing};
 use metrics::ControllerMetrics;
+use plan::Rules;
 use pod::{LABEL_RUNNER, WorkerTemplate, label_value};
 use reconcile::Context;
 
@@ -59,8 +63,14 @@ pub enum ControllerError {
     },
     #[error(transparent)]
     Ingest(#[from] crate::ingest::IngestError),
+    #[error(
+        "the installed Scenario CRD is not the one this controller was built for ({0}); apply this release's crds/scenario.yaml (kubectl apply -f crds/scenario.yaml, or charts/vap-runner/crds/scenario.yaml)"
+    )]
+    CrdStale(String),
     #[error("leadership lost; exiting so that a fresh start can compete again")]
     LeadershipLost,
+    #[error("the {0} task ended unexpectedly; exiting rather than running without it")]
+    TaskEnded(&'static str),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -91,14 +101,14 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     let server = tokio::spawn(server);
 
-    let client = Client::try_default()
-        .await
-        .map_err(ControllerError::Kubernetes)?;
-    let scenarios: Api<Scenario> = Api::namespaced(client.clone(), &namespace);
-    scenarios
-        .list(&kube::api::ListParams::default().limit(1))
-        .await
-        .map_err(ControllerError::CrdMissing)?;
+    let timing = Timing::for_lease(Duration::from_secs(args.lease_duration_secs.max(3)));
+    // Watches keep their long reads; every other call has a deadline, the
+    // Lease's shorter than one renew interval.
+    let client = kube_client(None).await?;
+    let calls = kube_client(Some(API_CALL_TIMEOUT)).await?;
+    let lease_client = kube_client(Some(timing.retry)).await?;
+    let scenarios: Api<Scenario> = Api::namespaced(calls.clone(), &namespace);
+    check_crd(&scenarios).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn({
@@ -109,22 +119,17 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         }
     });
 
-    let mut leadership = if args.leader_election {
+    let (mut leadership, holds, lease_keeper) = if args.leader_election {
         let identity = args.identity.clone().unwrap_or_else(default_identity);
-        let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
-        let elector = LeaderElector::new(
-            leases,
-            &format!("{runner}-leader"),
-            &identity,
-            Duration::from_secs(args.lease_duration_secs.max(3)),
-        );
+        let leases: Api<Lease> = Api::namespaced(lease_client, &namespace);
+        let elector = LeaderElector::new(leases, &format!("{runner}-leader"), &identity, timing);
         let mut stop = stop_rx.clone();
         tokio::select! {
-            rx = elector.lead() => rx,
+            (rx, holds, task) = elector.lead(stop_rx.clone()) => (rx, holds, Some(task)),
             _ = stop.changed() => return Ok(()),
         }
     } else {
-        watch::channel(true).1
+        (watch::channel(true).1, Leadership::always(), None)
     };
     metrics.leader.set(1);
 
@@ -166,37 +171,72 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         camera_policy_env: camera_policy.worker_env(),
     };
 
-    let selector = format!("{LABEL_RUNNER}={runner}");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let pod_config = watcher::Config::default().labels(&pod::runner_selector(&runner));
-    let controller = Controller::new(
-        scenarios.clone(),
-        watcher::Config::default().labels(&selector),
-    )
-    .owns(pods.clone(), pod_config.clone());
-    let scenario_store = controller.store();
-    // A second cache of the runner's Pods, read by admission. Reconciling
-    // starts only once it holds the complete list, so the live count after a
-    // restart is never short.
+    // One watch of the runner's Pods feeds both the cache admission counts
+    // and the reconciles of their Scenarios. Reconciling waits until the
+    // cache holds the complete list, so the live count is never short.
+    let queue_changed = Arc::new(Notify::new());
     let (pod_store, pod_writer) = reflector::store();
-    let pod_cache = tokio::spawn(
-        reflector(pod_writer, watcher(pods, pod_config))
-            .default_backoff()
-            .applied_objects()
-            .for_each(|_| futures::future::ready(())),
-    );
+    let (pod_events, pod_triggers) = futures::channel::mpsc::unbounded();
+    let pod_config = watcher::Config::default().labels(&pod::runner_selector(&runner));
+    let pod_cache = tokio::spawn({
+        let queue_changed = queue_changed.clone();
+        reflector(
+            pod_writer,
+            watcher(
+                Api::<Pod>::namespaced(client.clone(), &namespace),
+                pod_config,
+            ),
+        )
+        .default_backoff()
+        .for_each(move |event| {
+            let pod = match event {
+                Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
+                    if !plan::holds_slot(&pod) {
+                        queue_changed.notify_one();
+                    }
+                    pod
+                }
+                Ok(watcher::Event::Delete(pod)) => {
+                    queue_changed.notify_one();
+                    pod
+                }
+                Ok(_) => return futures::future::ready(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching worker Pods failed; retrying");
+                    return futures::future::ready(());
+                }
+            };
+            let _ = pod_events.unbounded_send(Ok(pod));
+            futures::future::ready(())
+        })
+    });
     let _ = pod_store.wait_until_ready().await;
 
+    let (wake, wakes) = futures::channel::mpsc::unbounded();
+    let controller = Controller::new(
+        Api::<Scenario>::namespaced(client.clone(), &namespace),
+        watcher::Config::default().labels(&format!("{LABEL_RUNNER}={runner}")),
+    )
+    .owns_stream(pod_triggers)
+    .reconcile_on(wakes);
     let ctx = Arc::new(Context {
-        client: client.clone(),
+        client: calls.clone(),
         namespace: namespace.clone(),
         template,
         max_workers: sup.max_workers.0,
+        rules: Rules {
+            restart_limit: args.worker_restart_limit,
+            finished_ttl: (args.finished_ttl_secs > 0)
+                .then(|| Duration::from_secs(args.finished_ttl_secs)),
+        },
         pods: pod_store.clone(),
-        scenarios: scenario_store.clone(),
+        scenarios: controller.store(),
         admission: Mutex::new(Default::default()),
+        wake,
+        queue_changed: queue_changed.clone(),
+        leadership: holds,
         recorder: Recorder::new(
-            client.clone(),
+            calls.clone(),
             Reporter {
                 controller: "vap-runner".into(),
                 instance: args.identity.clone(),
@@ -205,6 +245,15 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         metrics: metrics.clone(),
         phases: events::PhasePublisher::new(producer.clone(), &args.events_topic, metrics.clone()),
         failures: Default::default(),
+    });
+    let queue = tokio::spawn({
+        let ctx = ctx.clone();
+        async move {
+            loop {
+                queue_changed.notified().await;
+                reconcile::wake_queue(&ctx).await;
+            }
+        }
     });
 
     let ingest = Ingest {
@@ -224,7 +273,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         },
         metrics: metrics.ingest.clone(),
     };
-    let ingest = tokio::spawn(ingest.run(stop_rx.clone()));
+    let mut ingest = tokio::spawn(ingest.run(stop_rx.clone()));
 
     let controller = controller
         .graceful_shutdown_on({
@@ -245,17 +294,101 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
             }
         }
     };
+    let mut stopping = stop_rx.clone();
+    // Every task runs until shutdown: one that ends early leaves the
+    // controller headless, so the process exits non-zero instead.
     let result = tokio::select! {
-        _ = controller => Ok(()),
+        _ = controller => if *stopping.borrow_and_update() { Ok(()) } else { Err(ControllerError::TaskEnded("reconcile")) },
         _ = lost => Err(ControllerError::LeadershipLost),
+        ended = &mut ingest => match ended {
+            Ok(Err(e)) => Err(e.into()),
+            _ if *stopping.borrow_and_update() => Ok(()),
+            _ => Err(ControllerError::TaskEnded("ingest")),
+        },
+        _ = pod_cache => Err(ControllerError::TaskEnded("the worker Pod watch")),
     };
     let _ = stop_tx.send(true);
-    if let Ok(Err(e)) = ingest.await {
+    if !ingest.is_finished()
+        && let Ok(Err(e)) = ingest.await
+    {
         return Err(e.into());
     }
+    if let Some(keeper) = lease_keeper {
+        // Releases the Lease on a clean stop.
+        let _ = keeper.await;
+    }
     server.abort();
-    pod_cache.abort();
+    queue.abort();
     result
+}
+
+/// Timeout of every Kubernetes API call other than watches and the Lease's.
+const API_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client from the environment; `timeout`, when given, bounds each response.
+async fn kube_client(timeout: Option<Duration>) -> Result<Client, ControllerError> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| ControllerError::Kubernetes(kube::Error::InferConfig(e)))?;
+    if let Some(timeout) = timeout {
+        config.read_timeout = Some(timeout);
+        // Count from when each request is sent, not from when its pooled
+        // connection went idle.
+        config.reset_reader_on_write = true;
+        config.write_timeout = Some(timeout);
+        config.connect_timeout = Some(timeout);
+    }
+    Client::try_from(config).map_err(ControllerError::Kubernetes)
+}
+
+/// Checks that the installed Scenario CRD is the one this controller was built
+/// for: a server-side dry run of a Scenario with the newest fields must keep
+/// them (an older CRD prunes them).
+async fn check_crd(scenarios: &Api<Scenario>) -> Result<(), ControllerError> {
+    scenarios
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+        .map_err(ControllerError::CrdMissing)?;
+    let mut probe = Scenario::new(
+        &format!(
+            "scn-crd-check-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
+        crd::ScenarioSpec {
+            scenario_uuid: uuid::Uuid::nil().to_string(),
+            worker_id: String::new(),
+            camera_url: String::new(),
+            fps: None,
+            model: None,
+            stopped: true,
+            applied: crate::scenario::ordering::Applied {
+                deploy: None,
+                undeploy: Some(crate::scenario::ordering::Stamp {
+                    timestamp_ms: 1,
+                    offset: 0,
+                }),
+            },
+            run: 1,
+        },
+    );
+    probe.metadata.labels =
+        Some([("runner.vap.io/crd-check".to_string(), "true".to_string())].into());
+    let dry = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let kept = match scenarios.create(&dry, &probe).await {
+        Ok(back) => back.spec.run == 1 && back.spec.applied == probe.spec.applied,
+        Err(kube::Error::Api(e)) if e.code == 403 => return Ok(()), // cannot tell; go on
+        Err(e) => return Err(ControllerError::CrdStale(e.to_string())),
+    };
+    if kept {
+        Ok(())
+    } else {
+        Err(ControllerError::CrdStale(
+            "it drops spec.applied and spec.run".into(),
+        ))
+    }
 }
 
 fn default_identity() -> String {

@@ -1,10 +1,13 @@
 //! Building a worker Pod is a pure function of the Scenario and the runner's
 //! configuration; applying it is the reconciler's job.
 
-use k8s_openapi::api::core::v1::Pod;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Pod, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::Resource;
 use kube::ResourceExt;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::crd::Scenario;
 
@@ -14,6 +17,11 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_RUNNER: &str = "runner.vap.io/runner";
 pub const LABEL_SCENARIO: &str = "runner.vap.io/scenario";
 pub const LABEL_WORKER_ID: &str = "runner.vap.io/worker-id";
+/// The Scenario's run (`spec.run`) a worker Pod belongs to: a Pod of an older
+/// run is replaced.
+pub const LABEL_RUN: &str = "runner.vap.io/run";
+/// Name of the worker container in its Pod.
+pub const WORKER_CONTAINER: &str = "worker";
 /// Annotation with the moment ingest wrote a Scenario (RFC 3339, nanoseconds):
 /// the queue order, finer than the second-granular creationTimestamp.
 pub const ANNOTATION_ENQUEUED_AT: &str = "runner.vap.io/enqueued-at";
@@ -33,10 +41,9 @@ pub struct WorkerTemplate {
     pub default_model: String,
     pub video_file_root: Option<String>,
     pub log_level: String,
-    /// `resources` of the worker container, as Kubernetes JSON.
-    pub resources: Value,
-    pub node_selector: Value,
-    pub tolerations: Value,
+    pub resources: ResourceRequirements,
+    pub node_selector: BTreeMap<String, String>,
+    pub tolerations: Vec<Toleration>,
     pub service_account: Option<String>,
     /// The camera host policy as worker environment variables.
     pub camera_policy_env: Vec<(&'static str, String)>,
@@ -54,16 +61,24 @@ impl Default for WorkerTemplate {
             default_model: "mock".into(),
             video_file_root: None,
             log_level: "INFO".into(),
-            resources: json!({
-                "requests": {"cpu": "250m", "memory": "128Mi"},
-                "limits": {"cpu": "1", "memory": "256Mi"}
-            }),
-            node_selector: json!({}),
-            tolerations: json!([]),
+            resources: ResourceRequirements {
+                requests: Some(quantities(&[("cpu", "250m"), ("memory", "128Mi")])),
+                limits: Some(quantities(&[("cpu", "1"), ("memory", "256Mi")])),
+                ..Default::default()
+            },
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
             service_account: None,
             camera_policy_env: Vec::new(),
         }
     }
+}
+
+fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+        .collect()
 }
 
 /// The deterministic name of a scenario's worker Pod.
@@ -115,7 +130,7 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
         .unwrap_or_else(|| t.default_model.clone());
     let mut env = vec![
         json!({"name": "SCENARIO_UUID", "value": spec.scenario_uuid}),
-        json!(super::secret::camera_url_env(&spec.scenario_uuid)),
+        json!(super::secret::camera_url_env(&spec.scenario_uuid, spec.run)),
         json!({"name": "VIDEO_FPS", "value": fps.to_string()}),
         json!({"name": "MODEL", "value": model}),
         json!({"name": "KAFKA_BOOTSTRAP_SERVERS", "value": t.kafka_bootstrap_servers}),
@@ -149,7 +164,7 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
             "seccompProfile": {"type": "RuntimeDefault"}
         },
         "containers": [{
-            "name": "worker",
+            "name": WORKER_CONTAINER,
             "image": t.image,
             "imagePullPolicy": t.image_pull_policy,
             "args": ["worker"],
@@ -185,6 +200,7 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
                 LABEL_RUNNER: label_value(&t.runner_name),
                 LABEL_SCENARIO: label_value(&spec.scenario_uuid),
                 LABEL_WORKER_ID: label_value(&spec.worker_id),
+                LABEL_RUN: spec.run.to_string(),
             },
             "ownerReferences": owner.map(|o| vec![o]).unwrap_or_default(),
         },
@@ -208,6 +224,8 @@ mod tests {
                 fps: None,
                 model: Some("hog".into()),
                 stopped: false,
+                applied: Default::default(),
+                run: 3,
             },
         );
         s.metadata.namespace = Some("vap".into());
@@ -232,6 +250,7 @@ mod tests {
             "11223344-5566-7788-99aa-bbccddeeeff0"
         );
         assert_eq!(labels[LABEL_RUNNER], "vap-runner");
+        assert_eq!(labels[LABEL_RUN], "3");
 
         let spec = pod.spec.unwrap();
         assert_eq!(spec.restart_policy.as_deref(), Some("OnFailure"));

@@ -1,35 +1,47 @@
-//! Scenario → worker Pod.
+//! Scenario → worker Pod: the thin I/O layer around [`plan`].
 //!
-//! Each reconcile reads the Scenario and its Pod from the watch caches,
-//! decides the Scenario's phase, and writes status only when it changed.
+//! Each reconcile handles its own Scenario: it reads the Scenario's Pod from
+//! the shared Pod cache, asks admission for a slot when it needs one, lets the
+//! pure [`plan`] decide, carries out the steps and writes status only when it
+//! changed (a merge patch that also clears what is no longer set).
 //!
 //! How MAX_WORKERS stays race-free: only the Lease holder reconciles, and
-//! within it every Pod creation happens inside one critical section (the
-//! `Admission` mutex). Inside it the live count is the Pods in the cache that
-//! hold a slot plus the Pods this process created that the cache has not
+//! within it the admission answer and the Pod creation happen inside one
+//! critical section (the `Admission` mutex). The live count is the Pods in
+//! the cache that may still run (every Pod not Succeeded/Failed, also one
+//! being deleted) plus the Pods this process created that the cache has not
 //! shown yet ("pending"), so a lagging cache can never make room that is not
 //! there. The pure `admission::decide` picks who starts. After a restart the
-//! caches are complete before the first reconcile, and the deterministic Pod
+//! Pod cache is complete before the first reconcile, and the deterministic Pod
 //! name turns a repeated creation into a harmless "already exists".
+//!
+//! The queue is event-driven: a Queued Scenario is served from the caches and
+//! looked at again when something frees a slot (a Pod ends or disappears, a
+//! Scenario stops or finishes): then [`wake_queue`] wakes just the Scenarios
+//! that may start. (A five-minute look-again is only a safety net; with
+//! nothing changed it makes no API call.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
-use tokio::sync::Mutex;
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, Notify};
 
 use super::admission::{self, Waiting};
-use super::crd::{Phase, Scenario, ScenarioCondition, ScenarioStatus};
+use super::crd::{Phase, Scenario, ScenarioStatus};
 use super::events::PhasePublisher;
+use super::leader::Leadership;
 use super::metrics::{CategoryLabels, ControllerMetrics, PhaseLabels, ResultLabels};
+use super::plan::{self, Plan, Rules, Slot, Step};
 use super::pod::{self, WorkerTemplate};
 use crate::backoff::Backoff;
 
@@ -45,6 +57,10 @@ pub enum ReconcileError {
     },
     #[error("the Scenario has no namespace")]
     NoNamespace,
+    #[error("the Pod cache stopped")]
+    PodCacheGone,
+    #[error("leadership lapsed (no Lease renewal within the renew deadline); not acting")]
+    NotLeader,
 }
 
 impl ReconcileError {
@@ -54,31 +70,29 @@ impl ReconcileError {
             ReconcileError::Kube {
                 source: kube::Error::Api(e),
                 ..
-            } if e.code == 409 => "conflict",
-            ReconcileError::Kube {
-                source: kube::Error::Api(e),
-                ..
-            } if e.code == 404 => "not_found",
-            ReconcileError::Kube {
-                source: kube::Error::Api(e),
-                ..
-            } if e.code == 403 => "forbidden",
-            ReconcileError::Kube {
-                source: kube::Error::Api(e),
-                ..
-            } if e.code >= 500 => "server",
-            ReconcileError::Kube {
-                source: kube::Error::Api(_),
-                ..
-            } => "rejected",
+            } => match e.code {
+                409 => "conflict",
+                404 => "not_found",
+                403 => "forbidden",
+                c if c >= 500 => "server",
+                _ => "rejected",
+            },
             ReconcileError::Kube { .. } => "unreachable",
             ReconcileError::NoNamespace => "invalid",
+            ReconcileError::PodCacheGone => "cache",
+            ReconcileError::NotLeader => "not_leader",
         }
     }
 }
 
 fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> ReconcileError {
     move |source| ReconcileError::Kube { action, source }
+}
+
+/// An API answer that repeating the same request will not change: the Pod
+/// is refused for good (invalid, or denied by an admission webhook or policy).
+fn is_permanent(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(e) if matches!(e.code, 400 | 403 | 422))
 }
 
 /// Pods created by this process and not yet seen in the Pod cache.
@@ -92,9 +106,16 @@ pub struct Context {
     pub namespace: String,
     pub template: WorkerTemplate,
     pub max_workers: usize,
+    pub rules: Rules,
     pub pods: Store<Pod>,
     pub scenarios: Store<Scenario>,
     pub admission: Mutex<Admission>,
+    /// Reconciles a Scenario now (the controller's `reconcile_on` stream).
+    pub wake: UnboundedSender<ObjectRef<Scenario>>,
+    /// Signals that a slot may have freed ([`wake_queue`] runs on it).
+    pub queue_changed: Arc<Notify>,
+    /// Whether this replica may still act (its Lease is fresh).
+    pub leadership: Leadership,
     pub recorder: Recorder,
     pub metrics: Arc<ControllerMetrics>,
     pub phases: PhasePublisher,
@@ -104,50 +125,6 @@ pub struct Context {
 
 /// How long a created Pod counts as live without showing up in the cache.
 const PENDING_GRACE: Duration = Duration::from_secs(60);
-
-/// The phase a Pod's state means for its Scenario, with its restart count.
-pub fn phase_from_pod(pod: &Pod) -> (Phase, i32) {
-    let status = pod.status.as_ref();
-    let restarts = status
-        .and_then(|s| s.container_statuses.as_ref())
-        .map(|cs| cs.iter().map(|c| c.restart_count).sum())
-        .unwrap_or(0);
-    let phase = match status.and_then(|s| s.phase.as_deref()) {
-        Some("Running") => Phase::Running,
-        Some("Succeeded") => Phase::Succeeded,
-        Some("Failed") => Phase::Failed,
-        _ => Phase::Starting,
-    };
-    (phase, restarts)
-}
-
-/// True while a Pod holds a worker slot (it may still be running).
-pub fn holds_slot(pod: &Pod) -> bool {
-    !matches!(phase_from_pod(pod).0, Phase::Succeeded | Phase::Failed)
-}
-
-/// The Scenario's own worker Pod, read from the API server rather than the
-/// cache: the reconcile was triggered by a change of this very Pod, which the
-/// cache may not show yet, and a stale phase here would hold the Scenario in
-/// its old phase until the next periodic reconcile.
-async fn pod_for(ctx: &Context, scenario: &Scenario) -> Result<Option<Pod>, ReconcileError> {
-    let name = pod::pod_name(&scenario.spec.scenario_uuid);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let Some(pod) = pods
-        .get_opt(&name)
-        .await
-        .map_err(kube_err("reading the worker Pod"))?
-    else {
-        return Ok(None);
-    };
-    // Only a Pod this Scenario owns counts (not a leftover of a deleted one).
-    let uid = scenario.metadata.uid.as_deref();
-    let owned = pod
-        .owner_references()
-        .iter()
-        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid);
-    Ok(owned.then_some(pod))
-}
 
 /// When a Scenario joined the queue: the ingest annotation, else its creation time.
 pub fn enqueued_at(s: &Scenario) -> chrono::DateTime<Utc> {
@@ -164,32 +141,56 @@ pub fn enqueued_at(s: &Scenario) -> chrono::DateTime<Utc> {
         .unwrap_or_else(Utc::now)
 }
 
-fn current_phase(s: &Scenario) -> Option<Phase> {
-    s.status.as_ref().and_then(|st| st.phase)
+/// True when a Scenario wants a worker for its current run: not deleted, not
+/// stopped, and its run not over.
+pub fn wants_worker(s: &Scenario) -> bool {
+    let over = s.status.as_ref().is_some_and(|st| {
+        st.observed_run == s.spec.run
+            && st
+                .phase
+                .is_some_and(|p| matches!(p, Phase::Succeeded | Phase::Failed))
+    });
+    s.metadata.deletion_timestamp.is_none() && !s.spec.is_stopped() && !over
 }
 
-/// Starts Pods for the oldest waiting Scenarios while slots are free, and
-/// returns the queue positions of the rest.
-async fn admit(ctx: &Context) -> Result<HashMap<String, u32>, ReconcileError> {
-    let mut admission = ctx.admission.lock().await;
-    let cached: Vec<Arc<Pod>> = ctx.pods.state();
-    let cached_names: std::collections::HashSet<String> =
-        cached.iter().map(|p| p.name_any()).collect();
-    admission
-        .pending
-        .retain(|name, at| !cached_names.contains(name) && at.elapsed() < PENDING_GRACE);
-    let live = cached.iter().filter(|p| holds_slot(p)).count() + admission.pending.len();
+/// The Scenario's own worker Pod from the cache (only one it controls; not a
+/// leftover of a deleted Scenario of the same name).
+fn pod_of(ctx: &Context, scenario: &Scenario) -> Option<Arc<Pod>> {
+    let name = pod::pod_name(&scenario.spec.scenario_uuid);
+    let pod = ctx
+        .pods
+        .get(&ObjectRef::new(&name).within(&ctx.namespace))?;
+    let uid = scenario.metadata.uid.as_deref();
+    let owned = pod
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid);
+    owned.then_some(pod)
+}
 
+/// The admission decision over the whole cache, with the live count.
+fn decide(ctx: &Context, adm: &mut Admission) -> (admission::Decision<String>, usize) {
+    let cached = ctx.pods.state();
+    let cached_names: HashSet<String> = cached.iter().map(|p| p.name_any()).collect();
+    adm.pending
+        .retain(|name, at| !cached_names.contains(name) && at.elapsed() < PENDING_GRACE);
+    let holding: HashSet<String> = cached
+        .iter()
+        .filter(|p| plan::holds_slot(p))
+        .map(|p| p.name_any())
+        .collect();
+    let live = holding.len() + adm.pending.len();
+    // A Scenario whose ended Pod is still being replaced waits too, in its
+    // place: the slot it frees is not handed to a younger one meanwhile.
     let waiting: Vec<Waiting<String>> = ctx
         .scenarios
         .state()
         .iter()
         .filter(|s| s.namespace().as_deref() == Some(ctx.namespace.as_str()))
-        .filter(|s| s.metadata.deletion_timestamp.is_none() && !s.spec.stopped)
-        .filter(|s| !current_phase(s).is_some_and(Phase::is_terminal))
+        .filter(|s| wants_worker(s))
         .filter(|s| {
             let name = pod::pod_name(&s.spec.scenario_uuid);
-            !cached_names.contains(&name) && !admission.pending.contains_key(&name)
+            !holding.contains(&name) && !adm.pending.contains_key(&name)
         })
         .map(|s| Waiting {
             key: s.name_any(),
@@ -198,175 +199,35 @@ async fn admit(ctx: &Context) -> Result<HashMap<String, u32>, ReconcileError> {
         .collect();
     let decision = admission::decide(waiting, live, ctx.max_workers);
     ctx.metrics.queue_length.set(decision.queued.len() as i64);
-    ctx.metrics
-        .live_workers
-        .set((live + decision.start.len()) as i64);
-
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    for name in &decision.start {
-        let Some(scenario) = ctx
-            .scenarios
-            .get(&ObjectRef::new(name).within(&ctx.namespace))
-        else {
-            continue;
-        };
-        let pod = pod::build(&scenario, &ctx.template);
-        let pod_name = pod.name_any();
-        let params = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        match pods.create(&params, &pod).await {
-            Ok(_) => {
-                ctx.metrics.pods_created.inc();
-                tracing::info!(scenario = %name, pod = %pod_name, "worker Pod created");
-            }
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(kube_err("creating a worker Pod")(e)),
-        }
-        admission.pending.insert(pod_name, Instant::now());
-    }
-    Ok(decision.queued.into_iter().collect())
+    ctx.metrics.live_workers.set(live as i64);
+    (decision, live)
 }
 
-/// The status a Scenario should have now; creates or deletes its Pod as needed.
-async fn desired_status(
-    scenario: &Scenario,
-    ctx: &Context,
-) -> Result<ScenarioStatus, ReconcileError> {
-    let old = scenario.status.clone().unwrap_or_default();
-    let mut status = ScenarioStatus {
-        observed_generation: scenario.metadata.generation,
-        ..old.clone()
-    };
-    let pod = pod_for(ctx, scenario).await?;
-
-    if scenario.spec.stopped {
-        if let Some(pod) = &pod {
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-            match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(kube_err("deleting a stopped worker Pod")(e)),
-            }
-        }
-        status.phase = Some(Phase::Stopped);
-        status.queue_position = None;
-        if old.phase != Some(Phase::Stopped) {
-            status.finish_time = Some(Utc::now());
-        }
-        // Free the slot for the next in line at once.
-        admit(ctx).await?;
-        return Ok(status);
-    }
-
-    if let Some(pod) = pod {
-        // The cache shows it now: it no longer needs counting as pending.
-        ctx.admission.lock().await.pending.remove(&pod.name_any());
-        let (phase, restarts) = phase_from_pod(&pod);
-        status.phase = Some(phase);
-        status.pod_name = Some(pod.name_any());
-        status.queue_position = None;
-        status.restart_count = restarts;
-        if status.start_time.is_none() {
-            status.start_time = Some(Utc::now());
-        }
-        if phase.is_terminal() {
-            if status.finish_time.is_none() {
-                status.finish_time = Some(Utc::now());
-            }
-            if phase == Phase::Failed {
-                status.last_error = Some(pod_failure(&pod));
-            }
-            // A slot just freed: start the next in line.
-            admit(ctx).await?;
-        }
-        return Ok(status);
-    }
-
-    if old.phase.is_some_and(Phase::is_terminal) {
-        return Ok(status);
-    }
-    // No Pod: new, queued, or its Pod was deleted by someone else.
-    let queued = admit(ctx).await?;
-    match queued.get(&scenario.name_any()) {
-        Some(position) => {
-            status.phase = Some(Phase::Queued);
-            status.queue_position = Some(*position);
-        }
-        None => {
-            status.phase = Some(Phase::Starting);
-            status.pod_name = Some(pod::pod_name(&scenario.spec.scenario_uuid));
-            status.queue_position = None;
-        }
-    }
-    Ok(status)
-}
-
-/// Words for why a worker Pod failed, from its container's last state.
-fn pod_failure(pod: &Pod) -> String {
-    let terminated = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.first())
-        .and_then(|c| c.state.as_ref())
-        .and_then(|s| s.terminated.as_ref());
-    match terminated {
-        Some(t) => format!(
-            "worker exited with code {}{}",
-            t.exit_code,
-            t.reason
-                .as_ref()
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default()
-        ),
-        None => "worker Pod failed".to_string(),
+/// Wakes the Scenarios that may start now (at most the free slots).
+pub async fn wake_queue(ctx: &Context) {
+    let mut adm = ctx.admission.lock().await;
+    let (decision, _) = decide(ctx, &mut adm);
+    for name in decision.start {
+        let _ = ctx
+            .wake
+            .unbounded_send(ObjectRef::new(&name).within(&ctx.namespace));
     }
 }
 
-fn phase_reason(phase: Phase) -> (&'static str, &'static str) {
-    match phase {
-        Phase::Queued => (
-            "WaitingForSlot",
-            "all MAX_WORKERS slots are taken; waiting in FIFO order",
-        ),
-        Phase::Starting => ("PodCreated", "worker Pod created; waiting for it to run"),
-        Phase::Running => ("PodRunning", "worker is running"),
-        Phase::Succeeded => ("WorkerSucceeded", "worker finished"),
-        Phase::Failed => ("WorkerFailed", "worker failed"),
-        Phase::Stopped => ("Undeployed", "stopped by to_undeploy"),
+/// A JSON merge patch that turns `old` into `new`: fields no longer set are
+/// sent as `null`, so they are really cleared.
+pub fn status_patch(old: Option<&ScenarioStatus>, new: &ScenarioStatus) -> Value {
+    let mut patch = serde_json::to_value(new).unwrap_or_else(|_| json!({}));
+    if let (Some(old), Some(fields)) = (
+        old.and_then(|o| serde_json::to_value(o).ok()),
+        patch.as_object_mut(),
+    ) && let Some(old_fields) = old.as_object()
+    {
+        for key in old_fields.keys() {
+            fields.entry(key.clone()).or_insert(Value::Null);
+        }
     }
-}
-
-fn with_condition(mut status: ScenarioStatus, generation: Option<i64>) -> ScenarioStatus {
-    let Some(phase) = status.phase else {
-        return status;
-    };
-    let (reason, message) = phase_reason(phase);
-    let ready = if phase == Phase::Running {
-        "True"
-    } else {
-        "False"
-    };
-    let unchanged = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == ready && c.reason == reason);
-    if !unchanged {
-        status.conditions.retain(|c| c.type_ != "Ready");
-        status.conditions.push(ScenarioCondition {
-            type_: "Ready".into(),
-            status: ready.into(),
-            reason: reason.into(),
-            message: status.last_error.clone().unwrap_or_else(|| message.into()),
-            last_transition_time: Utc::now(),
-            observed_generation: generation,
-        });
-    } else if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == "Ready") {
-        c.observed_generation = generation;
-    }
-    status
+    json!({ "status": patch })
 }
 
 pub async fn reconcile(
@@ -395,34 +256,169 @@ pub async fn reconcile(
 #[tracing::instrument(skip_all, fields(scenario = %scenario.name_any()))]
 async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, ReconcileError> {
     let namespace = scenario.namespace().ok_or(ReconcileError::NoNamespace)?;
+    if !ctx.leadership.holds() {
+        return Err(ReconcileError::NotLeader);
+    }
+    ctx.pods
+        .wait_until_ready()
+        .await
+        .map_err(|_| ReconcileError::PodCacheGone)?;
     if scenario.metadata.deletion_timestamp.is_some() {
         // Its Pod goes with it (ownerReference); the slot frees when it is gone.
         return Ok(Action::await_change());
     }
-    let status = desired_status(scenario, ctx).await?;
-    let status = with_condition(status, scenario.metadata.generation);
-    let old_phase = current_phase(scenario);
-    if scenario.status.as_ref() != Some(&status) {
+    let pod = pod_of(ctx, scenario);
+    if let Some(pod) = &pod {
+        // The cache shows it now: it no longer needs counting as pending
+        // (and must not be once it is gone).
+        ctx.admission.lock().await.pending.remove(&pod.name_any());
+    }
+    let plan = if pod.is_none() && wants_worker(scenario) {
+        // Admission and creation in one critical section.
+        let mut adm = ctx.admission.lock().await;
+        let (decision, _) = decide(ctx, &mut adm);
+        let me = scenario.name_any();
+        let slot = if decision.start.contains(&me) {
+            Slot::Free
+        } else {
+            Slot::Full
+        };
+        let mut plan = plan::plan(scenario, None, slot, ctx.rules, Utc::now());
+        if plan.steps.contains(&Step::CreatePod) {
+            plan = create_pod(ctx, &mut adm, scenario, plan).await?;
+        }
+        plan
+    } else {
+        plan::plan(scenario, pod.as_deref(), Slot::Full, ctx.rules, Utc::now())
+    };
+
+    let mut slot_freed = false;
+    for step in &plan.steps {
+        match step {
+            Step::CreatePod => {} // done above, inside the critical section
+            Step::DeletePod { uid } => {
+                delete_pod(ctx, scenario, uid).await?;
+                slot_freed = true;
+            }
+            Step::DeleteScenario => {
+                let api: Api<Scenario> = Api::namespaced(ctx.client.clone(), &namespace);
+                let params = DeleteParams {
+                    preconditions: scenario.uid().map(|uid| Preconditions {
+                        uid: Some(uid),
+                        resource_version: None,
+                    }),
+                    ..Default::default()
+                };
+                match api.delete(&scenario.name_any(), &params).await {
+                    Ok(_) => tracing::info!("finished Scenario removed after its TTL"),
+                    Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => {}
+                    Err(e) => return Err(kube_err("deleting a finished Scenario")(e)),
+                }
+                ctx.metrics.scenarios_expired.inc();
+                return Ok(Action::await_change());
+            }
+        }
+    }
+
+    let old_phase = scenario.status.as_ref().and_then(|s| s.phase);
+    if scenario.status.as_ref() != Some(&plan.status) {
         let api: Api<Scenario> = Api::namespaced(ctx.client.clone(), &namespace);
         api.patch_status(
             &scenario.name_any(),
             &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
+            &Patch::Merge(status_patch(scenario.status.as_ref(), &plan.status)),
         )
         .await
         .map_err(kube_err("writing Scenario status"))?;
+        ctx.metrics.status_writes.inc();
     }
-    if let Some(phase) = status.phase
+    let new_phase = plan.status.phase;
+    if let Some(phase) = new_phase
         && old_phase != Some(phase)
     {
-        on_phase_change(scenario, phase, &status, ctx).await;
+        on_phase_change(scenario, phase, &plan.status, ctx).await;
     }
-    Ok(match status.phase {
-        Some(Phase::Queued) => Action::requeue(Duration::from_secs(5)),
-        Some(p) if p.is_terminal() => Action::await_change(),
-        Some(Phase::Starting) => Action::requeue(Duration::from_secs(10)),
-        _ => Action::requeue(Duration::from_secs(300)),
+    if slot_freed
+        || (old_phase.is_some_and(Phase::is_live) && !new_phase.is_some_and(Phase::is_live))
+    {
+        ctx.queue_changed.notify_one();
+    }
+    Ok(match plan.requeue {
+        Some(after) => Action::requeue(after),
+        None => Action::await_change(),
     })
+}
+
+/// Creates the worker Pod (inside the admission critical section). A refusal
+/// for good fails this Scenario only, and the queue goes on.
+async fn create_pod(
+    ctx: &Context,
+    adm: &mut Admission,
+    scenario: &Scenario,
+    mut plan: Plan,
+) -> Result<Plan, ReconcileError> {
+    if !ctx.leadership.holds() {
+        return Err(ReconcileError::NotLeader);
+    }
+    let pod = pod::build(scenario, &ctx.template);
+    let pod_name = pod.name_any();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match pods.create(&params, &pod).await {
+        Ok(_) => {
+            ctx.metrics.pods_created.inc();
+            tracing::info!(pod = %pod_name, "worker Pod created");
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) if is_permanent(&e) => {
+            let reason = match &e {
+                kube::Error::Api(e) => e.message.clone(),
+                e => e.to_string(),
+            };
+            tracing::warn!(pod = %pod_name, error = %reason, "the worker Pod was refused; the Scenario fails and the queue goes on");
+            ctx.metrics
+                .reconcile_errors
+                .get_or_create(&CategoryLabels {
+                    category: "pod_rejected",
+                })
+                .inc();
+            plan.status = plan::pod_rejected(
+                plan.status,
+                &reason,
+                scenario.metadata.generation,
+                Utc::now(),
+            );
+            plan.steps.clear();
+            plan.requeue = None;
+            ctx.queue_changed.notify_one();
+            return Ok(plan);
+        }
+        Err(e) => return Err(kube_err("creating a worker Pod")(e)),
+    }
+    adm.pending.insert(pod_name, Instant::now());
+    Ok(plan)
+}
+
+async fn delete_pod(ctx: &Context, scenario: &Scenario, uid: &str) -> Result<(), ReconcileError> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match pods
+        .delete(&pod::pod_name(&scenario.spec.scenario_uuid), &params)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => Ok(()),
+        Err(e) => Err(kube_err("deleting a worker Pod")(e)),
+    }
 }
 
 async fn on_phase_change(
@@ -431,7 +427,10 @@ async fn on_phase_change(
     status: &ScenarioStatus,
     ctx: &Context,
 ) {
-    let (reason, message) = phase_reason(phase);
+    let (reason, message) = status
+        .condition(plan::READY)
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_else(|| (phase.as_str().to_string(), String::new()));
     ctx.metrics
         .phase_changes
         .get_or_create(&PhaseLabels {
@@ -439,18 +438,14 @@ async fn on_phase_change(
         })
         .inc();
     tracing::info!(scenario = %scenario.spec.scenario_uuid, phase = phase.as_str(), reason, "phase changed");
-    let note = status
-        .last_error
-        .clone()
-        .unwrap_or_else(|| message.to_string());
     let event = Event {
         type_: if phase == Phase::Failed {
             EventType::Warning
         } else {
             EventType::Normal
         },
-        reason: reason.into(),
-        note: Some(note.clone()),
+        reason: reason.clone(),
+        note: Some(message.clone()),
         action: "Reconcile".into(),
         secondary: None,
     };
@@ -462,7 +457,7 @@ async fn on_phase_change(
         tracing::warn!(error = %e, "cannot record a Kubernetes Event");
     }
     ctx.phases
-        .publish(&scenario.spec.scenario_uuid, phase, reason, &note)
+        .publish(&scenario.spec.scenario_uuid, phase, &reason, &message)
         .await;
 }
 
@@ -491,42 +486,25 @@ pub fn error_policy(scenario: Arc<Scenario>, error: &ReconcileError, ctx: Arc<Co
 mod tests {
     use super::*;
 
-    fn pod(phase: &str, restarts: i32) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": "p"},
-            "status": {"phase": phase, "containerStatuses": [{
-                "name": "worker", "image": "i", "imageID": "", "ready": true,
-                "restartCount": restarts
-            }]}
-        }))
-        .unwrap()
-    }
-
     #[test]
-    fn pod_phase_maps_to_scenario_phase() {
-        assert_eq!(phase_from_pod(&pod("Pending", 0)), (Phase::Starting, 0));
-        assert_eq!(phase_from_pod(&pod("Running", 2)), (Phase::Running, 2));
-        assert_eq!(phase_from_pod(&pod("Succeeded", 0)).0, Phase::Succeeded);
-        assert_eq!(phase_from_pod(&pod("Failed", 5)), (Phase::Failed, 5));
-        assert!(holds_slot(&pod("Running", 0)));
-        assert!(!holds_slot(&pod("Succeeded", 0)));
-    }
-
-    #[test]
-    fn condition_follows_the_phase() {
-        let s = with_condition(
-            ScenarioStatus {
-                phase: Some(Phase::Running),
-                ..Default::default()
-            },
-            Some(3),
+    fn a_status_patch_clears_what_is_no_longer_set() {
+        let old = ScenarioStatus {
+            phase: Some(Phase::Queued),
+            last_error: Some("boom".into()),
+            ..Default::default()
+        };
+        let new = ScenarioStatus {
+            phase: Some(Phase::Running),
+            ..Default::default()
+        };
+        let patch = status_patch(Some(&old), &new);
+        assert_eq!(patch["status"]["phase"], "Running");
+        assert!(patch["status"]["lastError"].is_null());
+        assert!(
+            patch["status"]
+                .as_object()
+                .unwrap()
+                .contains_key("lastError")
         );
-        let c = &s.conditions[0];
-        assert_eq!(
-            (c.type_.as_str(), c.status.as_str(), c.observed_generation),
-            ("Ready", "True", Some(3))
-        );
-        let again = with_condition(s.clone(), Some(3));
-        assert_eq!(again, s, "an unchanged phase keeps its transition time");
     }
 }

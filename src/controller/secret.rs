@@ -15,9 +15,17 @@ use super::reconcile::FIELD_MANAGER;
 /// The key of the camera URL in the Secret (the worker's variable name).
 pub const CAMERA_URL_KEY: &str = "CAMERA_URL";
 
-/// The deterministic name of a scenario's camera Secret.
-pub fn secret_name(scenario_uuid: &str) -> String {
-    format!("scn-{}-camera", scenario_uuid.to_ascii_lowercase())
+/// The deterministic name of the camera Secret of a scenario's run. Each run
+/// (a new camera URL, or a new deploy after a stop) gets a Secret of its own,
+/// so the controller only ever creates Secrets, never changes one; the first
+/// run's is `scn-<uuid>-camera`.
+pub fn secret_name(scenario_uuid: &str, run: u32) -> String {
+    let uuid = scenario_uuid.to_ascii_lowercase();
+    if run <= 1 {
+        format!("scn-{uuid}-camera")
+    } else {
+        format!("scn-{uuid}-camera-r{run}")
+    }
 }
 
 /// The camera URL as the Scenario spec shows it.
@@ -48,21 +56,21 @@ pub fn build(scenario: &Scenario, camera_url: &str) -> Secret {
         string_data: Some([(CAMERA_URL_KEY.to_string(), camera_url.to_string())].into()),
         ..Default::default()
     };
-    secret.metadata.name = Some(secret_name(&scenario.spec.scenario_uuid));
+    secret.metadata.name = Some(secret_name(&scenario.spec.scenario_uuid, scenario.spec.run));
     secret.metadata.namespace = scenario.namespace();
     secret.metadata.labels = Some(labels);
     secret.metadata.owner_references = scenario.controller_owner_ref(&()).map(|o| vec![o]);
     secret
 }
 
-/// The worker's `CAMERA_URL`, read from the scenario's Secret.
-pub fn camera_url_env(scenario_uuid: &str) -> EnvVar {
+/// The worker's `CAMERA_URL`, read from the Secret of the scenario's run.
+pub fn camera_url_env(scenario_uuid: &str, run: u32) -> EnvVar {
     EnvVar {
         name: CAMERA_URL_KEY.into(),
         value: None,
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
-                name: secret_name(scenario_uuid),
+                name: secret_name(scenario_uuid, run),
                 key: CAMERA_URL_KEY.into(),
                 optional: Some(false),
             }),
@@ -105,6 +113,8 @@ mod tests {
                 fps: None,
                 model: None,
                 stopped: false,
+                applied: Default::default(),
+                run: 1,
             },
         );
         s.metadata.namespace = Some("vap".into());
@@ -143,10 +153,22 @@ mod tests {
     }
 
     #[test]
+    fn every_run_has_a_secret_of_its_own() {
+        let mut s = scenario();
+        s.spec.run = 3;
+        assert_eq!(
+            build(&s, "rtsp://cam/b").metadata.name.as_deref(),
+            Some("scn-550e8400-e29b-41d4-a716-446655440000-camera-r3")
+        );
+        let env = serde_json::to_string(&camera_url_env(&s.spec.scenario_uuid, 3)).unwrap();
+        assert!(env.contains("-camera-r3"), "{env}");
+    }
+
+    #[test]
     fn the_spec_and_the_env_never_hold_the_password() {
         let s = scenario();
         assert_eq!(s.spec.camera_url, "rtsp://***@cam/stream");
-        let env = serde_json::to_string(&camera_url_env(&s.spec.scenario_uuid)).unwrap();
+        let env = serde_json::to_string(&camera_url_env(&s.spec.scenario_uuid, 1)).unwrap();
         assert!(!env.contains("hunter2"), "{env}");
         assert!(
             env.contains(r#""secretKeyRef":{"key":"CAMERA_URL","name":"scn-550e8400-e29b-41d4-a716-446655440000-camera","optional":false}"#),

@@ -41,6 +41,11 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// Nothing applied yet (a Scenario written by hand).
+    pub fn is_empty(&self) -> bool {
+        self.deploy.is_none() && self.undeploy.is_none()
+    }
+
     /// The scenario is stopped when its last undeploy is not older than its last
     /// deploy (an exact tie goes to the undeploy).
     pub fn stopped(&self) -> bool {

@@ -200,6 +200,87 @@ impl Bed {
         self.send(&self.deploy, Some(scenario), body.to_string().as_bytes())
             .await;
     }
+
+    /// Sends a message whose record carries the timestamp `at_ms` (ms since
+    /// the epoch), as a producer with its own clock or a replay would.
+    pub async fn send_at(&self, topic: &str, key: &str, payload: &[u8], at_ms: i64) {
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .timestamp(at_ms);
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .expect("deliver a test message");
+    }
+
+    /// A `to_deploy` for `scenario` on `camera` stamped `at_ms`.
+    pub async fn deploy_at(&self, scenario: &str, camera: &str, at_ms: i64) {
+        let body = serde_json::json!({
+            "worker_id": "11223344-5566-7788-99aa-bbccddeeeff0",
+            "scenario_uuid": scenario,
+            "camera_url": camera,
+        });
+        self.send_at(&self.deploy, scenario, body.to_string().as_bytes(), at_ms)
+            .await;
+    }
+
+    /// A `to_undeploy` for `scenario` stamped `at_ms`.
+    pub async fn undeploy_at(&self, scenario: &str, at_ms: i64) {
+        let body = serde_json::json!({"scenario_uuid": scenario});
+        self.send_at(&self.undeploy, scenario, body.to_string().as_bytes(), at_ms)
+            .await;
+    }
+
+    /// The offset this bed's consumer group has committed on `topic` (0 if none).
+    pub fn committed(&self, topic: &str) -> i64 {
+        let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", &self.group)
+            .create()
+            .expect("consumer");
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(topic, 0);
+        match rdkafka::consumer::Consumer::committed_offsets(
+            &consumer,
+            tpl,
+            Duration::from_secs(10),
+        ) {
+            Ok(list) => match list.find_partition(topic, 0).map(|p| p.offset()) {
+                Some(rdkafka::Offset::Offset(n)) => n,
+                _ => 0,
+            },
+            Err(_) => 0,
+        }
+    }
+
+    /// Waits until `n` offsets are committed on `topic`: ingest has handled them.
+    pub async fn wait_committed(&self, topic: &str, n: i64, timeout: Duration) {
+        wait_for(
+            &format!("{n} offsets committed on {topic}"),
+            timeout,
+            || async move { (self.committed(topic) >= n).then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// Runs a clean-up from a `Drop` on a thread and runtime of its own: the
+/// test's runtime is blocked in the `Drop`, so nothing bound to it (such as
+/// the test's kube client) can make progress; `work` makes its own clients.
+pub fn cleanup<F, Fut>(work: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work());
+    })
+    .join();
 }
 
 impl Bed {
@@ -242,30 +323,20 @@ impl Drop for Bed {
             self.events.clone(),
             self.results.clone(),
         ];
-        // Clean up on a thread and runtime of its own, with a client of its
-        // own: the test's runtime is blocked in this Drop, so nothing bound
-        // to it (such as the test's kube client) can make progress.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(client) = Client::try_default().await {
-                    let _ = Api::<Namespace>::all(client)
-                        .delete(&namespace, &DeleteParams::default())
-                        .await;
-                }
-                if let Ok(admin) = ClientConfig::new()
-                    .set("bootstrap.servers", &bootstrap)
-                    .create::<AdminClient<DefaultClientContext>>()
-                {
-                    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-                    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
-                }
-            });
-        })
-        .join();
+        cleanup(move || async move {
+            if let Ok(client) = Client::try_default().await {
+                let _ = Api::<Namespace>::all(client)
+                    .delete(&namespace, &DeleteParams::default())
+                    .await;
+            }
+            if let Ok(admin) = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .create::<AdminClient<DefaultClientContext>>()
+            {
+                let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+                let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+            }
+        });
     }
 }
 
@@ -276,6 +347,26 @@ pub struct ControllerProcess {
 }
 
 impl ControllerProcess {
+    /// The process id (to pause it with SIGSTOP, for example).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends `signal` (for example `STOP`, `CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("running controller").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// The exit status once the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok()?
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

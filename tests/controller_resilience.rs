@@ -1,0 +1,734 @@
+//! `runner controller` under what real clusters and real Kafka do: commands
+//! read out of order, crash loops, evictions and disruptions, Pods the cluster
+//! refuses, and the CRD's own validation in the apiserver. Pods run on kwok's
+//! fake Node; tests write Pod status as a kubelet would.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::controller::Bed;
+use common::wait_for;
+use futures::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use vap_runner::controller::crd::{Phase, Scenario};
+
+fn uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn scenario_name(id: &str) -> String {
+    format!("scn-{id}")
+}
+
+fn pod_name(id: &str) -> String {
+    format!("worker-{id}")
+}
+
+const LIVE: &str = "rtsp://camera.example/stream";
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Waits until the Scenario of `id` satisfies `check`, and returns it.
+async fn wait_scenario(
+    bed: &Bed,
+    id: &str,
+    what: &str,
+    check: impl Fn(&Scenario) -> bool,
+) -> Scenario {
+    let check = &check;
+    wait_for(
+        &format!("scenario {id}: {what}"),
+        Duration::from_secs(90),
+        || async move {
+            let s = bed.scenarios().get_opt(&scenario_name(id)).await.ok()??;
+            check(&s).then_some(s)
+        },
+    )
+    .await
+}
+
+fn phase(s: &Scenario) -> Option<Phase> {
+    s.status.as_ref()?.phase
+}
+
+/// The Ready condition's (status, reason).
+fn ready(s: &Scenario) -> Option<(String, String)> {
+    let c = s.status.as_ref()?.condition("Ready")?;
+    Some((c.status.clone(), c.reason.clone()))
+}
+
+/// Waits for a worker Pod of `id` other than the one with `old_uid`, not being deleted.
+async fn wait_new_pod(bed: &Bed, id: &str, old_uid: Option<&str>) -> Pod {
+    wait_for(
+        &format!("a new worker Pod for {id}"),
+        Duration::from_secs(90),
+        || async move {
+            let pod = bed.pods().get_opt(&pod_name(id)).await.ok()??;
+            (pod.metadata.uid.as_deref() != old_uid && pod.metadata.deletion_timestamp.is_none())
+                .then_some(pod)
+        },
+    )
+    .await
+}
+
+/// Writes Pod status as the kubelet would.
+async fn set_pod_status(bed: &Bed, name: &str, status: serde_json::Value) {
+    bed.pods()
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "status": status })),
+        )
+        .await
+        .expect("write Pod status");
+}
+
+/// Waits until kwok has the Pod running, then returns it.
+async fn wait_running_pod(bed: &Bed, id: &str) -> Pod {
+    wait_for(
+        &format!("the worker Pod of {id} to run"),
+        Duration::from_secs(90),
+        || async move {
+            let pod = bed.pods().get_opt(&pod_name(id)).await.ok()??;
+            let phase = pod.status.as_ref()?.phase.clone();
+            (phase.as_deref() == Some("Running") && pod.metadata.deletion_timestamp.is_none())
+                .then_some(pod)
+        },
+    )
+    .await
+}
+
+fn holds_slot(pod: &Pod) -> bool {
+    !matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// Watches the bed's Pods and returns the most that held a slot at once,
+/// once `stop` fires.
+fn watch_live_pods(
+    bed: &Bed,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<usize>,
+) {
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let pods = bed.pods();
+    let task = tokio::spawn(async move {
+        let mut seen: HashMap<String, Pod> = HashMap::new();
+        let mut max = 0;
+        let mut events = watcher(pods, watcher::Config::default()).boxed();
+        loop {
+            tokio::select! {
+                _ = &mut rx => return max,
+                event = events.next() => match event {
+                    Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => {
+                        seen.insert(p.uid().unwrap_or_default(), p);
+                    }
+                    Some(Ok(watcher::Event::Delete(p))) => {
+                        seen.remove(&p.uid().unwrap_or_default());
+                    }
+                    Some(_) => {}
+                    None => return max,
+                },
+            }
+            max = max.max(seen.values().filter(|p| holds_slot(p)).count());
+        }
+    });
+    (tx, task)
+}
+
+/// With MAX_WORKERS=1: deploys a live scenario and waits until it runs, then
+/// a second one and waits until it is queued behind the first.
+async fn one_running_one_queued(bed: &Bed) -> (String, String) {
+    let (a, b) = (uuid(), uuid());
+    bed.deploy(&a, LIVE).await;
+    wait_scenario(bed, &a, "running", |s| phase(s) == Some(Phase::Running)).await;
+    bed.deploy(&b, LIVE).await;
+    wait_scenario(bed, &b, "queued", |s| phase(s) == Some(Phase::Queued)).await;
+    (a, b)
+}
+
+/// Ends a replacement with MAX_WORKERS=1: the scenario `queued` still waits
+/// (the replaced worker kept its slot), and at no moment did more than one
+/// Pod hold a slot.
+async fn kept_its_slot(
+    bed: &Bed,
+    queued: &str,
+    (stop, observer): (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<usize>,
+    ),
+) {
+    let s = bed.scenarios().get(&scenario_name(queued)).await.unwrap();
+    assert_eq!(
+        phase(&s),
+        Some(Phase::Queued),
+        "the replaced worker keeps its slot"
+    );
+    let _ = stop.send(());
+    let max = observer.await.unwrap();
+    assert!(max <= 1, "saw {max} live worker Pods with MAX_WORKERS=1");
+}
+
+#[tokio::test]
+async fn commands_follow_record_time_whatever_order_they_are_read_in() {
+    let bed = Bed::new("ctl-order").await;
+    let clip = common::media("vtest.avi");
+    let other = common::media("Megamind.avi");
+    let id = uuid();
+    let t0 = now_ms() - 60_000;
+
+    // The undeploy is read before the (older) deploy it undoes.
+    bed.undeploy_at(&id, t0 + 1_000).await;
+    let mut controller = bed.start_controller(&[]);
+    wait_scenario(&bed, &id, "a stopped tombstone", |s| {
+        phase(s) == Some(Phase::Stopped)
+    })
+    .await;
+    bed.deploy_at(&id, &clip, t0).await;
+    bed.wait_committed(&bed.deploy, 1, Duration::from_secs(60))
+        .await;
+    let s = bed.scenarios().get(&scenario_name(&id)).await.unwrap();
+    assert_eq!(
+        phase(&s),
+        Some(Phase::Stopped),
+        "an older deploy never runs"
+    );
+    assert_eq!(s.spec.run, 0);
+    assert!(bed.pods().get_opt(&pod_name(&id)).await.unwrap().is_none());
+
+    // A deploy newer than the stop runs the scenario again.
+    bed.deploy_at(&id, &clip, t0 + 2_000).await;
+    wait_scenario(&bed, &id, "running again", |s| {
+        phase(s) == Some(Phase::Running)
+    })
+    .await;
+    let first = wait_running_pod(&bed, &id).await;
+
+    // A replay older than what was applied changes nothing.
+    bed.deploy_at(&id, &clip, t0 + 500).await;
+    bed.wait_committed(&bed.deploy, 3, Duration::from_secs(60))
+        .await;
+    let s = bed.scenarios().get(&scenario_name(&id)).await.unwrap();
+    assert_eq!((s.spec.run, phase(&s)), (1, Some(Phase::Running)));
+    let same = bed.pods().get(&pod_name(&id)).await.unwrap();
+    assert_eq!(same.uid(), first.uid(), "the worker was left alone");
+
+    // A newer deploy with another camera replaces the worker.
+    bed.deploy_at(&id, &other, t0 + 3_000).await;
+    let replaced = wait_new_pod(&bed, &id, first.uid().as_deref()).await;
+    assert_eq!(replaced.labels()["runner.vap.io/run"], "2");
+    let s = wait_scenario(&bed, &id, "running on the new camera", |s| {
+        phase(s) == Some(Phase::Running) && s.status.as_ref().unwrap().observed_run == 2
+    })
+    .await;
+    assert_eq!(s.spec.camera_url, other);
+    controller.assert_running();
+}
+
+#[tokio::test]
+async fn a_crash_loop_shows_then_fails_after_the_budget_and_frees_the_slot() {
+    let bed = Bed::new("ctl-crash-loop").await;
+    let mut controller =
+        bed.start_controller(&[("MAX_WORKERS", "1"), ("WORKER_RESTART_LIMIT", "2")]);
+    let (a, b) = one_running_one_queued(&bed).await;
+    wait_running_pod(&bed, &a).await;
+
+    let crashing = |restarts: i32| {
+        json!({
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{
+                "name": "worker", "image": "vap-runner:test", "imageID": "", "ready": false,
+                "restartCount": restarts,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}
+            }]
+        })
+    };
+    set_pod_status(&bed, &pod_name(&a), crashing(1)).await;
+    let s = wait_scenario(&bed, &a, "not ready, crash-looping", |s| {
+        ready(s) == Some(("False".into(), "CrashLoopBackOff".into()))
+    })
+    .await;
+    let error = s.status.unwrap().last_error.unwrap_or_default();
+    assert!(error.contains("exited with code 1"), "lastError: {error}");
+
+    set_pod_status(&bed, &pod_name(&a), crashing(2)).await;
+    let s = wait_scenario(&bed, &a, "failed after its restart budget", |s| {
+        phase(s) == Some(Phase::Failed)
+    })
+    .await;
+    assert_eq!(
+        ready(&s),
+        Some(("False".into(), "RestartLimitReached".into()))
+    );
+    wait_scenario(&bed, &b, "started in the freed slot", |s| {
+        phase(s) == Some(Phase::Running)
+    })
+    .await;
+    controller.assert_running();
+}
+
+#[tokio::test]
+async fn evicted_and_disrupted_pods_are_replaced_within_max_workers() {
+    let bed = Bed::new("ctl-evict").await;
+    let (stop, observer) = watch_live_pods(&bed);
+    let mut controller = bed.start_controller(&[("MAX_WORKERS", "1")]);
+    let (a, b) = one_running_one_queued(&bed).await;
+
+    // Evicted for node pressure: the Pod ends Failed.
+    let first = wait_running_pod(&bed, &a).await;
+    set_pod_status(
+        &bed,
+        &pod_name(&a),
+        json!({"phase": "Failed", "reason": "Evicted",
+               "message": "The node was low on resource: memory."}),
+    )
+    .await;
+    let second = wait_new_pod(&bed, &a, first.uid().as_deref()).await;
+    wait_scenario(&bed, &a, "running again", |s| {
+        phase(s) == Some(Phase::Running)
+    })
+    .await;
+
+    // Marked as a disruption target, then deleted with a grace period.
+    wait_running_pod(&bed, &a).await;
+    set_pod_status(
+        &bed,
+        &pod_name(&a),
+        json!({"conditions": [{"type": "DisruptionTarget", "status": "True",
+                               "reason": "DeletionByTaintManager",
+                               "message": "Taint manager: deleting due to NoExecute taint"}]}),
+    )
+    .await;
+    bed.pods()
+        .delete(&pod_name(&a), &DeleteParams::default().grace_period(5))
+        .await
+        .unwrap();
+    wait_new_pod(&bed, &a, second.uid().as_deref()).await;
+    wait_scenario(&bed, &a, "running on its third Pod", |s| {
+        phase(s) == Some(Phase::Running)
+    })
+    .await;
+    kept_its_slot(&bed, &b, (stop, observer)).await;
+    controller.assert_running();
+}
+
+#[tokio::test]
+async fn a_pod_the_cluster_refuses_fails_its_scenario_and_the_queue_goes_on() {
+    let bed = Bed::new("ctl-refused").await;
+    let (bad, good) = (uuid(), uuid());
+    // An in-apiserver admission policy that refuses the first scenario's Pod,
+    // as a webhook or a policy engine would.
+    let policy_name = common::unique_name("vap-runner-test-deny");
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": policy_name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["CREATE"], "resources": ["pods"]}]},
+            "validations": [{
+                "expression": format!(
+                    "!has(object.metadata.labels) || object.metadata.labels.all(k, k != 'runner.vap.io/scenario' || object.metadata.labels[k] != '{bad}')"),
+                "message": "this scenario is not allowed here"}]
+        }
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": policy_name},
+        "spec": {
+            "policyName": policy_name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {
+                "kubernetes.io/metadata.name": bed.namespace}}}
+        }
+    }))
+    .unwrap();
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(bed.client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(bed.client.clone());
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    // The policy takes effect asynchronously: wait until a dry run is refused.
+    let probe: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "probe", "labels": {"runner.vap.io/scenario": bad}},
+        "spec": {"containers": [{"name": "c", "image": "x"}]}
+    }))
+    .unwrap();
+    wait_for(
+        "the admission policy to act",
+        Duration::from_secs(60),
+        || {
+            let probe = probe.clone();
+            let pods = bed.pods();
+            async move {
+                let dry = PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                };
+                pods.create(&dry, &probe).await.err().map(|_| ())
+            }
+        },
+    )
+    .await;
+
+    let mut controller = bed.start_controller(&[("MAX_WORKERS", "1")]);
+    bed.deploy(&bad, LIVE).await;
+    let s = wait_scenario(&bed, &bad, "failed: its Pod is refused", |s| {
+        phase(s) == Some(Phase::Failed)
+    })
+    .await;
+    assert_eq!(ready(&s), Some(("False".into(), "PodRejected".into())));
+    assert!(
+        s.status
+            .unwrap()
+            .last_error
+            .unwrap_or_default()
+            .contains("not allowed here")
+    );
+    bed.deploy(&good, LIVE).await;
+    wait_scenario(&bed, &good, "running", |s| phase(s) == Some(Phase::Running)).await;
+    controller.assert_running();
+    let _ = bindings
+        .delete(&policy_name, &DeleteParams::default())
+        .await;
+    let _ = policies
+        .delete(&policy_name, &DeleteParams::default())
+        .await;
+}
+
+#[tokio::test]
+async fn the_apiserver_refuses_invalid_scenarios() {
+    let bed = Bed::new("ctl-crd").await;
+    let id = uuid();
+    let scenario = |spec: serde_json::Value| -> Scenario {
+        serde_json::from_value(json!({
+            "apiVersion": "runner.vap.io/v1alpha1", "kind": "Scenario",
+            "metadata": {"name": scenario_name(&id)}, "spec": spec
+        }))
+        .unwrap()
+    };
+    let valid = json!({"scenarioUuid": id, "workerId": id, "cameraUrl": LIVE});
+    let cases = [
+        (
+            "a uuid that is not one",
+            json!({"scenarioUuid": "x; rm -rf", "workerId": id, "cameraUrl": LIVE}),
+        ),
+        (
+            "fps 0",
+            json!({"scenarioUuid": id, "workerId": id, "cameraUrl": LIVE, "fps": 0}),
+        ),
+        (
+            "negative fps",
+            json!({"scenarioUuid": id, "workerId": id, "cameraUrl": LIVE, "fps": -2}),
+        ),
+        (
+            "an unknown model",
+            json!({"scenarioUuid": id, "workerId": id, "cameraUrl": LIVE, "model": "yolo9000"}),
+        ),
+    ];
+    for (what, spec) in cases {
+        let err = bed
+            .scenarios()
+            .create(&PostParams::default(), &scenario(spec))
+            .await
+            .expect_err(what);
+        assert!(
+            matches!(&err, kube::Error::Api(e) if e.code == 422),
+            "{what}: {err}"
+        );
+    }
+    bed.scenarios()
+        .create(&PostParams::default(), &scenario(valid))
+        .await
+        .expect("a valid Scenario");
+    let err = bed
+        .scenarios()
+        .patch(
+            &scenario_name(&id),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"scenarioUuid": uuid()}})),
+        )
+        .await
+        .expect_err("scenarioUuid is immutable");
+    assert!(err.to_string().contains("immutable"), "{err}");
+}
+
+#[tokio::test]
+async fn status_is_clean_and_an_unchanged_scenario_is_not_rewritten() {
+    let bed = Bed::new("ctl-status").await;
+    let mut controller = bed.start_controller(&[("MAX_WORKERS", "1")]);
+    let (a, b) = one_running_one_queued(&bed).await;
+    bed.undeploy_at(&a, now_ms()).await;
+    let s = wait_scenario(&bed, &b, "running and ready", |s| {
+        ready(s) == Some(("True".into(), "WorkerReady".into()))
+    })
+    .await;
+    let status = serde_json::to_value(s.status.as_ref().unwrap()).unwrap();
+    for stale in ["queuePosition", "lastError", "finishTime"] {
+        assert!(status.get(stale).is_none(), "stale {stale} in {status}");
+    }
+
+    // Count status changes while the Scenario is touched but unchanged.
+    let scenarios = bed.scenarios();
+    let name = scenario_name(&b);
+    let watched = scenarios.clone();
+    let counter = tokio::spawn(async move {
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let mut stream = watcher(watched, config).applied_objects().boxed();
+        let mut last = None;
+        let mut changes = 0;
+        while let Some(Ok(s)) = stream.next().await {
+            let status = s.status.clone();
+            if last.is_some() && last != Some(status.clone()) {
+                changes += 1;
+            }
+            last = Some(status);
+            if phase(&s) == Some(Phase::Stopped) {
+                return changes;
+            }
+        }
+        changes
+    });
+    for i in 0..5 {
+        scenarios
+            .patch(
+                &scenario_name(&b),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"test/touch": i.to_string()}}})),
+            )
+            .await
+            .unwrap();
+    }
+    bed.undeploy_at(&b, now_ms()).await;
+    let changes = tokio::time::timeout(Duration::from_secs(90), counter)
+        .await
+        .expect("the Scenario stops")
+        .unwrap();
+    assert_eq!(changes, 1, "only the stop changed the status");
+    controller.assert_running();
+}
+
+#[tokio::test]
+async fn a_paused_leader_and_its_standby_never_act_at_once() {
+    let bed = Bed::new("ctl-leader").await;
+    let (stop, observer) = watch_live_pods(&bed);
+    let settings = [("MAX_WORKERS", "3"), ("LEASE_DURATION_SECS", "4")];
+    let mut leader = bed.start_controller(&settings);
+    let first = uuid();
+    bed.deploy(&first, LIVE).await;
+    wait_scenario(&bed, &first, "running", |s| {
+        phase(s) == Some(Phase::Running)
+    })
+    .await;
+    let mut standby = bed.start_controller(&settings);
+
+    // The leader freezes (as in a long pause or a hung node) while a burst
+    // arrives: the standby takes over after a whole lease of silence.
+    leader.signal("STOP");
+    let burst: Vec<String> = (0..6).map(|_| uuid()).collect();
+    for id in &burst {
+        bed.deploy(id, LIVE).await;
+    }
+    wait_for(
+        "the standby to fill every slot",
+        Duration::from_secs(120),
+        || async {
+            let pods = bed.pods().list(&Default::default()).await.ok()?;
+            (pods.items.iter().filter(|p| holds_slot(p)).count() == 3).then_some(())
+        },
+    )
+    .await;
+
+    // The old leader wakes up: its leadership lapsed long ago by its own
+    // clock, so it must not act, and it exits.
+    leader.signal("CONT");
+    wait_for("the old leader to exit", Duration::from_secs(60), || {
+        let ended = leader.exited();
+        async move { ended }
+    })
+    .await;
+
+    // Slots free one by one; the standby keeps the limit.
+    for id in std::iter::once(&first).chain(&burst[..2]) {
+        bed.undeploy_at(id, now_ms()).await;
+    }
+    wait_for(
+        "three more scenarios to start",
+        Duration::from_secs(90),
+        || async {
+            let list = bed.scenarios().list(&Default::default()).await.ok()?;
+            let started = list
+                .items
+                .iter()
+                .filter(|s| matches!(phase(s), Some(Phase::Running | Phase::Starting)))
+                .count();
+            (started == 3).then_some(())
+        },
+    )
+    .await;
+    let _ = stop.send(());
+    let max = observer.await.unwrap();
+    assert!(max <= 3, "saw {max} live worker Pods with MAX_WORKERS=3");
+    standby.assert_running();
+}
+
+/// A Node of this test's own (no kwok annotation, a taint of its own so no
+/// other test's Pods land there), deleted when dropped.
+struct OwnNode {
+    name: String,
+    nodes: Api<Node>,
+}
+
+impl OwnNode {
+    const TAINT: &str = "vap-runner-tests/own-node";
+
+    async fn new(client: &kube::Client) -> OwnNode {
+        let name = common::unique_name("vap-test-node");
+        let nodes: Api<Node> = Api::all(client.clone());
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {Self::TAINT: name}},
+            "spec": {"taints": [{"key": Self::TAINT, "value": name, "effect": "NoSchedule"}]}
+        }))
+        .unwrap();
+        nodes.create(&PostParams::default(), &node).await.unwrap();
+        let now = chrono::Utc::now().to_rfc3339();
+        let resources = json!({"cpu": "8", "memory": "16Gi", "pods": "110"});
+        // Ready, as its kubelet would report.
+        nodes
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {
+                    "capacity": resources, "allocatable": resources,
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                    "message": "test node", "lastHeartbeatTime": now,
+                                    "lastTransitionTime": now}]}})),
+            )
+            .await
+            .unwrap();
+        OwnNode { name, nodes }
+    }
+
+    fn selector(&self) -> String {
+        json!({ Self::TAINT: self.name }).to_string()
+    }
+
+    fn toleration(&self) -> String {
+        json!([{"key": Self::TAINT, "operator": "Exists", "effect": "NoSchedule"}]).to_string()
+    }
+
+    async fn lose(&self) {
+        self.nodes
+            .delete(&self.name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for OwnNode {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        common::controller::cleanup(move || async move {
+            if let Ok(client) = kube::Client::try_default().await {
+                let _ = Api::<Node>::all(client)
+                    .delete(&name, &DeleteParams::default())
+                    .await;
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_pod_on_a_lost_node_is_replaced_within_max_workers() {
+    let bed = Bed::new("ctl-node").await;
+    let node = OwnNode::new(&bed.client).await;
+    let (stop, observer) = watch_live_pods(&bed);
+    let (selector, toleration) = (node.selector(), node.toleration());
+    let mut controller = bed.start_controller(&[
+        ("MAX_WORKERS", "1"),
+        ("WORKER_NODE_SELECTOR", &selector),
+        ("WORKER_TOLERATIONS", &toleration),
+    ]);
+    let (a, b) = (uuid(), uuid());
+    bed.deploy(&a, LIVE).await;
+    let first = wait_for(
+        "the Pod to be bound to the test node",
+        Duration::from_secs(90),
+        || async {
+            let pod = bed.pods().get_opt(&pod_name(&a)).await.ok()??;
+            (pod.spec.as_ref()?.node_name.as_deref() == Some(node.name.as_str())).then_some(pod)
+        },
+    )
+    .await;
+    set_pod_status(&bed, &pod_name(&a), running_and_ready()).await;
+    wait_scenario(&bed, &a, "running on the test node", |s| {
+        phase(s) == Some(Phase::Running)
+    })
+    .await;
+    bed.deploy(&b, LIVE).await;
+    wait_scenario(&bed, &b, "queued", |s| phase(s) == Some(Phase::Queued)).await;
+
+    // The node is lost; the cluster's Pod garbage collector removes the Pods
+    // bound to it, and the scenario gets a new Pod in its own slot.
+    node.lose().await;
+    wait_new_pod(&bed, &a, first.uid().as_deref()).await;
+    kept_its_slot(&bed, &b, (stop, observer)).await;
+    controller.assert_running();
+}
+
+/// Pod status of a running, ready worker, as a kubelet writes it.
+fn running_and_ready() -> serde_json::Value {
+    json!({
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "containerStatuses": [{
+            "name": "worker", "image": "vap-runner:test", "imageID": "", "ready": true,
+            "restartCount": 0, "state": {"running": {}}
+        }]
+    })
+}
+
+#[tokio::test]
+async fn a_leader_stopped_with_sigterm_releases_its_lease() {
+    let bed = Bed::new("ctl-release").await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(bed.client.clone(), &bed.namespace);
+    let holder = || async {
+        let lease = leases.get_opt("vap-runner-leader").await.ok()??;
+        Some(lease.spec?.holder_identity.unwrap_or_default())
+    };
+    let mut leader = bed.start_controller(&[("POD_NAME", "replica-a")]);
+    wait_for("replica-a to lead", Duration::from_secs(60), || async {
+        (holder().await? == "replica-a").then_some(())
+    })
+    .await;
+    let mut standby = bed.start_controller(&[("POD_NAME", "replica-b")]);
+    assert!(leader.terminate().success(), "a clean exit on SIGTERM");
+    // Released on the way out: nobody has to wait for it to expire.
+    assert_ne!(holder().await.as_deref(), Some("replica-a"));
+    wait_for("replica-b to lead", Duration::from_secs(60), || async {
+        (holder().await? == "replica-b").then_some(())
+    })
+    .await;
+    standby.assert_running();
+}
