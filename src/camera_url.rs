@@ -272,23 +272,45 @@ impl CameraSource {
         }
     }
 
+    /// True for `rtsp://` and `rtsps://` sources.
+    pub fn is_rtsp(&self) -> bool {
+        matches!(self, CameraSource::Network(url) if url.scheme().starts_with("rtsp"))
+    }
+
     /// The value for OpenCV's `OPENCV_FFMPEG_CAPTURE_OPTIONS`: FFmpeg protocols
     /// limited to this source, no HTTP redirects (a redirect could lead to a
     /// host the camera host policy refuses; FFmpeg 5.1's `max_redirects`),
-    /// and RTSP over TCP for reliability.
-    pub fn ffmpeg_capture_options(&self) -> String {
+    /// and for RTSP the given transport.
+    pub fn ffmpeg_capture_options(&self, rtsp: RtspTransport) -> String {
         let mut options = format!("protocol_whitelist;{}", self.ffmpeg_protocols());
         if let CameraSource::Network(url) = self
             && url.scheme().starts_with("http")
         {
             options.push_str("|max_redirects;0");
         }
-        if let CameraSource::Network(url) = self
-            && url.scheme().starts_with("rtsp")
-        {
-            options.push_str("|rtsp_transport;tcp");
+        if self.is_rtsp() {
+            options.push_str("|rtsp_transport;");
+            options.push_str(rtsp.as_str());
         }
         options
+    }
+}
+
+/// How RTSP carries the media (FFmpeg's `rtsp_transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RtspTransport {
+    /// RTP interleaved in the RTSP TCP connection.
+    Tcp,
+    /// RTP over UDP.
+    Udp,
+}
+
+impl RtspTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RtspTransport::Tcp => "tcp",
+            RtspTransport::Udp => "udp",
+        }
     }
 }
 
@@ -706,16 +728,23 @@ mod tests {
     #[test]
     fn ffmpeg_protocols_follow_the_scheme() {
         let file = CameraSource::parse("/videos/a.mp4", root()).unwrap();
-        assert_eq!(file.ffmpeg_capture_options(), "protocol_whitelist;file");
+        assert_eq!(
+            file.ffmpeg_capture_options(RtspTransport::Tcp),
+            "protocol_whitelist;file"
+        );
         let rtsp = CameraSource::parse("rtsp://cam/a", None).unwrap();
         assert_eq!(
-            rtsp.ffmpeg_capture_options(),
+            rtsp.ffmpeg_capture_options(RtspTransport::Tcp),
             "protocol_whitelist;rtsp,rtp,udp,tcp|rtsp_transport;tcp"
+        );
+        assert_eq!(
+            rtsp.ffmpeg_capture_options(RtspTransport::Udp),
+            "protocol_whitelist;rtsp,rtp,udp,tcp|rtsp_transport;udp"
         );
         let http = CameraSource::parse("http://cam/a", None).unwrap();
         assert!(!http.ffmpeg_protocols().contains("file"));
         assert_eq!(
-            http.ffmpeg_capture_options(),
+            http.ffmpeg_capture_options(RtspTransport::Tcp),
             "protocol_whitelist;http,tcp,crypto|max_redirects;0"
         );
     }

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 
 use crate::config::{BootstrapServers, LogFormat, LogLevel, MaxWorkers, Millis, VideoFps};
+use crate::detector::settings::{ClassFilter, InputSize, Threads, Threshold};
 use crate::host_policy::{Cidr, HostPattern, HostPolicy, List, Mode};
 
 #[derive(Debug, Parser)]
@@ -503,6 +504,8 @@ pub enum Model {
     Mock,
     /// OpenCV's built-in HOG people detector.
     Hog,
+    /// YOLOv4-tiny (80 COCO classes) with OpenCV's DNN module; files in MODEL_DIR.
+    Yolo,
 }
 
 impl Model {
@@ -511,6 +514,7 @@ impl Model {
         match self {
             Model::Mock => "mock",
             Model::Hog => "hog",
+            Model::Yolo => "yolo",
         }
     }
 }
@@ -602,7 +606,7 @@ pub struct WorkerArgs {
     )]
     pub reconnect_max_ms: Millis,
 
-    /// Seconds without a frame after which /healthz fails, so Kubernetes restarts a stuck worker.
+    /// Seconds the capture loop or the detector may make no progress before /healthz fails, so Kubernetes restarts a stuck worker (a camera outage only fails /readyz).
     #[arg(
         long,
         env = "WATCHDOG_SECS",
@@ -619,7 +623,86 @@ pub struct WorkerArgs {
         default_value = "10000"
     )]
     pub flush_timeout_ms: Millis,
+
+    /// How RTSP carries the video: tcp, udp, or auto (TCP, and UDP when the server refuses TCP).
+    #[arg(long, env = "RTSP_TRANSPORT", value_enum, default_value_t = RtspTransportMode::Auto)]
+    pub rtsp_transport: RtspTransportMode,
+
+    #[command(flatten)]
+    pub detector: DetectorArgs,
 }
+
+/// How a worker carries RTSP media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RtspTransportMode {
+    /// RTP interleaved in the RTSP TCP connection.
+    Tcp,
+    /// RTP over UDP.
+    Udp,
+    /// TCP first; UDP when the server refuses TCP transport.
+    Auto,
+}
+
+/// Settings of the detector models that load files (`MODEL=yolo`).
+#[derive(Debug, Clone, Args)]
+pub struct DetectorArgs {
+    /// Directory with yolov4-tiny.cfg, yolov4-tiny.weights and coco.names (the image has them here).
+    #[arg(
+        long,
+        env = "MODEL_DIR",
+        value_name = "MODEL_DIR",
+        default_value = DEFAULT_MODEL_DIR
+    )]
+    pub model_dir: PathBuf,
+
+    /// Lowest confidence (0-1) of a reported detection.
+    #[arg(
+        long,
+        env = "CONFIDENCE_THRESHOLD",
+        value_name = "CONFIDENCE_THRESHOLD",
+        default_value = "0.5"
+    )]
+    pub confidence_threshold: Threshold,
+
+    /// Overlap (IoU, 0-1) above which the weaker of two boxes of one class is dropped.
+    #[arg(
+        long,
+        env = "NMS_THRESHOLD",
+        value_name = "NMS_THRESHOLD",
+        default_value = "0.45"
+    )]
+    pub nms_threshold: Threshold,
+
+    /// Side of the network input in pixels: 416 or 320 (faster, fewer small objects).
+    #[arg(
+        long,
+        env = "MODEL_INPUT_SIZE",
+        value_name = "MODEL_INPUT_SIZE",
+        default_value = "416"
+    )]
+    pub model_input_size: InputSize,
+
+    /// Only these classes are reported, comma-separated (for example person,car); empty = all.
+    #[arg(
+        long,
+        env = "DETECT_CLASSES",
+        value_name = "DETECT_CLASSES",
+        default_value = ""
+    )]
+    pub detect_classes: ClassFilter,
+
+    /// OpenCV threads for inference (one worker per scenario, many per node: keep it low).
+    #[arg(
+        long,
+        env = "INFERENCE_THREADS",
+        value_name = "INFERENCE_THREADS",
+        default_value = "1"
+    )]
+    pub inference_threads: Threads,
+}
+
+/// Where the container image keeps YOLOv4-tiny's files.
+pub const DEFAULT_MODEL_DIR: &str = "/usr/local/share/vap-runner/models/yolov4-tiny";
 
 #[cfg(test)]
 mod tests {

@@ -58,6 +58,14 @@ fn help_documents_every_setting_with_its_variable() {
         "READ_TIMEOUT_MS",
         "METRICS_ADDR",
         "LOG_LEVEL",
+        "MODEL_DIR",
+        "CONFIDENCE_THRESHOLD",
+        "NMS_THRESHOLD",
+        "MODEL_INPUT_SIZE",
+        "DETECT_CLASSES",
+        "INFERENCE_THREADS",
+        "RTSP_TRANSPORT",
+        "WATCHDOG_SECS",
     ] {
         assert!(
             help.contains(&format!("env: {var}")),

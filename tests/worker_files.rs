@@ -4,11 +4,7 @@
 mod common;
 
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use serde_json::Value;
 
 const SCENARIO: &str = "550e8400-e29b-41d4-a716-446655440000";
@@ -48,25 +44,9 @@ async fn vtest_gives_exactly_159_results_in_kafka() {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("group.id", common::unique_name("vtest-reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    let (low, high) = consumer
-        .fetch_watermarks(&topic, 0, Duration::from_secs(10))
-        .expect("watermarks");
-    assert_eq!(high - low, 159, "messages in {topic}");
-    consumer.subscribe(&[&topic]).unwrap();
-    for expected in 1..=159u64 {
-        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .expect("message within 30 s")
-            .unwrap();
-        assert_eq!(msg.key(), Some(SCENARIO.as_bytes()));
-        let v: Value = serde_json::from_slice(msg.payload().unwrap()).unwrap();
-        assert_result_schema(&v, expected, 768, 576);
+    let results = common::read_results(&bootstrap, &topic, SCENARIO, 159).await;
+    for (i, v) in results.iter().enumerate() {
+        assert_result_schema(v, i as u64 + 1, 768, 576);
     }
 }
 

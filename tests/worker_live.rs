@@ -182,6 +182,17 @@ impl Worker {
         assert!(status.success(), "kill -TERM {pid} failed");
     }
 
+    /// SIGTERM, then checks the worker exits 0 within 20 s.
+    async fn stop(&mut self) {
+        self.sigterm();
+        let status = self.wait_exit(Duration::from_secs(20)).await;
+        assert!(
+            status.success(),
+            "SIGTERM must end the worker with exit 0, got {status}\n{}",
+            self.log_tail()
+        );
+    }
+
     /// Waits for the worker to exit, then reads the results it wrote last.
     async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let status = match tokio::time::timeout(timeout, self.child.wait()).await {
@@ -429,35 +440,24 @@ struct RtspCamera {
 
 impl RtspCamera {
     async fn start(port: u16, clip: &Path, log: &Path) -> RtspCamera {
+        RtspCamera::start_offering(port, clip, log, "any").await
+    }
+
+    /// A server that offers only `transport` (`udp`, `tcp` or `any`).
+    async fn start_offering(port: u16, clip: &Path, log: &Path, transport: &str) -> RtspCamera {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rtsp_server.py");
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("RTSP server log");
-        let mut child = tokio::process::Command::new(SYSTEM_PYTHON)
+        let mut server = tokio::process::Command::new(SYSTEM_PYTHON);
+        server
             .arg(script)
-            .args(["--port", &port.to_string(), "--file"])
-            .arg(clip)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {SYSTEM_PYTHON} {script}: {e}; {RTSP_HINT}"));
-        let stdout = child.stdout.take().expect("RTSP server stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
-        let url = match ready {
-            Ok(Ok(Some(line))) if line.starts_with("READY ") => line["READY ".len()..].to_string(),
-            other => {
-                let _ = child.kill().await;
-                panic!(
-                    "the RTSP test server did not come up on 127.0.0.1:{port} ({other:?}); its log:\n{}\n{RTSP_HINT}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        };
+            .args([
+                "--port",
+                &port.to_string(),
+                "--transport",
+                transport,
+                "--file",
+            ])
+            .arg(clip);
+        let (child, url) = start_fixture(server, log, RTSP_HINT).await;
         RtspCamera {
             child,
             url,
@@ -474,6 +474,89 @@ impl RtspCamera {
             )
         });
     }
+}
+
+/// Starts a test server from tests/fixtures (standard error appended to
+/// `log`) and waits for its `READY <url>` line; returns the process (killed
+/// when dropped) and the URL. Fails with its log and `hint` when it does not
+/// come up.
+async fn start_fixture(
+    mut cmd: tokio::process::Command,
+    log: &Path,
+    hint: &str,
+) -> (tokio::process::Child, String) {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("test server log");
+    let program = format!("{:?}", cmd.as_std());
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}; {hint}"));
+    let stdout = child.stdout.take().expect("test server stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+    match ready {
+        Ok(Ok(Some(line))) if line.starts_with("READY ") => {
+            let url = line["READY ".len()..].to_string();
+            (child, url)
+        }
+        other => {
+            let _ = child.kill().await;
+            panic!(
+                "{program} did not come up ({other:?}); its log:\n{}\n{hint}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- a web server
+
+/// A static web server with byte ranges (tests/fixtures/http_server.py)
+/// serving one directory. Killed (by its PID, through the handle) when dropped.
+struct WebServer {
+    _child: tokio::process::Child,
+    url: String,
+}
+
+impl WebServer {
+    async fn start(dir: &Path, log: &Path) -> WebServer {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/http_server.py");
+        let mut server = tokio::process::Command::new(SYSTEM_PYTHON);
+        server.arg(script).arg("--dir").arg(dir);
+        let (child, url) =
+            start_fixture(server, log, "it needs only Python's standard library").await;
+        WebServer { _child: child, url }
+    }
+}
+
+/// `seconds` of vtest.avi as H.264 in MP4 (a keyframe every second), what
+/// cameras and recorders produce.
+fn h264_clip(dir: &Path, name: &str, seconds: u32) -> PathBuf {
+    let clip = dir.join(name);
+    ffmpeg(&[
+        "-i",
+        &common::media("vtest.avi"),
+        "-t",
+        &seconds.to_string(),
+        "-an",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-g",
+        "10",
+        "-pix_fmt",
+        "yuv420p",
+        clip.to_str().unwrap(),
+    ]);
+    clip
 }
 
 // ---------------------------------------------------------------- a private Kafka broker
@@ -694,32 +777,13 @@ async fn dropped_camera_is_reopened_and_results_continue() {
         assert_eq!(status, 200, "{probe}: {body}");
     }
 
-    worker.sigterm();
-    let status = worker.wait_exit(Duration::from_secs(20)).await;
-    assert!(status.success(), "{status}\n{}", worker.log_tail());
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtsp_camera_restart_is_survived() {
     let dir = tempfile::tempdir().expect("temp dir");
-    // 40 s of vtest.avi as H.264 (a keyframe every second), what IP cameras send.
-    let clip = dir.path().join("vtest.mp4");
-    ffmpeg(&[
-        "-i",
-        &common::media("vtest.avi"),
-        "-t",
-        "40",
-        "-an",
-        "-c:v",
-        "libx264",
-        "-preset",
-        "ultrafast",
-        "-g",
-        "10",
-        "-pix_fmt",
-        "yuv420p",
-        clip.to_str().unwrap(),
-    ]);
+    let clip = h264_clip(dir.path(), "vtest.mp4", 40);
     let log = dir.path().join("rtsp_server.log");
     let [port] = free_ports::<1>();
     let server = RtspCamera::start(port, &clip, &log).await;
@@ -753,9 +817,7 @@ async fn rtsp_camera_restart_is_survived() {
     assert_about_video_fps(&resumed[1..]);
     assert!(worker.log_count("camera opened") >= 2);
 
-    worker.sigterm();
-    let status = worker.wait_exit(Duration::from_secs(20)).await;
-    assert!(status.success(), "{status}\n{}", worker.log_tail());
+    worker.stop().await;
     server.kill().await;
 }
 
@@ -843,4 +905,194 @@ async fn kafka_broker_restart_loses_and_duplicates_no_result() {
         let v: Value = serde_json::from_slice(msg.payload().unwrap()).unwrap();
         assert_result_schema(&v, expected);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtsp_server_that_offers_only_udp_is_read_with_auto_transport() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clip = h264_clip(dir.path(), "vtest.mp4", 40);
+    let log = dir.path().join("rtsp_server.log");
+    let [port] = free_ports::<1>();
+    let server = RtspCamera::start_offering(port, &clip, &log, "udp").await;
+
+    // RTSP_TRANSPORT=tcp cannot read it, and says so instead of hanging.
+    let mut cmd = live_worker(&server.url);
+    cmd.args(["--rtsp-transport", "tcp", "--max-reconnects", "1"])
+        .args(["--reconnect-base-ms", "100", "--reconnect-max-ms", "200"]);
+    let mut tcp_only = Worker::start(cmd);
+    let status = tcp_only.wait_exit(Duration::from_secs(60)).await;
+    assert!(!status.success(), "{}", tcp_only.log_tail());
+    assert!(tcp_only.results.is_empty());
+    assert!(
+        tcp_only.stderr().contains("over TCP"),
+        "the error names the transport tried\n{}",
+        tcp_only.log_tail()
+    );
+
+    // The default, auto, falls back to UDP and says which it uses.
+    let mut worker = Worker::start(live_worker(&server.url));
+    worker.wait_results(6, Duration::from_secs(60)).await;
+    assert_about_video_fps(&worker.results[1..6]);
+    assert!(
+        worker.log_count("RTSP over TCP failed; using UDP") == 1,
+        "{}",
+        worker.log_tail()
+    );
+    worker.stop().await;
+    server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtsp_server_that_offers_both_is_read_over_tcp() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clip = h264_clip(dir.path(), "vtest.mp4", 40);
+    let log = dir.path().join("rtsp_server.log");
+    let [port] = free_ports::<1>();
+    let server = RtspCamera::start(port, &clip, &log).await;
+    for (mode, expected) in [("auto", "tcp"), ("udp", "udp")] {
+        let mut cmd = live_worker(&server.url);
+        cmd.args(["--rtsp-transport", mode]);
+        let mut worker = Worker::start(cmd);
+        worker.wait_results(3, Duration::from_secs(60)).await;
+        let opened: Vec<String> = worker
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("camera opened"))
+            .map(str::to_string)
+            .collect();
+        assert!(
+            opened.len() == 1 && opened[0].contains(&format!("transport=\"{expected}\"")),
+            "RTSP_TRANSPORT={mode} reads over {expected}: {opened:?}"
+        );
+        assert_eq!(
+            worker.log_count("failed; using"),
+            0,
+            "{}",
+            worker.log_tail()
+        );
+        worker.stop().await;
+    }
+    server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_clip_is_read_as_a_file_and_ends_with_exit_0() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    // 20 s at 10 fps: 40 results at VIDEO_FPS=2, by media time.
+    h264_clip(&www, "clip.mp4", 20);
+    let server = WebServer::start(&www, &dir.path().join("http.log")).await;
+
+    let mut worker = Worker::start(live_worker(&format!("{}clip.mp4", server.url)));
+    let status = worker.wait_exit(Duration::from_secs(120)).await;
+    assert!(
+        status.success(),
+        "a finite clip ends with exit 0\n{}",
+        worker.log_tail()
+    );
+    assert_eq!(worker.results.len(), 40, "{}", worker.log_tail());
+    assert_eq!(worker.log_count("camera opened"), 1, "never reopened");
+    assert_eq!(worker.log_count("reconnecting"), 0, "{}", worker.log_tail());
+    assert!(worker.stderr().contains("end of file reached"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_hls_over_http_stays_live() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clip = h264_clip(dir.path(), "vtest.mp4", 20);
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    // A live playlist (no end marker): FFmpeg keeps publishing 1 s segments.
+    let mut publisher = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-re",
+            "-stream_loop",
+            "-1",
+            "-i",
+        ])
+        .arg(&clip)
+        .args([
+            "-c",
+            "copy",
+            "-f",
+            "hls",
+            "-hls_time",
+            "1",
+            "-hls_list_size",
+            "5",
+        ])
+        .args(["-hls_flags", "delete_segments"])
+        .arg(www.join("live.m3u8"))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run ffmpeg (scripts/deps installs it)");
+    let playlist = www.join("live.m3u8");
+    common::wait_for("the live playlist", Duration::from_secs(30), || {
+        let ready = std::fs::read_to_string(&playlist)
+            .map(|t| t.matches(".ts").count() >= 3)
+            .unwrap_or(false);
+        async move { ready.then_some(()) }
+    })
+    .await;
+    let server = WebServer::start(&www, &dir.path().join("http.log")).await;
+
+    let mut worker = Worker::start(live_worker(&format!("{}live.m3u8", server.url)));
+    worker.wait_results(6, Duration::from_secs(60)).await;
+    // Live: sampled by the wall clock, so never faster than VIDEO_FPS (HLS
+    // delivers a segment's frames at once, so results may come slower).
+    let span = (timestamp(&worker.results[5]) - timestamp(&worker.results[1])).num_milliseconds();
+    assert!(
+        span as f64 >= 4.0 / FPS * 1000.0 * 0.9,
+        "5 results of a live playlist span {span} ms of capture time; a file read as fast as possible would be far quicker"
+    );
+    assert!(
+        worker
+            .stderr()
+            .lines()
+            .any(|l| l.contains("camera opened") && l.contains("finite=false")),
+        "{}",
+        worker.log_tail()
+    );
+    worker.stop().await;
+    publisher.kill().await.expect("stop ffmpeg");
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_outage_fails_readiness_not_liveness() {
+    let camera = MjpegCamera::start(Connection::Endless).await;
+    let url = camera.url.clone();
+    let [metrics_port] = free_ports::<1>();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut cmd = live_worker(&url);
+    cmd.args(["--metrics-addr", &metrics_addr, "--watchdog-secs", "1"])
+        .args(["--reconnect-base-ms", "200", "--reconnect-max-ms", "400"])
+        .args(["--read-timeout-ms", "1000", "--open-timeout-ms", "1000"]);
+    let mut worker = Worker::start(cmd);
+    worker.wait_results(2, Duration::from_secs(30)).await;
+    for probe in ["/healthz", "/readyz"] {
+        let (status, body) = http_get(&metrics_addr, probe).await;
+        assert_eq!(status, 200, "{probe} while the camera delivers: {body}");
+    }
+
+    // The camera goes away for longer than WATCHDOG_SECS.
+    drop(camera);
+    worker
+        .wait_log("camera lost; reconnecting", 5, Duration::from_secs(60))
+        .await;
+    let (status, body) = http_get(&metrics_addr, "/readyz").await;
+    assert_eq!(status, 503, "/readyz reports the outage: {body}");
+    assert!(body.contains("camera not open"), "{body}");
+    let (status, body) = http_get(&metrics_addr, "/healthz").await;
+    assert_eq!(
+        status, 200,
+        "a worker that keeps reconnecting is alive, however long the camera is down: {body}"
+    );
+
+    worker.stop().await;
 }

@@ -19,7 +19,7 @@ pub const UUID_PATTERN: &str =
 pub const UUID_OR_EMPTY_PATTERN: &str =
     "^$|^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
 /// Detector models a Scenario may name (`MODEL` of the worker).
-pub const MODELS: &[&str] = &["mock", "hog"];
+pub const MODELS: &[&str] = &["mock", "hog", "yolo"];
 
 /// A request to run one worker for one scenario on one camera.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -58,9 +58,9 @@ pub struct ScenarioSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("minimum" = 0, "exclusiveMinimum" = true))]
     pub fps: Option<f64>,
-    /// Detector model (`mock` or `hog`); the runner's default when absent.
+    /// Detector model (`mock`, `hog` or `yolo`); the runner's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = ["mock", "hog"]))]
+    #[schemars(extend("enum" = ["mock", "hog", "yolo"]))]
     pub model: Option<String>,
     /// Stops the scenario by hand (`kubectl patch`), whatever the commands say.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -208,7 +208,7 @@ mod tests {
             UUID_PATTERN,
             "scenarioUuid is immutable",
             "exclusiveMinimum: true",
-            "- hog",
+            "- yolo",
         ] {
             assert!(yaml.contains(needle), "CRD lacks {needle}:\n{yaml}");
         }

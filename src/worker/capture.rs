@@ -12,10 +12,12 @@ use opencv::prelude::*;
 use opencv::videoio::{self, VideoCapture};
 
 use crate::backoff::Backoff;
-use crate::camera_url::CameraSource;
+use crate::camera_url::{CameraSource, RtspTransport};
+use crate::cli::RtspTransportMode;
 use crate::sampler::{MonotonicClock, Sampler};
 use crate::worker::handoff::Handoff;
 use crate::worker::metrics::{DropLabels, WorkerMetrics};
+use crate::worker::transport;
 
 /// A sampled frame on its way to detection.
 pub struct Frame {
@@ -38,6 +40,7 @@ pub struct CaptureSettings {
     pub max_reconnects: Option<u32>,
     pub reconnect_base: Duration,
     pub reconnect_max: Duration,
+    pub rtsp_transport: RtspTransportMode,
 }
 
 /// How reading ended without an error.
@@ -96,26 +99,34 @@ fn read_with_reconnects(
         .or(if live { None } else { Some(0) });
     let mut backoff = Backoff::new(settings.reconnect_base, settings.reconnect_max);
     let mut sampler = Sampler::new(settings.period);
+    let mut transport_worked: Option<RtspTransport> = None;
     let started = Instant::now();
 
     loop {
+        metrics.health().capture_progress();
         if shutdown.load(Ordering::Relaxed) {
             return Ok(CaptureEnd::Shutdown);
         }
-        let failure = match open(settings) {
+        let failure = match open_with_transports(settings, &mut transport_worked, metrics) {
             Ok(mut capture) => {
                 metrics.health().camera_opened();
-                tracing::info!(camera = %shown, "camera opened");
-                let mut pace = if live {
-                    Pace::Live { started }
-                } else {
-                    Pace::File {
+                let frame_count = capture.get(videoio::CAP_PROP_FRAME_COUNT).unwrap_or(0.0);
+                let mode = read_mode(&settings.source, frame_count);
+                tracing::info!(
+                    camera = %shown,
+                    transport = transport_worked.map(RtspTransport::as_str),
+                    finite = mode == ReadMode::File,
+                    "camera opened"
+                );
+                let mut pace = match mode {
+                    ReadMode::Live => Pace::Live { started },
+                    ReadMode::File => Pace::File {
                         clock: MonotonicClock::new(
                             capture.get(videoio::CAP_PROP_FPS).unwrap_or(0.0),
                         ),
                         paced_from: Instant::now(),
                         realtime: settings.realtime,
-                    }
+                    },
                 };
                 let end = read_stream(
                     &mut capture,
@@ -127,7 +138,9 @@ fn read_with_reconnects(
                 );
                 match end {
                     StreamEnd::Shutdown => return Ok(CaptureEnd::Shutdown),
-                    StreamEnd::Ended { .. } if !live => return Ok(CaptureEnd::EndOfFile),
+                    StreamEnd::Ended { .. } if mode == ReadMode::File => {
+                        return Ok(CaptureEnd::EndOfFile);
+                    }
                     StreamEnd::Ended { frames, lasted } => {
                         metrics.health().camera_lost();
                         // Only a connection that kept delivering frames for at
@@ -169,9 +182,76 @@ fn read_with_reconnects(
             reason = %failure,
             "camera lost; reconnecting"
         );
-        if sleep_unless_shutdown(delay, shutdown) {
+        if sleep_unless_shutdown(delay, shutdown, metrics) {
             return Ok(CaptureEnd::Shutdown);
         }
+    }
+}
+
+/// How a source that opened is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadMode {
+    /// By media time, every sampled frame processed, ending at its end.
+    File,
+    /// By the wall clock, only the newest sampled frame processed, reopened when lost.
+    Live,
+}
+
+/// Local files are files; RTSP is live; HTTP(S) is a file when FFmpeg knows
+/// how many frames it has (a clip of known duration, such as an MP4 or AVI on
+/// a web server) and live otherwise (MJPEG streams, live HLS).
+fn read_mode(source: &CameraSource, frame_count: f64) -> ReadMode {
+    let finite = frame_count.is_finite() && frame_count >= 1.0;
+    match source {
+        CameraSource::File(_) => ReadMode::File,
+        CameraSource::Network(_) if source.is_rtsp() => ReadMode::Live,
+        CameraSource::Network(_) if finite => ReadMode::File,
+        CameraSource::Network(_) => ReadMode::Live,
+    }
+}
+
+/// Opens the source; an RTSP source tries the transports RTSP_TRANSPORT
+/// allows in turn and remembers the one that worked.
+fn open_with_transports(
+    settings: &CaptureSettings,
+    worked: &mut Option<RtspTransport>,
+    metrics: &WorkerMetrics,
+) -> Result<VideoCapture, String> {
+    if !settings.source.is_rtsp() {
+        return open(settings);
+    }
+    let mut failures = Vec::new();
+    for rtsp in transport::attempt_order(settings.rtsp_transport, *worked) {
+        metrics.health().capture_progress();
+        // SAFETY: `worker::main` set the variable before any thread started,
+        // and only this (the capture) thread opens captures.
+        unsafe { transport::apply(&settings.source, rtsp) };
+        match open(settings) {
+            Ok(capture) => {
+                if *worked != Some(rtsp) && !failures.is_empty() {
+                    tracing::warn!(
+                        camera = %settings.source,
+                        transport = rtsp.as_str(),
+                        "RTSP over {} failed; using {} (RTSP_TRANSPORT=auto)",
+                        other(rtsp).as_str().to_uppercase(),
+                        rtsp.as_str().to_uppercase()
+                    );
+                }
+                *worked = Some(rtsp);
+                return Ok(capture);
+            }
+            Err(reason) => {
+                failures.push(format!("over {}: {reason}", rtsp.as_str().to_uppercase()))
+            }
+        }
+    }
+    Err(failures.join("; "))
+}
+
+fn other(rtsp: RtspTransport) -> RtspTransport {
+    match rtsp {
+        RtspTransport::Tcp => RtspTransport::Udp,
+        RtspTransport::Udp => RtspTransport::Tcp,
     }
 }
 
@@ -236,6 +316,7 @@ fn read_stream(
         if shutdown.load(Ordering::Relaxed) {
             return StreamEnd::Shutdown;
         }
+        metrics.health().capture_progress();
         if !capture.grab().unwrap_or(false) {
             return StreamEnd::Ended { frames, lasted };
         }
@@ -256,6 +337,7 @@ fn read_stream(
                     && sleep_unless_shutdown(
                         due.saturating_duration_since(Instant::now()),
                         shutdown,
+                        metrics,
                     )
                 {
                     return StreamEnd::Shutdown;
@@ -273,7 +355,10 @@ fn read_stream(
         };
         match pace {
             Pace::File { .. } => {
-                if !handoff.put_wait(frame) {
+                metrics.health().capture_waiting(true);
+                let taken = handoff.put_wait(frame);
+                metrics.health().capture_waiting(false);
+                if !taken {
                     return StreamEnd::Shutdown;
                 }
             }
@@ -309,10 +394,12 @@ fn retrieve(capture: &mut VideoCapture, metrics: &WorkerMetrics) -> Option<Frame
     }
 }
 
-/// Sleeps for `total` in short steps; true when shutdown was requested meanwhile.
-fn sleep_unless_shutdown(total: Duration, shutdown: &AtomicBool) -> bool {
+/// Sleeps for `total` in short steps (each one capture progress); true when
+/// shutdown was requested meanwhile.
+fn sleep_unless_shutdown(total: Duration, shutdown: &AtomicBool, metrics: &WorkerMetrics) -> bool {
     let deadline = Instant::now() + total;
     loop {
+        metrics.health().capture_progress();
         if shutdown.load(Ordering::Relaxed) {
             return true;
         }
@@ -321,5 +408,28 @@ fn sleep_unless_shutdown(total: Duration, shutdown: &AtomicBool) -> bool {
             return false;
         }
         std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(raw: &str) -> CameraSource {
+        CameraSource::parse(raw, Some(std::path::Path::new("/videos"))).unwrap()
+    }
+
+    #[test]
+    fn http_clips_of_known_length_are_files_streams_are_live() {
+        let clip = source("http://127.0.0.1:8000/vtest.mp4");
+        assert_eq!(read_mode(&clip, 795.0), ReadMode::File);
+        // FFmpeg reports 0 or a negative count when the length is unknown.
+        assert_eq!(read_mode(&clip, 0.0), ReadMode::Live);
+        assert_eq!(read_mode(&clip, -9.2e18), ReadMode::Live);
+        assert_eq!(read_mode(&clip, f64::NAN), ReadMode::Live);
+        let rtsp = source("rtsp://cam/stream");
+        assert_eq!(read_mode(&rtsp, 795.0), ReadMode::Live);
+        let file = source("/videos/a.mp4");
+        assert_eq!(read_mode(&file, 0.0), ReadMode::File);
     }
 }

@@ -119,12 +119,16 @@ impl WorkerMetrics {
     }
 }
 
-/// Tracks when the last frame arrived and whether the worker is ready, for
-/// `/healthz`, `/readyz` and the `seconds_since_last_frame` gauge.
+/// The state behind the probes and the `seconds_since_last_frame` gauge:
+/// when the last frame arrived, whether the camera is open (readiness), and
+/// when the capture loop and the detector last made progress (liveness).
 pub struct HealthClock {
     started: Instant,
     last_frame_ms: AtomicU64,
     opened: AtomicBool,
+    capture_beat_ms: AtomicU64,
+    capture_waiting: AtomicBool,
+    detect_busy_since_ms: AtomicU64,
     watchdog: Duration,
 }
 
@@ -140,13 +144,21 @@ impl HealthClock {
             started: Instant::now(),
             last_frame_ms: AtomicU64::new(0),
             opened: AtomicBool::new(false),
+            capture_beat_ms: AtomicU64::new(0),
+            capture_waiting: AtomicBool::new(false),
+            detect_busy_since_ms: AtomicU64::new(0),
             watchdog,
         }
     }
 
+    /// Milliseconds since start, at least 1 (0 means "never").
+    fn now_ms(&self) -> u64 {
+        (self.started.elapsed().as_millis() as u64).max(1)
+    }
+
     pub fn frame_arrived(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_frame_ms.store(ms.max(1), Ordering::Relaxed);
+        self.last_frame_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.capture_progress();
     }
 
     pub fn camera_opened(&self) {
@@ -156,6 +168,28 @@ impl HealthClock {
     /// The camera connection ended; `/readyz` fails until it is reopened.
     pub fn camera_lost(&self) {
         self.opened.store(false, Ordering::Relaxed);
+    }
+
+    /// The capture loop is alive: it read a frame, tried to open the camera,
+    /// or is waiting out a reconnect delay.
+    pub fn capture_progress(&self) {
+        self.capture_beat_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The capture loop waits for the detector to take a frame (files):
+    /// meanwhile the detector's progress is what counts.
+    pub fn capture_waiting(&self, waiting: bool) {
+        self.capture_progress();
+        self.capture_waiting.store(waiting, Ordering::Relaxed);
+    }
+
+    pub fn detect_started(&self) {
+        self.detect_busy_since_ms
+            .store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn detect_finished(&self) {
+        self.detect_busy_since_ms.store(0, Ordering::Relaxed);
     }
 
     /// Time since the last frame, or since start when none arrived yet.
@@ -171,32 +205,110 @@ impl HealthClock {
     pub fn watchdog(&self) -> Duration {
         self.watchdog
     }
+
+    fn snapshot(&self) -> Activity {
+        Activity {
+            now_ms: self.now_ms(),
+            capture_beat_ms: self.capture_beat_ms.load(Ordering::Relaxed),
+            capture_waiting: self.capture_waiting.load(Ordering::Relaxed),
+            detect_busy_since_ms: self.detect_busy_since_ms.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What liveness is judged on (milliseconds since start; 0 = never).
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    now_ms: u64,
+    capture_beat_ms: u64,
+    capture_waiting: bool,
+    detect_busy_since_ms: u64,
+}
+
+/// Alive unless the detector has been on one frame, or the capture loop has
+/// made no progress (not even a reconnect attempt or a backoff step), for
+/// longer than the watchdog. A camera that is down is not a liveness failure.
+fn liveness(a: Activity, watchdog: Duration) -> Result<(), String> {
+    let limit = watchdog.as_millis() as u64;
+    let secs = |ms: u64| ms as f64 / 1000.0;
+    if a.detect_busy_since_ms > 0 {
+        let busy = a.now_ms.saturating_sub(a.detect_busy_since_ms);
+        if busy > limit {
+            return Err(format!(
+                "the detector has been on one frame for {:.0} s (WATCHDOG_SECS={})",
+                secs(busy),
+                watchdog.as_secs()
+            ));
+        }
+    }
+    let quiet = a.now_ms.saturating_sub(a.capture_beat_ms);
+    if !a.capture_waiting && quiet > limit {
+        return Err(format!(
+            "the capture loop has made no progress for {:.0} s (WATCHDOG_SECS={})",
+            secs(quiet),
+            watchdog.as_secs()
+        ));
+    }
+    Ok(())
 }
 
 impl Probes for WorkerMetrics {
     fn healthy(&self) -> Result<(), String> {
-        let quiet = self.health.since_last_frame();
-        if quiet > self.health.watchdog() {
-            Err(format!(
-                "no frame for {:.0} s (watchdog {} s)",
-                quiet.as_secs_f64(),
-                self.health.watchdog().as_secs()
-            ))
-        } else {
-            Ok(())
-        }
+        liveness(self.health.snapshot(), self.health.watchdog())
     }
 
     fn ready(&self) -> Result<(), String> {
         if self.health.is_ready() {
             Ok(())
         } else {
-            Err("camera not open (starting or reconnecting)".to_string())
+            Err(format!(
+                "camera not open (starting or reconnecting; last frame {:.0} s ago)",
+                self.health.since_last_frame().as_secs_f64()
+            ))
         }
     }
 
     fn before_scrape(&self) {
         self.seconds_since_last_frame
             .set(self.health.since_last_frame().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WATCHDOG: Duration = Duration::from_secs(60);
+
+    fn activity(now_s: u64, beat_s: u64, waiting: bool, busy_since_s: u64) -> Activity {
+        Activity {
+            now_ms: now_s * 1000,
+            capture_beat_ms: beat_s * 1000,
+            capture_waiting: waiting,
+            detect_busy_since_ms: busy_since_s * 1000,
+        }
+    }
+
+    #[test]
+    fn a_capture_loop_that_keeps_trying_is_alive() {
+        // Reconnecting with backoff: no frame for long, but the loop beats.
+        assert!(liveness(activity(600, 599, false, 0), WATCHDOG).is_ok());
+        assert!(liveness(activity(30, 0, false, 0), WATCHDOG).is_ok());
+    }
+
+    #[test]
+    fn a_silent_capture_loop_is_stuck() {
+        let err = liveness(activity(200, 100, false, 0), WATCHDOG).unwrap_err();
+        assert!(
+            err.contains("capture loop") && err.contains("100 s"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn waiting_for_the_detector_is_judged_by_the_detector() {
+        assert!(liveness(activity(200, 100, true, 190), WATCHDOG).is_ok());
+        let err = liveness(activity(200, 100, true, 120), WATCHDOG).unwrap_err();
+        assert!(err.contains("detector") && err.contains("80 s"), "{err}");
     }
 }

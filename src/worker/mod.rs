@@ -8,6 +8,7 @@ pub mod capture;
 pub mod handoff;
 pub mod metrics;
 pub mod sink;
+pub mod transport;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +18,7 @@ use uuid::Uuid;
 
 use crate::camera_url::{CameraSource, CameraUrlError};
 use crate::cli::{SinkKind, WorkerArgs};
-use crate::detector::{self, DetectError, Detector};
+use crate::detector::{self, DetectError, Detector, DetectorConfig, YoloConfig};
 use crate::messages::{ResultMessage, wire_timestamp};
 use capture::{CaptureEnd, CaptureError, CaptureSettings, Frame};
 use handoff::Handoff;
@@ -58,12 +59,7 @@ pub fn main(args: WorkerArgs) -> Result<(), WorkerError> {
     source.check_host(&policy)?;
     crate::host_policy::install(policy);
     // SAFETY: no other thread exists yet; the async runtime starts below.
-    unsafe {
-        std::env::set_var(
-            "OPENCV_FFMPEG_CAPTURE_OPTIONS",
-            source.ffmpeg_capture_options(),
-        )
-    };
+    unsafe { transport::apply(&source, transport::initial(args.rtsp_transport)) };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -87,6 +83,12 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     let server = tokio::spawn(server);
 
+    let detector =
+        detector::build(&detector_config(&args)).map_err(|source| WorkerError::Detector {
+            model: args.settings.model.as_str().to_string(),
+            source,
+        })?;
+
     let sink: Arc<dyn ResultSink> = match args.sink {
         SinkKind::Stdout => Arc::new(StdoutSink::new(metrics.clone())),
         SinkKind::Kafka => {
@@ -103,12 +105,6 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
             )
         }
     };
-    let detector = detector::build(args.settings.model, args.mock_seed).map_err(|source| {
-        WorkerError::Detector {
-            model: args.settings.model.as_str().to_string(),
-            source,
-        }
-    })?;
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let handoff = Arc::new(Handoff::<Frame>::default());
@@ -121,6 +117,7 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
         max_reconnects: args.max_reconnects,
         reconnect_base: args.reconnect_base_ms.0,
         reconnect_max: args.reconnect_max_ms.0,
+        rtsp_transport: args.rtsp_transport,
     };
 
     let capture = {
@@ -183,6 +180,22 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
     Ok(())
 }
 
+fn detector_config(args: &WorkerArgs) -> DetectorConfig {
+    let d = &args.detector;
+    DetectorConfig {
+        model: args.settings.model,
+        mock_seed: args.mock_seed,
+        yolo: YoloConfig {
+            model_dir: d.model_dir.clone(),
+            confidence: d.confidence_threshold,
+            nms: d.nms_threshold,
+            input_size: d.model_input_size,
+            classes: d.detect_classes.clone(),
+        },
+        threads: d.inference_threads.0,
+    }
+}
+
 /// Takes sampled frames until the hand-off closes; one result per frame.
 /// Returns the number of frames processed.
 fn detect_loop(
@@ -195,7 +208,10 @@ fn detect_loop(
     let mut frame_number = 0;
     while let Some(frame) = handoff.take() {
         let started = Instant::now();
-        let detections = match detector.detect(&frame.image) {
+        metrics.health().detect_started();
+        let detected = detector.detect(&frame.image);
+        metrics.health().detect_finished();
+        let detections = match detected {
             Ok(d) => d,
             Err(e) => {
                 metrics.inference_errors.inc();
@@ -203,10 +219,16 @@ fn detect_loop(
                 continue;
             }
         };
-        metrics
-            .inference_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let inference = started.elapsed();
+        metrics.inference_seconds.observe(inference.as_secs_f64());
         frame_number += 1;
+        tracing::debug!(
+            %scenario,
+            frame_number,
+            detections = detections.len(),
+            inference_ms = inference.as_secs_f64() * 1000.0,
+            "frame processed"
+        );
         metrics.frames_processed.inc();
         metrics.detections.inc_by(detections.len() as u64);
         let result = ResultMessage {

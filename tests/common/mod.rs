@@ -151,6 +151,14 @@ pub fn runner() -> std::process::Command {
         "EXIT_WHEN_DONE",
         "RESTART_BUDGET",
         "STOP_GRACE_MS",
+        "MODEL_DIR",
+        "CONFIDENCE_THRESHOLD",
+        "NMS_THRESHOLD",
+        "MODEL_INPUT_SIZE",
+        "DETECT_CLASSES",
+        "INFERENCE_THREADS",
+        "RTSP_TRANSPORT",
+        "WATCHDOG_SECS",
     ] {
         cmd.env_remove(var);
     }
@@ -192,4 +200,37 @@ pub fn assert_result_schema(
         assert!(0 <= b[0] && b[0] <= b[2] && b[2] <= width, "{d}");
         assert!(0 <= b[1] && b[1] <= b[3] && b[3] <= height, "{d}");
     }
+}
+
+/// The messages of `topic` (partition 0, from its start), checked to be
+/// exactly `count` and each keyed by `scenario`; their JSON values in order.
+pub async fn read_results(
+    bootstrap: &str,
+    topic: &str,
+    scenario: &str,
+    count: i64,
+) -> Vec<serde_json::Value> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique_name("results-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("Kafka consumer");
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .expect("watermarks");
+    assert_eq!(high - low, count, "messages in {topic}");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut values = Vec::new();
+    for _ in 0..count {
+        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("message within 30 s")
+            .expect("message");
+        assert_eq!(msg.key(), Some(scenario.as_bytes()));
+        values.push(serde_json::from_slice(msg.payload().expect("payload")).expect("JSON"));
+    }
+    values
 }
