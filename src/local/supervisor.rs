@@ -455,6 +455,7 @@ impl Supervisor {
         let next = lifecycle::after_exit(
             intent,
             exit,
+            crate::scenario::source::is_finite(&record.camera_url),
             record.restarts,
             &self.settings.policy,
             rand::random::<f64>(),

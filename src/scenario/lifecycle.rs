@@ -2,15 +2,18 @@
 //! whether the worker is restarted, and the reason and message published with
 //! the change.
 //!
-//! A worker that exits 0 finished its source (a clip ended): Succeeded. One
-//! that exits non-zero or is killed is restarted with exponential backoff
-//! until the restart budget is spent, then Failed. A worker ended on purpose
+//! A worker of a finite source (a file or a clip) that exits 0 finished it:
+//! Succeeded. One that exits non-zero or is killed, or a live camera's worker
+//! that exits at all, is restarted with exponential backoff until the restart
+//! budget is spent, then Failed (the same rule as the operator's,
+//! [`super::restart::after_exit`]). A worker ended on purpose
 //! (undeployed, replaced by a newer deploy, or the supervisor stopping) is
 //! never counted as a failure.
 
 use std::time::Duration;
 
 use super::Phase;
+use super::restart::{self, AfterExit};
 use crate::backoff::Backoff;
 
 /// How a worker process ended.
@@ -74,11 +77,14 @@ pub enum Next {
     Keep,
 }
 
-/// Decides what follows a worker's end. `restarts` is the number of restarts
-/// of the current run so far; `jitter` in 0.0..=1.0 spreads restart delays.
+/// Decides what follows a worker's end. `finite` says whether the scenario's
+/// source ends on its own ([`super::source::is_finite`]); `restarts` is the
+/// number of restarts of the current run so far; `jitter` in 0.0..=1.0
+/// spreads restart delays.
 pub fn after_exit(
     intent: Intent,
     exit: Exit,
+    finite: bool,
     restarts: u32,
     policy: &RestartPolicy,
     jitter: f64,
@@ -87,12 +93,22 @@ pub fn after_exit(
         Intent::Stop => Next::Stopped,
         Intent::Supersede => Next::Requeue,
         Intent::Shutdown => Next::Keep,
-        Intent::Run if exit == Exit::Code(0) => Next::Succeeded,
-        Intent::Run if restarts < policy.budget => Next::Restart {
-            restart: restarts + 1,
-            delay: Backoff::new(policy.base_delay, policy.max_delay).delay(restarts, jitter),
-        },
-        Intent::Run => Next::Failed,
+        Intent::Run => {
+            let how = if exit == Exit::Code(0) {
+                restart::Exit::Success
+            } else {
+                restart::Exit::Failure
+            };
+            match restart::after_exit(finite, how, restarts, policy.budget) {
+                AfterExit::Done => Next::Succeeded,
+                AfterExit::Restart => Next::Restart {
+                    restart: restarts + 1,
+                    delay: Backoff::new(policy.base_delay, policy.max_delay)
+                        .delay(restarts, jitter),
+                },
+                AfterExit::GiveUp => Next::Failed,
+            }
+        }
     }
 }
 
@@ -192,11 +208,26 @@ mod tests {
         ];
         for (name, intent, exit, restarts, want) in cases {
             assert_eq!(
-                after_exit(intent, exit, restarts, &POLICY, 1.0),
+                after_exit(intent, exit, true, restarts, &POLICY, 1.0),
                 want,
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn a_live_cameras_worker_that_exits_0_is_restarted() {
+        assert_eq!(
+            after_exit(Intent::Run, Exit::Code(0), false, 0, &POLICY, 1.0),
+            Next::Restart {
+                restart: 1,
+                delay: Duration::from_millis(100),
+            }
+        );
+        assert_eq!(
+            after_exit(Intent::Run, Exit::Code(0), false, 2, &POLICY, 1.0),
+            Next::Failed
+        );
     }
 
     #[test]
@@ -205,7 +236,8 @@ mod tests {
             budget: 100,
             ..POLICY
         };
-        let Next::Restart { delay, .. } = after_exit(Intent::Run, Exit::Code(1), 50, &policy, 1.0)
+        let Next::Restart { delay, .. } =
+            after_exit(Intent::Run, Exit::Code(1), true, 50, &policy, 1.0)
         else {
             panic!("a restart within the budget");
         };
@@ -219,7 +251,7 @@ mod tests {
             ..POLICY
         };
         assert_eq!(
-            after_exit(Intent::Run, Exit::Code(3), 0, &policy, 0.5),
+            after_exit(Intent::Run, Exit::Code(3), true, 0, &policy, 0.5),
             Next::Failed
         );
     }
