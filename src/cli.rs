@@ -112,6 +112,36 @@ pub struct WorkerSettings {
     /// Directory local video files must be under; without it local files are refused.
     #[arg(long, env = "VIDEO_FILE_ROOT", value_name = "VIDEO_FILE_ROOT")]
     pub video_file_root: Option<PathBuf>,
+
+    /// How RTSP carries the video: tcp, udp, or auto (TCP, and UDP when the server refuses TCP).
+    #[arg(long, env = "RTSP_TRANSPORT", value_enum, default_value_t = RtspTransportMode::Auto)]
+    pub rtsp_transport: RtspTransportMode,
+
+    #[command(flatten)]
+    pub detector: DetectorArgs,
+}
+
+impl WorkerSettings {
+    /// How workers read cameras and detect, as the environment variables a
+    /// worker started by the controller (a Pod) or by `runner local` (a
+    /// process) reads them.
+    pub fn tuning_env(&self) -> Vec<(&'static str, String)> {
+        let d = &self.detector;
+        let transport = self
+            .rtsp_transport
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        vec![
+            ("RTSP_TRANSPORT", transport),
+            ("MODEL_DIR", d.model_dir.display().to_string()),
+            ("CONFIDENCE_THRESHOLD", d.confidence_threshold.to_string()),
+            ("NMS_THRESHOLD", d.nms_threshold.to_string()),
+            ("MODEL_INPUT_SIZE", d.model_input_size.to_string()),
+            ("DETECT_CLASSES", d.detect_classes.to_string()),
+            ("INFERENCE_THREADS", d.inference_threads.to_string()),
+        ]
+    }
 }
 
 /// Which hosts camera URLs may point at (see the README's "Camera host policy").
@@ -623,13 +653,6 @@ pub struct WorkerArgs {
         default_value = "10000"
     )]
     pub flush_timeout_ms: Millis,
-
-    /// How RTSP carries the video: tcp, udp, or auto (TCP, and UDP when the server refuses TCP).
-    #[arg(long, env = "RTSP_TRANSPORT", value_enum, default_value_t = RtspTransportMode::Auto)]
-    pub rtsp_transport: RtspTransportMode,
-
-    #[command(flatten)]
-    pub detector: DetectorArgs,
 }
 
 /// How a worker carries RTSP media.
@@ -712,6 +735,55 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_controller_passes_worker_tuning_on_as_the_workers_read_it() {
+        let cli = Cli::try_parse_from([
+            "runner",
+            "controller",
+            "--rtsp-transport",
+            "udp",
+            "--confidence-threshold",
+            "0.3",
+            "--detect-classes",
+            "person, car",
+            "--inference-threads",
+            "2",
+        ])
+        .unwrap();
+        let Command::Controller(args) = cli.command else {
+            panic!("not the controller");
+        };
+        let env = args.worker.tuning_env();
+        let get = |name: &str| {
+            env.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str())
+                .unwrap_or_else(|| panic!("{name} is not passed on"))
+        };
+        assert_eq!(get("RTSP_TRANSPORT"), "udp");
+        assert_eq!(get("CONFIDENCE_THRESHOLD"), "0.3");
+        assert_eq!(get("NMS_THRESHOLD"), "0.45");
+        assert_eq!(get("MODEL_INPUT_SIZE"), "416");
+        assert_eq!(get("DETECT_CLASSES"), "person,car");
+        assert_eq!(get("INFERENCE_THREADS"), "2");
+        assert_eq!(get("MODEL_DIR"), DEFAULT_MODEL_DIR);
+        // Each value parses back to itself, as a worker reads it.
+        for (name, value) in &env {
+            let flag = format!("--{}", name.to_ascii_lowercase().replace('_', "-"));
+            Cli::try_parse_from([
+                "runner",
+                "worker",
+                "--scenario-uuid",
+                "550e8400-e29b-41d4-a716-446655440000",
+                "--camera-url",
+                "rtsp://cam/a",
+                &flag,
+                value,
+            ])
+            .unwrap_or_else(|e| panic!("{name}={value}: {e}"));
+        }
     }
 
     #[test]

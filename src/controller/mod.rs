@@ -169,6 +169,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         tolerations: args.worker_tolerations.0.clone(),
         service_account: args.worker_service_account.clone(),
         camera_policy_env: camera_policy.worker_env(),
+        tuning_env: args.worker.tuning_env(),
     };
 
     // One watch of the runner's Pods feeds both the cache admission counts

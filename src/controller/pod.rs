@@ -47,6 +47,9 @@ pub struct WorkerTemplate {
     pub service_account: Option<String>,
     /// The camera host policy as worker environment variables.
     pub camera_policy_env: Vec<(&'static str, String)>,
+    /// How workers read cameras and detect (RTSP transport, detector
+    /// settings) as worker environment variables.
+    pub tuning_env: Vec<(&'static str, String)>,
 }
 
 impl Default for WorkerTemplate {
@@ -70,6 +73,7 @@ impl Default for WorkerTemplate {
             tolerations: Vec::new(),
             service_account: None,
             camera_policy_env: Vec::new(),
+            tuning_env: Vec::new(),
         }
     }
 }
@@ -141,7 +145,7 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
     if let Some(root) = &t.video_file_root {
         env.push(json!({"name": "VIDEO_FILE_ROOT", "value": root}));
     }
-    for (name, value) in &t.camera_policy_env {
+    for (name, value) in t.camera_policy_env.iter().chain(&t.tuning_env) {
         env.push(json!({"name": name, "value": value}));
     }
     let probe = |path: &str, period: u32| {
@@ -292,6 +296,26 @@ mod tests {
             from.unwrap().name,
             "scn-550e8400-e29b-41d4-a716-446655440000-camera-r3"
         );
+    }
+
+    #[test]
+    fn the_workers_camera_and_detector_settings_reach_the_pod() {
+        let t = WorkerTemplate {
+            tuning_env: vec![
+                ("RTSP_TRANSPORT", "udp".into()),
+                ("CONFIDENCE_THRESHOLD", "0.3".into()),
+            ],
+            ..Default::default()
+        };
+        let pod = build(&scenario(), &t);
+        let env = &pod.spec.unwrap().containers[0].env.clone().unwrap();
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(value("RTSP_TRANSPORT").as_deref(), Some("udp"));
+        assert_eq!(value("CONFIDENCE_THRESHOLD").as_deref(), Some("0.3"));
     }
 
     #[test]

@@ -62,6 +62,12 @@ impl FromStr for InputSize {
     }
 }
 
+impl fmt::Display for InputSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Which classes are reported: all (empty) or the listed names, for
 /// example `person,car`. Names are checked against the model's at start-up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -91,6 +97,12 @@ impl FromStr for ClassFilter {
     }
 }
 
+impl fmt::Display for ClassFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.join(","))
+    }
+}
+
 /// OpenCV's threads for inference (a whole number ≥ 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Threads(pub u32);
@@ -104,6 +116,12 @@ impl FromStr for Threads {
                 "{s:?} is not allowed; use a whole number from 1 to 256"
             )),
         }
+    }
+}
+
+impl fmt::Display for Threads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
     }
 }
 

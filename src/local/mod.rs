@@ -167,6 +167,7 @@ async fn run(
         camera_policy
             .worker_env()
             .into_iter()
+            .chain(args.worker.tuning_env())
             .map(|(k, v)| (k.to_string(), v)),
     );
     let settings = Settings {

@@ -59,7 +59,7 @@ pub fn main(args: WorkerArgs) -> Result<(), WorkerError> {
     source.check_host(&policy)?;
     crate::host_policy::install(policy);
     // SAFETY: no other thread exists yet; the async runtime starts below.
-    unsafe { transport::apply(&source, transport::initial(args.rtsp_transport)) };
+    unsafe { transport::apply(&source, transport::initial(args.settings.rtsp_transport)) };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -117,7 +117,7 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
         max_reconnects: args.max_reconnects,
         reconnect_base: args.reconnect_base_ms.0,
         reconnect_max: args.reconnect_max_ms.0,
-        rtsp_transport: args.rtsp_transport,
+        rtsp_transport: args.settings.rtsp_transport,
     };
 
     let capture = {
@@ -181,7 +181,7 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
 }
 
 fn detector_config(args: &WorkerArgs) -> DetectorConfig {
-    let d = &args.detector;
+    let d = &args.settings.detector;
     DetectorConfig {
         model: args.settings.model,
         mock_seed: args.mock_seed,
