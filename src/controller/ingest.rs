@@ -20,7 +20,10 @@ use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 
 use super::crd::{Phase, Scenario, ScenarioSpec};
-use super::pod::{self, ANNOTATION_ENQUEUED_AT, LABEL_RUNNER, LABEL_SCENARIO, label_value};
+use super::pod::{
+    self, ANNOTATION_CAMERA_DIGEST, ANNOTATION_ENQUEUED_AT, ANNOTATION_SOURCE, LABEL_RUNNER,
+    LABEL_SCENARIO, label_value,
+};
 use super::reconcile::FIELD_MANAGER;
 use super::secret;
 use crate::ingest::{CommandStore, Effect, StoreError};
@@ -45,22 +48,7 @@ fn now_annotation() -> String {
 impl ScenarioStore {
     /// The Scenario a deploy request asks for (its first run).
     fn scenario_for(&self, req: &DeployRequest) -> Scenario {
-        let uuid = req.scenario_uuid.to_string();
-        let mut scenario = Scenario::new(
-            &pod::scenario_name(&uuid),
-            ScenarioSpec {
-                scenario_uuid: uuid.clone(),
-                worker_id: req.worker_id.to_string(),
-                camera_url: secret::shown_url(&req.camera_url),
-                fps: None,
-                model: None,
-                stopped: false,
-                applied: Applied::default(),
-                run: 1,
-            },
-        );
-        self.label(&mut scenario, &uuid);
-        scenario
+        requested(req, &self.runner_name)
     }
 
     /// A stopped Scenario with no worker, written by an undeploy read before
@@ -80,20 +68,8 @@ impl ScenarioStore {
                 run: 0,
             },
         );
-        self.label(&mut scenario, &uuid);
+        label(&mut scenario, &self.runner_name, &uuid);
         scenario
-    }
-
-    fn label(&self, scenario: &mut Scenario, uuid: &str) {
-        scenario.metadata.labels = Some(
-            [
-                (LABEL_RUNNER.to_string(), label_value(&self.runner_name)),
-                (LABEL_SCENARIO.to_string(), label_value(uuid)),
-            ]
-            .into(),
-        );
-        scenario.metadata.annotations =
-            Some([(ANNOTATION_ENQUEUED_AT.to_string(), now_annotation())].into());
     }
 
     fn params() -> PostParams {
@@ -142,8 +118,63 @@ impl ScenarioStore {
     }
 }
 
+/// The Scenario a deploy request asks for (its first run) of runner `runner_name`.
+fn requested(req: &DeployRequest, runner_name: &str) -> Scenario {
+    let uuid = req.scenario_uuid.to_string();
+    let mut scenario = Scenario::new(
+        &pod::scenario_name(&uuid),
+        ScenarioSpec {
+            scenario_uuid: uuid.clone(),
+            worker_id: req.worker_id.to_string(),
+            camera_url: secret::shown_url(&req.camera_url),
+            fps: None,
+            model: None,
+            stopped: false,
+            applied: Applied::default(),
+            run: 1,
+        },
+    );
+    label(&mut scenario, runner_name, &uuid);
+    // What the camera is, decided here from the URL itself: the spec
+    // shows it redacted.
+    let source = if crate::scenario::source::is_finite(&req.camera_url) {
+        "clip"
+    } else {
+        "live"
+    };
+    let annotations = scenario.annotations_mut();
+    annotations.insert(ANNOTATION_SOURCE.into(), source.into());
+    annotations.insert(
+        ANNOTATION_CAMERA_DIGEST.into(),
+        secret::camera_digest(&uuid, &req.camera_url),
+    );
+    scenario
+}
+
+/// Labels `scenario` as runner `runner_name`'s and stamps the moment it queues.
+fn label(scenario: &mut Scenario, runner_name: &str, uuid: &str) {
+    scenario.metadata.labels = Some(
+        [
+            (LABEL_RUNNER.to_string(), label_value(runner_name)),
+            (LABEL_SCENARIO.to_string(), label_value(uuid)),
+        ]
+        .into(),
+    );
+    scenario.metadata.annotations =
+        Some([(ANNOTATION_ENQUEUED_AT.to_string(), now_annotation())].into());
+}
+
+/// What identifies a Scenario's camera: the digest ingest recorded, or the
+/// redacted URL for Scenarios written before ingest recorded one.
+fn camera_identity(s: &Scenario) -> &str {
+    s.annotations()
+        .get(ANNOTATION_CAMERA_DIGEST)
+        .map(String::as_str)
+        .unwrap_or(&s.spec.camera_url)
+}
+
 /// The existing Scenario as a deploy of `wanted` sees it.
-pub fn current(existing: &Scenario, wanted: &ScenarioSpec) -> Current {
+pub fn current(existing: &Scenario, wanted: &Scenario) -> Current {
     let finished = existing.status.as_ref().is_some_and(|st| {
         st.observed_run == existing.spec.run
             && st
@@ -153,23 +184,29 @@ pub fn current(existing: &Scenario, wanted: &ScenarioSpec) -> Current {
     Current {
         applied: existing.spec.applied,
         finished,
-        same_target: existing.spec.camera_url == wanted.camera_url
-            && existing.spec.worker_id == wanted.worker_id,
+        same_target: camera_identity(existing) == camera_identity(wanted)
+            && existing.spec.worker_id == wanted.spec.worker_id,
     }
 }
 
 /// `existing` after a deploy of `wanted` decided as `decision` at `at`.
 pub fn deployed(
     mut existing: Scenario,
-    wanted: &ScenarioSpec,
+    wanted: &Scenario,
     decision: DeployDecision,
     at: Stamp,
 ) -> Scenario {
     existing.spec.applied = ordering::after_deploy(existing.spec.applied, decision, at);
     if matches!(decision, DeployDecision::Rerun | DeployDecision::Replace) {
-        existing.spec.camera_url = wanted.camera_url.clone();
-        existing.spec.worker_id = wanted.worker_id.clone();
+        existing.spec.camera_url = wanted.spec.camera_url.clone();
+        existing.spec.worker_id = wanted.spec.worker_id.clone();
         existing.spec.run += 1;
+        for key in [ANNOTATION_SOURCE, ANNOTATION_CAMERA_DIGEST] {
+            match wanted.annotations().get(key) {
+                Some(value) => existing.annotations_mut().insert(key.into(), value.clone()),
+                None => existing.annotations_mut().remove(key),
+            };
+        }
     }
     if decision == DeployDecision::Rerun {
         // A fresh run queues behind the scenarios waiting now; a replaced
@@ -220,7 +257,7 @@ impl CommandStore for ScenarioStore {
             let Some(existing) = existing else {
                 continue; // deleted meanwhile: create it
             };
-            let decision = ordering::on_deploy(Some(current(&existing, &wanted.spec)), at);
+            let decision = ordering::on_deploy(Some(current(&existing, &wanted)), at);
             if let DeployDecision::Ignore(_) = decision {
                 if existing.spec.applied.deploy == Some(at) && existing.spec.run > 0 {
                     // This very deploy set the current run: its Secret may
@@ -229,7 +266,7 @@ impl CommandStore for ScenarioStore {
                 }
                 return Ok(Effect::Deploy(decision));
             }
-            let next = deployed(existing, &wanted.spec, decision, at);
+            let next = deployed(existing, &wanted, decision, at);
             if let Some(written) = self.replace(&next).await? {
                 if written.spec.applied.deploy == Some(at) {
                     self.store_camera_url(&written, &req.camera_url).await?;
@@ -284,10 +321,21 @@ mod tests {
         crate::controller::crd::example_spec(camera)
     }
 
+    /// The Scenario ingest asks for on a deploy of `camera`.
+    fn wanted(camera: &str) -> Scenario {
+        let spec = spec(camera);
+        let req = DeployRequest {
+            scenario_uuid: spec.scenario_uuid.parse().unwrap(),
+            worker_id: spec.worker_id.parse().unwrap(),
+            camera_url: camera.into(),
+        };
+        requested(&req, "vap-runner")
+    }
+
     #[test]
     fn a_newer_deploy_with_another_camera_starts_a_new_run() {
-        let existing = Scenario::new("scn-x", spec("rtsp://a/1"));
-        let wanted = spec("rtsp://b/2");
+        let existing = wanted("rtsp://a/1");
+        let wanted = wanted("rtsp://b/2");
         let c = current(&existing, &wanted);
         assert!(!c.same_target && !c.finished);
         let decision = ordering::on_deploy(Some(c), stamp(200));
@@ -300,8 +348,8 @@ mod tests {
 
     #[test]
     fn a_refresh_keeps_the_run_and_a_finished_run_is_rerun() {
-        let existing = Scenario::new("scn-x", spec("rtsp://a/1"));
-        let wanted = spec("rtsp://a/1");
+        let existing = wanted("rtsp://a/1");
+        let wanted = wanted("rtsp://a/1");
         let next = deployed(
             existing.clone(),
             &wanted,

@@ -15,7 +15,6 @@ use kube::ResourceExt;
 use super::crd::{Phase, Scenario, ScenarioCondition, ScenarioStatus};
 use super::pod;
 use crate::scenario::restart::{self, AfterExit, Exit};
-use crate::scenario::source;
 
 /// Condition types.
 pub const READY: &str = "Ready";
@@ -434,7 +433,7 @@ pub fn plan(
     };
 
     let limit = rules.restart_limit;
-    let finite = source::is_finite(&spec.camera_url);
+    let finite = super::pod::finite_source(scenario);
     match observe(p) {
         Worker::Pending { waiting } => {
             d.phase(Phase::Starting);
@@ -494,7 +493,9 @@ pub fn plan(
                 }
             }
         }
-        Worker::Succeeded { deleting: true } if finite => disrupted(
+        // Deleted Pods exit 0 on SIGTERM, clip or camera: a disruption, not
+        // the end of the source, and not a restart to count.
+        Worker::Succeeded { deleting: true } => disrupted(
             &mut d,
             p,
             "PodDeleted",
@@ -896,6 +897,15 @@ mod tests {
                 vec![],
             ),
             row(
+                "live camera's worker stopped by a drain: replaced, no restart counted",
+                scenario(LIVE),
+                Some(deleting(pod(succeeded()))),
+                Full,
+                Starting,
+                ("False", "PodDeleted"),
+                vec![],
+            ),
+            row(
                 "worker failed",
                 scenario(LIVE),
                 Some(pod(failed)),
@@ -1009,6 +1019,18 @@ mod tests {
             let second = plan(&again, r.pod.as_ref(), r.slot, RULES, now());
             assert_eq!(second.status, p.status, "{}: not stable", r.name);
         }
+    }
+
+    #[test]
+    fn the_source_kind_ingest_recorded_wins_over_the_redacted_url() {
+        // A clip whose path the redaction hides (`lobby%201.mp4` shows as ***).
+        let mut s = scenario("https://cdn.example/clips/***");
+        assert!(!pod::finite_source(&s));
+        s.annotations_mut()
+            .insert(pod::ANNOTATION_SOURCE.into(), "clip".into());
+        assert!(pod::finite_source(&s));
+        let p = plan(&s, Some(&pod(succeeded())), Slot::Full, RULES, now());
+        assert_eq!(p.status.phase, Some(Phase::Succeeded));
     }
 
     #[test]

@@ -26,6 +26,30 @@ pub const WORKER_CONTAINER: &str = "worker";
 /// the queue order, finer than the second-granular creationTimestamp.
 pub const ANNOTATION_ENQUEUED_AT: &str = "runner.vap.io/enqueued-at";
 
+/// Annotation with what the camera URL is, decided by ingest from the URL
+/// itself (the spec shows it redacted): `clip` (a file or a clip, which ends
+/// on its own) or `live`.
+pub const ANNOTATION_SOURCE: &str = "runner.vap.io/source";
+
+/// Annotation with a digest of the camera URL (see
+/// [`super::secret::camera_digest`]): a newer deploy names the same camera
+/// when the digests match, whatever the redacted URLs show.
+pub const ANNOTATION_CAMERA_DIGEST: &str = "runner.vap.io/camera-digest";
+
+/// Whether `scenario`'s source ends on its own, as ingest recorded it; the
+/// redacted URL decides for Scenarios written before ingest recorded it.
+pub fn finite_source(scenario: &Scenario) -> bool {
+    match scenario
+        .annotations()
+        .get(ANNOTATION_SOURCE)
+        .map(String::as_str)
+    {
+        Some("clip") => true,
+        Some("live") => false,
+        _ => crate::scenario::source::is_finite(&scenario.spec.camera_url),
+    }
+}
+
 /// Port of the worker's /metrics, /healthz and /readyz.
 pub const WORKER_HTTP_PORT: u16 = 8080;
 

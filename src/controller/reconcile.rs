@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -302,11 +302,15 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
             }
             Step::DeleteScenario => {
                 let api: Api<Scenario> = Api::namespaced(ctx.client.clone(), &namespace);
+                // Foreground: the Scenario goes only after its Pods and
+                // camera Secrets, so a new Scenario of the same uuid never
+                // meets a Secret left from this one.
                 let params = DeleteParams {
                     preconditions: scenario.uid().map(|uid| Preconditions {
                         uid: Some(uid),
                         resource_version: None,
                     }),
+                    propagation_policy: Some(PropagationPolicy::Foreground),
                     ..Default::default()
                 };
                 match api.delete(&scenario.name_any(), &params).await {

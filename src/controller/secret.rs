@@ -28,6 +28,30 @@ pub fn secret_name(scenario_uuid: &str, run: u32) -> String {
     }
 }
 
+/// A digest that tells two camera URLs of one scenario apart without showing
+/// either: hex SHA-256 of the scenario UUID and the URL without its user and
+/// password (so a password-only change is the same camera, and no password
+/// goes into the digest). Query values stay in it, so `?channel=1` and
+/// `?channel=2` differ.
+pub fn camera_digest(scenario_uuid: &str, camera_url: &str) -> String {
+    let without_userinfo = match url::Url::parse(camera_url) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.to_string()
+        }
+        // Not a URL FFmpeg would read as one; the redacted form is all that
+        // may be kept of it.
+        Err(_) => shown_url(camera_url),
+    };
+    let input = format!("{}\n{without_userinfo}", scenario_uuid.to_ascii_lowercase());
+    ring::digest::digest(&ring::digest::SHA256, input.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The camera URL as the Scenario spec shows it.
 pub fn shown_url(camera_url: &str) -> String {
     crate::camera_url::redact(camera_url)
@@ -150,6 +174,26 @@ mod tests {
         let labels = secret.metadata.labels.as_ref().unwrap();
         assert_eq!(labels[LABEL_RUNNER], "vap-runner");
         assert!(!labels.contains_key("unrelated"));
+    }
+
+    #[test]
+    fn the_digest_tells_cameras_apart_but_not_passwords() {
+        let id = "550e8400-e29b-41d4-a716-446655440000";
+        let a = "rtsp://nvr/user=admin&password=x&channel=1&stream=0.sdp";
+        let b = "rtsp://nvr/user=admin&password=x&channel=2&stream=0.sdp";
+        assert_eq!(shown_url(a), shown_url(b), "redaction hides the difference");
+        assert_ne!(camera_digest(id, a), camera_digest(id, b));
+        assert_eq!(
+            camera_digest(id, "rtsp://admin:old@cam/s"),
+            camera_digest(id, "rtsp://admin:new@cam/s")
+        );
+        assert_ne!(
+            camera_digest(id, "rtsp://cam/s"),
+            camera_digest("11223344-5566-7788-99aa-bbccddeeeff0", "rtsp://cam/s")
+        );
+        let d = camera_digest(id, "rtsp://admin:hunter2@cam/s");
+        assert_eq!(d.len(), 64);
+        assert!(!d.contains("hunter2"));
     }
 
     #[test]
