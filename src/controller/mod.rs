@@ -298,15 +298,17 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     let mut stopping = stop_rx.clone();
     // Every task runs until shutdown: one that ends early leaves the
     // controller headless, so the process exits non-zero instead.
+    // On SIGTERM the tasks wind down in any order (the Lease is released,
+    // so leadership ends too): whatever ends first then is a clean stop.
     let result = tokio::select! {
         _ = controller => if *stopping.borrow_and_update() { Ok(()) } else { Err(ControllerError::TaskEnded("reconcile")) },
-        _ = lost => Err(ControllerError::LeadershipLost),
+        _ = lost => if *stopping.borrow_and_update() { Ok(()) } else { Err(ControllerError::LeadershipLost) },
         ended = &mut ingest => match ended {
             Ok(Err(e)) => Err(e.into()),
             _ if *stopping.borrow_and_update() => Ok(()),
             _ => Err(ControllerError::TaskEnded("ingest")),
         },
-        _ = pod_cache => Err(ControllerError::TaskEnded("the worker Pod watch")),
+        _ = pod_cache => if *stopping.borrow_and_update() { Ok(()) } else { Err(ControllerError::TaskEnded("the worker Pod watch")) },
     };
     let _ = stop_tx.send(true);
     if !ingest.is_finished()
