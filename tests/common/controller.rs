@@ -13,7 +13,7 @@ use kube::{Api, Client};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use vap_runner::controller::crd::Scenario;
 
 use super::{kafka_bootstrap, kube_client, unique_name, wait_for};
@@ -181,55 +181,34 @@ impl Bed {
     }
 
     pub async fn send(&self, topic: &str, key: Option<&str>, payload: &[u8]) {
-        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).payload(payload);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .expect("deliver a test message");
+        super::send_record(&self.producer, topic, key, payload, None).await;
     }
 
     pub async fn deploy(&self, scenario: &str, camera: &str) {
-        let body = serde_json::json!({
-            "worker_id": "11223344-5566-7788-99aa-bbccddeeeff0",
-            "scenario_uuid": scenario,
-            "camera_url": camera,
-        });
-        self.send(&self.deploy, Some(scenario), body.to_string().as_bytes())
-            .await;
+        self.send(
+            &self.deploy,
+            Some(scenario),
+            &super::deploy_body(scenario, camera),
+        )
+        .await;
     }
 
     /// Sends a message whose record carries the timestamp `at_ms` (ms since
     /// the epoch), as a producer with its own clock or a replay would.
     pub async fn send_at(&self, topic: &str, key: &str, payload: &[u8], at_ms: i64) {
-        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
-            .key(key)
-            .payload(payload)
-            .timestamp(at_ms);
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .expect("deliver a test message");
+        super::send_record(&self.producer, topic, Some(key), payload, Some(at_ms)).await;
     }
 
-    /// A `to_deploy` for `scenario` on `camera` stamped `at_ms`.
+    /// A `to_deploy` whose record carries the timestamp `at_ms`.
     pub async fn deploy_at(&self, scenario: &str, camera: &str, at_ms: i64) {
-        let body = serde_json::json!({
-            "worker_id": "11223344-5566-7788-99aa-bbccddeeeff0",
-            "scenario_uuid": scenario,
-            "camera_url": camera,
-        });
-        self.send_at(&self.deploy, scenario, body.to_string().as_bytes(), at_ms)
-            .await;
+        let body = super::deploy_body(scenario, camera);
+        self.send_at(&self.deploy, scenario, &body, at_ms).await;
     }
 
-    /// A `to_undeploy` for `scenario` stamped `at_ms`.
+    /// A `to_undeploy` whose record carries the timestamp `at_ms`.
     pub async fn undeploy_at(&self, scenario: &str, at_ms: i64) {
-        let body = serde_json::json!({"scenario_uuid": scenario});
-        self.send_at(&self.undeploy, scenario, body.to_string().as_bytes(), at_ms)
-            .await;
+        let body = super::undeploy_body(scenario);
+        self.send_at(&self.undeploy, scenario, &body, at_ms).await;
     }
 
     /// The offset this bed's consumer group has committed on `topic` (0 if none).

@@ -15,7 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use serde_json::Value;
 use vap_runner::local::process::find_workers;
 
@@ -124,30 +124,25 @@ impl LocalBed {
     }
 
     pub async fn send(&self, topic: &str, key: Option<&str>, payload: &[u8]) {
-        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).payload(payload);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .expect("deliver a test message");
+        super::send_record(&self.producer, topic, key, payload, None).await;
     }
 
     pub async fn deploy(&self, scenario: &str, camera: &str) {
-        let body = serde_json::json!({
-            "worker_id": "11223344-5566-7788-99aa-bbccddeeeff0",
-            "scenario_uuid": scenario,
-            "camera_url": camera,
-        });
-        self.send(&self.deploy, Some(scenario), body.to_string().as_bytes())
-            .await;
+        self.send(
+            &self.deploy,
+            Some(scenario),
+            &super::deploy_body(scenario, camera),
+        )
+        .await;
     }
 
     pub async fn undeploy(&self, scenario: &str) {
-        let body = serde_json::json!({ "scenario_uuid": scenario });
-        self.send(&self.undeploy, Some(scenario), body.to_string().as_bytes())
-            .await;
+        self.send(
+            &self.undeploy,
+            Some(scenario),
+            &super::undeploy_body(scenario),
+        )
+        .await;
     }
 
     /// `runner local list` for this bed's state directory, as rows keyed by UUID.

@@ -234,3 +234,45 @@ pub async fn read_results(
     }
     values
 }
+
+/// The body of a `to_deploy` message for `scenario` on `camera`.
+pub fn deploy_body(scenario: &str, camera: &str) -> Vec<u8> {
+    serde_json::json!({
+        "worker_id": "11223344-5566-7788-99aa-bbccddeeeff0",
+        "scenario_uuid": scenario,
+        "camera_url": camera,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The body of a `to_undeploy` message for `scenario`.
+pub fn undeploy_body(scenario: &str) -> Vec<u8> {
+    serde_json::json!({ "scenario_uuid": scenario })
+        .to_string()
+        .into_bytes()
+}
+
+/// Sends one record and waits until the broker has it; `at_ms` sets the
+/// record's timestamp (ms since the epoch), as a producer with its own clock
+/// or a replay would.
+pub async fn send_record(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    key: Option<&str>,
+    payload: &[u8],
+    at_ms: Option<i64>,
+) {
+    let mut record: rdkafka::producer::FutureRecord<'_, str, [u8]> =
+        rdkafka::producer::FutureRecord::to(topic).payload(payload);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    if let Some(at_ms) = at_ms {
+        record = record.timestamp(at_ms);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .expect("deliver a test message");
+}
