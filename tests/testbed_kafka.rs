@@ -1,5 +1,6 @@
 //! The test bed's Kafka broker is real: produce, consume in a consumer group,
 //! commit, and read the committed offset back as a fresh group member would.
+//! The topic and the group are deleted when the test ends, failed or not.
 
 mod common;
 
@@ -17,6 +18,12 @@ async fn produce_consume_commit_round_trip() {
     let bootstrap = common::kafka_bootstrap();
     let topic = common::unique_name("testbed-roundtrip");
     let group = common::unique_name("testbed-group");
+    // Dropped last: after the consumers, so the group is empty by then.
+    let _owned = common::TempTopics {
+        bootstrap: bootstrap.clone(),
+        topics: vec![topic.clone()],
+        groups: vec![group.clone()],
+    };
 
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
@@ -84,9 +91,4 @@ async fn produce_consume_commit_round_trip() {
         .expect("partition 0")
         .offset();
     assert_eq!(offset, Offset::Offset(3));
-
-    admin
-        .delete_topics(&[&topic], &AdminOptions::new())
-        .await
-        .expect("delete topic");
 }

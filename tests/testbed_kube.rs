@@ -1,6 +1,7 @@
 //! The test bed's Kubernetes control plane is real: a Pod created through the
 //! kube-apiserver is bound by kube-scheduler to the kwok Node and reaches
-//! Running; deleting its namespace removes it.
+//! Running; deleting its namespace removes it. Each test's namespace is
+//! deleted when the test ends, failed or not.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
+use serde_json::json;
 
 #[tokio::test]
 async fn pod_reaches_running_on_the_fake_node() {
@@ -21,19 +23,12 @@ async fn pod_reaches_running_on_the_fake_node() {
         common::TESTBED_HINT
     );
 
-    let ns_name = common::unique_name("testbed");
+    let ns = common::TempNamespace::create(&client, "testbed").await;
+    let ns_name = ns.name.clone();
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": ns_name, "labels": {"app.kubernetes.io/part-of": "vap-runner-tests"}}
-    }))
-    .unwrap();
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("create namespace");
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns_name);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
+    let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "probe"},
         "spec": {
             "automountServiceAccountToken": false,
@@ -41,6 +36,8 @@ async fn pod_reaches_running_on_the_fake_node() {
         }
     }))
     .unwrap();
+    // The ServiceAccount plugin itself waits a moment for a new
+    // namespace's "default" ServiceAccount.
     pods.create(&PostParams::default(), &pod)
         .await
         .expect("create pod");

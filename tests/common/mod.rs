@@ -276,3 +276,73 @@ pub async fn send_record(
         .await
         .expect("deliver a test message");
 }
+
+/// A namespace of the test's own, labelled as the tests' and deleted when
+/// dropped, so a failing test leaves it behind no more than a passing one.
+pub struct TempNamespace {
+    pub name: String,
+}
+
+impl TempNamespace {
+    pub async fn create(client: &kube::Client, prefix: &str) -> TempNamespace {
+        use k8s_openapi::api::core::v1::Namespace;
+        let name = unique_name(prefix);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "vap-runner-tests"}}
+        }))
+        .unwrap();
+        kube::Api::<Namespace>::all(client.clone())
+            .create(&kube::api::PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        TempNamespace { name }
+    }
+}
+
+impl Drop for TempNamespace {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        controller::cleanup(move || async move {
+            if let Ok(client) = kube::Client::try_default().await {
+                let _ = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
+                    .delete(&name, &kube::api::DeleteParams::default())
+                    .await;
+            }
+        });
+    }
+}
+
+/// Kafka topics and consumer groups a test made, deleted when dropped (also
+/// when the test fails). Drop it after the consumers of its groups.
+pub struct TempTopics {
+    pub bootstrap: String,
+    pub topics: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+impl Drop for TempTopics {
+    fn drop(&mut self) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        let bootstrap = self.bootstrap.clone();
+        let topics = std::mem::take(&mut self.topics);
+        let groups = std::mem::take(&mut self.groups);
+        controller::cleanup(move || async move {
+            let Ok(admin) = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .create::<AdminClient<DefaultClientContext>>()
+            else {
+                return;
+            };
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+            let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+            if !names.is_empty() {
+                let _ = admin.delete_groups(&names, &options).await;
+            }
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            if !names.is_empty() {
+                let _ = admin.delete_topics(&names, &options).await;
+            }
+        });
+    }
+}
