@@ -277,6 +277,46 @@ pub async fn send_record(
         .expect("deliver a test message");
 }
 
+/// Where the kubelet mounts a Pod's ServiceAccount token.
+pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Every way `pod`, as the kube-apiserver admitted it, carries a
+/// ServiceAccount token, in words: a projected `serviceAccountToken`
+/// volume (the ServiceAccount admission plugin's `kube-api-access-*`),
+/// or a container mount at the token path. Empty when it has none.
+pub fn service_account_tokens(pod: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
+    let mut found = Vec::new();
+    let Some(spec) = pod.spec.as_ref() else {
+        return found;
+    };
+    for volume in spec.volumes.iter().flatten() {
+        let projects_token = volume
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.as_ref())
+            .is_some_and(|s| s.iter().any(|s| s.service_account_token.is_some()));
+        if projects_token || volume.name.starts_with("kube-api-access-") {
+            found.push(format!("volume {} projects a token", volume.name));
+        }
+    }
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
+    for container in containers {
+        for mount in container.volume_mounts.iter().flatten() {
+            if mount.mount_path.starts_with(TOKEN_MOUNT_PATH) {
+                found.push(format!(
+                    "container {} mounts {} at {}",
+                    container.name, mount.name, mount.mount_path
+                ));
+            }
+        }
+    }
+    found
+}
+
 /// A namespace of the test's own, labelled as the tests' and deleted when
 /// dropped, so a failing test leaves it behind no more than a passing one.
 pub struct TempNamespace {
