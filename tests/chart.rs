@@ -5,7 +5,9 @@
 //! on the test bed's real kube-apiserver and runs `runner controller` as a
 //! local process with the chart's environment, authenticated as the chart's
 //! ServiceAccount by impersonation: the Role must be enough for a deploy and
-//! an undeploy, and everything outside it must be refused.
+//! an undeploy, and everything outside it must be refused. On the cluster
+//! the chart's ServiceAccounts exist, the controller Pod runs as its own with
+//! a token, and the worker Pods it creates run as the workers' one without.
 
 mod common;
 
@@ -801,11 +803,44 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
     }
     helm_ok(&args);
 
+    // The ServiceAccounts the release rendered exist on the cluster; the
+    // workers' one opts out of tokens there too.
+    let manifest = documents(&helm_ok(&[
+        "get",
+        "manifest",
+        release.as_str(),
+        "--namespace",
+        ns.as_str(),
+    ]));
+    let rendered: BTreeSet<String> = of_kind(&manifest, "ServiceAccount")
+        .iter()
+        .map(|a| a["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let worker_account = format!("{fullname}-worker");
+    assert_eq!(
+        rendered,
+        BTreeSet::from([fullname.clone(), worker_account.clone()]),
+        "the chart renders the controller's and the workers' ServiceAccounts"
+    );
+    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), &ns);
+    for name in &rendered {
+        assert!(
+            accounts.get_opt(name).await.unwrap().is_some(),
+            "the ServiceAccount {name} the chart renders is not on the cluster"
+        );
+    }
+    let live_worker_account = accounts.get(&worker_account).await.unwrap();
+    assert_eq!(
+        live_worker_account.automount_service_account_token,
+        Some(false),
+        "the workers' ServiceAccount on the cluster must opt out of tokens"
+    );
+
     // The Deployment's Pod is created (so it passed restricted admission) and
     // lands on the fake Node, where no container runs: it never acts.
     let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
     let instance = format!("app.kubernetes.io/instance={release}");
-    wait_for(
+    let controller_pod = wait_for(
         "the chart's controller Pod to be admitted",
         Duration::from_secs(90),
         || {
@@ -833,11 +868,34 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
                     }
                     return None;
                 }
-                Some(())
+                list.items.into_iter().next()
             }
         },
     )
     .await;
+
+    // The controller Pod runs as the chart's controller ServiceAccount and,
+    // as admitted by the apiserver, has its token mounted: the controller
+    // needs it, and it shows the ServiceAccount admission plugin is on, so
+    // the worker Pod's missing token below is the chart's and the
+    // controller's doing.
+    assert_eq!(
+        controller_pod
+            .spec
+            .as_ref()
+            .unwrap()
+            .service_account_name
+            .as_deref(),
+        Some(fullname.as_str()),
+        "the controller Pod must run as the chart's controller ServiceAccount"
+    );
+    let controller_tokens = common::service_account_tokens(&controller_pod);
+    assert!(
+        controller_tokens
+            .iter()
+            .any(|t| t.starts_with("container controller mounts")),
+        "the controller Pod was admitted without a token: {controller_tokens:?}"
+    );
 
     // The controller's identity, as the chart wires it.
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
@@ -955,7 +1013,32 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
     let worker_spec = worker.spec.as_ref().unwrap();
     assert_eq!(
         worker_spec.service_account_name.as_deref(),
-        Some(format!("{fullname}-worker").as_str())
+        Some(worker_account.as_str()),
+        "the worker Pod must run as the workers' ServiceAccount"
+    );
+    // As admitted by the apiserver: no token, opted out by the Pod itself.
+    assert_eq!(
+        worker_spec.automount_service_account_token,
+        Some(false),
+        "the worker Pod must opt out of the ServiceAccount token"
+    );
+    let worker_tokens = common::service_account_tokens(&worker);
+    assert!(
+        worker_tokens.is_empty(),
+        "the worker Pod was admitted with a token: {worker_tokens:?}"
+    );
+    // The workers' ServiceAccount alone keeps the token out too, and a Pod
+    // under it that opts in does get one: the check above can fail.
+    let without_opt_out = admitted_dry_run(&pods, &worker, None).await;
+    assert!(
+        common::service_account_tokens(&without_opt_out).is_empty(),
+        "the workers' ServiceAccount lets a Pod that does not opt out have a token: {:?}",
+        common::service_account_tokens(&without_opt_out)
+    );
+    let opted_in = admitted_dry_run(&pods, &worker, Some(true)).await;
+    assert!(
+        !common::service_account_tokens(&opted_in).is_empty(),
+        "a Pod opting in under the workers' ServiceAccount got no token: the ServiceAccount admission plugin is off"
     );
     assert_eq!(worker.labels().get("runner.vap.io/runner"), Some(&fullname));
     assert_eq!(
@@ -1096,15 +1179,32 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
             .unwrap()
             .is_none()
     );
-    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), &ns);
     assert!(accounts.get_opt(&sa).await.unwrap().is_none());
-    assert!(
-        accounts
-            .get_opt(&format!("{fullname}-worker"))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(accounts.get_opt(&worker_account).await.unwrap().is_none());
+}
+
+/// `pod`'s spec as the apiserver would admit it in a new Pod (a server-side
+/// dry run: nothing is created) with `automountServiceAccountToken` set to
+/// `automount`.
+async fn admitted_dry_run(pods: &Api<Pod>, pod: &Pod, automount: Option<bool>) -> Pod {
+    let mut spec = pod.spec.clone().expect("Pod spec");
+    spec.automount_service_account_token = automount;
+    spec.node_name = None;
+    let copy = Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("{}-probe", pod.name_any())),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    };
+    let params = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    pods.create(&params, &copy)
+        .await
+        .unwrap_or_else(|e| panic!("dry-run create of a copy of {}: {e}", pod.name_any()))
 }
 
 /// Waits for a Scenario's phase, failing early with the log if the controller died.
