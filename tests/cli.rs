@@ -32,58 +32,156 @@ fn invalid_settings_stop_start_up_in_one_line() {
     }
 }
 
-#[test]
-fn log_level_accepts_any_case() {
-    let out = run(&["crd"], &[("LOG_LEVEL", "warning")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Whether a log line of `level` (`INFO`, `WARN`, `ERROR`) is in `stderr`.
+fn has_level(stderr: &str, level: &str) -> bool {
+    stderr
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(level))
+}
+
+/// `runner worker` on a refused camera URL: one INFO line at start-up, then
+/// one ERROR line.
+fn refused_worker(log_level: Option<&str>) -> (Option<i32>, String) {
+    let mut cmd = common::worker("550e8400-e29b-41d4-a716-446655440000", "ftp://x/a.mp4");
+    cmd.args(["--sink", "stdout"]);
+    if let Some(level) = log_level {
+        cmd.env("LOG_LEVEL", level);
+    }
+    let out = cmd.output().expect("run runner");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
-fn help_documents_every_setting_with_its_variable() {
-    let out = run(&["worker", "--help"], &[]);
-    let help = String::from_utf8_lossy(&out.stdout);
-    for var in [
-        "SCENARIO_UUID",
-        "CAMERA_URL",
-        "KAFKA_BOOTSTRAP_SERVERS",
-        "VIDEO_FPS",
-        "RESULTS_TOPIC",
-        "MODEL",
-        "MOCK_SEED",
-        "VIDEO_FILE_ROOT",
-        "READ_TIMEOUT_MS",
-        "METRICS_ADDR",
-        "LOG_LEVEL",
-        "MODEL_DIR",
-        "CONFIDENCE_THRESHOLD",
-        "NMS_THRESHOLD",
-        "MODEL_INPUT_SIZE",
-        "DETECT_CLASSES",
-        "INFERENCE_THREADS",
-        "RTSP_TRANSPORT",
-        "WATCHDOG_SECS",
-    ] {
+fn log_level_hides_lines_below_it_in_any_case() {
+    for level in ["WARNING", "warning", "Warning", "ERROR"] {
+        let (code, stderr) = refused_worker(Some(level));
+        assert_eq!(code, Some(1), "LOG_LEVEL={level}: {stderr}");
         assert!(
-            help.contains(&format!("env: {var}")),
-            "worker --help lacks {var}"
+            !has_level(&stderr, "INFO") && !stderr.contains("vap-runner starting"),
+            "LOG_LEVEL={level} hides INFO lines:\n{stderr}"
+        );
+        assert!(
+            has_level(&stderr, "ERROR") && stderr.contains("CAMERA_URL refused"),
+            "LOG_LEVEL={level} still shows the error:\n{stderr}"
         );
     }
-    let out = run(&["controller", "--help"], &[]);
-    let help = String::from_utf8_lossy(&out.stdout);
-    for var in [
-        "CONSUMER_GROUP",
-        "MAX_WORKERS",
-        "VIDEO_FPS",
-        "KAFKA_BOOTSTRAP_SERVERS",
-        "LOG_FORMAT",
-    ] {
+    for level in [Some("INFO"), Some("info"), Some("DEBUG"), None] {
+        let (code, stderr) = refused_worker(level);
+        assert_eq!(code, Some(1), "LOG_LEVEL={level:?}: {stderr}");
         assert!(
-            help.contains(&format!("env: {var}")),
-            "controller --help lacks {var}"
+            has_level(&stderr, "INFO") && stderr.contains("vap-runner starting"),
+            "LOG_LEVEL={level:?} (unset: INFO) shows INFO lines:\n{stderr}"
+        );
+        assert!(has_level(&stderr, "ERROR"), "{stderr}");
+    }
+}
+
+/// Every `VAR` written in backticks in `text`.
+fn backticked_variables(text: &str) -> Vec<String> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| {
+            w.len() > 2
+                && w.starts_with(|c: char| c.is_ascii_uppercase())
+                && w.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The variables in the first column of the README table after `heading`
+/// (a cell such as `A` / `B` gives both).
+fn table_variables(readme: &str, heading: &str) -> Vec<String> {
+    let rows = readme
+        .split_once(heading)
+        .unwrap_or_else(|| panic!("README has no {heading:?}"))
+        .1
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'));
+    let vars: Vec<String> = rows
+        .flat_map(|row| backticked_variables(row.split('|').nth(1).unwrap_or_default()))
+        .collect();
+    assert!(vars.len() >= 5, "README table after {heading:?}: {vars:?}");
+    vars
+}
+
+/// The variables in the README paragraph that starts with `heading`.
+fn paragraph_variables(readme: &str, heading: &str) -> Vec<String> {
+    let text = readme
+        .split_once(heading)
+        .unwrap_or_else(|| panic!("README has no {heading:?}"))
+        .1;
+    let vars = backticked_variables(text.split("\n\n").next().unwrap_or_default());
+    assert!(vars.len() >= 5, "README paragraph {heading:?}: {vars:?}");
+    vars
+}
+
+/// The variables `runner <command> --help` names (`[env: VAR=…]`).
+fn help_variables(command: &str) -> Vec<String> {
+    let out = run(&[command, "--help"], &[]);
+    assert!(out.status.success(), "runner {command} --help");
+    String::from_utf8_lossy(&out.stdout)
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn help_and_readme_list_the_same_settings() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    // RUST_LOG refines the log filter; the tracing library reads it, it is no flag.
+    let shared: Vec<String> = table_variables(&readme, "## Configuration")
+        .into_iter()
+        .filter(|v| v != "RUST_LOG")
+        .collect();
+    let supervisors_only = ["CONSUMER_GROUP", "MAX_WORKERS"];
+    let worker: Vec<String> = shared
+        .iter()
+        .filter(|v| !supervisors_only.contains(&v.as_str()))
+        .cloned()
+        .chain(table_variables(&readme, "Worker settings:"))
+        .collect();
+    let beyond = |heading| -> Vec<String> {
+        shared
+            .iter()
+            .cloned()
+            .chain(paragraph_variables(&readme, heading))
+            .collect()
+    };
+    let controller = beyond("Controller settings beyond the shared ones");
+    let local = beyond("`runner local` settings beyond the shared ones");
+    let tables_and_lists: Vec<String> = [&worker, &controller, &local]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    for (command, documented) in [
+        ("worker", &worker),
+        ("controller", &controller),
+        ("local", &local),
+    ] {
+        let help = help_variables(command);
+        let missing: Vec<&String> = documented.iter().filter(|v| !help.contains(v)).collect();
+        assert!(
+            missing.is_empty(),
+            "README documents {missing:?} for `runner {command}`; its --help does not list them"
+        );
+        let undocumented: Vec<&String> = help
+            .iter()
+            .filter(|v| !tables_and_lists.contains(v))
+            .collect();
+        assert!(
+            undocumented.is_empty(),
+            "`runner {command} --help` lists {undocumented:?}; README's settings tables and lists do not"
         );
     }
 }
