@@ -168,6 +168,7 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
         processed,
         read = metrics.frames_read.get(),
         corrupt = metrics.frames_corrupt.get(),
+        published = metrics.results_published.get(),
         publish_failures = metrics.publish_failures.get(),
         "worker stopped"
     );
