@@ -116,21 +116,126 @@ fn hog_finds_people_in_most_vtest_frames() {
     }
 }
 
-#[test]
-fn corrupt_file_is_survived() {
-    let output = worker(&common::media("Megamind_bugy.avi"))
-        .args(["--sink", "stdout"])
-        .output()
-        .expect("run worker");
-    assert!(
-        output.status.success(),
-        "worker must finish a corrupt file with exit 0: {}",
-        String::from_utf8_lossy(&output.stderr)
+/// Runs Debian's ffmpeg or ffprobe; fails with a clear message when missing.
+fn ffmpeg_tool(program: &str, args: &[&str]) -> String {
+    common::run_ok(
+        Command::new(program)
+            .args(["-hide_banner", "-loglevel", "error"])
+            .args(args),
+        "install Debian's ffmpeg (scripts/deps does)",
+    )
+}
+
+/// What ffprobe finds in `path`: the frames FFmpeg decodes, the duration in
+/// seconds, and the frame size.
+struct Probe {
+    frames: u64,
+    duration: f64,
+    width: i64,
+    height: i64,
+}
+
+fn probe(path: &str) -> Probe {
+    let text = ffmpeg_tool(
+        "ffprobe",
+        &[
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-of",
+            "default=nw=1",
+            "-show_entries",
+            "stream=width,height,nb_read_frames:format=duration",
+            path,
+        ],
     );
-    let results = stdout_results(&output);
-    assert!(!results.is_empty(), "results for the readable frames");
-    for (i, v) in results.iter().enumerate() {
-        assert_eq!(v["frame_number"].as_u64(), Some(i as u64 + 1));
+    let field = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("ffprobe {path}: no {name} in {text}"))
+    };
+    Probe {
+        frames: field("nb_read_frames") as u64,
+        duration: field("duration"),
+        width: field("width") as i64,
+        height: field("height") as i64,
+    }
+}
+
+/// 10 s of vtest.avi as Motion JPEG with 20 runs of 2000 bytes zeroed in its
+/// middle third: frames whose picture data is damaged.
+fn damaged_mjpeg_clip(dir: &std::path::Path) -> String {
+    let clean = dir.join("clean.avi");
+    let clean = clean.to_str().unwrap();
+    ffmpeg_tool(
+        "ffmpeg",
+        &[
+            "-nostdin",
+            "-y",
+            "-i",
+            &common::media("vtest.avi"),
+            "-t",
+            "10",
+            "-c:v",
+            "mjpeg",
+            "-q:v",
+            "5",
+            clean,
+        ],
+    );
+    let mut bytes = std::fs::read(clean).expect("read the clip");
+    let (from, span) = (bytes.len() / 3, bytes.len() / 3);
+    for i in 0..20 {
+        let at = from + span * i / 20;
+        bytes[at..at + 2000].fill(0);
+    }
+    let damaged = dir.join("damaged.avi");
+    std::fs::write(&damaged, bytes).expect("write the damaged clip");
+    damaged.to_str().unwrap().to_string()
+}
+
+#[test]
+fn corrupt_files_are_read_to_their_end() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let damaged = damaged_mjpeg_clip(dir.path());
+    for (clip, root) in [
+        (common::media("Megamind_bugy.avi"), common::MEDIA_DIR),
+        (damaged, dir.path().to_str().unwrap()),
+    ] {
+        let probe = probe(&clip);
+        let output = worker(&clip)
+            .env("VIDEO_FILE_ROOT", root)
+            .args(["--sink", "stdout"])
+            .output()
+            .expect("run worker");
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && log.contains("end of file reached"),
+            "{clip}: the worker reads a corrupt file to its end and exits 0:\n{log}"
+        );
+        let results = stdout_results(&output);
+        for (i, v) in results.iter().enumerate() {
+            assert_result_schema(v, i as u64 + 1, probe.width, probe.height);
+        }
+        // Every frame FFmpeg can decode is read; none is lost to the damage.
+        assert_eq!(
+            common::worker_stopped_count(&log, "read"),
+            probe.frames,
+            "{clip}: frames read\n{log}"
+        );
+        assert_eq!(
+            common::worker_stopped_count(&log, "processed"),
+            results.len() as u64,
+            "{clip}: one result per processed frame"
+        );
+        let due = (probe.duration * 2.0).floor() as usize;
+        assert!(
+            results.len() >= due,
+            "{clip}: {} results for {} s at VIDEO_FPS=2; expected at least {due}",
+            results.len(),
+            probe.duration
+        );
     }
 }
 

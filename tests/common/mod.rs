@@ -386,3 +386,65 @@ impl Drop for TempTopics {
         });
     }
 }
+
+/// A plain HTTP/1.1 GET to `addr` (`host:port`); returns the status code and
+/// the body. Fails after 10 s without an answer.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("GET http://{addr}{path}: no answer within 10 s"))
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("GET http://{addr}{path}: not an HTTP response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one series in Prometheus text format, `None` when absent.
+/// `series` is the name with its labels, as exposed:
+/// `vap_worker_frames_dropped_total{reason="sampling"}`.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The value of one series in Prometheus text format; fails when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    metric_value(text, series)
+        .unwrap_or_else(|| panic!("{series} is missing from /metrics:\n{text}"))
+}
+
+/// The counts of a worker's last log line, `worker stopped … processed=N
+/// read=N corrupt=N published=N publish_failures=N` (text log format).
+/// Fails when the line or the field is missing.
+pub fn worker_stopped_count(log: &str, field: &str) -> u64 {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("worker stopped"))
+        .unwrap_or_else(|| panic!("no `worker stopped` line in the worker's log:\n{log}"));
+    let prefix = format!("{field}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field}=<count> in `{line}`"))
+}
