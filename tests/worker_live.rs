@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::{http_get, metric, metric_value};
 use opencv::core::{Mat, Vector};
 use opencv::prelude::*;
 use opencv::{imgcodecs, videoio};
@@ -257,42 +258,11 @@ fn free_ports<const N: usize>() -> [u16; N] {
     std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
 }
 
-/// A plain HTTP/1.1 GET; returns the status code and the body.
-async fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("GET http://{addr}{path}: no answer within 10 s"))
-        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET http://{addr}{path}: not an HTTP response: {response}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// The value of one sample in Prometheus text format.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} is missing from /metrics:\n{text}"))
+/// Scrapes the worker's `/metrics` at `addr`.
+async fn scrape(addr: &str) -> String {
+    let (status, text) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "/metrics: {text}");
+    text
 }
 
 /// Runs Debian's ffmpeg; fails with a clear message when it is missing.
@@ -337,6 +307,8 @@ enum Connection {
     CloseAfter(usize),
     /// Sends this many frames, then nothing more, keeping the connection open.
     StallAfter(usize),
+    /// Accepts the connection and never answers, as a blackholed camera.
+    Silent,
 }
 
 /// An HTTP MJPEG camera (`multipart/x-mixed-replace`, 10 fps) on 127.0.0.1.
@@ -348,6 +320,11 @@ struct MjpegCamera {
 
 impl MjpegCamera {
     async fn start(each: Connection) -> MjpegCamera {
+        MjpegCamera::start_with(each, each).await
+    }
+
+    /// A camera whose first connection does `first` and every later one `rest`.
+    async fn start_with(first: Connection, rest: Connection) -> MjpegCamera {
         let frames = vtest_jpegs();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}/stream", listener.local_addr().unwrap());
@@ -358,7 +335,10 @@ impl MjpegCamera {
                 // Dropped (aborting every connection) when the camera is.
                 let mut connections = JoinSet::new();
                 while let Ok((stream, _)) = listener.accept().await {
-                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let each = match accepted.fetch_add(1, Ordering::SeqCst) {
+                        0 => first,
+                        _ => rest,
+                    };
                     connections.spawn(serve_mjpeg(stream, frames.clone(), each));
                 }
             })
@@ -386,6 +366,9 @@ async fn serve_mjpeg(
     frames: Arc<Vec<Vec<u8>>>,
     each: Connection,
 ) -> std::io::Result<()> {
+    if let Connection::Silent = each {
+        std::future::pending::<()>().await;
+    }
     let mut request = Vec::new();
     let mut buf = [0u8; 2048];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -680,23 +663,35 @@ async fn mjpeg_camera_gives_results_at_video_fps_and_sigterm_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_camera_ends_the_worker_after_max_reconnects() {
+    // Each connection delivers 2 frames (0.2 s), then stalls.
+    const READ_TIMEOUT: Duration = Duration::from_millis(1000);
+    const OPEN_TIMEOUT: Duration = Duration::from_millis(1000);
+    const RECONNECT_MAX: Duration = Duration::from_millis(200);
+    const ATTEMPTS: u32 = 3; // the first connection and MAX_RECONNECTS=2 more
     let camera = MjpegCamera::start(Connection::StallAfter(2)).await;
     let mut cmd = live_worker(&camera.url);
-    cmd.args([
-        "--read-timeout-ms",
-        "1000",
-        "--open-timeout-ms",
-        "1000",
-        "--max-reconnects",
-        "2",
-        "--reconnect-base-ms",
-        "100",
-        "--reconnect-max-ms",
-        "200",
-    ]);
+    let ms = |d: Duration| d.as_millis().to_string();
+    cmd.args(["--read-timeout-ms", &ms(READ_TIMEOUT)])
+        .args(["--open-timeout-ms", &ms(OPEN_TIMEOUT)])
+        .args(["--max-reconnects", &(ATTEMPTS - 1).to_string()])
+        .args(["--reconnect-base-ms", "100"])
+        .args(["--reconnect-max-ms", &ms(RECONNECT_MAX)]);
     let mut worker = Worker::start(cmd);
 
-    let status = worker.wait_exit(Duration::from_secs(60)).await;
+    // Each stall is noticed after READ_TIMEOUT_MS, and no attempt takes longer
+    // than opening, two frames and READ_TIMEOUT_MS, plus its backoff; 5 s of
+    // slack for starting the process on a loaded machine.
+    let least = READ_TIMEOUT * ATTEMPTS;
+    let most = (OPEN_TIMEOUT + Duration::from_millis(200) + READ_TIMEOUT + RECONNECT_MAX)
+        * ATTEMPTS
+        + Duration::from_secs(5);
+    let status = worker.wait_exit(most).await;
+    let took = worker.started.elapsed();
+    assert!(
+        took >= least,
+        "each stall is judged after READ_TIMEOUT_MS; {ATTEMPTS} stalls ended in {took:?}\n{}",
+        worker.log_tail()
+    );
     let log = worker.stderr();
     assert!(
         !status.success(),
@@ -1095,4 +1090,292 @@ async fn camera_outage_fails_readiness_not_liveness() {
     );
 
     worker.stop().await;
+}
+
+/// `127.0.0.1:<free port>` for a worker's METRICS_ADDR.
+fn metrics_addr() -> String {
+    let [port] = free_ports::<1>();
+    format!("127.0.0.1:{port}")
+}
+
+/// How many records `topic` (partition 0) holds on `bootstrap`; 0 before it exists.
+fn records_in(bootstrap: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::BaseConsumer;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("Kafka client");
+    consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(5))
+        .map(|(low, high)| high - low)
+        .unwrap_or(0)
+}
+
+/// Waits until `topic` holds at least `n` records.
+async fn wait_records(bootstrap: &str, topic: &str, n: i64, worker: &Worker) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stored = records_in(bootstrap, topic);
+        if stored >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} results in {topic} ({stored} so far)\n{}",
+            worker.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deletes `topic`; a test leaves nothing behind on the shared broker.
+async fn delete_topic(bootstrap: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("Kafka admin client");
+    let deleted = admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("delete topic");
+    for result in deleted {
+        result.unwrap_or_else(|(t, e)| panic!("cannot delete topic {t}: {e}"));
+    }
+}
+
+/// `runner worker` on a live camera publishing to `topic` on `bootstrap`.
+fn kafka_worker(
+    camera: &str,
+    bootstrap: &str,
+    topic: &str,
+    metrics: &str,
+) -> std::process::Command {
+    let mut cmd = common::worker(SCENARIO, camera);
+    cmd.args(["--video-fps", "2", "--metrics-addr", metrics])
+        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        .env("RESULTS_TOPIC", topic);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_frames_read_processed_and_dropped() {
+    let camera = MjpegCamera::start(Connection::Endless).await;
+    let addr = metrics_addr();
+    let mut cmd = live_worker(&camera.url);
+    cmd.args(["--metrics-addr", &addr]);
+    let mut worker = Worker::start(cmd);
+    worker.wait_results(3, Duration::from_secs(30)).await;
+    let before = scrape(&addr).await;
+    worker.wait_results(8, Duration::from_secs(30)).await;
+    let after = scrape(&addr).await;
+
+    // Series that have not counted anything yet may be absent.
+    let count = |text: &str, series: &str| metric_value(text, series).unwrap_or(0.0);
+    const READ: &str = "vap_worker_frames_read_total";
+    const PROCESSED: &str = "vap_worker_frames_processed_total";
+    const SAMPLING: &str = r#"vap_worker_frames_dropped_total{reason="sampling"}"#;
+    const STALE: &str = r#"vap_worker_frames_dropped_total{reason="stale"}"#;
+    const CORRUPT: &str = "vap_worker_frames_corrupt_total";
+    for series in [READ, PROCESSED, SAMPLING] {
+        assert!(
+            count(&after, series) > count(&before, series),
+            "{series} must grow while the camera delivers: {} then {}\n{after}",
+            count(&before, series),
+            count(&after, series)
+        );
+    }
+    let read = |t: &str| metric(t, READ);
+    let processed = |t: &str| metric(t, PROCESSED);
+    let sampling = |t: &str| count(t, SAMPLING);
+    let stale = |t: &str| count(t, STALE);
+    let corrupt = |t: &str| metric(t, CORRUPT);
+    assert!(
+        processed(&after) >= 5.0,
+        "5 results came between the scrapes\n{after}"
+    );
+    // Every frame read is processed, dropped or corrupt; at most two are on
+    // their way (one waiting for the detector, one in it).
+    let accounted = processed(&after) + sampling(&after) + stale(&after) + corrupt(&after);
+    assert!(
+        (0.0..=2.0).contains(&(read(&after) - accounted)),
+        "frames read {} against {accounted} processed, dropped or corrupt\n{after}",
+        read(&after)
+    );
+    // The camera sends 10 frames per second, VIDEO_FPS is 2: about 4 in 5 are
+    // dropped by sampling.
+    let share = sampling(&after) / read(&after);
+    assert!(
+        (0.6..=0.9).contains(&share),
+        "{share:.2} of frames read were dropped by sampling; at 10 fps and VIDEO_FPS=2 expect about 0.8\n{after}"
+    );
+    assert!(metric(&after, "vap_worker_results_published_total") >= processed(&before));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_kafka_up_delivers_every_processed_frame() {
+    let bootstrap = common::kafka_bootstrap();
+    let topic = common::unique_name("results-sigterm");
+    let camera = MjpegCamera::start(Connection::Endless).await;
+    let addr = metrics_addr();
+    let mut worker = Worker::start(kafka_worker(&camera.url, &bootstrap, &topic, &addr));
+    wait_records(&bootstrap, &topic, 4, &worker).await;
+
+    let scraped = metric(&scrape(&addr).await, "vap_worker_frames_processed_total");
+    worker.stop().await;
+    let log = worker.stderr();
+    let processed = common::worker_stopped_count(&log, "processed");
+    assert!(
+        processed as f64 >= scraped,
+        "`worker stopped` says {processed} processed; /metrics said {scraped} before SIGTERM\n{log}"
+    );
+    assert_eq!(
+        common::worker_stopped_count(&log, "published"),
+        processed,
+        "Kafka acknowledged every processed frame before the exit\n{log}"
+    );
+    assert_eq!(common::worker_stopped_count(&log, "publish_failures"), 0);
+    let results = common::read_results(&bootstrap, &topic, SCENARIO, processed as i64).await;
+    for (i, v) in results.iter().enumerate() {
+        assert_result_schema(v, i as u64 + 1);
+    }
+    delete_topic(&bootstrap, &topic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_kafka_down_exits_1_after_flush_timeout() {
+    const FLUSH_TIMEOUT: Duration = Duration::from_millis(2000);
+    let kafka = PrivateKafka::start();
+    let topic = common::unique_name("results-down");
+    let camera = MjpegCamera::start(Connection::Endless).await;
+    let addr = metrics_addr();
+    let mut cmd = kafka_worker(&camera.url, &kafka.bootstrap(), &topic, &addr);
+    cmd.args(["--flush-timeout-ms", &FLUSH_TIMEOUT.as_millis().to_string()]);
+    let mut worker = Worker::start(cmd);
+    wait_records(&kafka.bootstrap(), &topic, 2, &worker).await;
+
+    kafka.kill();
+    // Results processed after the broker went away wait in the producer.
+    let processed = || async { metric(&scrape(&addr).await, "vap_worker_frames_processed_total") };
+    let at_kill = processed().await;
+    while processed().await < at_kill + 2.0 {
+        assert!(
+            worker.started.elapsed() < Duration::from_secs(120),
+            "the worker processes no frames while Kafka is down\n{}",
+            worker.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let asked = Instant::now();
+    worker.sigterm();
+    let status = worker
+        .wait_exit(FLUSH_TIMEOUT + Duration::from_secs(10))
+        .await;
+    let took = asked.elapsed();
+    assert!(
+        took >= FLUSH_TIMEOUT && took <= FLUSH_TIMEOUT + Duration::from_millis(1500),
+        "with Kafka down the worker waits FLUSH_TIMEOUT_MS for its results, then exits: it took {took:?}\n{}",
+        worker.log_tail()
+    );
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "results lost on shutdown make the exit code 1\n{}",
+        worker.log_tail()
+    );
+    assert!(
+        worker.stderr().contains("results were still undelivered"),
+        "the worker says results were lost\n{}",
+        worker.log_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_camera_fails_readiness_not_liveness() {
+    const WATCHDOG: Duration = Duration::from_secs(2);
+    // The first connection stalls after 2 frames; later ones are never answered.
+    let camera = MjpegCamera::start_with(Connection::StallAfter(2), Connection::Silent).await;
+    let addr = metrics_addr();
+    let mut cmd = live_worker(&camera.url);
+    cmd.args(["--metrics-addr", &addr])
+        .args(["--watchdog-secs", &WATCHDOG.as_secs().to_string()])
+        .args(["--read-timeout-ms", "1000", "--open-timeout-ms", "1000"])
+        .args(["--reconnect-base-ms", "200", "--reconnect-max-ms", "400"]);
+    let mut worker = Worker::start(cmd);
+    worker.wait_results(1, Duration::from_secs(30)).await;
+    let stalled = Instant::now();
+
+    // Within READ_TIMEOUT_MS (and some slack) the stall shows on /readyz.
+    let deadline = stalled + Duration::from_secs(5);
+    loop {
+        let (status, body) = http_get(&addr, "/readyz").await;
+        if status == 503 {
+            assert!(body.contains("camera not open"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still {status} 5 s after the camera stalled: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // For three watchdog periods the camera stays stalled: not ready, alive.
+    while stalled.elapsed() < WATCHDOG * 3 {
+        let (status, body) = http_get(&addr, "/healthz").await;
+        assert_eq!(
+            status,
+            200,
+            "a worker waiting on a stalled camera is alive: {body}\n{}",
+            worker.log_tail()
+        );
+        let (status, body) = http_get(&addr, "/readyz").await;
+        assert_eq!(status, 503, "/readyz while the camera is stalled: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, body) = http_get(&addr, "/readyz").await;
+    assert!(
+        body.contains("last frame"),
+        "/readyz says since when no frame arrived: {body}"
+    );
+    let since = metric(&scrape(&addr).await, "vap_worker_seconds_since_last_frame");
+    assert!(
+        since >= (WATCHDOG * 3).as_secs_f64() - 1.0,
+        "vap_worker_seconds_since_last_frame {since}"
+    );
+    assert!(worker.log_count("camera lost; reconnecting") >= 2);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_timeout_bounds_a_camera_that_never_answers() {
+    const OPEN_TIMEOUT: Duration = Duration::from_millis(1500);
+    let camera = MjpegCamera::start(Connection::Silent).await;
+    let mut cmd = live_worker(&camera.url);
+    cmd.args(["--open-timeout-ms", &OPEN_TIMEOUT.as_millis().to_string()])
+        .args(["--max-reconnects", "1"])
+        .args(["--reconnect-base-ms", "100", "--reconnect-max-ms", "100"]);
+    let mut worker = Worker::start(cmd);
+    // Two opens, each given up after OPEN_TIMEOUT_MS; 4 s of slack for
+    // starting the process on a loaded machine.
+    let status = worker
+        .wait_exit(OPEN_TIMEOUT * 2 + Duration::from_secs(4))
+        .await;
+    let took = worker.started.elapsed();
+    assert!(!status.success(), "{}", worker.log_tail());
+    assert!(
+        took >= OPEN_TIMEOUT * 2,
+        "two opens that each wait OPEN_TIMEOUT_MS took only {took:?}\n{}",
+        worker.log_tail()
+    );
+    assert_eq!(camera.connections(), 2, "{}", worker.log_tail());
+    assert_eq!(worker.log_count("camera lost; reconnecting"), 1);
+    assert!(
+        worker.stderr().contains("gave up on camera"),
+        "{}",
+        worker.log_tail()
+    );
+    assert!(worker.results.is_empty());
 }
