@@ -12,6 +12,8 @@ fn main() -> ExitCode {
         Err(err) => return parse_failure(err),
     };
     telemetry::init(cli.log_level, cli.log_format);
+    // SAFETY: only this thread exists; every command starts its threads later.
+    unsafe { telemetry::quiet_ffmpeg_for(cli.log_format) };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         command = command_name(&cli.command),

@@ -31,3 +31,21 @@ pub fn init(level: LogLevel, format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
+
+/// OpenCV's variable for FFmpeg's log level; `-8` is FFmpeg's `AV_LOG_QUIET`.
+const FFMPEG_LOG_LEVEL_VAR: &str = "OPENCV_FFMPEG_LOGLEVEL";
+
+/// FFmpeg, inside OpenCV, writes its own messages (damaged data in a stream,
+/// protocol errors) straight to standard error as plain text. With JSON logs
+/// they would break "one JSON object per line", so they are turned off, unless
+/// the variable was set on purpose. Text logs keep them.
+///
+/// # Safety
+///
+/// Call before any other thread exists (it sets an environment variable).
+pub unsafe fn quiet_ffmpeg_for(format: LogFormat) {
+    if format == LogFormat::Json && std::env::var_os(FFMPEG_LOG_LEVEL_VAR).is_none() {
+        // SAFETY: the caller guarantees no other thread exists yet.
+        unsafe { std::env::set_var(FFMPEG_LOG_LEVEL_VAR, "-8") };
+    }
+}

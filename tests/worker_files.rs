@@ -240,6 +240,34 @@ fn corrupt_files_are_read_to_their_end() {
 }
 
 #[test]
+fn json_logs_stay_json_on_a_damaged_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let damaged = damaged_mjpeg_clip(dir.path());
+    let output = worker(&damaged)
+        .env("VIDEO_FILE_ROOT", dir.path())
+        .env("LOG_FORMAT", "json")
+        .args(["--sink", "stdout"])
+        .output()
+        .expect("run worker");
+    assert!(output.status.success());
+    assert_eq!(stdout_results(&output).len(), 20);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let not_json: Vec<&&str> = lines
+        .iter()
+        .filter(|l| serde_json::from_str::<Value>(l).is_err())
+        .collect();
+    assert!(
+        not_json.is_empty(),
+        "{} of {} log lines are not JSON, for example {:?}",
+        not_json.len(),
+        lines.len(),
+        not_json.iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(stderr.contains("end of file reached"), "{stderr}");
+}
+
+#[test]
 fn refused_sources_give_a_clear_error() {
     let cases = [
         (
