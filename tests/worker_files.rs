@@ -32,6 +32,11 @@ fn assert_result_schema(v: &Value, frame_number: u64, width: i64, height: i64) {
 async fn vtest_gives_exactly_159_results_in_kafka() {
     let bootstrap = common::kafka_bootstrap();
     let topic = common::unique_name("results-vtest");
+    let _topics = common::TempTopics {
+        bootstrap: bootstrap.clone(),
+        topics: vec![topic.clone()],
+        groups: Vec::new(),
+    };
     let output = worker(&common::media("vtest.avi"))
         .env("KAFKA_BOOTSTRAP_SERVERS", &bootstrap)
         .env("RESULTS_TOPIC", &topic)

@@ -1128,23 +1128,6 @@ async fn wait_records(bootstrap: &str, topic: &str, n: i64, worker: &Worker) {
     }
 }
 
-/// Deletes `topic`; a test leaves nothing behind on the shared broker.
-async fn delete_topic(bootstrap: &str, topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("Kafka admin client");
-    let deleted = admin
-        .delete_topics(&[topic], &AdminOptions::new())
-        .await
-        .expect("delete topic");
-    for result in deleted {
-        result.unwrap_or_else(|(t, e)| panic!("cannot delete topic {t}: {e}"));
-    }
-}
-
 /// `runner worker` on a live camera publishing to `topic` on `bootstrap`.
 fn kafka_worker(
     camera: &str,
@@ -1218,6 +1201,11 @@ async fn metrics_count_frames_read_processed_and_dropped() {
 async fn sigterm_with_kafka_up_delivers_every_processed_frame() {
     let bootstrap = common::kafka_bootstrap();
     let topic = common::unique_name("results-sigterm");
+    let _topics = common::TempTopics {
+        bootstrap: bootstrap.clone(),
+        topics: vec![topic.clone()],
+        groups: Vec::new(),
+    };
     let camera = MjpegCamera::start(Connection::Endless).await;
     let addr = metrics_addr();
     let mut worker = Worker::start(kafka_worker(&camera.url, &bootstrap, &topic, &addr));
@@ -1241,7 +1229,6 @@ async fn sigterm_with_kafka_up_delivers_every_processed_frame() {
     for (i, v) in results.iter().enumerate() {
         assert_result_schema(v, i as u64 + 1);
     }
-    delete_topic(&bootstrap, &topic).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
