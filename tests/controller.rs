@@ -68,6 +68,11 @@ async fn finish_pod(bed: &Bed, name: &str) {
         .expect("finish pod");
 }
 
+/// How long the controller may take for one step on the shared test bed
+/// (parallel test runs on two cores): generous, since only a failure waits
+/// this long.
+const WITHIN: Duration = Duration::from_secs(180);
+
 const WORKER_ID: &str = "11223344-5566-7788-99aa-bbccddeeeff0";
 const ENQUEUED_AT: &str = "runner.vap.io/enqueued-at";
 
@@ -108,9 +113,9 @@ impl ScenarioLog {
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(30), started)
+        tokio::time::timeout(WITHIN, started)
             .await
-            .expect("the Scenario watch starts within 30 s")
+            .expect("the Scenario watch starts in time")
             .expect("the Scenario watch starts");
         ScenarioLog { seen, task }
     }
@@ -149,7 +154,7 @@ where
 /// Waits until the controller's /metrics show `queued` Scenarios waiting and
 /// `live` worker Pods holding a slot.
 async fn wait_slots(controller: &ControllerProcess, queued: f64, live: f64) {
-    let timeout = Duration::from_secs(30);
+    let timeout = WITHIN;
     controller
         .wait_metric("vap_controller_queue_length", timeout, |n| n == queued)
         .await;
@@ -193,9 +198,8 @@ async fn duplicates_give_one_scenario_and_one_pod() {
     for _ in 0..100 {
         bed.deploy(&id, &camera).await;
     }
-    bed.wait_committed(&bed.deploy, 100, Duration::from_secs(60))
-        .await;
-    wait_phase(&bed, &id, Phase::Running, Duration::from_secs(60)).await;
+    bed.wait_committed(&bed.deploy, 100, WITHIN).await;
+    wait_phase(&bed, &id, Phase::Running, WITHIN).await;
     controller.assert_running();
     let list = bed.scenarios().list(&ListParams::default()).await.unwrap();
     assert_eq!(list.items.len(), 1);
@@ -235,10 +239,13 @@ async fn duplicates_give_one_scenario_and_one_pod() {
     let pod_before = bed.pods().get(&pod_name(&id)).await.unwrap();
     bed.rewind(&bed.deploy).await;
     let replayed = bed.start_controller(&[]);
-    bed.wait_committed(&bed.deploy, 100, Duration::from_secs(60))
-        .await;
+    bed.wait_committed(&bed.deploy, 100, WITHIN).await;
     let metrics = replayed.metrics().await;
-    assert_eq!(sample(&metrics, &ingested("deploy", "duplicate")), 100.0);
+    assert_eq!(
+        sample(&metrics, &ingested("deploy", "duplicate")),
+        100.0,
+        "every record read again is a duplicate"
+    );
     assert_eq!(sample(&metrics, &ingested("deploy", "created")), 0.0);
     assert_eq!(sample(&metrics, &ingested("deploy", "refreshed")), 0.0);
     assert_eq!(sample(&metrics, "vap_controller_pods_created_total"), 0.0);
@@ -516,16 +523,11 @@ async fn malformed_messages_go_to_the_dlq_and_valid_ones_go_on() {
 
     // Everything was handled; valid work around the bad went on, and the
     // only Scenarios are the valid ones.
-    bed.wait_committed(&bed.deploy, deploys, Duration::from_secs(60))
+    bed.wait_committed(&bed.deploy, deploys, WITHIN).await;
+    bed.wait_committed(&bed.undeploy, undeploy_corpus.len() as i64, WITHIN)
         .await;
-    bed.wait_committed(
-        &bed.undeploy,
-        undeploy_corpus.len() as i64,
-        Duration::from_secs(60),
-    )
-    .await;
     for id in &valid {
-        wait_phase(&bed, id, Phase::Running, Duration::from_secs(60)).await;
+        wait_phase(&bed, id, Phase::Running, WITHIN).await;
     }
     assert_eq!(
         names(&bed.scenarios()).await,
@@ -535,11 +537,9 @@ async fn malformed_messages_go_to_the_dlq_and_valid_ones_go_on() {
     assert_eq!(bed.messages_in(&bed.dlq), expected.len() as i64);
 
     controller
-        .wait_metric(
-            "vap_controller_live_workers",
-            Duration::from_secs(30),
-            |n| n == valid.len() as f64,
-        )
+        .wait_metric("vap_controller_live_workers", WITHIN, |n| {
+            n == valid.len() as f64
+        })
         .await;
     let metrics = controller.metrics().await;
     let mut per_reason: BTreeMap<&str, f64> = BTreeMap::new();
@@ -574,26 +574,22 @@ async fn undeploy_stops_frees_the_slot_and_a_replayed_deploy_is_ignored() {
     let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
     let deployed_at = chrono::Utc::now().timestamp_millis();
     bed.deploy_at(&id, &camera, deployed_at).await;
-    wait_phase(&bed, &id, Phase::Running, Duration::from_secs(60)).await;
+    wait_phase(&bed, &id, Phase::Running, WITHIN).await;
     bed.deploy(&next, &camera).await;
-    wait_phase(&bed, &next, Phase::Queued, Duration::from_secs(60)).await;
+    wait_phase(&bed, &next, Phase::Queued, WITHIN).await;
     wait_slots(&controller, 1.0, 1.0).await;
 
     bed.undeploy_at(&id, deployed_at + 1).await;
-    wait_phase(&bed, &id, Phase::Stopped, Duration::from_secs(60)).await;
-    wait_for(
-        "the worker Pod to be gone",
-        Duration::from_secs(60),
-        || async {
-            match bed.pods().get_opt(&pod_name(&id)).await {
-                Ok(None) => Some(()),
-                _ => None,
-            }
-        },
-    )
+    wait_phase(&bed, &id, Phase::Stopped, WITHIN).await;
+    wait_for("the worker Pod to be gone", WITHIN, || async {
+        match bed.pods().get_opt(&pod_name(&id)).await {
+            Ok(None) => Some(()),
+            _ => None,
+        }
+    })
     .await;
     // Its slot is free: the scenario that waited starts.
-    wait_phase(&bed, &next, Phase::Running, Duration::from_secs(60)).await;
+    wait_phase(&bed, &next, Phase::Running, WITHIN).await;
     wait_slots(&controller, 0.0, 1.0).await;
     assert_eq!(
         controller.metric(&ingested("undeploy", "stopped")).await,
@@ -632,8 +628,7 @@ async fn undeploy_stops_frees_the_slot_and_a_replayed_deploy_is_ignored() {
     let mut revivals = futures::stream::select(pods.boxed(), scenario_changes.boxed());
     let replay = async {
         bed.deploy_at(&id, &camera, deployed_at).await;
-        bed.wait_committed(&bed.deploy, 3, Duration::from_secs(60))
-            .await;
+        bed.wait_committed(&bed.deploy, 3, WITHIN).await;
     };
     tokio::select! {
         revived = revivals.next() => panic!("{revived:?}"),
@@ -662,8 +657,7 @@ async fn sigkill_mid_burst_loses_nothing_and_duplicates_nothing() {
     for id in &ids[..20] {
         bed.deploy(id, &camera).await;
     }
-    bed.wait_committed(&bed.deploy, 20, Duration::from_secs(60))
-        .await;
+    bed.wait_committed(&bed.deploy, 20, WITHIN).await;
 
     // From here the controller's identity may write Scenarios but not their
     // camera Secrets: ingest writes the 21st Scenario and stays on its
@@ -678,7 +672,7 @@ async fn sigkill_mid_burst_loses_nothing_and_duplicates_nothing() {
     let stuck = scenario_name(&ids[20]);
     wait_for(
         "the 21st Scenario written and its Secret refused",
-        Duration::from_secs(60),
+        WITHIN,
         || async {
             let written = bed.scenarios().get_opt(&stuck).await.ok()??;
             let retries = controller
@@ -722,10 +716,9 @@ async fn sigkill_mid_burst_loses_nothing_and_duplicates_nothing() {
         bed.deploy(id, &camera).await;
     }
     let restarted = bed.start_controller(&settings);
-    bed.wait_committed(&bed.deploy, 60, Duration::from_secs(120))
-        .await;
+    bed.wait_committed(&bed.deploy, 60, WITHIN).await;
     for id in &ids {
-        wait_phase(&bed, id, Phase::Running, Duration::from_secs(120)).await;
+        wait_phase(&bed, id, Phase::Running, WITHIN).await;
     }
     let scenario_names: BTreeSet<String> = ids.iter().map(|id| scenario_name(id)).collect();
     assert_eq!(names(&bed.scenarios()).await, scenario_names);
@@ -736,8 +729,16 @@ async fn sigkill_mid_burst_loses_nothing_and_duplicates_nothing() {
     // only adds the missing Secret; the 39 whose write had not happened are
     // created, once each.
     let metrics = restarted.metrics().await;
-    assert_eq!(sample(&metrics, &ingested("deploy", "duplicate")), 1.0);
-    assert_eq!(sample(&metrics, &ingested("deploy", "created")), 39.0);
+    assert_eq!(
+        sample(&metrics, &ingested("deploy", "duplicate")),
+        1.0,
+        "the message whose Scenario was written before the kill"
+    );
+    assert_eq!(
+        sample(&metrics, &ingested("deploy", "created")),
+        39.0,
+        "the messages whose write had not happened"
+    );
     assert_eq!(sample(&metrics, &ingested("deploy", "refreshed")), 0.0);
     let after = bed.scenarios().get(&stuck).await.unwrap();
     assert_eq!(after.metadata.generation, generation, "rewritten");
@@ -772,11 +773,9 @@ async fn kubernetes_api_unavailable_ingest_never_moves_past_a_message() {
         bed.deploy(id, &camera).await;
     }
     controller
-        .wait_metric(
-            "vap_controller_kubernetes_retries_total",
-            Duration::from_secs(60),
-            |n| n > 0.0,
-        )
+        .wait_metric("vap_controller_kubernetes_retries_total", WITHIN, |n| {
+            n > 0.0
+        })
         .await;
     holds_for(
         "ingest while it cannot write Scenarios",
@@ -808,10 +807,9 @@ async fn kubernetes_api_unavailable_ingest_never_moves_past_a_message() {
 
     bed.set_rules(&identity, controller_rules(&[])).await;
     bed.wait_access(&identity, denied, true).await;
-    bed.wait_committed(&bed.deploy, 3, Duration::from_secs(90))
-        .await;
+    bed.wait_committed(&bed.deploy, 3, WITHIN).await;
     for id in &ids {
-        wait_phase(&bed, id, Phase::Running, Duration::from_secs(60)).await;
+        wait_phase(&bed, id, Phase::Running, WITHIN).await;
     }
     assert_eq!(
         scenarios.first_seen(),
@@ -819,11 +817,7 @@ async fn kubernetes_api_unavailable_ingest_never_moves_past_a_message() {
         "written in the order they were sent"
     );
     controller
-        .wait_metric(
-            "vap_controller_live_workers",
-            Duration::from_secs(30),
-            |n| n == 3.0,
-        )
+        .wait_metric("vap_controller_live_workers", WITHIN, |n| n == 3.0)
         .await;
     let metrics = controller.metrics().await;
     assert_eq!(sample(&metrics, &ingested("deploy", "created")), 3.0);
