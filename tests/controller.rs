@@ -4,20 +4,23 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::controller::Bed;
+use common::controller::{
+    Bed, ControllerProcess, DenyPolicy, auto_commit_interval, controller_rules, dead_lettered,
+    ingested, sample,
+};
 use common::wait_for;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
-use kube::ResourceExt;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
-use vap_runner::controller::crd::Phase;
+use vap_runner::controller::crd::{Phase, Scenario, ScenarioSpec};
 
 fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
@@ -65,6 +68,117 @@ async fn finish_pod(bed: &Bed, name: &str) {
         .expect("finish pod");
 }
 
+/// How long the controller may take for one step on the shared test bed
+/// (parallel test runs on two cores): generous, since only a failure waits
+/// this long.
+const WITHIN: Duration = Duration::from_secs(180);
+
+const WORKER_ID: &str = "11223344-5566-7788-99aa-bbccddeeeff0";
+const ENQUEUED_AT: &str = "runner.vap.io/enqueued-at";
+
+fn enqueued_at(s: &Scenario) -> Option<String> {
+    s.annotations().get(ENQUEUED_AT).cloned()
+}
+
+/// Every version of a namespace's Scenarios a watch sees, in order; the
+/// watch ends when this is dropped.
+struct ScenarioLog {
+    seen: Arc<Mutex<Vec<Scenario>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ScenarioLog {
+    /// Starts the watch and returns once its initial list is done, so that
+    /// nothing written afterwards is missed.
+    async fn start(api: Api<Scenario>) -> ScenarioLog {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (ready, started) = tokio::sync::oneshot::channel();
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready);
+            let mut events = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(());
+                        }
+                    }
+                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
+                        log.lock().unwrap().push(s);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        tokio::time::timeout(WITHIN, started)
+            .await
+            .expect("the Scenario watch starts in time")
+            .expect("the Scenario watch starts");
+        ScenarioLog { seen, task }
+    }
+
+    fn seen(&self) -> Vec<Scenario> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Scenario names in the order they first appeared.
+    fn first_seen(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for s in self.seen() {
+            if !names.contains(&s.name_any()) {
+                names.push(s.name_any());
+            }
+        }
+        names
+    }
+}
+
+impl Drop for ScenarioLog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The names of the objects `api` lists.
+async fn names<K>(api: &Api<K>) -> BTreeSet<String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let list = api.list(&ListParams::default()).await.expect("list");
+    list.items.iter().map(|o| o.name_any()).collect()
+}
+
+/// Waits until the controller's /metrics show `queued` Scenarios waiting and
+/// `live` worker Pods holding a slot.
+async fn wait_slots(controller: &ControllerProcess, queued: f64, live: f64) {
+    let timeout = WITHIN;
+    controller
+        .wait_metric("vap_controller_queue_length", timeout, |n| n == queued)
+        .await;
+    controller
+        .wait_metric("vap_controller_live_workers", timeout, |n| n == live)
+        .await;
+}
+
+/// Polls `check` for `period` and panics, naming `what`, the first time it
+/// does not hold: something that must not happen within a bounded window.
+async fn holds_for<F, Fut>(what: &str, period: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let end = std::time::Instant::now() + period;
+    while std::time::Instant::now() < end {
+        if let Err(broken) = check().await {
+            panic!("{what}: {broken}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn live_pods(pods: &[Pod]) -> usize {
     pods.iter()
         .filter(|p| {
@@ -77,31 +191,79 @@ fn live_pods(pods: &[Pod]) -> usize {
 #[tokio::test]
 async fn duplicates_give_one_scenario_and_one_pod() {
     let bed = Bed::new("ctl-dup").await;
+    let scenarios = ScenarioLog::start(bed.scenarios()).await;
     let mut controller = bed.start_controller(&[]);
     let id = uuid();
     let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
     for _ in 0..100 {
         bed.deploy(&id, &camera).await;
     }
-    bed.wait_committed(&bed.deploy, 100, Duration::from_secs(60))
-        .await;
-    wait_phase(&bed, &id, Phase::Running, Duration::from_secs(60)).await;
+    bed.wait_committed(&bed.deploy, 100, WITHIN).await;
+    wait_phase(&bed, &id, Phase::Running, WITHIN).await;
     controller.assert_running();
-    let scenarios = bed.scenarios().list(&ListParams::default()).await.unwrap();
-    assert_eq!(scenarios.items.len(), 1);
+    let list = bed.scenarios().list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
     let pods = bed.pods().list(&ListParams::default()).await.unwrap();
     assert_eq!(pods.items.len(), 1);
     assert_eq!(pods.items[0].name_any(), pod_name(&id));
-    let scn = &scenarios.items[0];
+    let scn = &list.items[0];
     assert_eq!(
         scn.status.as_ref().unwrap().pod_name.as_deref(),
         Some(pod_name(&id).as_str())
     );
-    assert_eq!(scn.spec.worker_id, "11223344-5566-7788-99aa-bbccddeeeff0");
-    assert_eq!(
-        pods.items[0].labels()["runner.vap.io/worker-id"],
-        "11223344-5566-7788-99aa-bbccddeeeff0"
+    assert_eq!(scn.spec.worker_id, WORKER_ID);
+    assert_eq!(pods.items[0].labels()["runner.vap.io/worker-id"], WORKER_ID);
+
+    // Each copy is a newer record of the same request: it records its stamp
+    // and nothing else. One Scenario was created, one Pod, one run, and its
+    // place in the queue never moved.
+    let metrics = controller.metrics().await;
+    assert_eq!(sample(&metrics, &ingested("deploy", "created")), 1.0);
+    assert_eq!(sample(&metrics, &ingested("deploy", "refreshed")), 99.0);
+    assert_eq!(sample(&metrics, "vap_controller_pods_created_total"), 1.0);
+    let versions = scenarios.seen();
+    assert!(!versions.is_empty());
+    let places: BTreeSet<Option<String>> = versions.iter().map(enqueued_at).collect();
+    assert_eq!(places.len(), 1, "enqueued-at changed: {places:?}");
+    assert!(places.iter().all(Option::is_some), "enqueued-at is set");
+    assert!(
+        versions.iter().all(|s| s.spec.run == 1),
+        "a copy started a new run"
     );
+
+    // The same records read again (the consumer group rewound, as an
+    // operator replaying the topic would): every one is a duplicate and the
+    // Scenario is not written at all.
+    assert!(controller.terminate().success());
+    let before = bed.scenarios().get(&scenario_name(&id)).await.unwrap();
+    let pod_before = bed.pods().get(&pod_name(&id)).await.unwrap();
+    bed.rewind(&bed.deploy).await;
+    let replayed = bed.start_controller(&[]);
+    bed.wait_committed(&bed.deploy, 100, WITHIN).await;
+    let metrics = replayed.metrics().await;
+    assert_eq!(
+        sample(&metrics, &ingested("deploy", "duplicate")),
+        100.0,
+        "every record read again is a duplicate"
+    );
+    assert_eq!(sample(&metrics, &ingested("deploy", "created")), 0.0);
+    assert_eq!(sample(&metrics, &ingested("deploy", "refreshed")), 0.0);
+    assert_eq!(sample(&metrics, "vap_controller_pods_created_total"), 0.0);
+    let after = bed.scenarios().get(&scenario_name(&id)).await.unwrap();
+    assert_eq!(after.metadata.generation, before.metadata.generation);
+    assert_eq!(
+        serde_json::to_value(&after.spec).unwrap(),
+        serde_json::to_value(&before.spec).unwrap()
+    );
+    assert_eq!(enqueued_at(&after), enqueued_at(&before));
+    assert_eq!(
+        after.resource_version(),
+        before.resource_version(),
+        "nothing rewrote the Scenario"
+    );
+    let pod_after = bed.pods().get(&pod_name(&id)).await.unwrap();
+    assert_eq!(pod_after.metadata.uid, pod_before.metadata.uid);
+    assert_eq!(phase_of(&bed, &id).await, Some(Phase::Running));
 }
 
 #[tokio::test]
@@ -225,10 +387,37 @@ async fn max_workers_is_never_exceeded_and_the_queue_is_fifo() {
     );
 }
 
+/// A worker slot the platform's policy refuses Scenarios for.
+const REFUSED_WORKER: &str = "99999999-5566-7788-99aa-bbccddeeeff0";
+const POLICY_MESSAGE: &str = "this worker slot is retired";
+
 #[tokio::test]
 async fn malformed_messages_go_to_the_dlq_and_valid_ones_go_on() {
     let bed = Bed::new("ctl-dlq").await;
-    let _controller = bed.start_controller(&[("MAX_WORKERS", "10")]);
+    let refused = uuid();
+    let probe = Scenario::new(
+        "scn-policy-probe",
+        ScenarioSpec {
+            scenario_uuid: refused.clone(),
+            worker_id: REFUSED_WORKER.into(),
+            camera_url: String::new(),
+            fps: None,
+            model: None,
+            stopped: false,
+            applied: Default::default(),
+            run: 1,
+        },
+    );
+    let _policy = DenyPolicy::new(
+        &bed,
+        ("runner.vap.io", "scenarios"),
+        &format!("object.spec.workerId != '{REFUSED_WORKER}'"),
+        POLICY_MESSAGE,
+        &bed.scenarios(),
+        &probe,
+    )
+    .await;
+    let controller = bed.start_controller(&[("MAX_WORKERS", "10")]);
     let w = "11223344-5566-7788-99aa-bbccddeeeff0";
     let s = "550e8400-e29b-41d4-a716-446655440000";
     let big = format!(
@@ -261,126 +450,380 @@ async fn malformed_messages_go_to_the_dlq_and_valid_ones_go_on() {
     ];
     assert!(corpus.len() >= 20);
     let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
+    // Where each dead letter must come from: (topic, offset) → (value, reason).
+    let mut expected: BTreeMap<(String, i64), (Vec<u8>, &str)> = BTreeMap::new();
+    let mut offset = 0;
     let mut valid = Vec::new();
-    for (i, (payload, _)) in corpus.iter().enumerate() {
+    for (i, (payload, reason)) in corpus.iter().enumerate() {
         bed.send(&bed.deploy, Some("bad"), payload).await;
+        expected.insert((bed.deploy.clone(), offset), (payload.clone(), reason));
+        offset += 1;
         if i % 5 == 0 {
             let id = uuid();
             bed.deploy(&id, &camera).await;
+            offset += 1;
             valid.push(id);
         }
     }
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bed.bootstrap)
-        .set("group.id", common::unique_name("dlq-reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    reader.subscribe(&[&bed.dlq]).unwrap();
-    let mut reasons = Vec::new();
-    while reasons.len() < corpus.len() {
-        let msg = tokio::time::timeout(Duration::from_secs(60), reader.recv())
-            .await
-            .expect("a dead-lettered message within 60 s")
-            .unwrap();
-        let headers = msg.headers().expect("headers");
-        let reason = headers
-            .iter()
-            .find(|h| h.key == "reason")
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).to_string())
-            .expect("reason header");
-        assert!(headers.iter().any(|h| h.key == "error"), "error header");
-        reasons.push((
-            msg.payload().map(|p| p.to_vec()).unwrap_or_default(),
-            reason,
-        ));
+    // A request that parses but the API server refuses: here a policy of
+    // the platform's refuses one worker slot's Scenarios.
+    bed.deploy_as(&refused, REFUSED_WORKER, &camera).await;
+    expected.insert(
+        (bed.deploy.clone(), offset),
+        (
+            common::deploy_body_as(&refused, REFUSED_WORKER, &camera),
+            "rejected_by_kubernetes",
+        ),
+    );
+    let deploys = offset + 1;
+    let undeploy_corpus: Vec<(Vec<u8>, &str)> = vec![
+        (b"".to_vec(), "empty"),
+        (b"stop it".to_vec(), "not_json"),
+        (b"[]".to_vec(), "not_object"),
+        (b"{}".to_vec(), "missing_field"),
+        (br#"{"scenario_uuid": 7}"#.to_vec(), "wrong_type"),
+        (br#"{"scenario_uuid": "nope"}"#.to_vec(), "bad_uuid"),
+    ];
+    for (offset, (payload, reason)) in (0..).zip(&undeploy_corpus) {
+        bed.send(&bed.undeploy, Some("bad"), payload).await;
+        expected.insert((bed.undeploy.clone(), offset), (payload.clone(), reason));
     }
-    for ((payload, expected), (got_payload, got_reason)) in corpus.iter().zip(&reasons) {
-        assert_eq!(payload, got_payload, "DLQ keeps the original value");
+
+    let letters = bed.read_topic(&bed.dlq, expected.len()).await;
+    let mut seen = BTreeSet::new();
+    for letter in &letters {
+        let topic = letter.header("source_topic").to_string();
+        assert_eq!(letter.header("source_partition"), "0");
+        let offset: i64 = letter.header("source_offset").parse().expect("an offset");
+        let (payload, reason) = expected
+            .get(&(topic.clone(), offset))
+            .unwrap_or_else(|| panic!("dead letter from {topic}@{offset} was valid: {letter:?}"));
+        assert_eq!(&letter.payload, payload, "DLQ keeps the original value");
         assert_eq!(
-            expected,
-            got_reason,
+            letter.header("reason"),
+            *reason,
             "reason for {}",
             String::from_utf8_lossy(payload)
         );
+        assert!(!letter.header("error").is_empty(), "error header");
+        assert!(
+            seen.insert((topic, offset)),
+            "dead-lettered twice: {letter:?}"
+        );
     }
+    let refused_letter = letters
+        .iter()
+        .find(|l| l.header("reason") == "rejected_by_kubernetes")
+        .unwrap();
+    assert!(
+        refused_letter.header("error").contains(POLICY_MESSAGE),
+        "the API server's refusal is quoted: {refused_letter:?}"
+    );
+    assert_eq!(refused_letter.key.as_deref(), Some(refused.as_bytes()));
+
+    // Everything was handled; valid work around the bad went on, and the
+    // only Scenarios are the valid ones.
+    bed.wait_committed(&bed.deploy, deploys, WITHIN).await;
+    bed.wait_committed(&bed.undeploy, undeploy_corpus.len() as i64, WITHIN)
+        .await;
     for id in &valid {
-        wait_phase(&bed, id, Phase::Running, Duration::from_secs(60)).await;
+        wait_phase(&bed, id, Phase::Running, WITHIN).await;
     }
+    assert_eq!(
+        names(&bed.scenarios()).await,
+        valid.iter().map(|id| scenario_name(id)).collect(),
+        "no Scenario for an invalid or refused message"
+    );
+    assert_eq!(bed.messages_in(&bed.dlq), expected.len() as i64);
+
+    controller
+        .wait_metric("vap_controller_live_workers", WITHIN, |n| {
+            n == valid.len() as f64
+        })
+        .await;
+    let metrics = controller.metrics().await;
+    let mut per_reason: BTreeMap<&str, f64> = BTreeMap::new();
+    for (_, reason) in expected.values() {
+        *per_reason.entry(reason).or_default() += 1.0;
+    }
+    for (reason, n) in &per_reason {
+        assert_eq!(sample(&metrics, &dead_lettered(reason)), *n, "{reason}");
+    }
+    assert_eq!(
+        sample(&metrics, &ingested("deploy", "dead_lettered")),
+        (corpus.len() + 1) as f64
+    );
+    assert_eq!(
+        sample(&metrics, &ingested("undeploy", "dead_lettered")),
+        undeploy_corpus.len() as f64
+    );
+    assert_eq!(
+        sample(&metrics, &ingested("deploy", "created")),
+        valid.len() as f64
+    );
+    assert!(
+        sample(&metrics, "vap_controller_reconciles_total{result=\"ok\"}") >= valid.len() as f64
+    );
 }
 
 #[tokio::test]
-async fn undeploy_stops_and_a_replayed_deploy_is_ignored() {
+async fn undeploy_stops_frees_the_slot_and_a_replayed_deploy_is_ignored() {
     let bed = Bed::new("ctl-undeploy").await;
-    let _controller = bed.start_controller(&[]);
-    let id = uuid();
+    let controller = bed.start_controller(&[("MAX_WORKERS", "1")]);
+    let (id, next) = (uuid(), uuid());
     let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
     let deployed_at = chrono::Utc::now().timestamp_millis();
     bed.deploy_at(&id, &camera, deployed_at).await;
-    wait_phase(&bed, &id, Phase::Running, Duration::from_secs(60)).await;
+    wait_phase(&bed, &id, Phase::Running, WITHIN).await;
+    bed.deploy(&next, &camera).await;
+    wait_phase(&bed, &next, Phase::Queued, WITHIN).await;
+    wait_slots(&controller, 1.0, 1.0).await;
+
     bed.undeploy_at(&id, deployed_at + 1).await;
-    wait_phase(&bed, &id, Phase::Stopped, Duration::from_secs(60)).await;
-    wait_for(
-        "the worker Pod to be gone",
-        Duration::from_secs(60),
-        || async {
-            match bed.pods().get_opt(&pod_name(&id)).await {
-                Ok(None) => Some(()),
-                _ => None,
-            }
-        },
-    )
+    wait_phase(&bed, &id, Phase::Stopped, WITHIN).await;
+    wait_for("the worker Pod to be gone", WITHIN, || async {
+        match bed.pods().get_opt(&pod_name(&id)).await {
+            Ok(None) => Some(()),
+            _ => None,
+        }
+    })
     .await;
-    // A replay of the original request (its record's own timestamp) changes nothing.
-    bed.deploy_at(&id, &camera, deployed_at).await;
-    bed.wait_committed(&bed.deploy, 2, Duration::from_secs(60))
-        .await;
+    // Its slot is free: the scenario that waited starts.
+    wait_phase(&bed, &next, Phase::Running, WITHIN).await;
+    wait_slots(&controller, 0.0, 1.0).await;
+    assert_eq!(
+        controller.metric(&ingested("undeploy", "stopped")).await,
+        1.0
+    );
+
+    // A replay of the original request (its record's own timestamp) changes
+    // nothing: watched from before it is sent until two auto-commit
+    // intervals after its offset is committed, the scenario never changes
+    // and no worker Pod of it appears.
+    let stopped = bed.scenarios().get(&scenario_name(&id)).await.unwrap();
+    let pod_field = format!("metadata.name={}", pod_name(&id));
+    let scenario_field = format!("metadata.name={}", scenario_name(&id));
+    let pods = watcher(bed.pods(), watcher::Config::default().fields(&pod_field))
+        .default_backoff()
+        .applied_objects()
+        .filter_map(|pod| async move {
+            let pod = pod.ok()?;
+            Some(format!("a worker Pod appeared: {:?}", pod.status))
+        });
+    let scenario_changes = watcher(
+        bed.scenarios(),
+        watcher::Config::default().fields(&scenario_field),
+    )
+    .default_backoff()
+    .applied_objects()
+    .filter_map(|scn| {
+        let generation = stopped.metadata.generation;
+        async move {
+            let s = scn.ok()?;
+            let phase = s.status.as_ref().and_then(|st| st.phase);
+            let unchanged = s.metadata.generation == generation && phase == Some(Phase::Stopped);
+            (!unchanged).then(|| format!("the Scenario was revived: {phase:?}, {:?}", s.spec))
+        }
+    });
+    let mut revivals = futures::stream::select(pods.boxed(), scenario_changes.boxed());
+    let replay = async {
+        bed.deploy_at(&id, &camera, deployed_at).await;
+        bed.wait_committed(&bed.deploy, 3, WITHIN).await;
+    };
+    tokio::select! {
+        revived = revivals.next() => panic!("{revived:?}"),
+        () = replay => {}
+    }
+    if let Ok(revived) = tokio::time::timeout(2 * auto_commit_interval(), revivals.next()).await {
+        panic!("{revived:?}");
+    }
     assert_eq!(phase_of(&bed, &id).await, Some(Phase::Stopped));
     assert!(bed.pods().get_opt(&pod_name(&id)).await.unwrap().is_none());
+    assert_eq!(phase_of(&bed, &next).await, Some(Phase::Running));
+    let metrics = controller.metrics().await;
+    assert_eq!(sample(&metrics, &ingested("deploy", "overtaken")), 1.0);
+    assert_eq!(sample(&metrics, "vap_controller_live_workers"), 1.0);
+    assert_eq!(sample(&metrics, "vap_controller_pods_created_total"), 2.0);
 }
 
 #[tokio::test]
 async fn sigkill_mid_burst_loses_nothing_and_duplicates_nothing() {
     let bed = Bed::new("ctl-crash").await;
-    let mut controller = bed.start_controller(&[("MAX_WORKERS", "100")]);
+    let identity = bed.identity("runner", controller_rules(&[])).await;
+    let settings = [("MAX_WORKERS", "100"), identity.env()];
+    let mut controller = bed.start_controller(&settings);
     let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
     let ids: Vec<String> = (0..60).map(|_| uuid()).collect();
-    for id in &ids[..30] {
+    for id in &ids[..20] {
         bed.deploy(id, &camera).await;
     }
-    // Kill it as soon as it is part-way through.
+    bed.wait_committed(&bed.deploy, 20, WITHIN).await;
+
+    // From here the controller's identity may write Scenarios but not their
+    // camera Secrets: ingest writes the 21st Scenario and stays on its
+    // message, after the write and before the offset.
+    bed.set_rules(&identity, controller_rules(&[("secrets", "create")]))
+        .await;
+    bed.wait_access(&identity, ("", "secrets", "create"), false)
+        .await;
+    for id in &ids[20..40] {
+        bed.deploy(id, &camera).await;
+    }
+    let stuck = scenario_name(&ids[20]);
     wait_for(
-        "some scenarios to exist",
-        Duration::from_secs(60),
+        "the 21st Scenario written and its Secret refused",
+        WITHIN,
         || async {
-            let n = bed
-                .scenarios()
-                .list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .len();
-            (n >= 5).then_some(())
+            let written = bed.scenarios().get_opt(&stuck).await.ok()??;
+            let retries = controller
+                .metric("vap_controller_kubernetes_retries_total")
+                .await;
+            (retries > 0.0).then_some(written)
         },
     )
     .await;
+    // Longer than an auto-commit interval: its offset is never committed
+    // and ingest does not move past it.
+    let next = scenario_name(&ids[21]);
+    holds_for(
+        "the offset of a message whose effect is not complete",
+        2 * auto_commit_interval(),
+        || async {
+            let committed = bed.committed(&bed.deploy);
+            if committed != 20 {
+                return Err(format!("{committed} offsets committed"));
+            }
+            match bed.scenarios().get_opt(&next).await {
+                Ok(None) => Ok(()),
+                other => Err(format!("ingest moved past it: {other:?}")),
+            }
+        },
+    )
+    .await;
+    let generation = bed
+        .scenarios()
+        .get(&stuck)
+        .await
+        .unwrap()
+        .metadata
+        .generation;
     controller.kill9();
-    for id in &ids[30..] {
+
+    bed.set_rules(&identity, controller_rules(&[])).await;
+    bed.wait_access(&identity, ("", "secrets", "create"), true)
+        .await;
+    for id in &ids[40..] {
         bed.deploy(id, &camera).await;
     }
-    let _restarted = bed.start_controller(&[("MAX_WORKERS", "100")]);
-    bed.wait_committed(&bed.deploy, 60, Duration::from_secs(120))
-        .await;
+    let restarted = bed.start_controller(&settings);
+    bed.wait_committed(&bed.deploy, 60, WITHIN).await;
     for id in &ids {
-        wait_phase(&bed, id, Phase::Running, Duration::from_secs(120)).await;
+        wait_phase(&bed, id, Phase::Running, WITHIN).await;
     }
-    let scenarios = bed.scenarios().list(&ListParams::default()).await.unwrap();
-    assert_eq!(scenarios.items.len(), 60);
-    let pods = bed.pods().list(&ListParams::default()).await.unwrap();
-    let names: BTreeSet<String> = pods.items.iter().map(|p| p.name_any()).collect();
-    assert_eq!(pods.items.len(), 60, "one Pod per scenario");
-    assert_eq!(names, ids.iter().map(|id| pod_name(id)).collect());
+    let scenario_names: BTreeSet<String> = ids.iter().map(|id| scenario_name(id)).collect();
+    assert_eq!(names(&bed.scenarios()).await, scenario_names);
+    let pod_names: BTreeSet<String> = ids.iter().map(|id| pod_name(id)).collect();
+    assert_eq!(names(&bed.pods()).await, pod_names, "one Pod per scenario");
+
+    // The message read again whose Scenario was written before the kill
+    // only adds the missing Secret; the 39 whose write had not happened are
+    // created, once each.
+    let metrics = restarted.metrics().await;
+    assert_eq!(
+        sample(&metrics, &ingested("deploy", "duplicate")),
+        1.0,
+        "the message whose Scenario was written before the kill"
+    );
+    assert_eq!(
+        sample(&metrics, &ingested("deploy", "created")),
+        39.0,
+        "the messages whose write had not happened"
+    );
+    assert_eq!(sample(&metrics, &ingested("deploy", "refreshed")), 0.0);
+    let after = bed.scenarios().get(&stuck).await.unwrap();
+    assert_eq!(after.metadata.generation, generation, "rewritten");
+    let secrets: BTreeSet<String> = names(&Api::<Secret>::namespaced(
+        bed.client.clone(),
+        &bed.namespace,
+    ))
+    .await
+    .into_iter()
+    .filter(|name| name.starts_with("scn-"))
+    .collect();
+    assert_eq!(
+        secrets,
+        ids.iter().map(|id| format!("scn-{id}-camera")).collect(),
+        "every scenario's camera Secret, once"
+    );
+}
+
+#[tokio::test]
+async fn kubernetes_api_unavailable_ingest_never_moves_past_a_message() {
+    let bed = Bed::new("ctl-noapi").await;
+    let denied = ("runner.vap.io", "scenarios", "create");
+    let identity = bed
+        .identity("runner", controller_rules(&[("scenarios", "create")]))
+        .await;
+    bed.wait_access(&identity, denied, false).await;
+    let scenarios = ScenarioLog::start(bed.scenarios()).await;
+    let controller = bed.start_controller(&[identity.env()]);
+    let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
+    let ids: Vec<String> = (0..3).map(|_| uuid()).collect();
+    for id in &ids {
+        bed.deploy(id, &camera).await;
+    }
+    controller
+        .wait_metric("vap_controller_kubernetes_retries_total", WITHIN, |n| {
+            n > 0.0
+        })
+        .await;
+    holds_for(
+        "ingest while it cannot write Scenarios",
+        2 * auto_commit_interval(),
+        || async {
+            if let Some(n) = bed.committed_offset(&bed.deploy) {
+                return Err(format!("offset {n} committed"));
+            }
+            let written = scenarios.first_seen();
+            if !written.is_empty() {
+                return Err(format!("Scenarios appeared: {written:?}"));
+            }
+            match bed.messages_in(&bed.dlq) {
+                0 => Ok(()),
+                n => Err(format!("{n} messages dead-lettered")),
+            }
+        },
+    )
+    .await;
+    let metrics = controller.metrics().await;
+    assert!(
+        !metrics.contains("vap_controller_dead_lettered_total{"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("vap_controller_ingested_total{"),
+        "{metrics}"
+    );
+
+    bed.set_rules(&identity, controller_rules(&[])).await;
+    bed.wait_access(&identity, denied, true).await;
+    bed.wait_committed(&bed.deploy, 3, WITHIN).await;
+    for id in &ids {
+        wait_phase(&bed, id, Phase::Running, WITHIN).await;
+    }
+    assert_eq!(
+        scenarios.first_seen(),
+        ids.iter().map(|id| scenario_name(id)).collect::<Vec<_>>(),
+        "written in the order they were sent"
+    );
+    controller
+        .wait_metric("vap_controller_live_workers", WITHIN, |n| n == 3.0)
+        .await;
+    let metrics = controller.metrics().await;
+    assert_eq!(sample(&metrics, &ingested("deploy", "created")), 3.0);
+    assert!(sample(&metrics, "vap_controller_kubernetes_retries_total") > 0.0);
+    assert!(sample(&metrics, "vap_controller_reconciles_total{result=\"ok\"}") > 0.0);
+    assert_eq!(bed.messages_in(&bed.dlq), 0);
 }
 
 #[tokio::test]

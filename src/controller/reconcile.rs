@@ -403,6 +403,9 @@ async fn create_pod(
         Err(e) => return Err(kube_err("creating a worker Pod")(e)),
     }
     adm.pending.insert(pod_name, Instant::now());
+    // The gauges count the new Pod now, not only at the next decision
+    // (after the last Pod of a burst there may be none for a long time).
+    let _ = decide(ctx, adm);
     Ok(plan)
 }
 

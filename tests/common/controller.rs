@@ -193,6 +193,12 @@ impl Bed {
         .await;
     }
 
+    /// A `to_deploy` for `scenario` from the worker slot `worker_id`.
+    pub async fn deploy_as(&self, scenario: &str, worker_id: &str, camera: &str) {
+        let body = super::deploy_body_as(scenario, worker_id, camera);
+        self.send(&self.deploy, Some(scenario), &body).await;
+    }
+
     /// Sends a message whose record carries the timestamp `at_ms` (ms since
     /// the epoch), as a producer with its own clock or a replay would.
     pub async fn send_at(&self, topic: &str, key: &str, payload: &[u8], at_ms: i64) {
@@ -213,6 +219,11 @@ impl Bed {
 
     /// The offset this bed's consumer group has committed on `topic` (0 if none).
     pub fn committed(&self, topic: &str) -> i64 {
+        self.committed_offset(topic).unwrap_or(0)
+    }
+
+    /// The offset this bed's consumer group has committed on `topic`, if any.
+    pub fn committed_offset(&self, topic: &str) -> Option<i64> {
         let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .set("group.id", &self.group)
@@ -220,16 +231,12 @@ impl Bed {
             .expect("consumer");
         let mut tpl = rdkafka::TopicPartitionList::new();
         tpl.add_partition(topic, 0);
-        match rdkafka::consumer::Consumer::committed_offsets(
-            &consumer,
-            tpl,
-            Duration::from_secs(10),
-        ) {
-            Ok(list) => match list.find_partition(topic, 0).map(|p| p.offset()) {
-                Some(rdkafka::Offset::Offset(n)) => n,
-                _ => 0,
-            },
-            Err(_) => 0,
+        let list =
+            rdkafka::consumer::Consumer::committed_offsets(&consumer, tpl, Duration::from_secs(10))
+                .ok()?;
+        match list.find_partition(topic, 0)?.offset() {
+            rdkafka::Offset::Offset(n) => Some(n),
+            _ => None,
         }
     }
 
@@ -396,5 +403,463 @@ impl ControllerProcess {
 impl Drop for ControllerProcess {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What a user checks on a running controller: its /metrics, the consumer
+// group's offsets, the dead-letter topic, and the identity it runs as.
+// ---------------------------------------------------------------------------
+
+/// The value of one sample (`name{labels}` exactly as exposed) in Prometheus
+/// text; 0 when the series has not been exposed yet (a counter never
+/// incremented).
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+            value.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// `vap_controller_ingested_total{kind=…,result=…}`.
+pub fn ingested(kind: &str, result: &str) -> String {
+    format!("vap_controller_ingested_total{{kind=\"{kind}\",result=\"{result}\"}}")
+}
+
+/// `vap_controller_dead_lettered_total{category=…}`.
+pub fn dead_lettered(category: &str) -> String {
+    format!("vap_controller_dead_lettered_total{{category=\"{category}\"}}")
+}
+
+impl ControllerProcess {
+    /// The address of its /metrics, from its log (waits until it is served).
+    pub async fn metrics_addr(&self) -> String {
+        wait_for(
+            "the controller to serve /metrics",
+            Duration::from_secs(30),
+            || async {
+                let log = std::fs::read_to_string(&self.log_path).ok()?;
+                let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+                let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+                Some(addr.to_string())
+            },
+        )
+        .await
+    }
+
+    /// Its /metrics, as Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let addr = self.metrics_addr().await;
+        let (status, text) =
+            tokio::task::spawn_blocking(move || super::local::http_get(&addr, "/metrics"))
+                .await
+                .expect("scrape /metrics");
+        assert_eq!(status, 200, "/metrics: {text}");
+        text
+    }
+
+    /// The value of one series on its /metrics (see [`sample`]).
+    pub async fn metric(&self, series: &str) -> f64 {
+        sample(&self.metrics().await, series)
+    }
+
+    /// Waits until `series` satisfies `ok`; returns its value.
+    pub async fn wait_metric(
+        &self,
+        series: &str,
+        timeout: Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let value = self.metric(series).await;
+            if ok(value) {
+                return value;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {series} on /metrics; it is {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// How often ingest's consumer commits stored offsets
+/// (`auto.commit.interval.ms` of [`vap_runner::ingest::consumer_config`],
+/// librdkafka's 5 s when it sets none).
+pub fn auto_commit_interval() -> Duration {
+    let config = vap_runner::ingest::consumer_config("unused:9092", "unused");
+    let ms = config
+        .get("auto.commit.interval.ms")
+        .map(|v| v.parse().expect("auto.commit.interval.ms"))
+        .unwrap_or(5000);
+    Duration::from_millis(ms)
+}
+
+/// One message read back from a topic: key, value and headers.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Record {
+    /// A header's value; panics naming it when it is missing.
+    pub fn header(&self, key: &str) -> &str {
+        self.headers.get(key).unwrap_or_else(|| {
+            panic!(
+                "header {key:?} missing on {:?} (headers {:?})",
+                String::from_utf8_lossy(&self.payload),
+                self.headers
+            )
+        })
+    }
+}
+
+impl Bed {
+    /// The first `count` messages of `topic` (partition 0), in order.
+    pub async fn read_topic(&self, topic: &str, count: usize) -> Vec<Record> {
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::message::{Headers, Message};
+        let reader: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", unique_name("reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        reader.subscribe(&[topic]).expect("subscribe");
+        let mut records = Vec::new();
+        while records.len() < count {
+            let msg = tokio::time::timeout(Duration::from_secs(60), reader.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "only {} of {count} messages on {topic} within 60 s",
+                        records.len()
+                    )
+                })
+                .expect("message");
+            let headers = msg
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                            (h.key.to_string(), value.into_owned())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            records.push(Record {
+                key: msg.key().map(<[u8]>::to_vec),
+                payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers,
+            });
+        }
+        records
+    }
+
+    /// How many messages `topic` (partition 0) holds.
+    pub fn messages_in(&self, topic: &str) -> i64 {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .expect("consumer");
+        let (low, high) = consumer
+            .fetch_watermarks(topic, 0, Duration::from_secs(10))
+            .expect("watermarks");
+        high - low
+    }
+
+    /// Sets this bed's consumer group back to the start of `topic`, as an
+    /// operator replaying a topic would; the group must have no member (no
+    /// controller running).
+    pub async fn rewind(&self, topic: &str) {
+        use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", &self.group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(0))
+            .unwrap();
+        consumer.assign(&tpl).expect("assign");
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .expect("commit offset 0: the group must be empty");
+        assert_eq!(self.committed(topic), 0, "{topic} rewound");
+    }
+}
+
+/// The user name a ServiceAccount authenticates as.
+pub fn service_account_user(namespace: &str, name: &str) -> String {
+    format!("system:serviceaccount:{namespace}:{name}")
+}
+
+/// What `runner controller` needs in its namespace (the chart's Role), less
+/// the `(resource, verb)` pairs in `denied`.
+pub fn controller_rules(denied: &[(&str, &str)]) -> serde_json::Value {
+    let rules = [
+        (
+            "runner.vap.io",
+            "scenarios",
+            &["get", "list", "watch", "create", "update", "delete"][..],
+        ),
+        ("runner.vap.io", "scenarios/status", &["patch"][..]),
+        (
+            "",
+            "pods",
+            &["get", "list", "watch", "create", "delete"][..],
+        ),
+        ("", "secrets", &["create"][..]),
+        ("events.k8s.io", "events", &["create", "patch"][..]),
+        (
+            "coordination.k8s.io",
+            "leases",
+            &["get", "create", "update"][..],
+        ),
+    ];
+    let rules: Vec<serde_json::Value> = rules
+        .iter()
+        .filter_map(|(group, resource, verbs)| {
+            let verbs: Vec<&str> = verbs
+                .iter()
+                .copied()
+                .filter(|verb| !denied.contains(&(resource, verb)))
+                .collect();
+            (!verbs.is_empty()).then(|| {
+                serde_json::json!({"apiGroups": [group], "resources": [resource], "verbs": verbs})
+            })
+        })
+        .collect();
+    serde_json::Value::Array(rules)
+}
+
+/// A ServiceAccount identity in a bed's namespace for a controller to run
+/// as (through a kubeconfig that impersonates it), with a Role the test
+/// changes while the controller runs.
+pub struct Identity {
+    pub user: String,
+    pub role: String,
+    /// A kubeconfig like the test bed's whose user acts as [`Identity::user`].
+    pub kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Identity {
+    /// `KUBECONFIG` for [`Bed::start_controller`].
+    pub fn env(&self) -> (&'static str, &str) {
+        ("KUBECONFIG", self.kubeconfig.to_str().expect("UTF-8 path"))
+    }
+}
+
+impl Bed {
+    /// Creates a ServiceAccount identity bound to a Role with `rules`
+    /// (see [`controller_rules`]); they go with the namespace.
+    pub async fn identity(&self, name: &str, rules: serde_json::Value) -> Identity {
+        use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+        let ns = &self.namespace;
+        let role: Role = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name}, "rules": rules
+        }))
+        .unwrap();
+        Api::<Role>::namespaced(self.client.clone(), ns)
+            .create(&PostParams::default(), &role)
+            .await
+            .expect("create Role");
+        let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]
+        }))
+        .unwrap();
+        Api::<RoleBinding>::namespaced(self.client.clone(), ns)
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("create RoleBinding");
+        let user = service_account_user(ns, name);
+        let dir = tempfile::tempdir().expect("kubeconfig dir");
+        let kubeconfig = impersonating_kubeconfig(dir.path(), &user);
+        Identity {
+            user,
+            role: name.to_string(),
+            kubeconfig,
+            _dir: dir,
+        }
+    }
+
+    /// Replaces the identity's Role rules.
+    pub async fn set_rules(&self, identity: &Identity, rules: serde_json::Value) {
+        use k8s_openapi::api::rbac::v1::Role;
+        let patch = serde_json::json!({"rules": rules});
+        Api::<Role>::namespaced(self.client.clone(), &self.namespace)
+            .patch(
+                &identity.role,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .expect("patch Role");
+    }
+
+    /// Whether the identity may `verb` `resource` (of API group `group`) in
+    /// this namespace, as the apiserver's authorizer answers now.
+    pub async fn may(&self, identity: &Identity, group: &str, resource: &str, verb: &str) -> bool {
+        use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+        let ns = &self.namespace;
+        let review: SubjectAccessReview = serde_json::from_value(serde_json::json!({
+            "spec": {
+                "user": identity.user,
+                "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+                "resourceAttributes": {"namespace": ns, "group": group, "resource": resource, "verb": verb}
+            }
+        }))
+        .unwrap();
+        let answer = Api::<SubjectAccessReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .expect("SubjectAccessReview");
+        answer.status.is_some_and(|s| s.allowed)
+    }
+
+    /// Waits until the authorizer gives the identity (`allowed`) or refuses
+    /// it `verb` on `resource`: Role changes take effect asynchronously.
+    pub async fn wait_access(
+        &self,
+        identity: &Identity,
+        (group, resource, verb): (&str, &str, &str),
+        allowed: bool,
+    ) {
+        let what = if allowed { "granted" } else { "refused" };
+        wait_for(
+            &format!("{verb} {resource} to be {what} to {}", identity.user),
+            Duration::from_secs(30),
+            || async { (self.may(identity, group, resource, verb).await == allowed).then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// Writes a kubeconfig like the test bed's admin one (`KUBECONFIG`) whose
+/// user acts as `user`, and returns its path.
+pub fn impersonating_kubeconfig(dir: &std::path::Path, user: &str) -> PathBuf {
+    let admin = std::env::var("KUBECONFIG")
+        .unwrap_or_else(|_| panic!("KUBECONFIG is not set; {}", super::TESTBED_HINT));
+    let text = std::fs::read_to_string(&admin).expect("read KUBECONFIG");
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("KUBECONFIG YAML");
+    let users = config["users"]
+        .as_sequence_mut()
+        .expect("users in KUBECONFIG");
+    for entry in users {
+        entry["user"]
+            .as_mapping_mut()
+            .expect("user entry")
+            .insert("as".into(), user.into());
+    }
+    let path = dir.join("impersonated.kubeconfig");
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+/// A ValidatingAdmissionPolicy (and its binding) that refuses, in one
+/// namespace, creations of `resource` for which `allowed` (CEL) is false, as
+/// a platform's policy engine would; removed again when dropped.
+pub struct DenyPolicy {
+    name: String,
+}
+
+impl DenyPolicy {
+    /// Creates it and waits until `probe` (an object it must refuse, created
+    /// as a dry run through `api`) is refused: policies act asynchronously.
+    pub async fn new<K>(
+        bed: &Bed,
+        (group, resource): (&str, &str),
+        allowed: &str,
+        message: &str,
+        api: &Api<K>,
+        probe: &K,
+    ) -> DenyPolicy
+    where
+        K: kube::Resource
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        use k8s_openapi::api::admissionregistration::v1::{
+            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+        };
+        let name = unique_name("vap-runner-test-deny");
+        let guard = DenyPolicy { name: name.clone() };
+        let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{
+                    "apiGroups": [group], "apiVersions": ["*"],
+                    "operations": ["CREATE"], "resources": [resource]}]},
+                "validations": [{"expression": allowed, "message": message}]
+            }
+        }))
+        .unwrap();
+        let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {"namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": bed.namespace}}}
+            }
+        }))
+        .unwrap();
+        Api::<ValidatingAdmissionPolicy>::all(bed.client.clone())
+            .create(&PostParams::default(), &policy)
+            .await
+            .expect("create ValidatingAdmissionPolicy");
+        Api::<ValidatingAdmissionPolicyBinding>::all(bed.client.clone())
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("create ValidatingAdmissionPolicyBinding");
+        let dry = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        wait_for(
+            "the admission policy to act",
+            Duration::from_secs(60),
+            || async {
+                let refused = api.create(&dry, probe).await.err()?;
+                refused.to_string().contains(message).then_some(())
+            },
+        )
+        .await;
+        guard
+    }
+}
+
+impl Drop for DenyPolicy {
+    fn drop(&mut self) {
+        use k8s_openapi::api::admissionregistration::v1::{
+            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+        };
+        let name = self.name.clone();
+        cleanup(move || async move {
+            if let Ok(client) = Client::try_default().await {
+                let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+                    .delete(&name, &DeleteParams::default())
+                    .await;
+                let _ = Api::<ValidatingAdmissionPolicy>::all(client)
+                    .delete(&name, &DeleteParams::default())
+                    .await;
+            }
+        });
     }
 }

@@ -237,8 +237,14 @@ pub async fn read_results(
 
 /// The body of a `to_deploy` message for `scenario` on `camera`.
 pub fn deploy_body(scenario: &str, camera: &str) -> Vec<u8> {
+    deploy_body_as(scenario, "11223344-5566-7788-99aa-bbccddeeeff0", camera)
+}
+
+/// The body of a `to_deploy` message for `scenario` on `camera` from the
+/// worker slot `worker_id`.
+pub fn deploy_body_as(scenario: &str, worker_id: &str, camera: &str) -> Vec<u8> {
     serde_json::json!({
-        "worker_id": "11223344-5566-7788-99aa-bbccddeeeff0",
+        "worker_id": worker_id,
         "scenario_uuid": scenario,
         "camera_url": camera,
     })
