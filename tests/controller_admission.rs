@@ -1,7 +1,8 @@
 //! Admission in `runner controller`, against the real broker and the real
 //! kube-apiserver: MAX_WORKERS is reached and never exceeded, the queue is
 //! first come first served (also while workers end, fail, are deleted and
-//! undeployed at once).
+//! undeployed at once), and two runners in one namespace keep to their own
+//! quota, Lease, consumer group and objects.
 //!
 //! Every test watches the namespace's Pods from before its first deploy, so
 //! no Pod goes unseen. Pods run on kwok's fake Node, which moves them to
@@ -20,6 +21,7 @@ use kube::api::{DeleteParams, ListParams};
 use vap_runner::controller::crd::{Phase, Scenario};
 
 const MINUTE: Duration = Duration::from_secs(60);
+const LABEL_RUNNER: &str = "runner.vap.io/runner";
 const ENQUEUED_AT: &str = "runner.vap.io/enqueued-at";
 
 fn uuid() -> String {
@@ -157,6 +159,23 @@ async fn wait_running(bed: &Bed, what: &str, pick: impl Fn(&Pod) -> bool) -> Vec
             .collect();
         (!running.is_empty()).then_some(running)
     })
+    .await
+}
+
+/// Ends the worker of `ending` once kwok runs it (its clip ends) and waits
+/// for the Pod of `next`, which is to take the slot it frees.
+async fn hand_over(bed: &Bed, ending: &str, next: &str) -> Pod {
+    let pod = pod_name(ending);
+    wait_running(bed, &format!("the worker of {ending} to run"), |p| {
+        p.name_any() == pod
+    })
+    .await;
+    bed.set_pod_status(&pod, worker_exited(0)).await;
+    wait_for(
+        &format!("{next} to start in the slot {ending} freed"),
+        MINUTE,
+        || async { bed.pods().get_opt(&pod_name(next)).await.ok()? },
+    )
     .await
 }
 
@@ -448,4 +467,143 @@ async fn admission_holds_while_workers_end_fail_are_deleted_and_undeployed_at_on
         );
     }
     eprintln!("30 scenarios through 3 slots in {elapsed:?}");
+}
+
+#[tokio::test]
+async fn two_runners_in_one_namespace_keep_to_their_own() {
+    let bed = Bed::new("ctl-two").await;
+    let watch = PodWatch::start(bed.pods()).await;
+    // Runner A: the bed's topics and group, one slot. Runner B: its own
+    // topics and group, two slots.
+    let b = bed.runner_topics("runner-b").await;
+    let mut runner_a = bed.start_controller(&[
+        ("RUNNER_NAME", "runner-a"),
+        ("POD_NAME", "replica-a"),
+        ("MAX_WORKERS", "1"),
+    ]);
+    let mut env_b = b.env();
+    env_b.extend([("POD_NAME", "replica-b"), ("MAX_WORKERS", "2")]);
+    let mut runner_b = bed.start_controller(&env_b);
+    let runner_of = |p: &Pod| p.labels().get(LABEL_RUNNER).cloned().unwrap_or_default();
+    let clip = common::media("vtest.avi");
+    let other_clip = common::media("Megamind.avi");
+
+    let (a1, a2) = (uuid(), uuid());
+    let (shared, b2, b3) = (uuid(), uuid(), uuid());
+    for id in [&a1, &a2] {
+        bed.deploy(id, &clip).await;
+    }
+    for id in [&shared, &b2, &b3] {
+        bed.send(&b.deploy, Some(id), &common::deploy_body(id, &clip))
+            .await;
+    }
+    // Each fills its own quota: A runs one and queues one, B runs two and
+    // queues one.
+    let (scenarios, pods) = wait_for(
+        "A: 1 running, 1 queued; B: 2 running, 1 queued",
+        MINUTE,
+        || async {
+            let (scenarios, pods) = snapshot(&bed).await?;
+            let state: Vec<Option<Phase>> = [&a1, &a2, &shared, &b2, &b3]
+                .iter()
+                .map(|id| scenarios.get(*id).and_then(phase))
+                .collect();
+            let started = |p: &Option<Phase>| matches!(p, Some(Phase::Starting | Phase::Running));
+            let queued = |p: &Option<Phase>| *p == Some(Phase::Queued);
+            (started(&state[0])
+                && queued(&state[1])
+                && started(&state[2])
+                && started(&state[3])
+                && queued(&state[4])
+                && pods.len() == 3)
+                .then_some((scenarios, pods))
+        },
+    )
+    .await;
+    for (ids, runner) in [([&a1, &a2], "runner-a"), ([&shared, &b2], "runner-b")] {
+        for id in ids {
+            assert_eq!(scenarios[id].labels()[LABEL_RUNNER], runner, "{id}");
+        }
+        assert_eq!(runner_of(&pods[&pod_name(ids[0])]), runner);
+    }
+    assert_queued_in_order(&scenarios, &pods, std::slice::from_ref(&a2));
+    assert_queued_in_order(&scenarios, &pods, std::slice::from_ref(&b3));
+
+    // Each holds its own Lease: both lead at once.
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(bed.client.clone(), &bed.namespace);
+    for (lease, holder) in [
+        ("runner-a-leader", "replica-a"),
+        ("runner-b-leader", "replica-b"),
+    ] {
+        let spec = leases
+            .get(lease)
+            .await
+            .expect(lease)
+            .spec
+            .unwrap_or_default();
+        assert_eq!(spec.holder_identity.as_deref(), Some(holder), "{lease}");
+    }
+
+    // A's commands for a scenario that B owns change nothing: a newer deploy
+    // with another camera, then an undeploy, through A's topics.
+    let owned = bed.scenarios().get(&format!("scn-{shared}")).await.unwrap();
+    let owned_pod = bed.pods().get(&pod_name(&shared)).await.unwrap();
+    bed.send(
+        &bed.deploy,
+        Some(&shared),
+        &common::deploy_body(&shared, &other_clip),
+    )
+    .await;
+    bed.undeploy_at(&shared, now_ms()).await;
+    bed.wait_committed(&bed.deploy, 3, MINUTE).await;
+    bed.wait_committed(&bed.undeploy, 1, MINUTE).await;
+    let after = bed.scenarios().get(&format!("scn-{shared}")).await.unwrap();
+    assert_eq!(after.labels()[LABEL_RUNNER], "runner-b");
+    assert_eq!(after.spec, owned.spec, "runner A left B's Scenario alone");
+    assert!(holds_or_takes_a_slot(&after), "{:?}", phase(&after));
+    let pod = bed.pods().get(&pod_name(&shared)).await.unwrap();
+    assert_eq!(pod.uid(), owned_pod.uid(), "B's worker was left alone");
+    assert_eq!(
+        bed.phase(&a2).await,
+        Some(Phase::Queued),
+        "A's queue is as it was"
+    );
+
+    // A slot B frees goes to B's queue, not to A's.
+    hand_over(&bed, &b2, &b3).await;
+    assert_eq!(
+        bed.phase(&a2).await,
+        Some(Phase::Queued),
+        "A's queue still waits"
+    );
+
+    // A slot A frees goes to A's queue.
+    let a2_pod = hand_over(&bed, &a1, &a2).await;
+    assert_eq!(runner_of(&a2_pod), "runner-a");
+
+    // Each runner's consumer group read its own topics.
+    assert_eq!(bed.committed_by(&bed.group, &bed.deploy), 3);
+    assert_eq!(bed.committed_by(&b.group, &b.deploy), 3);
+    assert_eq!(bed.committed_by(&b.group, &bed.deploy), 0);
+    assert_eq!(bed.committed_by(&bed.group, &b.deploy), 0);
+    runner_a.assert_running();
+    runner_b.assert_running();
+
+    let history = watch.finish().await;
+    for (runner, max) in [("runner-a", 1), ("runner-b", 2)] {
+        assert_eq!(
+            history.most_holding_slots(|p| runner_of(p) == runner),
+            max,
+            "live worker Pods of {runner} at the peak"
+        );
+    }
+    let arrival_a = [a1.clone(), a2.clone()];
+    let arrival_b = [shared.clone(), b2.clone(), b3.clone()];
+    assert_first_come_first_served(&history, &arrival_a, &HashSet::new(), 1, |p| {
+        runner_of(p) == "runner-a"
+    });
+    assert_first_come_first_served(&history, &arrival_b, &HashSet::new(), 2, |p| {
+        runner_of(p) == "runner-b"
+    });
 }
