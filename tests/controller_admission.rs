@@ -17,7 +17,7 @@ use common::controller::{Bed, PodChange, PodHistory, PodWatch, holds_slot, worke
 use common::wait_for;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{DeleteParams, ListParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use vap_runner::controller::crd::{Phase, Scenario};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -184,6 +184,7 @@ async fn max_workers_is_reached_never_exceeded_and_the_queue_is_fifo() {
     let bed = Bed::new("ctl-max").await;
     let watch = PodWatch::start(bed.pods()).await;
     let mut controller = bed.start_controller(&[("MAX_WORKERS", "2")]);
+    let _explain = bed.explain_failure(&[&controller]);
     let clip = common::media("vtest.avi");
     let ids: Vec<String> = (0..6).map(|_| uuid()).collect();
     for id in &ids {
@@ -261,6 +262,19 @@ async fn max_workers_is_reached_never_exceeded_and_the_queue_is_fifo() {
     assert_first_come_first_served(&history, &ids, &HashSet::new(), 2, |_| true);
 }
 
+/// Changes an annotation of the Scenario of `id`, as `kubectl annotate` would.
+async fn touch(bed: &Bed, id: &str, n: usize) {
+    let patch = serde_json::json!({"metadata": {"annotations": {"test/touch": n.to_string()}}});
+    bed.scenarios()
+        .patch(
+            &format!("scn-{id}"),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .expect("annotate a Scenario");
+}
+
 /// What the test does to a scenario's worker once kwok runs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fate {
@@ -292,6 +306,7 @@ async fn admission_holds_while_workers_end_fail_are_deleted_and_undeployed_at_on
     let bed = Bed::new("ctl-adm-race").await;
     let watch = PodWatch::start(bed.pods()).await;
     let mut controller = bed.start_controller(&[("MAX_WORKERS", "3")]);
+    let _explain = bed.explain_failure(&[&controller]);
     let clip = common::media("vtest.avi");
     let ids: Vec<String> = (0..30).map(|_| uuid()).collect();
     let fates: Vec<Fate> = (0..ids.len())
@@ -318,7 +333,11 @@ async fn admission_holds_while_workers_end_fail_are_deleted_and_undeployed_at_on
             .filter(|(_, s)| holds_or_takes_a_slot(s))
             .map(|(id, _)| id)
             .collect();
-        (started == ids[..MAX].iter().collect() && pods.len() == MAX).then_some(())
+        let queued = scenarios
+            .values()
+            .filter(|s| phase(s) == Some(Phase::Queued))
+            .count();
+        (started == ids[..MAX].iter().collect() && queued == 27 && pods.len() == MAX).then_some(())
     })
     .await;
 
@@ -348,7 +367,9 @@ async fn admission_holds_while_workers_end_fail_are_deleted_and_undeployed_at_on
     assert_queued_in_order(&scenarios, &pods, &queue);
 
     // Then everything at once: every worker kwok runs meets its fate
-    // together with the others that run, until every scenario is done.
+    // together with the others that run, while something else (a user's
+    // `kubectl annotate`) touches every Scenario, so that queued ones are
+    // reconciled just as slots free; until every scenario is done.
     let mut acted: HashSet<String> = HashSet::new();
     let mut undeployed: HashSet<String> =
         [&ids[0], &ids[12], &ids[25]].into_iter().cloned().collect();
@@ -413,7 +434,12 @@ async fn admission_holds_while_workers_end_fail_are_deleted_and_undeployed_at_on
                 }
             });
         }
-        futures::future::join_all(moves).await;
+        let touches = ids.iter().map(|id| touch(&bed, id, acted.len()));
+        futures::future::join(
+            futures::future::join_all(moves),
+            futures::future::join_all(touches),
+        )
+        .await;
     }
     let elapsed = started.elapsed();
     controller.assert_running();
@@ -484,6 +510,7 @@ async fn two_runners_in_one_namespace_keep_to_their_own() {
     let mut env_b = b.env();
     env_b.extend([("POD_NAME", "replica-b"), ("MAX_WORKERS", "2")]);
     let mut runner_b = bed.start_controller(&env_b);
+    let _explain = bed.explain_failure(&[&runner_a, &runner_b]);
     let runner_of = |p: &Pod| p.labels().get(LABEL_RUNNER).cloned().unwrap_or_default();
     let clip = common::media("vtest.avi");
     let other_clip = common::media("Megamind.avi");
@@ -584,7 +611,10 @@ async fn two_runners_in_one_namespace_keep_to_their_own() {
 
     // Each runner's consumer group read its own topics.
     assert_eq!(bed.committed_by(&bed.group, &bed.deploy), 3);
-    assert_eq!(bed.committed_by(&b.group, &b.deploy), 3);
+    wait_for("B's group to commit its three deploys", MINUTE, || async {
+        (bed.committed_by(&b.group, &b.deploy) == 3).then_some(())
+    })
+    .await;
     assert_eq!(bed.committed_by(&b.group, &bed.deploy), 0);
     assert_eq!(bed.committed_by(&bed.group, &b.deploy), 0);
     runner_a.assert_running();

@@ -643,3 +643,83 @@ impl Drop for RunnerTopics {
         });
     }
 }
+
+/// Prints, when the test fails, what its bed showed: every Scenario's phase
+/// and conditions, every Pod's phase, and the last lines of the controllers'
+/// logs. Create it after the controllers so that it runs before they stop.
+pub struct Explain {
+    namespace: String,
+    logs: Vec<PathBuf>,
+}
+
+impl Bed {
+    pub fn explain_failure(&self, controllers: &[&ControllerProcess]) -> Explain {
+        Explain {
+            namespace: self.namespace.clone(),
+            logs: controllers.iter().map(|c| c.log_path.clone()).collect(),
+        }
+    }
+}
+
+impl Drop for Explain {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let namespace = self.namespace.clone();
+        let logs = self.logs.clone();
+        cleanup(move || async move {
+            let mut out = format!("--- what namespace {namespace} shows ---\n");
+            if let Ok(client) = Client::try_default().await {
+                let scenarios: Api<Scenario> = Api::namespaced(client.clone(), &namespace);
+                for s in scenarios
+                    .list(&ListParams::default())
+                    .await
+                    .map(|l| l.items)
+                    .unwrap_or_default()
+                {
+                    let status = s.status.clone().unwrap_or_default();
+                    let conditions: Vec<String> = status
+                        .conditions
+                        .iter()
+                        .map(|c| format!("{}={} ({})", c.type_, c.status, c.reason))
+                        .collect();
+                    out += &format!(
+                        "Scenario {} run {}: {:?} {}\n",
+                        s.spec.scenario_uuid,
+                        s.spec.run,
+                        status.phase,
+                        conditions.join(", ")
+                    );
+                }
+                let pods: Api<Pod> = Api::namespaced(client, &namespace);
+                for p in pods
+                    .list(&ListParams::default())
+                    .await
+                    .map(|l| l.items)
+                    .unwrap_or_default()
+                {
+                    out += &format!(
+                        "Pod {} ({}): {:?}{}\n",
+                        p.metadata.name.unwrap_or_default(),
+                        p.metadata.uid.unwrap_or_default(),
+                        p.status.and_then(|s| s.phase),
+                        if p.metadata.deletion_timestamp.is_some() {
+                            ", being deleted"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+            for log in logs {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                out += &format!("--- {} ---\n", log.display());
+                out += &lines[lines.len().saturating_sub(60)..].join("\n");
+                out += "\n";
+            }
+            eprintln!("{out}");
+        });
+    }
+}
