@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,8 +14,8 @@ use common::controller::{
 };
 use common::wait_for;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use rdkafka::ClientConfig;
@@ -50,22 +50,6 @@ async fn wait_phase(bed: &Bed, uuid: &str, phase: Phase, timeout: Duration) {
         || async move { (phase_of(bed, uuid).await == Some(phase)).then_some(()) },
     )
     .await;
-}
-
-/// Marks a worker Pod finished, as the kubelet would when its clip ends.
-async fn finish_pod(bed: &Bed, name: &str) {
-    let status = serde_json::json!({"status": {
-        "phase": "Succeeded",
-        "containerStatuses": [{
-            "name": "worker", "image": "vap-runner:test", "imageID": "", "ready": false,
-            "restartCount": 0,
-            "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}
-        }]
-    }});
-    bed.pods()
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("finish pod");
 }
 
 /// How long the controller may take for one step on the shared test bed
@@ -179,15 +163,6 @@ where
     }
 }
 
-fn live_pods(pods: &[Pod]) -> usize {
-    pods.iter()
-        .filter(|p| {
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            !matches!(phase, Some("Succeeded") | Some("Failed"))
-        })
-        .count()
-}
-
 #[tokio::test]
 async fn duplicates_give_one_scenario_and_one_pod() {
     let bed = Bed::new("ctl-dup").await;
@@ -264,127 +239,6 @@ async fn duplicates_give_one_scenario_and_one_pod() {
     let pod_after = bed.pods().get(&pod_name(&id)).await.unwrap();
     assert_eq!(pod_after.metadata.uid, pod_before.metadata.uid);
     assert_eq!(phase_of(&bed, &id).await, Some(Phase::Running));
-}
-
-#[tokio::test]
-async fn max_workers_is_never_exceeded_and_the_queue_is_fifo() {
-    let bed = Bed::new("ctl-max").await;
-    let controller = bed.start_controller(&[("MAX_WORKERS", "2")]);
-    let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
-    let ids: Vec<String> = (0..6).map(|_| uuid()).collect();
-
-    // Watch every Pod event and record the most live Pods ever seen at once.
-    let watch_pods = bed.pods();
-    let observer = tokio::spawn(async move {
-        let mut max_live = 0;
-        let mut start_order: Vec<String> = Vec::new();
-        let mut state: HashMap<String, Pod> = HashMap::new();
-        let mut stream = watcher(watch_pods, watcher::Config::default())
-            .touched_objects()
-            .boxed();
-        while let Some(Ok(pod)) = stream.next().await {
-            let name = pod.name_any();
-            if !state.contains_key(&name) {
-                start_order.push(name.clone());
-            }
-            state.insert(name, pod);
-            let pods: Vec<Pod> = state.values().cloned().collect();
-            max_live = max_live.max(live_pods(&pods));
-            if start_order.len() == 6 && live_pods(&pods) == 0 {
-                break;
-            }
-        }
-        (max_live, start_order)
-    });
-
-    for id in &ids {
-        bed.deploy(id, &camera).await;
-    }
-    bed.wait_committed(&bed.deploy, 6, Duration::from_secs(60))
-        .await;
-    for id in &ids[2..] {
-        wait_phase(&bed, id, Phase::Queued, Duration::from_secs(60)).await;
-    }
-    // Finish Pods as they run; the queued ones must follow in order.
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        // Every Pod seen running is finished (again, should anything have
-        // reported it running after it was finished).
-        // One at a time, so that each finish frees exactly one slot: the next
-        // in line must start before another slot frees.
-        let pods = bed.pods().list(&ListParams::default()).await.unwrap();
-        let before = pods.items.len();
-        let running = pods
-            .items
-            .iter()
-            .find(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
-        if let Some(pod) = running {
-            finish_pod(&bed, &pod.name_any()).await;
-            if before < ids.len() {
-                wait_for(
-                    "the next queued scenario to start",
-                    Duration::from_secs(60),
-                    || async {
-                        let n = bed
-                            .pods()
-                            .list(&ListParams::default())
-                            .await
-                            .ok()?
-                            .items
-                            .len();
-                        (n > before).then_some(())
-                    },
-                )
-                .await;
-            }
-        }
-        let mut all_done = true;
-        for id in &ids {
-            all_done &= phase_of(&bed, id).await == Some(Phase::Succeeded);
-        }
-        if all_done {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            let mut phases = Vec::new();
-            for id in &ids {
-                phases.push(phase_of(&bed, id).await);
-            }
-            let pods: Vec<(String, Option<String>)> = pods
-                .items
-                .iter()
-                .map(|p| {
-                    (
-                        p.name_any(),
-                        p.status.as_ref().and_then(|s| s.phase.clone()),
-                    )
-                })
-                .collect();
-            panic!(
-                "timed out waiting for all six scenarios to succeed: phases {phases:?}, pods {pods:?}\n{}",
-                controller.log_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (max_live, start_order) = tokio::time::timeout(Duration::from_secs(30), observer)
-        .await
-        .expect("observer finishes")
-        .unwrap();
-    assert!(
-        max_live <= 2,
-        "saw {max_live} live worker Pods with MAX_WORKERS=2"
-    );
-    // The first two are admitted together (in either order); those that
-    // waited start in the order they arrived.
-    let expected: Vec<String> = ids.iter().map(|id| pod_name(id)).collect();
-    let first: BTreeSet<&String> = start_order[..2].iter().collect();
-    assert_eq!(first, expected[..2].iter().collect(), "{start_order:?}");
-    assert_eq!(
-        start_order[2..],
-        expected[2..],
-        "queued scenarios start in the order they arrived"
-    );
 }
 
 /// A worker slot the platform's policy refuses Scenarios for.

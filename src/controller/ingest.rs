@@ -28,7 +28,9 @@ use super::reconcile::FIELD_MANAGER;
 use super::secret;
 use crate::ingest::{CommandStore, Effect, StoreError};
 use crate::messages::{DeployRequest, UndeployRequest};
-use crate::scenario::ordering::{self, Applied, Current, DeployDecision, Stamp, UndeployDecision};
+use crate::scenario::ordering::{
+    self, Applied, Current, DeployDecision, Stale, Stamp, UndeployDecision,
+};
 
 /// Read-decide-write rounds before a command is handed back to ingest's
 /// retry loop (each lost round means another writer changed the Scenario).
@@ -164,6 +166,20 @@ fn label(scenario: &mut Scenario, runner_name: &str, uuid: &str) {
         Some([(ANNOTATION_ENQUEUED_AT.to_string(), now_annotation())].into());
 }
 
+/// The runner that owns `s`, when that is not runner `runner_name`: two
+/// runners in one namespace share Scenario names, and a command read by one
+/// must not change the other's Scenario.
+fn other_runner<'a>(s: &'a Scenario, runner_name: &str) -> Option<&'a str> {
+    s.labels()
+        .get(LABEL_RUNNER)
+        .map(String::as_str)
+        .filter(|owner| *owner != label_value(runner_name))
+}
+
+fn ignored_for(owner: &str, scenario: &impl std::fmt::Display) {
+    tracing::warn!(%scenario, owner, "the scenario belongs to another runner; the command changes nothing here (give each runner its own topics)");
+}
+
 /// What identifies a Scenario's camera: the digest ingest recorded, or the
 /// redacted URL for Scenarios written before ingest recorded one.
 fn camera_identity(s: &Scenario) -> &str {
@@ -257,6 +273,10 @@ impl CommandStore for ScenarioStore {
             let Some(existing) = existing else {
                 continue; // deleted meanwhile: create it
             };
+            if let Some(owner) = other_runner(&existing, &self.runner_name) {
+                ignored_for(owner, &req.scenario_uuid);
+                return Ok(Effect::Deploy(DeployDecision::Ignore(Stale::Replay)));
+            }
             let decision = ordering::on_deploy(Some(current(&existing, &wanted)), at);
             if let DeployDecision::Ignore(_) = decision {
                 if existing.spec.applied.deploy == Some(at) && existing.spec.run > 0 {
@@ -292,6 +312,10 @@ impl CommandStore for ScenarioStore {
                 }
                 continue;
             };
+            if let Some(owner) = other_runner(&existing, &self.runner_name) {
+                ignored_for(owner, &req.scenario_uuid);
+                return Ok(Effect::Undeploy(UndeployDecision::Ignore(Stale::Replay)));
+            }
             let decision = ordering::on_undeploy(Some(existing.spec.applied), at);
             if let UndeployDecision::Ignore(_) = decision {
                 return Ok(Effect::Undeploy(decision));

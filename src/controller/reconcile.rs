@@ -11,9 +11,13 @@
 //! the cache that may still run (every Pod not Succeeded/Failed, also one
 //! being deleted) plus the Pods this process created that the cache has not
 //! shown yet ("pending"), so a lagging cache can never make room that is not
-//! there. The pure `admission::decide` picks who starts. After a restart the
-//! Pod cache is complete before the first reconcile, and the deterministic Pod
-//! name turns a repeated creation into a harmless "already exists".
+//! there. Likewise a run this process saw end (a clip that ended, a worker
+//! that failed or was given up) stops waiting at once ("ended"), though the
+//! Scenario cache may show it wanting a worker a moment longer: the slot it
+//! frees goes to the next in line, not back to it. The pure
+//! `admission::decide` picks who starts. After a restart the Pod cache is
+//! complete before the first reconcile, and the deterministic Pod name turns
+//! a repeated creation into a harmless "already exists".
 //!
 //! The queue is event-driven: a Queued Scenario is served from the caches and
 //! looked at again when something frees a slot (a Pod ends or disappears, a
@@ -95,10 +99,28 @@ fn is_permanent(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(e) if matches!(e.code, 400 | 403 | 422))
 }
 
-/// Pods created by this process and not yet seen in the Pod cache.
+/// What this process did that its caches may not show yet.
 #[derive(Default)]
 pub struct Admission {
+    /// Pods created and not yet seen in the Pod cache.
     pending: HashMap<String, Instant>,
+    /// Scenarios (by name) whose run (the value) this process saw end, while
+    /// the Scenario cache may still show it wanting a worker: a worker whose
+    /// clip ended or that failed leaves a slot that must go to the next in
+    /// line, not back to it.
+    ended: HashMap<String, u32>,
+}
+
+impl Admission {
+    /// Notes that `scenario` no longer wants a worker once its status is
+    /// `status`, if so.
+    fn note_end(&mut self, scenario: &Scenario, status: &ScenarioStatus) {
+        let mut after = scenario.clone();
+        after.status = Some(status.clone());
+        if !wants_worker(&after) {
+            self.ended.insert(scenario.name_any(), scenario.spec.run);
+        }
+    }
 }
 
 pub struct Context {
@@ -180,14 +202,20 @@ fn decide(ctx: &Context, adm: &mut Admission) -> (admission::Decision<String>, u
         .map(|p| p.name_any())
         .collect();
     let live = holding.len() + adm.pending.len();
+    // An end noted here counts until the cache shows it (or a new run).
+    let scenarios = ctx.scenarios.state();
+    adm.ended.retain(|name, run| {
+        scenarios
+            .iter()
+            .any(|s| s.name_any() == *name && s.spec.run == *run && wants_worker(s))
+    });
     // A Scenario whose ended Pod is still being replaced waits too, in its
     // place: the slot it frees is not handed to a younger one meanwhile.
-    let waiting: Vec<Waiting<String>> = ctx
-        .scenarios
-        .state()
+    let waiting: Vec<Waiting<String>> = scenarios
         .iter()
         .filter(|s| s.namespace().as_deref() == Some(ctx.namespace.as_str()))
         .filter(|s| wants_worker(s))
+        .filter(|s| adm.ended.get(&s.name_any()) != Some(&s.spec.run))
         .filter(|s| {
             let name = pod::pod_name(&s.spec.scenario_uuid);
             !holding.contains(&name) && !adm.pending.contains_key(&name)
@@ -276,8 +304,13 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
     let plan = if pod.is_none() && wants_worker(scenario) {
         // Admission and creation in one critical section.
         let mut adm = ctx.admission.lock().await;
-        let (decision, _) = decide(ctx, &mut adm);
         let me = scenario.name_any();
+        if adm.ended.get(&me) == Some(&scenario.spec.run) {
+            // This run ended and the cache does not show it yet: the
+            // status change brings it back here.
+            return Ok(Action::await_change());
+        }
+        let (decision, _) = decide(ctx, &mut adm);
         let slot = if decision.start.contains(&me) {
             Slot::Free
         } else {
@@ -287,9 +320,14 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         if plan.steps.contains(&Step::CreatePod) {
             plan = create_pod(ctx, &mut adm, scenario, plan).await?;
         }
+        // A Pod refused for good ends the run before the queue moves on.
+        adm.note_end(scenario, &plan.status);
         plan
     } else {
-        plan::plan(scenario, pod.as_deref(), Slot::Full, ctx.rules, Utc::now())
+        let plan = plan::plan(scenario, pod.as_deref(), Slot::Full, ctx.rules, Utc::now());
+        // Noted before its Pod goes, so that the slot it frees goes to the next in line.
+        ctx.admission.lock().await.note_end(scenario, &plan.status);
+        plan
     };
 
     let mut slot_freed = false;

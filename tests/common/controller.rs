@@ -11,12 +11,10 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::FutureProducer;
 use vap_runner::controller::crd::Scenario;
 
-use super::{kafka_bootstrap, kube_client, unique_name, wait_for};
+use super::{create_topics, delete_topics, kafka_bootstrap, kube_client, unique_name, wait_for};
 
 /// Installs (or refreshes) the Scenario CRD from `crds/` and waits until it is served.
 pub async fn ensure_crd(client: &Client) {
@@ -112,24 +110,17 @@ impl Bed {
             namespace,
             bootstrap,
         };
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &bed.bootstrap)
-            .create()
-            .expect("admin");
-        let topics: Vec<NewTopic<'_>> = [
-            &bed.deploy,
-            &bed.undeploy,
-            &bed.dlq,
-            &bed.events,
-            &bed.results,
-        ]
-        .into_iter()
-        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
-        .collect();
-        admin
-            .create_topics(&topics, &AdminOptions::new())
-            .await
-            .expect("create topics");
+        create_topics(
+            &bed.bootstrap,
+            &[
+                &bed.deploy,
+                &bed.undeploy,
+                &bed.dlq,
+                &bed.events,
+                &bed.results,
+            ],
+        )
+        .await;
         bed
     }
 
@@ -224,9 +215,14 @@ impl Bed {
 
     /// The offset this bed's consumer group has committed on `topic`, if any.
     pub fn committed_offset(&self, topic: &str) -> Option<i64> {
+        self.committed_offset_by(&self.group, topic)
+    }
+
+    /// The offset consumer group `group` has committed on `topic`, if any.
+    pub fn committed_offset_by(&self, group: &str, topic: &str) -> Option<i64> {
         let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", &self.group)
+            .set("group.id", group)
             .create()
             .expect("consumer");
         let mut tpl = rdkafka::TopicPartitionList::new();
@@ -315,13 +311,7 @@ impl Drop for Bed {
                     .delete(&namespace, &DeleteParams::default())
                     .await;
             }
-            if let Ok(admin) = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .create::<AdminClient<DefaultClientContext>>()
-            {
-                let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-                let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
-            }
+            delete_topics(&bootstrap, &topics).await;
         });
     }
 }
@@ -860,6 +850,346 @@ impl Drop for DenyPolicy {
                     .delete(&name, &DeleteParams::default())
                     .await;
             }
+        });
+    }
+}
+
+/// What a watch of Pods reported, in the apiserver's order.
+#[derive(Clone, Debug)]
+pub enum PodChange {
+    /// Created or changed.
+    Applied(Pod),
+    Deleted(Pod),
+}
+
+/// Every change to the Pods of a namespace, recorded by a watch that lists
+/// them before the test creates any, so that no Pod goes unseen.
+pub struct PodWatch {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<PodChange>>,
+}
+
+impl PodWatch {
+    /// Starts watching `pods`; returns once the watch has listed what exists.
+    pub async fn start(pods: Api<Pod>) -> PodWatch {
+        use futures::StreamExt;
+        use kube::runtime::watcher;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let (listed, is_listed) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut listed = Some(listed);
+            let mut changes = Vec::new();
+            // Pods by uid as this watch knows them; a re-list (after the
+            // watch lapsed) is turned into the changes it implies.
+            let mut known: BTreeMap<String, Pod> = BTreeMap::new();
+            let mut relisted: BTreeMap<String, Pod> = BTreeMap::new();
+            let mut events = watcher(pods, watcher::Config::default()).boxed();
+            loop {
+                let event = tokio::select! {
+                    _ = &mut stopped => return changes,
+                    event = events.next() => event,
+                };
+                match event {
+                    Some(Ok(watcher::Event::Apply(p))) => {
+                        known.insert(p.metadata.uid.clone().unwrap_or_default(), p.clone());
+                        changes.push(PodChange::Applied(p));
+                    }
+                    Some(Ok(watcher::Event::Delete(p))) => {
+                        known.remove(&p.metadata.uid.clone().unwrap_or_default());
+                        changes.push(PodChange::Deleted(p));
+                    }
+                    Some(Ok(watcher::Event::Init)) => relisted.clear(),
+                    Some(Ok(watcher::Event::InitApply(p))) => {
+                        relisted.insert(p.metadata.uid.clone().unwrap_or_default(), p);
+                    }
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        for (uid, p) in std::mem::take(&mut known) {
+                            if !relisted.contains_key(&uid) {
+                                changes.push(PodChange::Deleted(p));
+                            }
+                        }
+                        for p in relisted.values() {
+                            changes.push(PodChange::Applied(p.clone()));
+                        }
+                        known = std::mem::take(&mut relisted);
+                        if let Some(listed) = listed.take() {
+                            let _ = listed.send(());
+                        }
+                    }
+                    Some(Err(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    None => return changes,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), is_listed)
+            .await
+            .expect("the Pod watch lists within 30 s")
+            .expect("the Pod watch runs");
+        PodWatch { stop, task }
+    }
+
+    /// Stops watching and returns everything seen.
+    pub async fn finish(self) -> PodHistory {
+        let _ = self.stop.send(());
+        PodHistory {
+            changes: self.task.await.expect("the Pod watch"),
+        }
+    }
+}
+
+/// The changes a [`PodWatch`] saw.
+pub struct PodHistory {
+    pub changes: Vec<PodChange>,
+}
+
+/// True while a Pod may still run a worker, so it takes one of its runner's
+/// MAX_WORKERS slots: every Pod not Succeeded or Failed (README, Admission).
+pub fn holds_slot(pod: &Pod) -> bool {
+    !matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+impl PodHistory {
+    /// Calls `f` with each change and the Pods (by uid) that exist just after it.
+    pub fn replay(&self, mut f: impl FnMut(&PodChange, &BTreeMap<String, Pod>)) {
+        let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
+        for change in &self.changes {
+            match change {
+                PodChange::Applied(p) => {
+                    pods.insert(p.metadata.uid.clone().unwrap_or_default(), p.clone());
+                }
+                PodChange::Deleted(p) => {
+                    pods.remove(&p.metadata.uid.clone().unwrap_or_default());
+                }
+            }
+            f(change, &pods);
+        }
+    }
+
+    /// The most Pods for which `which` holds that took a slot at once.
+    pub fn most_holding_slots(&self, which: impl Fn(&Pod) -> bool) -> usize {
+        let mut most = 0;
+        self.replay(|_, pods| {
+            let n = pods.values().filter(|p| which(p) && holds_slot(p)).count();
+            most = most.max(n);
+        });
+        most
+    }
+
+    /// Pod names in the order each first appeared.
+    pub fn first_seen(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for change in &self.changes {
+            if let PodChange::Applied(p) = change {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        names
+    }
+
+    /// The uids of every Pod named `name` seen, in order.
+    pub fn uids_of(&self, name: &str) -> Vec<String> {
+        let mut uids: Vec<String> = Vec::new();
+        for change in &self.changes {
+            if let PodChange::Applied(p) = change
+                && p.metadata.name.as_deref() == Some(name)
+            {
+                let uid = p.metadata.uid.clone().unwrap_or_default();
+                if !uids.contains(&uid) {
+                    uids.push(uid);
+                }
+            }
+        }
+        uids
+    }
+}
+
+impl Bed {
+    /// Writes a Pod's status as the kubelet would.
+    pub async fn set_pod_status(&self, name: &str, status: serde_json::Value) {
+        self.pods()
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&serde_json::json!({ "status": status })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("write the status of Pod {name}: {e}"));
+    }
+
+    /// The phase of the Scenario of `scenario_uuid`, if it has one.
+    pub async fn phase(&self, scenario_uuid: &str) -> Option<vap_runner::controller::crd::Phase> {
+        self.scenarios()
+            .get_opt(&format!("scn-{scenario_uuid}"))
+            .await
+            .ok()??
+            .status?
+            .phase
+    }
+
+    /// The offset consumer group `group` has committed on `topic` (0 if none).
+    pub fn committed_by(&self, group: &str, topic: &str) -> i64 {
+        self.committed_offset_by(group, topic).unwrap_or(0)
+    }
+}
+
+/// Pod status of a worker whose clip ended: exit code 0, as a kubelet writes it.
+pub fn worker_exited(code: i32) -> serde_json::Value {
+    let (phase, reason) = if code == 0 {
+        ("Succeeded", "Completed")
+    } else {
+        ("Failed", "Error")
+    };
+    serde_json::json!({
+        "phase": phase,
+        "containerStatuses": [{
+            "name": "worker", "image": "vap-runner:test", "imageID": "", "ready": false,
+            "restartCount": 0,
+            "state": {"terminated": {"exitCode": code, "reason": reason}}
+        }]
+    })
+}
+
+/// Request topics, dead-letter and events topic and consumer group of one
+/// more runner in a bed's namespace; the topics are deleted when dropped.
+pub struct RunnerTopics {
+    pub runner: String,
+    pub deploy: String,
+    pub undeploy: String,
+    pub dlq: String,
+    pub events: String,
+    pub group: String,
+    bootstrap: String,
+}
+
+impl RunnerTopics {
+    /// The controller settings that make a runner of these.
+    pub fn env(&self) -> Vec<(&'static str, &str)> {
+        vec![
+            ("RUNNER_NAME", &self.runner),
+            ("CONSUMER_GROUP", &self.group),
+            ("DEPLOY_TOPIC", &self.deploy),
+            ("UNDEPLOY_TOPIC", &self.undeploy),
+            ("DLQ_TOPIC", &self.dlq),
+            ("EVENTS_TOPIC", &self.events),
+        ]
+    }
+
+    fn topics(&self) -> [&String; 4] {
+        [&self.deploy, &self.undeploy, &self.dlq, &self.events]
+    }
+}
+
+impl Bed {
+    /// Topics and a consumer group for a runner named `runner` beside this
+    /// bed's own (which keeps the bed's topics and group).
+    pub async fn runner_topics(&self, runner: &str) -> RunnerTopics {
+        let prefix = format!("{}.{runner}", self.namespace);
+        let topics = RunnerTopics {
+            runner: runner.to_string(),
+            deploy: format!("{prefix}.to_deploy"),
+            undeploy: format!("{prefix}.to_undeploy"),
+            dlq: format!("{prefix}.to_deploy.dlq"),
+            events: format!("{prefix}.scenario_events"),
+            group: format!("{prefix}-group"),
+            bootstrap: self.bootstrap.clone(),
+        };
+        create_topics(&self.bootstrap, &topics.topics()).await;
+        topics
+    }
+}
+
+impl Drop for RunnerTopics {
+    fn drop(&mut self) {
+        let bootstrap = self.bootstrap.clone();
+        let names: Vec<String> = self.topics().into_iter().cloned().collect();
+        cleanup(move || async move {
+            delete_topics(&bootstrap, &names).await;
+        });
+    }
+}
+
+/// Prints, when the test fails, what its bed showed: every Scenario's phase
+/// and conditions, every Pod's phase, and the last lines of the controllers'
+/// logs. Create it after the controllers so that it runs before they stop.
+pub struct Explain {
+    namespace: String,
+    logs: Vec<PathBuf>,
+}
+
+impl Bed {
+    pub fn explain_failure(&self, controllers: &[&ControllerProcess]) -> Explain {
+        Explain {
+            namespace: self.namespace.clone(),
+            logs: controllers.iter().map(|c| c.log_path.clone()).collect(),
+        }
+    }
+}
+
+impl Drop for Explain {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let namespace = self.namespace.clone();
+        let logs = self.logs.clone();
+        cleanup(move || async move {
+            let mut out = format!("--- what namespace {namespace} shows ---\n");
+            if let Ok(client) = Client::try_default().await {
+                let scenarios: Api<Scenario> = Api::namespaced(client.clone(), &namespace);
+                for s in scenarios
+                    .list(&ListParams::default())
+                    .await
+                    .map(|l| l.items)
+                    .unwrap_or_default()
+                {
+                    let status = s.status.clone().unwrap_or_default();
+                    let conditions: Vec<String> = status
+                        .conditions
+                        .iter()
+                        .map(|c| format!("{}={} ({})", c.type_, c.status, c.reason))
+                        .collect();
+                    out += &format!(
+                        "Scenario {} run {}: {:?} {}\n",
+                        s.spec.scenario_uuid,
+                        s.spec.run,
+                        status.phase,
+                        conditions.join(", ")
+                    );
+                }
+                let pods: Api<Pod> = Api::namespaced(client, &namespace);
+                for p in pods
+                    .list(&ListParams::default())
+                    .await
+                    .map(|l| l.items)
+                    .unwrap_or_default()
+                {
+                    out += &format!(
+                        "Pod {} ({}): {:?}{}\n",
+                        p.metadata.name.unwrap_or_default(),
+                        p.metadata.uid.unwrap_or_default(),
+                        p.status.and_then(|s| s.phase),
+                        if p.metadata.deletion_timestamp.is_some() {
+                            ", being deleted"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+            for log in logs {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                out += &format!("--- {} ---\n", log.display());
+                out += &lines[lines.len().saturating_sub(60)..].join("\n");
+                out += "\n";
+            }
+            eprintln!("{out}");
         });
     }
 }

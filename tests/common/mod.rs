@@ -31,6 +31,35 @@ pub fn kafka_bootstrap() -> String {
     servers
 }
 
+/// Creates single-partition topics `names` on the broker at `bootstrap`.
+pub async fn create_topics(bootstrap: &str, names: &[&String]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin");
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .collect();
+    admin
+        .create_topics(&topics, &AdminOptions::new())
+        .await
+        .expect("create topics");
+}
+
+/// Deletes topics `names`, as well as it can (for clean-ups).
+pub async fn delete_topics(bootstrap: &str, names: &[String]) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    if let Ok(admin) = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create::<AdminClient<rdkafka::client::DefaultClientContext>>()
+    {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+    }
+}
+
 /// A client for the test bed's kube-apiserver, checked to answer.
 pub async fn kube_client() -> kube::Client {
     let path = std::env::var("KUBECONFIG")
