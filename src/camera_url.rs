@@ -748,4 +748,99 @@ mod tests {
             "protocol_whitelist;http,tcp,crypto|max_redirects;0"
         );
     }
+
+    /// A real file root with a clip in it, a clip outside it, and links
+    /// from inside the root to both.
+    struct Tree {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        outside: PathBuf,
+    }
+
+    fn tree() -> Tree {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let root = base.join("videos");
+        let outside = base.join("private");
+        for d in [root.join("cam1"), outside.clone()] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(root.join("cam1/a.mp4"), b"clip").unwrap();
+        std::fs::write(outside.join("b.mp4"), b"secret").unwrap();
+        std::os::unix::fs::symlink(outside.join("b.mp4"), root.join("escape.mp4")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("shared")).unwrap();
+        std::os::unix::fs::symlink(root.join("cam1/a.mp4"), root.join("alias.mp4")).unwrap();
+        Tree {
+            _dir: dir,
+            root,
+            outside,
+        }
+    }
+
+    fn open(raw: &str, root: &Path) -> Result<CameraSource, CameraUrlError> {
+        CameraSource::parse(raw, Some(root))?.resolve(Some(root))
+    }
+
+    #[test]
+    fn a_file_under_the_root_resolves_to_its_real_path() {
+        let t = tree();
+        let clip = t.root.join("cam1/a.mp4");
+        let want = CameraSource::File(clip.clone());
+        assert_eq!(open(&clip.display().to_string(), &t.root), Ok(want.clone()));
+        assert_eq!(
+            open(&format!("file://{}", clip.display()), &t.root),
+            Ok(want.clone())
+        );
+        // A link that stays under the root is followed.
+        let alias = t.root.join("alias.mp4").display().to_string();
+        assert_eq!(open(&alias, &t.root), Ok(want.clone()));
+        // A root given through a link holds the files of the directory it names.
+        let linked_root = t.outside.join("videos-link");
+        std::os::unix::fs::symlink(&t.root, &linked_root).unwrap();
+        let via_link = linked_root.join("cam1/a.mp4").display().to_string();
+        assert_eq!(open(&via_link, &linked_root), Ok(want));
+    }
+
+    #[test]
+    fn links_out_of_the_root_are_refused() {
+        let t = tree();
+        for inside in ["escape.mp4", "shared/b.mp4"] {
+            let raw = t.root.join(inside).display().to_string();
+            // The spelling is under the root; only resolving shows where it leads.
+            assert!(CameraSource::parse(&raw, Some(&t.root)).is_ok(), "{raw}");
+            let err = open(&raw, &t.root).unwrap_err();
+            assert_eq!(err.category(), "outside_root", "{raw}: {err}");
+        }
+    }
+
+    #[test]
+    fn dot_dot_never_leaves_the_root() {
+        let t = tree();
+        let root = t.root.display();
+        // The file exists: the refusal is about the spelling, not the file.
+        let raw = format!("{root}/cam1/../../private/b.mp4");
+        let err = open(&raw, &t.root).unwrap_err();
+        assert_eq!(err.category(), "dot_components", "{err}");
+        // A file URL's `..` is folded by URL parsing; what is left is checked.
+        let err = open(&format!("file://{root}/../private/b.mp4"), &t.root).unwrap_err();
+        assert_eq!(err.category(), "outside_root", "{err}");
+    }
+
+    #[test]
+    fn missing_files_and_the_root_itself_are_refused() {
+        let t = tree();
+        let missing = t.root.join("cam1/none.mp4").display().to_string();
+        assert_eq!(
+            open(&missing, &t.root).unwrap_err().category(),
+            "unreadable"
+        );
+        let root = t.root.display().to_string();
+        assert_eq!(open(&root, &t.root).unwrap_err().category(), "outside_root");
+    }
+
+    #[test]
+    fn network_sources_resolve_to_themselves() {
+        let source = CameraSource::parse("rtsp://cam.example/live", None).unwrap();
+        assert_eq!(source.clone().resolve(None), Ok(source));
+    }
 }
