@@ -349,6 +349,25 @@ mod tests {
         assert!(!applied(Some(s(2, 0)), Some(s(1, 9))).stopped());
     }
 
+    #[test]
+    fn applied_is_empty_only_before_any_command() {
+        assert!(Applied::default().is_empty());
+        assert!(!applied(Some(s(1, 0)), None).is_empty());
+        assert!(!applied(None, Some(s(1, 0))).is_empty());
+    }
+
+    #[test]
+    fn each_staleness_has_its_own_label() {
+        let (replay, overtaken) = (Stale::Replay.as_str(), Stale::Overtaken.as_str());
+        assert_ne!(replay, overtaken);
+        for label in [replay, overtaken] {
+            assert!(
+                !label.is_empty() && label.chars().all(|c| c.is_ascii_lowercase()),
+                "{label:?}"
+            );
+        }
+    }
+
     /// Whatever order two commands are read in, the scenario ends the same way.
     #[test]
     fn the_outcome_does_not_depend_on_the_reading_order() {
