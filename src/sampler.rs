@@ -189,4 +189,43 @@ mod tests {
         assert!((clock.observe(f64::NAN) - 0.3).abs() < 1e-9);
         assert_eq!(clock.observe(5.0), 5.0);
     }
+
+    #[test]
+    fn clock_output_always_increases() {
+        let mut clock = MonotonicClock::new(25.0);
+        let reported = [
+            -1.0,
+            0.0,
+            0.04,
+            0.04,
+            0.02,
+            f64::NAN,
+            0.2,
+            f64::INFINITY,
+            0.3,
+            0.1,
+        ];
+        let mut last = f64::NEG_INFINITY;
+        for at in reported {
+            let repaired = clock.observe(at);
+            assert!(
+                repaired.is_finite() && repaired > last,
+                "{at} -> {repaired}"
+            );
+            assert!(repaired >= 0.0);
+            last = repaired;
+        }
+    }
+
+    #[test]
+    fn a_nominal_rate_no_source_has_is_not_believed() {
+        // A stalled clock still moves by a usual frame interval: not zero,
+        // infinite or negative, and not the microseconds of a bogus header.
+        for fps in [0.0, -10.0, f64::NAN, f64::INFINITY, 1.0e6] {
+            let mut clock = MonotonicClock::new(fps);
+            clock.observe(1.0);
+            let step = clock.observe(1.0) - 1.0;
+            assert!((0.001..=1.0).contains(&step), "{fps} fps: step {step}");
+        }
+    }
 }
