@@ -573,7 +573,10 @@ mod tests {
             let err = CameraSource::parse(raw, root()).unwrap_err();
             assert_eq!(err.category(), category, "{raw}: {err}");
         }
-        let long = format!("rtsp://h/{}", "a".repeat(MAX_URL_LEN));
+        // MAX_URL_LEN characters are accepted, one more is not.
+        let longest = format!("rtsp://h/{}", "a".repeat(MAX_URL_LEN - "rtsp://h/".len()));
+        assert!(CameraSource::parse(&longest, None).is_ok());
+        let long = format!("{longest}a");
         assert_eq!(
             CameraSource::parse(&long, None).unwrap_err().category(),
             "too_long"
