@@ -1279,6 +1279,22 @@ mod tests {
     }
 
     #[test]
+    fn the_pods_own_reason_names_a_disruption_before_the_condition() {
+        let evicted = json!({"phase": "Failed", "reason": "Evicted", "message": "low on memory",
+            "conditions": [{"type": "DisruptionTarget", "status": "True",
+                            "reason": "TerminationByKubelet", "message": "node pressure"}]});
+        let p = plan(
+            &scenario(LIVE),
+            Some(&pod(evicted)),
+            Slot::Full,
+            RULES,
+            now(),
+        );
+        assert_eq!(ready_reason(&p), ("False", "Evicted"));
+        assert!(p.status.last_error.unwrap().contains("low on memory"));
+    }
+
+    #[test]
     fn a_pods_run_is_its_label() {
         assert_eq!(pod_run(&pod_of_run(7, running(true))), 7);
         let mut unlabelled = pod(running(true));
