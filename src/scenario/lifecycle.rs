@@ -280,5 +280,11 @@ mod tests {
     fn exits_are_described_for_people() {
         assert_eq!(Exit::Code(2).describe(), "worker exited with code 2");
         assert!(Exit::Signal(9).describe().contains("SIGKILL"));
+        assert!(Exit::Signal(15).describe().contains("SIGTERM"));
+        let other = Exit::Signal(2).describe();
+        assert!(
+            other.contains("signal 2") && !other.contains("SIG"),
+            "{other}"
+        );
     }
 }

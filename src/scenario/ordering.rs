@@ -350,6 +350,20 @@ mod tests {
     }
 
     #[test]
+    fn an_ignored_command_leaves_the_stamps_as_they_were() {
+        let a = applied(Some(s(100, 5)), Some(s(200, 1)));
+        for stale in [Stale::Replay, Stale::Overtaken] {
+            assert_eq!(after_deploy(a, D::Ignore(stale), s(50, 0)), a);
+            assert_eq!(after_undeploy(a, U::Ignore(stale), s(50, 0)), a);
+        }
+        // Carried out, a command records its stamp and keeps the other one.
+        let deployed = after_deploy(a, D::Rerun, s(300, 0));
+        assert_eq!(deployed, applied(Some(s(300, 0)), Some(s(200, 1))));
+        let undeployed = after_undeploy(a, U::Stop, s(300, 0));
+        assert_eq!(undeployed, applied(Some(s(100, 5)), Some(s(300, 0))));
+    }
+
+    #[test]
     fn applied_is_empty_only_before_any_command() {
         assert!(Applied::default().is_empty());
         assert!(!applied(Some(s(1, 0)), None).is_empty());
