@@ -1004,6 +1004,24 @@ mod tests {
                 ("False", "WorkerSucceeded"),
                 vec![],
             ),
+            row(
+                "finished run, its Pod gone: no new worker",
+                with_phase(scenario(CLIP), Succeeded, 1),
+                None,
+                Free,
+                Succeeded,
+                ("False", "WorkerSucceeded"),
+                vec![],
+            ),
+            row(
+                "failed run, its Pod gone: no new worker",
+                with_phase(scenario(LIVE), Failed, 1),
+                None,
+                Free,
+                Failed,
+                ("False", "WorkerFailed"),
+                vec![],
+            ),
         ];
         for r in rows {
             let s = r.scenario;
