@@ -1313,6 +1313,19 @@ mod tests {
     }
 
     #[test]
+    fn the_start_time_is_when_a_worker_was_first_wanted_running() {
+        let queued = plan(&scenario(LIVE), None, Slot::Full, RULES, now());
+        assert_eq!(queued.status.start_time, None, "queued: nothing started");
+        let created = plan(&scenario(LIVE), None, Slot::Free, RULES, now());
+        assert_eq!(created.status.start_time, Some(now()));
+        let mut s = scenario(LIVE);
+        s.status = Some(created.status);
+        let later = now() + chrono::Duration::seconds(30);
+        let running = plan(&s, Some(&pod(running(true))), Slot::Full, RULES, later);
+        assert_eq!(running.status.start_time, Some(now()), "kept, not moved");
+    }
+
+    #[test]
     fn a_pods_run_is_its_label() {
         assert_eq!(pod_run(&pod_of_run(7, running(true))), 7);
         let mut unlabelled = pod(running(true));
