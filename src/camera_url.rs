@@ -604,6 +604,10 @@ mod tests {
             let err = CameraSource::parse(raw, root()).unwrap_err();
             assert_eq!(err.category(), category, "{raw}: {err}");
         }
+        // `localhost` names this machine: the same as no host.
+        let local = CameraSource::parse("file://localhost/videos/a.mp4", root()).unwrap();
+        assert_eq!(local, CameraSource::File("/videos/a.mp4".into()));
+        assert!(!local.is_live(), "a file ends");
         let err = CameraSource::parse("/videos/a.mp4", None).unwrap_err();
         assert_eq!(err.category(), "files_disabled");
         assert!(err.to_string().contains("VIDEO_FILE_ROOT"));
@@ -703,6 +707,16 @@ mod tests {
             ("rtsp:admin:pw@cam", "rtsp:<unparseable>"),
             ("http:/admin:pw@cam", "http:<unparseable>"),
             ("videotestsrc ! appsink", "<unparseable>"),
+            // Any userinfo is marked, a user name or a password alone too.
+            ("rtsp://admin@cam/a", "rtsp://***@cam/a"),
+            ("rtsp://:pw@cam/a", "rtsp://***@cam/a"),
+            // Characters URL parsers read differently.
+            ("rtsp://admin:pw@cam/a\\b", "rtsp:<unparseable>"),
+            ("rtsp://admin:pw@cam/a b", "rtsp:<unparseable>"),
+            ("rtsp://admin:pw@cam/a\u{7f}b", "rtsp:<unparseable>"),
+            // Only a well-formed scheme is shown.
+            ("1rtsp://admin:pw@cam/a", "<unparseable>"),
+            ("rt$p://admin:pw@cam/a", "<unparseable>"),
             ("/videos/cam1/a.mp4", "/videos/cam1/a.mp4"),
             ("file:///videos/a.mp4", "file:///videos/a.mp4"),
             ("ftp://example.com/a.mp4", "ftp://example.com/a.mp4"),
@@ -744,11 +758,54 @@ mod tests {
             rtsp.ffmpeg_capture_options(RtspTransport::Udp),
             "protocol_whitelist;rtsp,rtp,udp,tcp|rtsp_transport;udp"
         );
+        let rtsps = CameraSource::parse("rtsps://cam/a", None).unwrap();
+        let protocols: Vec<&str> = rtsps.ffmpeg_protocols().split(',').collect();
+        assert!(
+            protocols.contains(&"rtsps") && protocols.contains(&"tls"),
+            "{protocols:?}"
+        );
+        assert!(
+            !protocols.iter().any(|p| p.starts_with("http")),
+            "{protocols:?}"
+        );
         let http = CameraSource::parse("http://cam/a", None).unwrap();
         assert!(!http.ffmpeg_protocols().contains("file"));
         assert_eq!(
             http.ffmpeg_capture_options(RtspTransport::Tcp),
             "protocol_whitelist;http,tcp,crypto|max_redirects;0"
+        );
+    }
+
+    #[test]
+    fn scrub_hides_the_credentials_and_keeps_the_rest() {
+        let source =
+            CameraSource::parse("rtsp://admin:hunter%32@cam.example/live?token=abc123", None)
+                .unwrap();
+        let text = format!(
+            "could not open {}: 401 for admin with hunter2 (hunter%32), token=abc123",
+            source.backend_target()
+        );
+        let scrubbed = source.scrub(&text);
+        assert!(
+            scrubbed.starts_with(&format!("could not open {source}: 401 for ")),
+            "{scrubbed}"
+        );
+        for secret in ["admin", "hunter", "abc123"] {
+            assert!(!scrubbed.contains(secret), "{secret} in {scrubbed}");
+        }
+        let file = CameraSource::File("/videos/pw=x/a.mp4".into());
+        assert_eq!(
+            file.scrub("cannot read /videos/pw=x/a.mp4: denied"),
+            "cannot read /videos/***/a.mp4: denied"
+        );
+    }
+
+    #[test]
+    fn debug_shows_the_redacted_url() {
+        let source = CameraSource::parse("rtsp://admin:hunter2@cam.example/live", None).unwrap();
+        assert_eq!(
+            format!("{source:?}"),
+            "CameraSource(rtsp://***@cam.example/live)"
         );
     }
 
