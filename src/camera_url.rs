@@ -710,6 +710,12 @@ mod tests {
             // Any userinfo is marked, a user name or a password alone too.
             ("rtsp://admin@cam/a", "rtsp://***@cam/a"),
             ("rtsp://:pw@cam/a", "rtsp://***@cam/a"),
+            // Names are shown only when plain; bare entries are hidden,
+            // empty ones kept.
+            (
+                "rtsp://cam/a?channel=1&&token&a:b=1&=x",
+                "rtsp://cam/a?channel=1&&***&***&***",
+            ),
             // Characters URL parsers read differently.
             ("rtsp://admin:pw@cam/a\\b", "rtsp:<unparseable>"),
             ("rtsp://admin:pw@cam/a b", "rtsp:<unparseable>"),
