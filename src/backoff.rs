@@ -50,17 +50,85 @@ impl Backoff {
 mod tests {
     use super::*;
 
+    const JITTERS: [f64; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
+
+    fn backoff() -> Backoff {
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// The nominal delay of the doc comment: `base * 2^attempt`, capped at `max`.
+    fn nominal(attempt: u32) -> Duration {
+        Duration::from_millis(100)
+            .saturating_mul(2u32.saturating_pow(attempt))
+            .min(Duration::from_secs(1))
+    }
+
+    fn close(a: Duration, b: Duration) -> bool {
+        a.abs_diff(b) <= Duration::from_micros(1)
+    }
+
     #[test]
-    fn doubles_up_to_the_cap_with_jitter_in_the_upper_half() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        assert_eq!(b.next_delay(1.0), Duration::from_millis(100));
-        assert_eq!(b.next_delay(1.0), Duration::from_millis(200));
-        assert_eq!(b.next_delay(0.0), Duration::from_millis(200));
-        assert_eq!(b.next_delay(1.0), Duration::from_millis(800));
-        assert_eq!(b.next_delay(1.0), Duration::from_secs(1));
-        assert_eq!(b.next_delay(1.0), Duration::from_secs(1));
+    fn delays_never_shrink_from_one_attempt_to_the_next() {
+        let b = backoff();
+        for jitter in JITTERS {
+            for attempt in 1..64 {
+                assert!(
+                    b.delay(attempt, jitter) >= b.delay(attempt - 1, jitter),
+                    "attempt {attempt}, jitter {jitter}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_nominal_delay_starts_at_base_doubles_and_stops_at_the_cap() {
+        let b = backoff();
+        assert_eq!(b.delay(0, 1.0), Duration::from_millis(100));
+        for attempt in 0..64 {
+            assert!(close(b.delay(attempt, 1.0), nominal(attempt)), "{attempt}");
+            assert!(b.delay(attempt, 1.0) <= Duration::from_secs(1));
+        }
+        assert_eq!(b.delay(u32::MAX, 1.0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn jitter_stays_in_the_upper_half_of_the_nominal_delay() {
+        let b = backoff();
+        for attempt in [0, 1, 3, 10, 40] {
+            let full = nominal(attempt);
+            assert!(close(b.delay(attempt, 0.0), full / 2), "{attempt}");
+            assert!(close(b.delay(attempt, 1.0), full), "{attempt}");
+            let mut last = Duration::ZERO;
+            for jitter in JITTERS {
+                let d = b.delay(attempt, jitter);
+                assert!(d >= last, "more jitter never waits less");
+                assert!(d + Duration::from_micros(1) >= full / 2 && d <= full);
+                last = d;
+            }
+            // Jitter outside 0.0..=1.0 is held to its ends.
+            assert_eq!(b.delay(attempt, -3.0), b.delay(attempt, 0.0));
+            assert_eq!(b.delay(attempt, 7.0), b.delay(attempt, 1.0));
+        }
+    }
+
+    #[test]
+    fn a_cap_below_the_base_is_the_base() {
+        let b = Backoff::new(Duration::from_secs(2), Duration::from_secs(1));
+        for attempt in 0..5 {
+            assert_eq!(b.delay(attempt, 1.0), Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn next_delay_counts_attempts_and_reset_starts_over() {
+        let mut b = backoff();
+        for attempt in 0..6 {
+            assert_eq!(b.attempts(), attempt);
+            assert_eq!(b.next_delay(0.3), b.delay(attempt, 0.3));
+        }
         assert_eq!(b.attempts(), 6);
         b.reset();
-        assert_eq!(b.next_delay(0.5), Duration::from_millis(75));
+        assert_eq!(b.attempts(), 0);
+        assert_eq!(b.next_delay(1.0), Duration::from_millis(100));
     }
 }

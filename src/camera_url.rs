@@ -573,7 +573,10 @@ mod tests {
             let err = CameraSource::parse(raw, root()).unwrap_err();
             assert_eq!(err.category(), category, "{raw}: {err}");
         }
-        let long = format!("rtsp://h/{}", "a".repeat(MAX_URL_LEN));
+        // MAX_URL_LEN characters are accepted, one more is not.
+        let longest = format!("rtsp://h/{}", "a".repeat(MAX_URL_LEN - "rtsp://h/".len()));
+        assert!(CameraSource::parse(&longest, None).is_ok());
+        let long = format!("{longest}a");
         assert_eq!(
             CameraSource::parse(&long, None).unwrap_err().category(),
             "too_long"
@@ -601,6 +604,10 @@ mod tests {
             let err = CameraSource::parse(raw, root()).unwrap_err();
             assert_eq!(err.category(), category, "{raw}: {err}");
         }
+        // `localhost` names this machine: the same as no host.
+        let local = CameraSource::parse("file://localhost/videos/a.mp4", root()).unwrap();
+        assert_eq!(local, CameraSource::File("/videos/a.mp4".into()));
+        assert!(!local.is_live(), "a file ends");
         let err = CameraSource::parse("/videos/a.mp4", None).unwrap_err();
         assert_eq!(err.category(), "files_disabled");
         assert!(err.to_string().contains("VIDEO_FILE_ROOT"));
@@ -700,6 +707,22 @@ mod tests {
             ("rtsp:admin:pw@cam", "rtsp:<unparseable>"),
             ("http:/admin:pw@cam", "http:<unparseable>"),
             ("videotestsrc ! appsink", "<unparseable>"),
+            // Any userinfo is marked, a user name or a password alone too.
+            ("rtsp://admin@cam/a", "rtsp://***@cam/a"),
+            ("rtsp://:pw@cam/a", "rtsp://***@cam/a"),
+            // Names are shown only when plain; bare entries are hidden,
+            // empty ones kept.
+            (
+                "rtsp://cam/a?channel=1&&token&a:b=1&=x",
+                "rtsp://cam/a?channel=1&&***&***&***",
+            ),
+            // Characters URL parsers read differently.
+            ("rtsp://admin:pw@cam/a\\b", "rtsp:<unparseable>"),
+            ("rtsp://admin:pw@cam/a b", "rtsp:<unparseable>"),
+            ("rtsp://admin:pw@cam/a\u{7f}b", "rtsp:<unparseable>"),
+            // Only a well-formed scheme is shown.
+            ("1rtsp://admin:pw@cam/a", "<unparseable>"),
+            ("rt$p://admin:pw@cam/a", "<unparseable>"),
             ("/videos/cam1/a.mp4", "/videos/cam1/a.mp4"),
             ("file:///videos/a.mp4", "file:///videos/a.mp4"),
             ("ftp://example.com/a.mp4", "ftp://example.com/a.mp4"),
@@ -741,11 +764,149 @@ mod tests {
             rtsp.ffmpeg_capture_options(RtspTransport::Udp),
             "protocol_whitelist;rtsp,rtp,udp,tcp|rtsp_transport;udp"
         );
+        let rtsps = CameraSource::parse("rtsps://cam/a", None).unwrap();
+        let protocols: Vec<&str> = rtsps.ffmpeg_protocols().split(',').collect();
+        assert!(
+            protocols.contains(&"rtsps") && protocols.contains(&"tls"),
+            "{protocols:?}"
+        );
+        assert!(
+            !protocols.iter().any(|p| p.starts_with("http")),
+            "{protocols:?}"
+        );
         let http = CameraSource::parse("http://cam/a", None).unwrap();
         assert!(!http.ffmpeg_protocols().contains("file"));
         assert_eq!(
             http.ffmpeg_capture_options(RtspTransport::Tcp),
             "protocol_whitelist;http,tcp,crypto|max_redirects;0"
         );
+    }
+
+    #[test]
+    fn scrub_hides_the_credentials_and_keeps_the_rest() {
+        let source =
+            CameraSource::parse("rtsp://admin:hunter%32@cam.example/live?token=abc123", None)
+                .unwrap();
+        let text = format!(
+            "could not open {}: 401 for admin with hunter2 (hunter%32), token=abc123",
+            source.backend_target()
+        );
+        let scrubbed = source.scrub(&text);
+        assert!(
+            scrubbed.starts_with(&format!("could not open {source}: 401 for ")),
+            "{scrubbed}"
+        );
+        for secret in ["admin", "hunter", "abc123"] {
+            assert!(!scrubbed.contains(secret), "{secret} in {scrubbed}");
+        }
+        let file = CameraSource::File("/videos/pw=x/a.mp4".into());
+        assert_eq!(
+            file.scrub("cannot read /videos/pw=x/a.mp4: denied"),
+            "cannot read /videos/***/a.mp4: denied"
+        );
+    }
+
+    #[test]
+    fn debug_shows_the_redacted_url() {
+        let source = CameraSource::parse("rtsp://admin:hunter2@cam.example/live", None).unwrap();
+        assert_eq!(
+            format!("{source:?}"),
+            "CameraSource(rtsp://***@cam.example/live)"
+        );
+    }
+
+    /// A real file root with a clip in it, a clip outside it, and links
+    /// from inside the root to both.
+    struct Tree {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        outside: PathBuf,
+    }
+
+    fn tree() -> Tree {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let root = base.join("videos");
+        let outside = base.join("private");
+        for d in [root.join("cam1"), outside.clone()] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(root.join("cam1/a.mp4"), b"clip").unwrap();
+        std::fs::write(outside.join("b.mp4"), b"secret").unwrap();
+        std::os::unix::fs::symlink(outside.join("b.mp4"), root.join("escape.mp4")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("shared")).unwrap();
+        std::os::unix::fs::symlink(root.join("cam1/a.mp4"), root.join("alias.mp4")).unwrap();
+        Tree {
+            _dir: dir,
+            root,
+            outside,
+        }
+    }
+
+    fn open(raw: &str, root: &Path) -> Result<CameraSource, CameraUrlError> {
+        CameraSource::parse(raw, Some(root))?.resolve(Some(root))
+    }
+
+    #[test]
+    fn a_file_under_the_root_resolves_to_its_real_path() {
+        let t = tree();
+        let clip = t.root.join("cam1/a.mp4");
+        let want = CameraSource::File(clip.clone());
+        assert_eq!(open(&clip.display().to_string(), &t.root), Ok(want.clone()));
+        assert_eq!(
+            open(&format!("file://{}", clip.display()), &t.root),
+            Ok(want.clone())
+        );
+        // A link that stays under the root is followed.
+        let alias = t.root.join("alias.mp4").display().to_string();
+        assert_eq!(open(&alias, &t.root), Ok(want.clone()));
+        // A root given through a link holds the files of the directory it names.
+        let linked_root = t.outside.join("videos-link");
+        std::os::unix::fs::symlink(&t.root, &linked_root).unwrap();
+        let via_link = linked_root.join("cam1/a.mp4").display().to_string();
+        assert_eq!(open(&via_link, &linked_root), Ok(want));
+    }
+
+    #[test]
+    fn links_out_of_the_root_are_refused() {
+        let t = tree();
+        for inside in ["escape.mp4", "shared/b.mp4"] {
+            let raw = t.root.join(inside).display().to_string();
+            // The spelling is under the root; only resolving shows where it leads.
+            assert!(CameraSource::parse(&raw, Some(&t.root)).is_ok(), "{raw}");
+            let err = open(&raw, &t.root).unwrap_err();
+            assert_eq!(err.category(), "outside_root", "{raw}: {err}");
+        }
+    }
+
+    #[test]
+    fn dot_dot_never_leaves_the_root() {
+        let t = tree();
+        let root = t.root.display();
+        // The file exists: the refusal is about the spelling, not the file.
+        let raw = format!("{root}/cam1/../../private/b.mp4");
+        let err = open(&raw, &t.root).unwrap_err();
+        assert_eq!(err.category(), "dot_components", "{err}");
+        // A file URL's `..` is folded by URL parsing; what is left is checked.
+        let err = open(&format!("file://{root}/../private/b.mp4"), &t.root).unwrap_err();
+        assert_eq!(err.category(), "outside_root", "{err}");
+    }
+
+    #[test]
+    fn missing_files_and_the_root_itself_are_refused() {
+        let t = tree();
+        let missing = t.root.join("cam1/none.mp4").display().to_string();
+        assert_eq!(
+            open(&missing, &t.root).unwrap_err().category(),
+            "unreadable"
+        );
+        let root = t.root.display().to_string();
+        assert_eq!(open(&root, &t.root).unwrap_err().category(), "outside_root");
+    }
+
+    #[test]
+    fn network_sources_resolve_to_themselves() {
+        let source = CameraSource::parse("rtsp://cam.example/live", None).unwrap();
+        assert_eq!(source.clone().resolve(None), Ok(source));
     }
 }

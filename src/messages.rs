@@ -294,6 +294,52 @@ mod request_tests {
     }
 
     #[test]
+    fn a_message_with_the_longest_camera_url_fits() {
+        let path = "a".repeat(crate::camera_url::MAX_URL_LEN - "rtsp://cam/".len());
+        let raw = format!(
+            r#"{{"worker_id":"11223344-5566-7788-99aa-bbccddeeeff0","scenario_uuid":"550e8400-e29b-41d4-a716-446655440000","camera_url":"rtsp://cam/{path}"}}"#
+        );
+        let req = DeployRequest::parse(Some(raw.as_bytes()), root()).unwrap();
+        assert_eq!(req.camera_url.len(), crate::camera_url::MAX_URL_LEN);
+    }
+
+    #[test]
+    fn messages_up_to_the_limit_are_read() {
+        let padded = |len: usize| {
+            let pad = "x".repeat(len - r#"{"pad":""}"#.len());
+            format!(r#"{{"pad":"{pad}"}}"#).into_bytes()
+        };
+        let at_limit = padded(MAX_REQUEST_BYTES);
+        assert_eq!(at_limit.len(), MAX_REQUEST_BYTES);
+        let err = UndeployRequest::parse(Some(&at_limit)).unwrap_err();
+        assert_eq!(
+            err.category(),
+            "missing_field",
+            "read, not refused for its size"
+        );
+        let over = padded(MAX_REQUEST_BYTES + 1);
+        let err = UndeployRequest::parse(Some(&over)).unwrap_err();
+        assert_eq!(err.category(), "oversized");
+    }
+
+    #[test]
+    fn a_wrong_type_is_named_in_the_refusal() {
+        let ok_s = r#""scenario_uuid":"550e8400-e29b-41d4-a716-446655440000""#;
+        for (value, named) in [
+            ("42", "a number"),
+            ("null", "null"),
+            ("true", "a boolean"),
+            ("[]", "an array"),
+            ("{}", "an object"),
+        ] {
+            let raw = format!(r#"{{"worker_id":{value},{ok_s},"camera_url":"rtsp://h/a"}}"#);
+            let err = DeployRequest::parse(Some(raw.as_bytes()), root()).unwrap_err();
+            assert_eq!(err.category(), "wrong_type");
+            assert!(err.to_string().ends_with(&format!("got {named}")), "{err}");
+        }
+    }
+
+    #[test]
     fn a_bad_uuid_is_shown_only_when_it_looks_like_one() {
         let w = r#""worker_id":"11223344-5566-7788-99aa-bbccddeeeff0""#;
         let c = r#""camera_url":"rtsp://cam/a""#;

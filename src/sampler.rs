@@ -92,17 +92,92 @@ mod tests {
         assert_eq!(count(10.0, 100, 20.0), 100); // faster than the source: every frame
     }
 
+    /// Frame timestamps in whole milliseconds, increasing by 1 to `max_gap`
+    /// ms, from a fixed pseudo-random sequence.
+    fn timestamps(seed: u64, frames: usize, max_gap: u64) -> Vec<u64> {
+        let mut state = seed;
+        let mut at = 0;
+        (0..frames)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                at += 1 + (state >> 33) % max_gap;
+                at
+            })
+            .collect()
+    }
+
+    /// The contract: a frame is taken exactly when it is the first at or after
+    /// some multiple of the period, that is when a multiple lies in
+    /// (previous frame, this frame].
+    fn expected(stamps_ms: &[u64], period_ms: u64) -> Vec<bool> {
+        let mut previous: Option<u64> = None;
+        stamps_ms
+            .iter()
+            .map(|&t| {
+                // The first frame (at 0 or later) is at or after the multiple 0.
+                let taken = previous.is_none_or(|p| t / period_ms > p / period_ms);
+                previous = Some(t);
+                taken
+            })
+            .collect()
+    }
+
     #[test]
-    fn takes_the_first_frame_at_or_after_each_slot() {
+    fn takes_the_first_frame_at_or_after_each_multiple_and_nothing_else() {
+        for period_ms in [1, 40, 100, 333, 500, 1000, 2000] {
+            for (seed, max_gap) in [(1, 10), (2, 90), (3, 400), (4, 2500)] {
+                let stamps = timestamps(seed, 400, max_gap);
+                let mut sampler = Sampler::new(Duration::from_millis(period_ms));
+                let got: Vec<bool> = stamps
+                    .iter()
+                    .map(|&t| sampler.offer(t as f64 / 1000.0))
+                    .collect();
+                assert_eq!(
+                    got,
+                    expected(&stamps, period_ms),
+                    "period {period_ms} ms, gaps up to {max_gap} ms"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_slot_is_taken_once() {
         let mut s = Sampler::new(Duration::from_millis(500));
-        assert!(s.offer(0.04));
+        assert!(s.offer(0.0));
+        assert!(!s.offer(0.0), "the same timestamp again");
         assert!(!s.offer(0.3));
-        assert!(s.offer(0.52));
-        assert!(!s.offer(0.99));
-        assert!(s.offer(2.3)); // a gap skips the missed slots
+        assert!(s.offer(0.5), "exactly on the multiple");
+        assert!(!s.offer(0.5));
+        assert!(!s.offer(0.2), "a timestamp from the past");
+        assert!(
+            s.offer(2.3),
+            "a gap: one frame for all the missed multiples"
+        );
         assert!(!s.offer(2.45));
-        assert!(s.offer(2.4999999));
-        assert!(!s.offer(f64::NAN));
+        assert!(s.offer(2.5));
+    }
+
+    #[test]
+    fn a_frame_just_before_a_multiple_is_on_time_but_not_earlier() {
+        let mut s = Sampler::new(Duration::from_millis(500));
+        assert!(s.offer(0.0));
+        assert!(!s.offer(0.499));
+        assert!(s.offer(0.4999999));
+        assert!(!s.offer(0.5), "the 500 ms slot is taken");
+        assert!(!s.offer(0.999));
+        assert!(s.offer(1.0));
+    }
+
+    #[test]
+    fn timestamps_that_are_not_numbers_are_dropped() {
+        let mut s = Sampler::new(Duration::from_millis(500));
+        for at in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert!(!s.offer(at), "{at}");
+        }
+        assert!(s.offer(0.0), "nothing was taken before");
     }
 
     #[test]
@@ -113,5 +188,44 @@ mod tests {
         assert!((clock.observe(0.1) - 0.2).abs() < 1e-9);
         assert!((clock.observe(f64::NAN) - 0.3).abs() < 1e-9);
         assert_eq!(clock.observe(5.0), 5.0);
+    }
+
+    #[test]
+    fn clock_output_always_increases() {
+        let mut clock = MonotonicClock::new(25.0);
+        let reported = [
+            -1.0,
+            0.0,
+            0.04,
+            0.04,
+            0.02,
+            f64::NAN,
+            0.2,
+            f64::INFINITY,
+            0.3,
+            0.1,
+        ];
+        let mut last = f64::NEG_INFINITY;
+        for at in reported {
+            let repaired = clock.observe(at);
+            assert!(
+                repaired.is_finite() && repaired > last,
+                "{at} -> {repaired}"
+            );
+            assert!(repaired >= 0.0);
+            last = repaired;
+        }
+    }
+
+    #[test]
+    fn a_nominal_rate_no_source_has_is_not_believed() {
+        // A stalled clock still moves by a usual frame interval: not zero,
+        // infinite or negative, and not the microseconds of a bogus header.
+        for fps in [0.0, -10.0, f64::NAN, f64::INFINITY, 1.0e6] {
+            let mut clock = MonotonicClock::new(fps);
+            clock.observe(1.0);
+            let step = clock.observe(1.0) - 1.0;
+            assert!((0.001..=1.0).contains(&step), "{fps} fps: step {step}");
+        }
     }
 }

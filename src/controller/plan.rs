@@ -1004,6 +1004,24 @@ mod tests {
                 ("False", "WorkerSucceeded"),
                 vec![],
             ),
+            row(
+                "finished run, its Pod gone: no new worker",
+                with_phase(scenario(CLIP), Succeeded, 1),
+                None,
+                Free,
+                Succeeded,
+                ("False", "WorkerSucceeded"),
+                vec![],
+            ),
+            row(
+                "failed run, its Pod gone: no new worker",
+                with_phase(scenario(LIVE), Failed, 1),
+                None,
+                Free,
+                Failed,
+                ("False", "WorkerFailed"),
+                vec![],
+            ),
         ];
         for r in rows {
             let s = r.scenario;
@@ -1162,6 +1180,157 @@ mod tests {
             ready.status.condition(READY).unwrap().last_transition_time,
             later
         );
+    }
+
+    #[test]
+    fn a_refused_pod_fails_the_run_and_says_why() {
+        let status = pod_rejected(
+            ScenarioStatus {
+                phase: Some(Phase::Starting),
+                pod_name: Some(format!("worker-{UUID}")),
+                ..Default::default()
+            },
+            "forbidden: exceeded quota",
+            Some(3),
+            now(),
+        );
+        assert_eq!(status.phase, Some(Phase::Failed));
+        assert_eq!(status.pod_name, None);
+        assert_eq!(status.finish_time, Some(now()));
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("exceeded quota")),
+            "{status:?}"
+        );
+        for type_ in [READY, ADMITTED] {
+            let c = status.condition(type_).expect("the condition");
+            assert_eq!(c.status, "False", "{type_}");
+            assert!(c.message.contains("exceeded quota"), "{type_}");
+            assert_eq!(c.observed_generation, Some(3), "{type_}");
+        }
+    }
+
+    #[test]
+    fn only_waiting_reasons_that_are_errors_become_the_last_error() {
+        let waiting = |reason: &str| {
+            json!({"phase": "Pending", "containerStatuses": [{
+                "name": "worker", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": "details"}}}]})
+        };
+        let pulling = plan(
+            &scenario(LIVE),
+            Some(&pod(waiting("ErrImagePull"))),
+            Slot::Full,
+            RULES,
+            now(),
+        );
+        assert_eq!(
+            pulling.status.last_error.as_deref(),
+            Some("ErrImagePull: details")
+        );
+        let creating = plan(
+            &scenario(LIVE),
+            Some(&pod(waiting("ContainerCreating"))),
+            Slot::Full,
+            RULES,
+            now(),
+        );
+        assert_eq!(creating.status.last_error, None);
+        assert_eq!(ready_reason(&creating), ("False", "ContainerCreating"));
+    }
+
+    #[test]
+    fn a_failed_pod_without_an_exit_code_shows_the_pods_words() {
+        let failed = |status| {
+            plan(
+                &scenario(LIVE),
+                Some(&pod(status)),
+                Slot::Full,
+                RULES,
+                now(),
+            )
+            .status
+            .last_error
+            .unwrap()
+        };
+        let said = failed(json!({"phase": "Failed", "message": "init container failed"}));
+        assert!(said.contains("init container failed"), "{said}");
+        let silent = failed(json!({"phase": "Failed"}));
+        assert!(!silent.is_empty() && !silent.ends_with(": "), "{silent:?}");
+    }
+
+    #[test]
+    fn unfinished_scenarios_are_looked_at_again_finished_ones_at_the_ttl() {
+        // Running: a slow look-again as a safety net.
+        let running = plan(
+            &scenario(LIVE),
+            Some(&pod(running(true))),
+            Slot::Full,
+            RULES,
+            now(),
+        );
+        assert!(running.requeue.is_some());
+        // Finished ten minutes ago with a one-hour TTL: looked at again when
+        // the TTL is over, not before and not much later.
+        let s = with_phase(stopped(scenario(LIVE)), Phase::Stopped, 1);
+        let later = now() + chrono::Duration::seconds(600);
+        let requeue = plan(&s, None, Slot::Full, RULES, later).requeue.unwrap();
+        assert!(
+            (Duration::from_secs(3000)..=Duration::from_secs(3001)).contains(&requeue),
+            "{requeue:?}"
+        );
+    }
+
+    #[test]
+    fn a_new_run_keeps_the_conditions_history() {
+        let s = with_phase(scenario(LIVE), Phase::Failed, 1);
+        let later = now() + chrono::Duration::seconds(30);
+        let p = plan(&next_run(s), None, Slot::Full, RULES, later);
+        // Ready was False before and stays False: its transition time stays.
+        let ready = p.status.condition(READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.last_transition_time),
+            ("False", now())
+        );
+    }
+
+    #[test]
+    fn the_pods_own_reason_names_a_disruption_before_the_condition() {
+        let evicted = json!({"phase": "Failed", "reason": "Evicted", "message": "low on memory",
+            "conditions": [{"type": "DisruptionTarget", "status": "True",
+                            "reason": "TerminationByKubelet", "message": "node pressure"}]});
+        let p = plan(
+            &scenario(LIVE),
+            Some(&pod(evicted)),
+            Slot::Full,
+            RULES,
+            now(),
+        );
+        assert_eq!(ready_reason(&p), ("False", "Evicted"));
+        assert!(p.status.last_error.unwrap().contains("low on memory"));
+    }
+
+    #[test]
+    fn the_start_time_is_when_a_worker_was_first_wanted_running() {
+        let queued = plan(&scenario(LIVE), None, Slot::Full, RULES, now());
+        assert_eq!(queued.status.start_time, None, "queued: nothing started");
+        let created = plan(&scenario(LIVE), None, Slot::Free, RULES, now());
+        assert_eq!(created.status.start_time, Some(now()));
+        let mut s = scenario(LIVE);
+        s.status = Some(created.status);
+        let later = now() + chrono::Duration::seconds(30);
+        let running = plan(&s, Some(&pod(running(true))), Slot::Full, RULES, later);
+        assert_eq!(running.status.start_time, Some(now()), "kept, not moved");
+    }
+
+    #[test]
+    fn a_pods_run_is_its_label() {
+        assert_eq!(pod_run(&pod_of_run(7, running(true))), 7);
+        let mut unlabelled = pod(running(true));
+        unlabelled.metadata.labels = None;
+        assert_eq!(pod_run(&unlabelled), 0, "a Pod without the label");
     }
 
     #[test]

@@ -257,8 +257,34 @@ mod tests {
     }
 
     #[test]
+    fn each_phase_is_published_with_its_own_reason_and_words() {
+        use Phase::*;
+        let phases = [Queued, Starting, Running, Succeeded, Failed, Stopped];
+        let reasons: Vec<_> = phases.iter().map(|p| phase_reason(*p)).collect();
+        for (phase, (reason, message)) in phases.iter().zip(&reasons) {
+            assert!(
+                reason.starts_with(|c: char| c.is_ascii_uppercase())
+                    && reason.chars().all(|c| c.is_ascii_alphanumeric()),
+                "{phase:?}: {reason:?} is not a CamelCase reason"
+            );
+            assert!(!message.is_empty(), "{phase:?}");
+        }
+        for (i, a) in reasons.iter().enumerate() {
+            for b in &reasons[i + 1..] {
+                assert_ne!(a.0, b.0, "two phases share a reason");
+            }
+        }
+    }
+
+    #[test]
     fn exits_are_described_for_people() {
         assert_eq!(Exit::Code(2).describe(), "worker exited with code 2");
         assert!(Exit::Signal(9).describe().contains("SIGKILL"));
+        assert!(Exit::Signal(15).describe().contains("SIGTERM"));
+        let other = Exit::Signal(2).describe();
+        assert!(
+            other.contains("signal 2") && !other.contains("SIG"),
+            "{other}"
+        );
     }
 }

@@ -349,6 +349,39 @@ mod tests {
         assert!(!applied(Some(s(2, 0)), Some(s(1, 9))).stopped());
     }
 
+    #[test]
+    fn an_ignored_command_leaves_the_stamps_as_they_were() {
+        let a = applied(Some(s(100, 5)), Some(s(200, 1)));
+        for stale in [Stale::Replay, Stale::Overtaken] {
+            assert_eq!(after_deploy(a, D::Ignore(stale), s(50, 0)), a);
+            assert_eq!(after_undeploy(a, U::Ignore(stale), s(50, 0)), a);
+        }
+        // Carried out, a command records its stamp and keeps the other one.
+        let deployed = after_deploy(a, D::Rerun, s(300, 0));
+        assert_eq!(deployed, applied(Some(s(300, 0)), Some(s(200, 1))));
+        let undeployed = after_undeploy(a, U::Stop, s(300, 0));
+        assert_eq!(undeployed, applied(Some(s(100, 5)), Some(s(300, 0))));
+    }
+
+    #[test]
+    fn applied_is_empty_only_before_any_command() {
+        assert!(Applied::default().is_empty());
+        assert!(!applied(Some(s(1, 0)), None).is_empty());
+        assert!(!applied(None, Some(s(1, 0))).is_empty());
+    }
+
+    #[test]
+    fn each_staleness_has_its_own_label() {
+        let (replay, overtaken) = (Stale::Replay.as_str(), Stale::Overtaken.as_str());
+        assert_ne!(replay, overtaken);
+        for label in [replay, overtaken] {
+            assert!(
+                !label.is_empty() && label.chars().all(|c| c.is_ascii_lowercase()),
+                "{label:?}"
+            );
+        }
+    }
+
     /// Whatever order two commands are read in, the scenario ends the same way.
     #[test]
     fn the_outcome_does_not_depend_on_the_reading_order() {
