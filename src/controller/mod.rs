@@ -186,7 +186,8 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
             watcher(
                 Api::<Pod>::namespaced(client.clone(), &namespace),
                 pod_config,
-            ),
+            )
+            .modify(|p| *p = pod::cached(std::mem::take(p))),
         )
         .default_backoff()
         .for_each(move |event| {
@@ -214,12 +215,21 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     let _ = pod_store.wait_until_ready().await;
 
     let (wake, wakes) = futures::channel::mpsc::unbounded();
-    let controller = Controller::new(
-        Api::<Scenario>::namespaced(client.clone(), &namespace),
-        watcher::Config::default().labels(&format!("{LABEL_RUNNER}={runner}")),
+    // The Scenario cache keeps no field-ownership bookkeeping either.
+    let (scenario_store, scenario_writer) = reflector::store();
+    let scenario_events = reflector(
+        scenario_writer,
+        watcher(
+            Api::<Scenario>::namespaced(client.clone(), &namespace),
+            watcher::Config::default().labels(&format!("{LABEL_RUNNER}={runner}")),
+        )
+        .modify(|s| s.metadata.managed_fields = None),
     )
-    .owns_stream(pod_triggers)
-    .reconcile_on(wakes);
+    .default_backoff()
+    .applied_objects();
+    let controller = Controller::for_stream(scenario_events, scenario_store)
+        .owns_stream(pod_triggers)
+        .reconcile_on(wakes);
     let ctx = Arc::new(Context {
         client: calls.clone(),
         namespace: namespace.clone(),

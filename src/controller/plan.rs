@@ -1036,7 +1036,37 @@ mod tests {
             again.status = Some(p.status.clone());
             let second = plan(&again, r.pod.as_ref(), r.slot, RULES, now());
             assert_eq!(second.status, p.status, "{}: not stable", r.name);
+            // The controller plans from its slimmed Pod cache: what it drops
+            // must never change a decision.
+            let full = r.pod.clone().map(with_spec_and_bookkeeping);
+            let slim = full.clone().map(pod::cached);
+            assert_eq!(
+                plan(&s, slim.as_ref(), r.slot, RULES, now()),
+                plan(&s, full.as_ref(), r.slot, RULES, now()),
+                "{}: the cached Pod plans differently",
+                r.name
+            );
         }
+    }
+
+    /// A Pod as the apiserver returns it: with a spec, managed fields and
+    /// status fields the plan does not read.
+    fn with_spec_and_bookkeeping(mut p: Pod) -> Pod {
+        let extra: Pod = serde_json::from_value(json!({
+            "metadata": {"managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"nodeName": "node-1", "containers": [{"name": pod::WORKER_CONTAINER, "image": "runner"}]},
+            "status": {"hostIP": "10.0.0.1", "podIP": "10.1.0.1", "qosClass": "Burstable"}
+        }))
+        .unwrap();
+        p.metadata.managed_fields = extra.metadata.managed_fields;
+        p.spec = extra.spec;
+        let mut status = p.status.unwrap_or_default();
+        let extra_status = extra.status.unwrap();
+        status.host_ip = extra_status.host_ip;
+        status.pod_ip = extra_status.pod_ip;
+        status.qos_class = extra_status.qos_class;
+        p.status = Some(status);
+        p
     }
 
     #[test]

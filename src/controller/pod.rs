@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Pod, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{Pod, PodStatus, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::Resource;
 use kube::ResourceExt;
@@ -235,6 +235,25 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
         "spec": pod_spec,
     });
     serde_json::from_value(pod).expect("the worker Pod template is valid Pod JSON")
+}
+
+/// What the controller's Pod cache keeps of a worker Pod: its identity
+/// (name, uid, labels, annotations, owner, deletion mark) and the status the
+/// plan reads (phase, reason, message, conditions, container states). The
+/// spec and the field-ownership bookkeeping are dropped: with hundreds of
+/// workers they are most of the cache and nothing reads them.
+pub fn cached(mut pod: Pod) -> Pod {
+    pod.metadata.managed_fields = None;
+    pod.spec = None;
+    pod.status = pod.status.map(|s| PodStatus {
+        phase: s.phase,
+        reason: s.reason,
+        message: s.message,
+        conditions: s.conditions,
+        container_statuses: s.container_statuses,
+        ..PodStatus::default()
+    });
+    pod
 }
 
 #[cfg(test)]
