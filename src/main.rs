@@ -1,13 +1,13 @@
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
+use clap::{CommandFactory, FromArgMatches};
 use vap_runner::cli::{Cli, Command};
 use vap_runner::controller::{self, crd};
-use vap_runner::{local, telemetry, worker};
+use vap_runner::{build_info, local, telemetry, worker};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(err) => return parse_failure(err),
     };
@@ -35,6 +35,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The command line, with `--version` naming the video stack the binary
+/// was linked with (`-V` stays one line).
+fn parse() -> Result<Cli, clap::Error> {
+    let matches = Cli::command()
+        .long_version(&*Box::leak(build_info::long_version().into_boxed_str()))
+        .try_get_matches()?;
+    Cli::from_arg_matches(&matches)
 }
 
 fn print_crd() -> Result<(), Box<dyn std::error::Error>> {

@@ -41,6 +41,8 @@ pub struct CaptureSettings {
     pub reconnect_base: Duration,
     pub reconnect_max: Duration,
     pub rtsp_transport: RtspTransportMode,
+    /// FFmpeg's decoding threads.
+    pub decode_threads: u32,
 }
 
 /// How reading ended without an error.
@@ -255,8 +257,8 @@ fn other(rtsp: RtspTransport) -> RtspTransport {
     }
 }
 
-/// Opens the source with the FFmpeg backend and open/read timeouts passed as
-/// open parameters (the only way FFmpeg honours them).
+/// Opens the source with the FFmpeg backend; the open/read timeouts and the
+/// decoding threads are open parameters (the only way FFmpeg honours them).
 fn open(settings: &CaptureSettings) -> Result<VideoCapture, String> {
     let millis = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
     let params = Vector::<i32>::from_slice(&[
@@ -264,6 +266,8 @@ fn open(settings: &CaptureSettings) -> Result<VideoCapture, String> {
         millis(settings.open_timeout),
         videoio::CAP_PROP_READ_TIMEOUT_MSEC,
         millis(settings.read_timeout),
+        videoio::CAP_PROP_N_THREADS,
+        i32::try_from(settings.decode_threads).unwrap_or(1),
     ]);
     settings.source.recheck_host()?;
     let target = settings.source.backend_target();

@@ -118,6 +118,7 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
         reconnect_base: args.reconnect_base_ms.0,
         reconnect_max: args.reconnect_max_ms.0,
         rtsp_transport: args.settings.rtsp_transport,
+        decode_threads: args.decode_threads.0,
     };
 
     let capture = {
