@@ -174,7 +174,17 @@ async fn hand_over(bed: &Bed, ending: &str, next: &str) -> Pod {
     wait_for(
         &format!("{next} to start in the slot {ending} freed"),
         MINUTE,
-        || async { bed.pods().get_opt(&pod_name(next)).await.ok()? },
+        || async {
+            // kwok's own stages for the Pod (readiness after Running) may
+            // land after the exit was written and report it running again;
+            // a kubelet never does, so the exit is reported again.
+            let ended = bed.pods().get_opt(&pod).await.ok().flatten();
+            if ended.is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() != Some("Succeeded"))
+            {
+                bed.set_pod_status(&pod, worker_exited(0)).await;
+            }
+            bed.pods().get_opt(&pod_name(next)).await.ok()?
+        },
     )
     .await
 }

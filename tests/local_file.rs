@@ -43,6 +43,17 @@ async fn scenarios_file_edits_apply_on_sighup_without_kafka() {
         async move { pids.map(|(_, b)| b) }
     })
     .await;
+    // A has delivered results before it is removed, so its results on
+    // stdout show that a stopped worker's output is kept.
+    wait_for(
+        "A's first result on stdout",
+        Duration::from_secs(60),
+        || {
+            let out = local.stdout();
+            async move { out.contains(A).then_some(()) }
+        },
+    )
+    .await;
 
     // Remove A, change B's camera, add C.
     std::fs::write(&file, entry(B, "tree.avi") + &entry(C, "vtest.avi")).unwrap();
