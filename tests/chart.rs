@@ -718,26 +718,6 @@ fn workflows_pass_actionlint() {
 // uninstall
 // ---------------------------------------------------------------------------
 
-/// A kubeconfig like the test bed's admin one whose user acts as `user`.
-fn impersonating_kubeconfig(dir: &Path, user: &str) -> PathBuf {
-    let admin = std::env::var("KUBECONFIG")
-        .unwrap_or_else(|_| panic!("KUBECONFIG is not set; {}", common::TESTBED_HINT));
-    let text = std::fs::read_to_string(&admin).expect("read KUBECONFIG");
-    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("KUBECONFIG YAML");
-    let users = config["users"]
-        .as_sequence_mut()
-        .expect("users in KUBECONFIG");
-    for entry in users {
-        entry["user"]
-            .as_mapping_mut()
-            .expect("user entry")
-            .insert("as".into(), user.into());
-    }
-    let path = dir.join("impersonated.kubeconfig");
-    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
-    path
-}
-
 async fn client_from(path: &Path) -> Client {
     let kubeconfig = Kubeconfig::read_from(path).expect("read kubeconfig");
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
@@ -907,7 +887,7 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
         .to_string();
     let user = format!("system:serviceaccount:{ns}:{sa}");
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = impersonating_kubeconfig(dir.path(), &user);
+    let kubeconfig = common::controller::impersonating_kubeconfig(dir.path(), &user);
     let as_controller = client_from(&kubeconfig).await;
 
     // Inside the Role: reading Scenarios works.

@@ -11,15 +11,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use serde_json::Value;
 use vap_runner::local::process::find_workers;
 
-use super::{kafka_bootstrap, unique_name};
+use super::{create_topics, delete_topics, kafka_bootstrap, unique_name};
 
 /// Everything one local-supervisor test owns.
 pub struct LocalBed {
@@ -55,19 +53,7 @@ impl LocalBed {
             logs: tempfile::tempdir().expect("log dir"),
             bootstrap,
         };
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &bed.bootstrap)
-            .create()
-            .expect("admin");
-        let topics: Vec<NewTopic<'_>> = bed
-            .topics()
-            .iter()
-            .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
-            .collect();
-        admin
-            .create_topics(&topics, &AdminOptions::new())
-            .await
-            .expect("create topics");
+        create_topics(&bed.bootstrap, &bed.topics()).await;
         bed
     }
 
@@ -169,22 +155,7 @@ impl Drop for LocalBed {
     fn drop(&mut self) {
         let bootstrap = self.bootstrap.clone();
         let topics: Vec<String> = self.topics().iter().map(|t| t.to_string()).collect();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(admin) = ClientConfig::new()
-                    .set("bootstrap.servers", &bootstrap)
-                    .create::<AdminClient<DefaultClientContext>>()
-                {
-                    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-                    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
-                }
-            });
-        })
-        .join();
+        super::controller::cleanup(move || async move { delete_topics(&bootstrap, &topics).await });
     }
 }
 
