@@ -32,15 +32,10 @@ pub fn describe(version: &str, recipe: Option<&str>, build_information: &str) ->
             // The section ends at the next heading, indented as "Video I/O:" is.
             if indent(line) <= 2 {
                 in_video = false;
-            } else if let Some((name, value)) = trimmed.split_once(':') {
-                let value = value.trim();
-                if value.starts_with("YES") {
-                    video.push(
-                        format!("{name} {value}")
-                            .replace("YES ", "")
-                            .replace("YES", ""),
-                    );
-                }
+            } else if let Some((name, value)) = trimmed.split_once(':')
+                && let Some(detail) = value.trim().strip_prefix("YES")
+            {
+                video.push(format!("{name} {}", detail.trim()).trim_end().to_string());
             }
         }
     }
@@ -51,11 +46,7 @@ pub fn describe(version: &str, recipe: Option<&str>, build_information: &str) ->
     let video = if video.is_empty() {
         "none".to_string()
     } else {
-        video
-            .iter()
-            .map(|v| v.trim().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        video.join(", ")
     };
     format!(
         "{version}\nOpenCV {opencv_version}, {recipe}\n  modules: {modules}\n  video I/O: {video}"
