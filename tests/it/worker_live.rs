@@ -6,8 +6,8 @@
 //! the camera stays broken, a clean exit on SIGTERM, and nothing lost or
 //! duplicated in Kafka across a broker restart.
 
-mod common;
 
+use crate::common;
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{http_get, metric, metric_value};
+use crate::common::{http_get, metric, metric_value};
 use opencv::core::{Mat, Vector};
 use opencv::prelude::*;
 use opencv::{imgcodecs, videoio};

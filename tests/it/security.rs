@@ -5,15 +5,15 @@
 //! are (or resolve to) metadata, link-local or loopback addresses, and the
 //! worker follows no HTTP redirect.
 
-mod common;
 
+use crate::common;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::controller::Bed;
-use common::wait_for;
+use crate::common::controller::Bed;
+use crate::common::wait_for;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{ListParams, PostParams};

@@ -3,13 +3,13 @@
 //! refuses, and the CRD's own validation in the apiserver. Pods run on kwok's
 //! fake Node; tests write Pod status as a kubelet would.
 
-mod common;
 
+use crate::common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::controller::Bed;
-use common::wait_for;
+use crate::common::controller::Bed;
+use crate::common::wait_for;
 use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,

@@ -3,8 +3,8 @@
 //! with results published to the real Kafka broker. The model comes from
 //! scripts/fetch-model (pinned by SHA-256; scripts/test fetches it first).
 
-mod common;
 
+use crate::common;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;

@@ -9,15 +9,15 @@
 //! the chart's ServiceAccounts exist, the controller Pod runs as its own with
 //! a token, and the worker Pods it creates run as the workers' one without.
 
-mod common;
 
+use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::controller::Bed;
-use common::wait_for;
+use crate::common::controller::Bed;
+use crate::common::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};

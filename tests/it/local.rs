@@ -1,13 +1,13 @@
 //! `runner local` against the test bed's Kafka broker, with real worker
 //! processes on Debian's OpenCV sample clips.
 
-mod common;
 
+use crate::common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::local::{LocalBed, Sampler, TopicLog, http_get};
-use common::wait_for;
+use crate::common::local::{LocalBed, Sampler, TopicLog, http_get};
+use crate::common::wait_for;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};

@@ -8,13 +8,13 @@
 //! no Pod goes unseen. Pods run on kwok's fake Node, which moves them to
 //! Running; tests end them by writing Pod status as a kubelet would.
 
-mod common;
 
+use crate::common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::controller::{Bed, PodChange, PodHistory, PodWatch, holds_slot, worker_exited};
-use common::wait_for;
+use crate::common::controller::{Bed, PodChange, PodHistory, PodWatch, holds_slot, worker_exited};
+use crate::common::wait_for;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};

@@ -3,12 +3,12 @@
 //! stopped before anything new starts, no scenario ever has two workers,
 //! MAX_WORKERS holds throughout, and every scenario reaches its end.
 
-mod common;
 
+use crate::common;
 use std::time::Duration;
 
-use common::local::{LocalBed, Sampler};
-use common::wait_for;
+use crate::common::local::{LocalBed, Sampler};
+use crate::common::wait_for;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_supervisor_is_replaced_without_duplicates_or_losses() {

@@ -2,17 +2,17 @@
 //! (Pods run on kwok's fake Node; no container runs, so tests finish Pods by
 //! writing their status as a kubelet would).
 
-mod common;
 
+use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::controller::{
+use crate::common::controller::{
     Bed, ControllerProcess, DenyPolicy, auto_commit_interval, controller_rules, dead_lettered,
     ingested, sample,
 };
-use common::wait_for;
+use crate::common::wait_for;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams};
