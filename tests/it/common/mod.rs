@@ -5,6 +5,7 @@
 
 pub mod controller;
 pub mod local;
+pub mod scenario;
 
 use std::future::Future;
 use std::net::{TcpStream, ToSocketAddrs};
