@@ -141,6 +141,8 @@ impl Bed {
         let log = std::fs::File::create(&log_path).expect("log file");
         let mut env: BTreeMap<&str, String> = BTreeMap::new();
         env.insert("KAFKA_BOOTSTRAP_SERVERS", self.bootstrap.clone());
+        let (kubeconfig, path) = super::kubeconfig_env();
+        env.insert(kubeconfig, path);
         env.insert("WATCH_NAMESPACE", self.namespace.clone());
         env.insert("CONSUMER_GROUP", self.group.clone());
         env.insert("DEPLOY_TOPIC", self.deploy.clone());
