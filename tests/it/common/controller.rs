@@ -1173,7 +1173,16 @@ impl Bed {
                 if json_shows(&now, &status) {
                     return Some(());
                 }
-                self.write_pod_status(name, &status).await;
+                // Written again; the Pod may be going meanwhile (then the
+                // next read ends the wait), so a refusal is not an error.
+                let _ = self
+                    .pods()
+                    .patch_status(
+                        name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&serde_json::json!({ "status": &status })),
+                    )
+                    .await;
                 None
             },
         )
