@@ -1,13 +1,12 @@
 //! `runner local` against the test bed's Kafka broker, with real worker
 //! processes on Debian's OpenCV sample clips.
 
-
 use crate::common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::common::local::{LocalBed, Sampler, TopicLog};
 use crate::common::http_get;
+use crate::common::local::{LocalBed, Sampler, TopicLog};
 use crate::common::wait_for;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};

@@ -2,7 +2,6 @@
 //! edits applied on SIGHUP, results of every worker on standard output as
 //! whole JSON lines, `runner local list` showing what runs.
 
-
 use crate::common;
 use std::time::Duration;
 

@@ -3,7 +3,6 @@
 //! stopped before anything new starts, no scenario ever has two workers,
 //! MAX_WORKERS holds throughout, and every scenario reaches its end.
 
-
 use crate::common;
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,6 @@
 //! commit, and read the committed offset back as a fresh group member would.
 //! The topic and the group are deleted when the test ends, failed or not.
 
-
 use crate::common;
 use std::time::Duration;
 

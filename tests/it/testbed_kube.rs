@@ -4,7 +4,6 @@
 //! plugin is on, as in a real cluster. Each test's namespace is deleted when
 //! the test ends, failed or not.
 
-
 use crate::common;
 use std::time::Duration;
 

@@ -1,7 +1,6 @@
 //! `runner worker` on real video files: Debian's OpenCV samples through a real
 //! Kafka broker and through the stdout sink.
 
-
 use crate::common;
 use std::process::{Command, Output, Stdio};
 

@@ -6,7 +6,6 @@
 //! the camera stays broken, a clean exit on SIGTERM, and nothing lost or
 //! duplicated in Kafka across a broker restart.
 
-
 use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -14,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use crate::common::{http_get, metric, metric_value, wait_for};
+use chrono::{DateTime, Utc};
 use opencv::core::{Mat, Vector};
 use opencv::prelude::*;
 use opencv::{imgcodecs, videoio};

@@ -3,7 +3,6 @@
 //! with results published to the real Kafka broker. The model comes from
 //! scripts/fetch-model (pinned by SHA-256; scripts/test fetches it first).
 
-
 use crate::common;
 use std::process::{Command, Stdio};
 

@@ -508,10 +508,7 @@ impl ControllerProcess {
     /// Its /metrics, as Prometheus text.
     pub async fn metrics(&self) -> String {
         let addr = self.metrics_addr().await;
-        let (status, text) =
-            tokio::task::spawn_blocking(move || super::local::http_get(&addr, "/metrics"))
-                .await
-                .expect("scrape /metrics");
+        let (status, text) = super::http_get(&addr, "/metrics").await;
         assert_eq!(status, 200, "/metrics: {text}");
         text
     }
@@ -632,16 +629,8 @@ impl Bed {
     /// How many messages `topic` (partition 0) holds. Blocks a worker thread
     /// of the test's (multi-thread) runtime.
     pub fn messages_in(&self, topic: &str) -> i64 {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .expect("consumer");
-        let (low, high) = tokio::task::block_in_place(|| {
-            consumer.fetch_watermarks(topic, 0, Duration::from_secs(10))
-        })
-        .expect("watermarks");
-        high - low
+        tokio::task::block_in_place(|| super::messages_in(&self.bootstrap, topic))
+            .unwrap_or_else(|| panic!("topic {topic} does not exist"))
     }
 
     /// Sets this bed's consumer group back to the start of `topic`, as an

@@ -167,7 +167,11 @@ pub fn workers_of(state_dir: &Path) -> Vec<(u32, String)> {
     let wanted = state_dir.as_os_str().as_encoded_bytes();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let dir = entry.path();
@@ -176,7 +180,10 @@ pub fn workers_of(state_dir: &Path) -> Vec<(u32, String)> {
                 .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"worker".as_slice()));
         let alive = std::fs::read_to_string(dir.join("stat"))
             .ok()
-            .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+            .and_then(|stat| {
+                stat.rsplit_once(") ")
+                    .map(|(_, rest)| !rest.starts_with('Z'))
+            })
             .unwrap_or(false);
         if !(is_worker && alive) {
             continue;
@@ -465,30 +472,4 @@ impl Drop for TopicLog {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// A plain HTTP/1.1 GET: the status code and the body.
-pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)
-        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET http://{addr}{path}: not HTTP: {response}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string());
-    (status, body)
 }

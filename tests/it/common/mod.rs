@@ -496,7 +496,9 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
         .and_then(|range| range.split_whitespace().next()?.parse().ok())
         .unwrap_or(32768);
     let base = ephemeral_low.checked_sub(SPAN).unwrap_or_else(|| {
-        panic!("the ephemeral port range starts at {ephemeral_low}; tests need {SPAN} ports below it")
+        panic!(
+            "the ephemeral port range starts at {ephemeral_low}; tests need {SPAN} ports below it"
+        )
     });
     let _ = NEXT.compare_exchange(
         0,
