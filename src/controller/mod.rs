@@ -281,6 +281,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
             dlq_topic: args.dlq_topic.clone(),
             video_file_root: args.worker.video_file_root.clone(),
             camera_policy,
+            max_clock_skew: std::time::Duration::from_secs(args.max_clock_skew_secs),
         },
         metrics: metrics.ingest.clone(),
     };

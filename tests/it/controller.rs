@@ -11,7 +11,7 @@ use crate::common::controller::{
     Bed, ControllerProcess, DenyPolicy, assert_nothing_counted, auto_commit_interval,
     controller_rules, dead_lettered, ingested, sample, sample_or_zero,
 };
-use crate::common::scenario::{pod_name, scenario_name, uuid};
+use crate::common::scenario::{now_ms, pod_name, scenario_name, uuid};
 use crate::common::wait_for;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -392,6 +392,44 @@ async fn malformed_messages_go_to_the_dlq_and_valid_ones_go_on() {
     assert!(
         sample(&metrics, "vap_controller_reconciles_total{result=\"ok\"}") >= valid.len() as f64
     );
+}
+
+/// A deploy its producer stamped far in the future would win over every
+/// undeploy of its scenario until that time: it is dead-lettered as
+/// `stamped_ahead`, naming the setting and the fix, and nothing runs. One
+/// stamped within MAX_CLOCK_SKEW_SECS is taken as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_stamped_ahead_of_the_clock_is_dead_lettered() {
+    let bed = Bed::new("ctl-ahead").await;
+    let controller = bed.start_controller(&[("MAX_CLOCK_SKEW_SECS", "60")]);
+    let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
+    let forged = uuid();
+    bed.deploy_at(&forged, &camera, now_ms() + 3_600_000).await;
+    let skewed = uuid();
+    bed.deploy_at(&skewed, &camera, now_ms() + 20_000).await;
+
+    let letters = bed.read_topic(&bed.dlq, 1).await;
+    assert_eq!(letters[0].header("reason"), "stamped_ahead", "{letters:?}");
+    assert_eq!(letters[0].key.as_deref(), Some(forged.as_bytes()));
+    let error = letters[0].header("error");
+    assert!(
+        error.contains("MAX_CLOCK_SKEW_SECS=60") && error.contains("LogAppendTime"),
+        "the error names the setting and the fix: {error}"
+    );
+    bed.wait_phase(&skewed, Phase::Running).await;
+    bed.wait_committed(&bed.deploy, 2, WITHIN).await;
+    assert_eq!(bed.messages_in(&bed.dlq), 1);
+    assert!(
+        bed.scenarios()
+            .get_opt(&scenario_name(&forged))
+            .await
+            .expect("read Scenarios")
+            .is_none(),
+        "no Scenario for the forged deploy"
+    );
+    let metrics = controller.metrics().await;
+    assert_eq!(sample(&metrics, &dead_lettered("stamped_ahead")), 1.0);
+    assert_eq!(sample(&metrics, &ingested("deploy", "created")), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
