@@ -193,15 +193,17 @@ async fn evicted_and_disrupted_pods_are_replaced_within_max_workers() {
     bed.wait_scenario(&a, "running again", |s| phase(s) == Some(Phase::Running))
         .await;
 
-    // Marked as a disruption target, then deleted with a grace period.
-    wait_running_pod(&bed, &a).await;
-    bed.set_pod_status(
-        &pod_name(&a),
-        json!({"conditions": [{"type": "DisruptionTarget", "status": "True",
-                               "reason": "DeletionByTaintManager",
-                               "message": "Taint manager: deleting due to NoExecute taint"}]}),
-    )
-    .await;
+    // Marked as a disruption target (beside the conditions the Pod has, as
+    // the taint manager adds it), then deleted with a grace period.
+    let third = wait_running_pod(&bed, &a).await;
+    let mut conditions =
+        serde_json::to_value(third.status.and_then(|s| s.conditions).unwrap_or_default()).unwrap();
+    conditions.as_array_mut().unwrap().push(
+        json!({"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
+               "message": "Taint manager: deleting due to NoExecute taint"}),
+    );
+    bed.set_pod_status(&pod_name(&a), json!({ "conditions": conditions }))
+        .await;
     bed.pods()
         .delete(&pod_name(&a), &DeleteParams::default().grace_period(5))
         .await
