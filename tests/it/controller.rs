@@ -729,6 +729,17 @@ async fn a_pod_spec_written_by_the_controller_runs_as_a_real_worker() {
         .await;
     bed.wait_phase(&id, Phase::Running).await;
     let pod = bed.pods().get(&pod_name(&id)).await.unwrap();
+    // The bed's broker also answers at the worker's default address
+    // (localhost:9092), so the run alone would not show the setting missing.
+    let env = pod.spec.as_ref().unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        env.iter().any(|e| e.name == "KAFKA_BOOTSTRAP_SERVERS"
+            && e.value.as_deref() == Some(bed.bootstrap.as_str())),
+        "the Pod carries the controller's KAFKA_BOOTSTRAP_SERVERS: {env:?}"
+    );
     let mut cmd = bed.pod_command(&pod).await;
     let output = cmd.output().expect("run the Pod's command");
     assert!(
