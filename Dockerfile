@@ -53,7 +53,7 @@ RUN fetch-model /model
 
 # ---------------------------------------------------------------------------
 # Runtime: bookworm-slim with exactly the shared libraries `runner` links
-# (see `ldd runner`; tests/image.rs checks this list against the binary, and
+# (see `ldd runner`; tests/it/image.rs checks this list against the binary, and
 # scripts/runtime-rootfs builds this stage's filesystem without a container
 # engine): OpenCV and FFmpeg are inside the binary, so only the C++ runtime,
 # zlib and OpenSSL (TLS camera URLs: https, rtsps) remain, plus CA

@@ -314,6 +314,15 @@ pub struct ControllerArgs {
     #[arg(long, env = "DLQ_TOPIC", default_value = "to_deploy.dlq")]
     pub dlq_topic: String,
 
+    /// Seconds a command's producer-set record timestamp may lie ahead of this runner's clock; one stamped further ahead is dead-lettered (stamped_ahead), since it would win over every later command of its scenario until then.
+    #[arg(
+        long,
+        env = "MAX_CLOCK_SKEW_SECS",
+        value_name = "MAX_CLOCK_SKEW_SECS",
+        default_value = "300"
+    )]
+    pub max_clock_skew_secs: u64,
+
     /// Topic every phase change is published to.
     #[arg(long, env = "EVENTS_TOPIC", default_value = "scenario_events")]
     pub events_topic: String,
@@ -472,6 +481,15 @@ pub struct LocalArgs {
     /// Topic invalid requests are copied to, with the reason in a header.
     #[arg(long, env = "DLQ_TOPIC", default_value = "to_deploy.dlq")]
     pub dlq_topic: String,
+
+    /// Seconds a command's producer-set record timestamp may lie ahead of this runner's clock; one stamped further ahead is dead-lettered (stamped_ahead), since it would win over every later command of its scenario until then.
+    #[arg(
+        long,
+        env = "MAX_CLOCK_SKEW_SECS",
+        value_name = "MAX_CLOCK_SKEW_SECS",
+        default_value = "300"
+    )]
+    pub max_clock_skew_secs: u64,
 
     /// Topic every phase change is published to.
     #[arg(long, env = "EVENTS_TOPIC", default_value = "scenario_events")]

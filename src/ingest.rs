@@ -31,7 +31,7 @@ use crate::backoff::Backoff;
 use crate::camera_url::CameraSource;
 use crate::host_policy::HostPolicy;
 use crate::messages::{DeployRequest, RequestError, UndeployRequest};
-use crate::scenario::ordering::{DeployDecision, Stale, Stamp, UndeployDecision};
+use crate::scenario::ordering::{DeployDecision, Stale, Stamp, UndeployDecision, too_far_ahead};
 
 /// What a store did with a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +100,27 @@ pub struct IngestConfig {
     pub video_file_root: Option<PathBuf>,
     /// The camera host policy, applied to every deploy before it is stored.
     pub camera_policy: HostPolicy,
+    /// How far ahead of this runner's clock a producer-set record timestamp
+    /// may be; a command stamped further ahead is dead-lettered.
+    pub max_clock_skew: Duration,
+}
+
+/// A command whose producer-set timestamp lies too far in the future: taken,
+/// it would win over every later command of its scenario until that time.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the record is stamped {stamp} by its producer, {ahead_secs} s ahead of this runner's clock \
+     (MAX_CLOCK_SKEW_SECS={max_secs}); fix the producer's clock, or have the broker stamp records \
+     (topic setting message.timestamp.type=LogAppendTime)"
+)]
+pub struct StampedAhead {
+    stamp: String,
+    ahead_secs: i64,
+    max_secs: u64,
+}
+
+impl StampedAhead {
+    pub const CATEGORY: &'static str = "stamped_ahead";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -265,6 +286,11 @@ impl<S: CommandStore> Ingest<S> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<&'static str> {
         let at = stamp_of(msg);
+        if let Some(ahead) = self.stamped_ahead(msg) {
+            return self
+                .dead_letter(msg, StampedAhead::CATEGORY, &ahead, shutdown)
+                .await;
+        }
         let stored = if msg.topic() == self.config.undeploy_topic {
             match UndeployRequest::parse(msg.payload()) {
                 Ok(req) => {
@@ -298,6 +324,22 @@ impl<S: CommandStore> Ingest<S> {
                 self.dead_letter(msg, category, &rejected, shutdown).await
             }
         }
+    }
+
+    /// A producer-set stamp too far ahead of this runner's clock.
+    fn stamped_ahead(&self, msg: &BorrowedMessage<'_>) -> Option<StampedAhead> {
+        let rdkafka::Timestamp::CreateTime(ms) = msg.timestamp() else {
+            return None;
+        };
+        let max = self.config.max_clock_skew;
+        let now = chrono::Utc::now().timestamp_millis();
+        let ahead = too_far_ahead(ms, now, i64::try_from(max.as_millis()).unwrap_or(i64::MAX))?;
+        Some(StampedAhead {
+            stamp: chrono::DateTime::from_timestamp_millis(ms)
+                .map_or_else(|| format!("{ms} ms"), |t| t.to_rfc3339()),
+            ahead_secs: ahead / 1000,
+            max_secs: max.as_secs(),
+        })
     }
 
     /// The camera host policy, with the camera's name resolved from here (a

@@ -1,5 +1,5 @@
 //! Properties of the parsers of untrusted input. The fuzz targets check them
-//! on every generated input and `tests/fuzz_corpus.rs` on the stored corpus;
+//! on every generated input and `tests/it/fuzz_corpus.rs` on the stored corpus;
 //! each function panics when a property does not hold.
 //!
 //! - Nothing panics.

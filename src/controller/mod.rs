@@ -202,7 +202,14 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
                     queue_changed.notify_one();
                     pod
                 }
-                Ok(_) => return futures::future::ready(()),
+                // A re-list (after the watch lapsed) ends here: Pods that went
+                // meanwhile never had a Delete event, and the cache has just
+                // dropped them, so their slots may be free now.
+                Ok(watcher::Event::InitDone) => {
+                    queue_changed.notify_one();
+                    return futures::future::ready(());
+                }
+                Ok(watcher::Event::Init) => return futures::future::ready(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "watching worker Pods failed; retrying");
                     return futures::future::ready(());
@@ -281,6 +288,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
             dlq_topic: args.dlq_topic.clone(),
             video_file_root: args.worker.video_file_root.clone(),
             camera_policy,
+            max_clock_skew: std::time::Duration::from_secs(args.max_clock_skew_secs),
         },
         metrics: metrics.ingest.clone(),
     };

@@ -375,15 +375,18 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         ctx.metrics.status_writes.inc();
     }
     let new_phase = plan.status.phase;
-    if let Some(phase) = new_phase
-        && old_phase != Some(phase)
-    {
-        on_phase_change(scenario, phase, &plan.status, ctx).await;
-    }
+    // The next in line is woken first: handing the slot on waits for
+    // nothing else, least of all for the Kubernetes Event and the Kafka
+    // phase event below (a slow broker holds those up to their timeouts).
     if slot_freed
         || (old_phase.is_some_and(Phase::is_live) && !new_phase.is_some_and(Phase::is_live))
     {
         ctx.queue_changed.notify_one();
+    }
+    if let Some(phase) = new_phase
+        && old_phase != Some(phase)
+    {
+        on_phase_change(scenario, phase, &plan.status, ctx).await;
     }
     Ok(match plan.requeue {
         Some(after) => Action::requeue(after),

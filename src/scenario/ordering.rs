@@ -14,6 +14,10 @@
 //! - a deploy newer than the last undeploy, or than a finished run, runs the
 //!   scenario again (a fresh run, a new worker);
 //! - a newer deploy with another camera URL or `worker_id` replaces the worker.
+//!
+//! A producer sets its records' timestamps (unless the topic uses the broker's
+//! `LogAppendTime`), so a stamp far in the future would win over every later
+//! command until that time: [`too_far_ahead`] refuses such a stamp.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -169,6 +173,15 @@ pub fn after_undeploy(applied: Applied, decision: UndeployDecision, at: Stamp) -
             ..applied
         },
     }
+}
+
+/// How far `stamp_ms` lies after `now_ms` (the runner's clock, standing in
+/// for the broker's), when that is more than `max_ahead_ms`; `None` for a
+/// stamp that may be taken. A stamp set by the broker (`LogAppendTime`) is
+/// the broker's clock and is not judged here.
+pub fn too_far_ahead(stamp_ms: i64, now_ms: i64, max_ahead_ms: i64) -> Option<i64> {
+    let ahead = stamp_ms.saturating_sub(now_ms);
+    (ahead > max_ahead_ms).then_some(ahead)
 }
 
 #[cfg(test)]
@@ -406,5 +419,28 @@ mod tests {
                 "undeploy first, undeploy at {undeploy:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_stamp_further_ahead_than_the_allowed_skew_is_refused() {
+        let now = 1_700_000_000_000;
+        assert_eq!(too_far_ahead(now, now, 300_000), None);
+        assert_eq!(
+            too_far_ahead(now - 86_400_000, now, 300_000),
+            None,
+            "the past is fine"
+        );
+        assert_eq!(
+            too_far_ahead(now + 300_000, now, 300_000),
+            None,
+            "at the limit"
+        );
+        assert_eq!(too_far_ahead(now + 300_001, now, 300_000), Some(300_001));
+        assert_eq!(
+            too_far_ahead(4_102_444_800_000, now, 300_000),
+            Some(4_102_444_800_000 - now),
+            "a stamp in 2100"
+        );
+        assert_eq!(too_far_ahead(i64::MAX, i64::MIN, 0), Some(i64::MAX));
     }
 }

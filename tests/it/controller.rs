@@ -2,55 +2,23 @@
 //! (Pods run on kwok's fake Node; no container runs, so tests finish Pods by
 //! writing their status as a kubelet would).
 
-mod common;
-
+use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::controller::{
-    Bed, ControllerProcess, DenyPolicy, auto_commit_interval, controller_rules, dead_lettered,
-    ingested, sample,
+use crate::common::controller::{
+    Bed, ControllerProcess, DenyPolicy, assert_nothing_counted, auto_commit_interval,
+    controller_rules, dead_lettered, ingested, sample, sample_or_zero,
 };
-use common::wait_for;
+use crate::common::scenario::{now_ms, pod_name, scenario_name, uuid};
+use crate::common::wait_for;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use vap_runner::controller::crd::{Phase, Scenario, ScenarioSpec};
-
-fn uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-fn scenario_name(uuid: &str) -> String {
-    format!("scn-{uuid}")
-}
-
-fn pod_name(uuid: &str) -> String {
-    format!("worker-{uuid}")
-}
-
-async fn phase_of(bed: &Bed, uuid: &str) -> Option<Phase> {
-    bed.scenarios()
-        .get_opt(&scenario_name(uuid))
-        .await
-        .ok()??
-        .status?
-        .phase
-}
-
-async fn wait_phase(bed: &Bed, uuid: &str, phase: Phase, timeout: Duration) {
-    wait_for(
-        &format!("scenario {uuid} to be {phase:?}"),
-        timeout,
-        || async move { (phase_of(bed, uuid).await == Some(phase)).then_some(()) },
-    )
-    .await;
-}
 
 /// How long the controller may take for one step on the shared test bed
 /// (parallel test runs on two cores): generous, since only a failure waits
@@ -163,7 +131,7 @@ where
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_give_one_scenario_and_one_pod() {
     let bed = Bed::new("ctl-dup").await;
     let scenarios = ScenarioLog::start(bed.scenarios()).await;
@@ -174,7 +142,7 @@ async fn duplicates_give_one_scenario_and_one_pod() {
         bed.deploy(&id, &camera).await;
     }
     bed.wait_committed(&bed.deploy, 100, WITHIN).await;
-    wait_phase(&bed, &id, Phase::Running, WITHIN).await;
+    bed.wait_phase(&id, Phase::Running).await;
     controller.assert_running();
     let list = bed.scenarios().list(&ListParams::default()).await.unwrap();
     assert_eq!(list.items.len(), 1);
@@ -221,8 +189,14 @@ async fn duplicates_give_one_scenario_and_one_pod() {
         100.0,
         "every record read again is a duplicate"
     );
-    assert_eq!(sample(&metrics, &ingested("deploy", "created")), 0.0);
-    assert_eq!(sample(&metrics, &ingested("deploy", "refreshed")), 0.0);
+    assert_eq!(
+        sample_or_zero(&metrics, &ingested("deploy", "created")),
+        0.0
+    );
+    assert_eq!(
+        sample_or_zero(&metrics, &ingested("deploy", "refreshed")),
+        0.0
+    );
     assert_eq!(sample(&metrics, "vap_controller_pods_created_total"), 0.0);
     let after = bed.scenarios().get(&scenario_name(&id)).await.unwrap();
     assert_eq!(after.metadata.generation, before.metadata.generation);
@@ -238,14 +212,14 @@ async fn duplicates_give_one_scenario_and_one_pod() {
     );
     let pod_after = bed.pods().get(&pod_name(&id)).await.unwrap();
     assert_eq!(pod_after.metadata.uid, pod_before.metadata.uid);
-    assert_eq!(phase_of(&bed, &id).await, Some(Phase::Running));
+    assert_eq!(bed.phase(&id).await, Some(Phase::Running));
 }
 
 /// A worker slot the platform's policy refuses Scenarios for.
 const REFUSED_WORKER: &str = "99999999-5566-7788-99aa-bbccddeeeff0";
 const POLICY_MESSAGE: &str = "this worker slot is retired";
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_go_to_the_dlq_and_valid_ones_go_on() {
     let bed = Bed::new("ctl-dlq").await;
     let refused = uuid();
@@ -381,7 +355,7 @@ async fn malformed_messages_go_to_the_dlq_and_valid_ones_go_on() {
     bed.wait_committed(&bed.undeploy, undeploy_corpus.len() as i64, WITHIN)
         .await;
     for id in &valid {
-        wait_phase(&bed, id, Phase::Running, WITHIN).await;
+        bed.wait_phase(id, Phase::Running).await;
     }
     assert_eq!(
         names(&bed.scenarios()).await,
@@ -420,7 +394,45 @@ async fn malformed_messages_go_to_the_dlq_and_valid_ones_go_on() {
     );
 }
 
-#[tokio::test]
+/// A deploy its producer stamped far in the future would win over every
+/// undeploy of its scenario until that time: it is dead-lettered as
+/// `stamped_ahead`, naming the setting and the fix, and nothing runs. One
+/// stamped within MAX_CLOCK_SKEW_SECS is taken as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_stamped_ahead_of_the_clock_is_dead_lettered() {
+    let bed = Bed::new("ctl-ahead").await;
+    let controller = bed.start_controller(&[("MAX_CLOCK_SKEW_SECS", "60")]);
+    let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
+    let forged = uuid();
+    bed.deploy_at(&forged, &camera, now_ms() + 3_600_000).await;
+    let skewed = uuid();
+    bed.deploy_at(&skewed, &camera, now_ms() + 20_000).await;
+
+    let letters = bed.read_topic(&bed.dlq, 1).await;
+    assert_eq!(letters[0].header("reason"), "stamped_ahead", "{letters:?}");
+    assert_eq!(letters[0].key.as_deref(), Some(forged.as_bytes()));
+    let error = letters[0].header("error");
+    assert!(
+        error.contains("MAX_CLOCK_SKEW_SECS=60") && error.contains("LogAppendTime"),
+        "the error names the setting and the fix: {error}"
+    );
+    bed.wait_phase(&skewed, Phase::Running).await;
+    bed.wait_committed(&bed.deploy, 2, WITHIN).await;
+    assert_eq!(bed.messages_in(&bed.dlq), 1);
+    assert!(
+        bed.scenarios()
+            .get_opt(&scenario_name(&forged))
+            .await
+            .expect("read Scenarios")
+            .is_none(),
+        "no Scenario for the forged deploy"
+    );
+    let metrics = controller.metrics().await;
+    assert_eq!(sample(&metrics, &dead_lettered("stamped_ahead")), 1.0);
+    assert_eq!(sample(&metrics, &ingested("deploy", "created")), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeploy_stops_frees_the_slot_and_a_replayed_deploy_is_ignored() {
     let bed = Bed::new("ctl-undeploy").await;
     let controller = bed.start_controller(&[("MAX_WORKERS", "1")]);
@@ -428,13 +440,13 @@ async fn undeploy_stops_frees_the_slot_and_a_replayed_deploy_is_ignored() {
     let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
     let deployed_at = chrono::Utc::now().timestamp_millis();
     bed.deploy_at(&id, &camera, deployed_at).await;
-    wait_phase(&bed, &id, Phase::Running, WITHIN).await;
+    bed.wait_phase(&id, Phase::Running).await;
     bed.deploy(&next, &camera).await;
-    wait_phase(&bed, &next, Phase::Queued, WITHIN).await;
+    bed.wait_phase(&next, Phase::Queued).await;
     wait_slots(&controller, 1.0, 1.0).await;
 
     bed.undeploy_at(&id, deployed_at + 1).await;
-    wait_phase(&bed, &id, Phase::Stopped, WITHIN).await;
+    bed.wait_phase(&id, Phase::Stopped).await;
     wait_for("the worker Pod to be gone", WITHIN, || async {
         match bed.pods().get_opt(&pod_name(&id)).await {
             Ok(None) => Some(()),
@@ -443,7 +455,7 @@ async fn undeploy_stops_frees_the_slot_and_a_replayed_deploy_is_ignored() {
     })
     .await;
     // Its slot is free: the scenario that waited starts.
-    wait_phase(&bed, &next, Phase::Running, WITHIN).await;
+    bed.wait_phase(&next, Phase::Running).await;
     wait_slots(&controller, 0.0, 1.0).await;
     assert_eq!(
         controller.metric(&ingested("undeploy", "stopped")).await,
@@ -491,16 +503,16 @@ async fn undeploy_stops_frees_the_slot_and_a_replayed_deploy_is_ignored() {
     if let Ok(revived) = tokio::time::timeout(2 * auto_commit_interval(), revivals.next()).await {
         panic!("{revived:?}");
     }
-    assert_eq!(phase_of(&bed, &id).await, Some(Phase::Stopped));
+    assert_eq!(bed.phase(&id).await, Some(Phase::Stopped));
     assert!(bed.pods().get_opt(&pod_name(&id)).await.unwrap().is_none());
-    assert_eq!(phase_of(&bed, &next).await, Some(Phase::Running));
+    assert_eq!(bed.phase(&next).await, Some(Phase::Running));
     let metrics = controller.metrics().await;
     assert_eq!(sample(&metrics, &ingested("deploy", "overtaken")), 1.0);
     assert_eq!(sample(&metrics, "vap_controller_live_workers"), 1.0);
     assert_eq!(sample(&metrics, "vap_controller_pods_created_total"), 2.0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_burst_loses_nothing_and_duplicates_nothing() {
     let bed = Bed::new("ctl-crash").await;
     let identity = bed.identity("runner", controller_rules(&[])).await;
@@ -572,7 +584,7 @@ async fn sigkill_mid_burst_loses_nothing_and_duplicates_nothing() {
     let restarted = bed.start_controller(&settings);
     bed.wait_committed(&bed.deploy, 60, WITHIN).await;
     for id in &ids {
-        wait_phase(&bed, id, Phase::Running, WITHIN).await;
+        bed.wait_phase(id, Phase::Running).await;
     }
     let scenario_names: BTreeSet<String> = ids.iter().map(|id| scenario_name(id)).collect();
     assert_eq!(names(&bed.scenarios()).await, scenario_names);
@@ -593,7 +605,10 @@ async fn sigkill_mid_burst_loses_nothing_and_duplicates_nothing() {
         39.0,
         "the messages whose write had not happened"
     );
-    assert_eq!(sample(&metrics, &ingested("deploy", "refreshed")), 0.0);
+    assert_eq!(
+        sample_or_zero(&metrics, &ingested("deploy", "refreshed")),
+        0.0
+    );
     let after = bed.scenarios().get(&stuck).await.unwrap();
     assert_eq!(after.metadata.generation, generation, "rewritten");
     let secrets: BTreeSet<String> = names(&Api::<Secret>::namespaced(
@@ -611,7 +626,7 @@ async fn sigkill_mid_burst_loses_nothing_and_duplicates_nothing() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_api_unavailable_ingest_never_moves_past_a_message() {
     let bed = Bed::new("ctl-noapi").await;
     let denied = ("runner.vap.io", "scenarios", "create");
@@ -650,20 +665,14 @@ async fn kubernetes_api_unavailable_ingest_never_moves_past_a_message() {
     )
     .await;
     let metrics = controller.metrics().await;
-    assert!(
-        !metrics.contains("vap_controller_dead_lettered_total{"),
-        "{metrics}"
-    );
-    assert!(
-        !metrics.contains("vap_controller_ingested_total{"),
-        "{metrics}"
-    );
+    assert_nothing_counted(&metrics, "vap_controller_dead_lettered_total");
+    assert_nothing_counted(&metrics, "vap_controller_ingested_total");
 
     bed.set_rules(&identity, controller_rules(&[])).await;
     bed.wait_access(&identity, denied, true).await;
     bed.wait_committed(&bed.deploy, 3, WITHIN).await;
     for id in &ids {
-        wait_phase(&bed, id, Phase::Running, WITHIN).await;
+        bed.wait_phase(id, Phase::Running).await;
     }
     assert_eq!(
         scenarios.first_seen(),
@@ -680,55 +689,57 @@ async fn kubernetes_api_unavailable_ingest_never_moves_past_a_message() {
     assert_eq!(bed.messages_in(&bed.dlq), 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_pods_are_recreated_and_deleted_scenarios_take_their_pod() {
     let bed = Bed::new("ctl-delete").await;
     let _controller = bed.start_controller(&[]);
     let id = uuid();
     bed.deploy(&id, &format!("{}/vtest.avi", common::MEDIA_DIR))
         .await;
-    wait_phase(&bed, &id, Phase::Running, Duration::from_secs(60)).await;
+    bed.wait_phase(&id, Phase::Running).await;
     let first_uid = bed.pods().get(&pod_name(&id)).await.unwrap().metadata.uid;
     bed.pods()
         .delete(&pod_name(&id), &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    wait_for(
-        "the worker Pod to be recreated",
-        Duration::from_secs(60),
-        || async {
-            let pod = bed.pods().get_opt(&pod_name(&id)).await.ok()??;
-            (pod.metadata.uid != first_uid && pod.metadata.deletion_timestamp.is_none())
-                .then_some(())
-        },
-    )
+    wait_for("the worker Pod to be recreated", WITHIN, || async {
+        let pod = bed.pods().get_opt(&pod_name(&id)).await.ok()??;
+        (pod.metadata.uid != first_uid && pod.metadata.deletion_timestamp.is_none()).then_some(())
+    })
     .await;
     bed.scenarios()
         .delete(&scenario_name(&id), &DeleteParams::default())
         .await
         .unwrap();
-    wait_for(
-        "the worker Pod to go with its Scenario",
-        Duration::from_secs(90),
-        || async {
-            match bed.pods().get_opt(&pod_name(&id)).await {
-                Ok(None) => Some(()),
-                _ => None,
-            }
-        },
-    )
+    wait_for("the worker Pod to go with its Scenario", WITHIN, || async {
+        match bed.pods().get_opt(&pod_name(&id)).await {
+            Ok(None) => Some(()),
+            _ => None,
+        }
+    })
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_spec_written_by_the_controller_runs_as_a_real_worker() {
     let bed = Bed::new("ctl-e2e").await;
     let _controller = bed.start_controller(&[("VIDEO_FPS", "1")]);
     let id = uuid();
     bed.deploy(&id, &format!("{}/vtest.avi", common::MEDIA_DIR))
         .await;
-    wait_phase(&bed, &id, Phase::Running, Duration::from_secs(60)).await;
+    bed.wait_phase(&id, Phase::Running).await;
     let pod = bed.pods().get(&pod_name(&id)).await.unwrap();
+    // The bed's broker also answers at the worker's default address
+    // (localhost:9092), so the run alone would not show the setting missing.
+    let env = pod.spec.as_ref().unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        env.iter().any(|e| e.name == "KAFKA_BOOTSTRAP_SERVERS"
+            && e.value.as_deref() == Some(bed.bootstrap.as_str())),
+        "the Pod carries the controller's KAFKA_BOOTSTRAP_SERVERS: {env:?}"
+    );
     let mut cmd = bed.pod_command(&pod).await;
     let output = cmd.output().expect("run the Pod's command");
     assert!(
@@ -737,16 +748,8 @@ async fn a_pod_spec_written_by_the_controller_runs_as_a_real_worker() {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bed.bootstrap)
-        .set("group.id", common::unique_name("e2e-reader"))
-        .create()
-        .unwrap();
-    let (low, high) = consumer
-        .fetch_watermarks(&bed.results, 0, Duration::from_secs(10))
-        .unwrap();
     assert_eq!(
-        high - low,
+        bed.messages_in(&bed.results),
         80,
         "vtest.avi (79.5 s) at VIDEO_FPS=1 gives 80 results"
     );

@@ -3,13 +3,12 @@
 //! refuses, and the CRD's own validation in the apiserver. Pods run on kwok's
 //! fake Node; tests write Pod status as a kubelet would.
 
-mod common;
-
-use std::collections::HashMap;
+use crate::common;
 use std::time::Duration;
 
-use common::controller::Bed;
-use common::wait_for;
+use crate::common::controller::{Bed, PodWatch, SCENARIO_WITHIN, holds_slot};
+use crate::common::scenario::{now_ms, phase, pod_name, scenario_name, uuid};
+use crate::common::wait_for;
 use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
@@ -21,46 +20,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use vap_runner::controller::crd::{Phase, Scenario};
 
-fn uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-fn scenario_name(id: &str) -> String {
-    format!("scn-{id}")
-}
-
-fn pod_name(id: &str) -> String {
-    format!("worker-{id}")
-}
-
 const LIVE: &str = "rtsp://camera.example/stream";
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-/// Waits until the Scenario of `id` satisfies `check`, and returns it.
-async fn wait_scenario(
-    bed: &Bed,
-    id: &str,
-    what: &str,
-    check: impl Fn(&Scenario) -> bool,
-) -> Scenario {
-    let check = &check;
-    wait_for(
-        &format!("scenario {id}: {what}"),
-        Duration::from_secs(90),
-        || async move {
-            let s = bed.scenarios().get_opt(&scenario_name(id)).await.ok()??;
-            check(&s).then_some(s)
-        },
-    )
-    .await
-}
-
-fn phase(s: &Scenario) -> Option<Phase> {
-    s.status.as_ref()?.phase
-}
 
 /// The Ready condition's (status, reason).
 fn ready(s: &Scenario) -> Option<(String, String)> {
@@ -72,7 +32,7 @@ fn ready(s: &Scenario) -> Option<(String, String)> {
 async fn wait_new_pod(bed: &Bed, id: &str, old_uid: Option<&str>) -> Pod {
     wait_for(
         &format!("a new worker Pod for {id}"),
-        Duration::from_secs(90),
+        SCENARIO_WITHIN,
         || async move {
             let pod = bed.pods().get_opt(&pod_name(id)).await.ok()??;
             (pod.metadata.uid.as_deref() != old_uid && pod.metadata.deletion_timestamp.is_none())
@@ -82,72 +42,10 @@ async fn wait_new_pod(bed: &Bed, id: &str, old_uid: Option<&str>) -> Pod {
     .await
 }
 
-/// Writes Pod status as the kubelet would.
-async fn set_pod_status(bed: &Bed, name: &str, status: serde_json::Value) {
-    bed.pods()
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({ "status": status })),
-        )
-        .await
-        .expect("write Pod status");
-}
-
-/// Waits until kwok has the Pod running, then returns it.
+/// Waits until kwok has finished with the worker Pod of `id` (see
+/// [`kwok_is_done`](common::controller::kwok_is_done)), then returns it.
 async fn wait_running_pod(bed: &Bed, id: &str) -> Pod {
-    wait_for(
-        &format!("the worker Pod of {id} to run"),
-        Duration::from_secs(90),
-        || async move {
-            let pod = bed.pods().get_opt(&pod_name(id)).await.ok()??;
-            let phase = pod.status.as_ref()?.phase.clone();
-            (phase.as_deref() == Some("Running") && pod.metadata.deletion_timestamp.is_none())
-                .then_some(pod)
-        },
-    )
-    .await
-}
-
-fn holds_slot(pod: &Pod) -> bool {
-    !matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
-}
-
-/// Watches the bed's Pods and returns the most that held a slot at once,
-/// once `stop` fires.
-fn watch_live_pods(
-    bed: &Bed,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<usize>,
-) {
-    let (tx, mut rx) = tokio::sync::oneshot::channel();
-    let pods = bed.pods();
-    let task = tokio::spawn(async move {
-        let mut seen: HashMap<String, Pod> = HashMap::new();
-        let mut max = 0;
-        let mut events = watcher(pods, watcher::Config::default()).boxed();
-        loop {
-            tokio::select! {
-                _ = &mut rx => return max,
-                event = events.next() => match event {
-                    Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => {
-                        seen.insert(p.uid().unwrap_or_default(), p);
-                    }
-                    Some(Ok(watcher::Event::Delete(p))) => {
-                        seen.remove(&p.uid().unwrap_or_default());
-                    }
-                    Some(_) => {}
-                    None => return max,
-                },
-            }
-            max = max.max(seen.values().filter(|p| holds_slot(p)).count());
-        }
-    });
-    (tx, task)
+    bed.wait_kwok_done(&pod_name(id)).await
 }
 
 /// With MAX_WORKERS=1: deploys a live scenario and waits until it runs, then
@@ -155,35 +53,28 @@ fn watch_live_pods(
 async fn one_running_one_queued(bed: &Bed) -> (String, String) {
     let (a, b) = (uuid(), uuid());
     bed.deploy(&a, LIVE).await;
-    wait_scenario(bed, &a, "running", |s| phase(s) == Some(Phase::Running)).await;
+    bed.wait_phase(&a, Phase::Running).await;
     bed.deploy(&b, LIVE).await;
-    wait_scenario(bed, &b, "queued", |s| phase(s) == Some(Phase::Queued)).await;
+    bed.wait_scenario(&b, "queued", |s| phase(s) == Some(Phase::Queued))
+        .await;
     (a, b)
 }
 
 /// Ends a replacement with MAX_WORKERS=1: the scenario `queued` still waits
 /// (the replaced worker kept its slot), and at no moment did more than one
 /// Pod hold a slot.
-async fn kept_its_slot(
-    bed: &Bed,
-    queued: &str,
-    (stop, observer): (
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<usize>,
-    ),
-) {
+async fn kept_its_slot(bed: &Bed, queued: &str, watch: PodWatch) {
     let s = bed.scenarios().get(&scenario_name(queued)).await.unwrap();
     assert_eq!(
         phase(&s),
         Some(Phase::Queued),
         "the replaced worker keeps its slot"
     );
-    let _ = stop.send(());
-    let max = observer.await.unwrap();
+    let max = watch.finish().await.most_holding_slots(|_| true);
     assert!(max <= 1, "saw {max} live worker Pods with MAX_WORKERS=1");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_follow_record_time_whatever_order_they_are_read_in() {
     let bed = Bed::new("ctl-order").await;
     let clip = common::media("vtest.avi");
@@ -194,7 +85,7 @@ async fn commands_follow_record_time_whatever_order_they_are_read_in() {
     // The undeploy is read before the (older) deploy it undoes.
     bed.undeploy_at(&id, t0 + 1_000).await;
     let mut controller = bed.start_controller(&[]);
-    wait_scenario(&bed, &id, "a stopped tombstone", |s| {
+    bed.wait_scenario(&id, "a stopped tombstone", |s| {
         phase(s) == Some(Phase::Stopped)
     })
     .await;
@@ -212,10 +103,8 @@ async fn commands_follow_record_time_whatever_order_they_are_read_in() {
 
     // A deploy newer than the stop runs the scenario again.
     bed.deploy_at(&id, &clip, t0 + 2_000).await;
-    wait_scenario(&bed, &id, "running again", |s| {
-        phase(s) == Some(Phase::Running)
-    })
-    .await;
+    bed.wait_scenario(&id, "running again", |s| phase(s) == Some(Phase::Running))
+        .await;
     let first = wait_running_pod(&bed, &id).await;
 
     // A replay older than what was applied changes nothing.
@@ -231,15 +120,16 @@ async fn commands_follow_record_time_whatever_order_they_are_read_in() {
     bed.deploy_at(&id, &other, t0 + 3_000).await;
     let replaced = wait_new_pod(&bed, &id, first.uid().as_deref()).await;
     assert_eq!(replaced.labels()["runner.vap.io/run"], "2");
-    let s = wait_scenario(&bed, &id, "running on the new camera", |s| {
-        phase(s) == Some(Phase::Running) && s.status.as_ref().unwrap().observed_run == 2
-    })
-    .await;
+    let s = bed
+        .wait_scenario(&id, "running on the new camera", |s| {
+            phase(s) == Some(Phase::Running) && s.status.as_ref().unwrap().observed_run == 2
+        })
+        .await;
     assert_eq!(s.spec.camera_url, other);
     controller.assert_running();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_shows_then_fails_after_the_budget_and_frees_the_slot() {
     let bed = Bed::new("ctl-crash-loop").await;
     let mut controller =
@@ -258,76 +148,76 @@ async fn a_crash_loop_shows_then_fails_after_the_budget_and_frees_the_slot() {
             }]
         })
     };
-    set_pod_status(&bed, &pod_name(&a), crashing(1)).await;
-    let s = wait_scenario(&bed, &a, "not ready, crash-looping", |s| {
-        ready(s) == Some(("False".into(), "CrashLoopBackOff".into()))
-    })
-    .await;
+    bed.set_pod_status(&pod_name(&a), crashing(1)).await;
+    let s = bed
+        .wait_scenario(&a, "not ready, crash-looping", |s| {
+            ready(s) == Some(("False".into(), "CrashLoopBackOff".into()))
+        })
+        .await;
     let error = s.status.unwrap().last_error.unwrap_or_default();
     assert!(error.contains("exited with code 1"), "lastError: {error}");
 
-    set_pod_status(&bed, &pod_name(&a), crashing(2)).await;
-    let s = wait_scenario(&bed, &a, "failed after its restart budget", |s| {
-        phase(s) == Some(Phase::Failed)
-    })
-    .await;
+    bed.set_pod_status(&pod_name(&a), crashing(2)).await;
+    let s = bed
+        .wait_scenario(&a, "failed after its restart budget", |s| {
+            phase(s) == Some(Phase::Failed)
+        })
+        .await;
     assert_eq!(
         ready(&s),
         Some(("False".into(), "RestartLimitReached".into()))
     );
-    wait_scenario(&bed, &b, "started in the freed slot", |s| {
+    bed.wait_scenario(&b, "started in the freed slot", |s| {
         phase(s) == Some(Phase::Running)
     })
     .await;
     controller.assert_running();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evicted_and_disrupted_pods_are_replaced_within_max_workers() {
     let bed = Bed::new("ctl-evict").await;
-    let (stop, observer) = watch_live_pods(&bed);
+    let watch = PodWatch::start(bed.pods()).await;
     let mut controller = bed.start_controller(&[("MAX_WORKERS", "1")]);
     let (a, b) = one_running_one_queued(&bed).await;
 
     // Evicted for node pressure: the Pod ends Failed.
     let first = wait_running_pod(&bed, &a).await;
-    set_pod_status(
-        &bed,
+    bed.set_pod_status(
         &pod_name(&a),
         json!({"phase": "Failed", "reason": "Evicted",
                "message": "The node was low on resource: memory."}),
     )
     .await;
     let second = wait_new_pod(&bed, &a, first.uid().as_deref()).await;
-    wait_scenario(&bed, &a, "running again", |s| {
-        phase(s) == Some(Phase::Running)
-    })
-    .await;
+    bed.wait_scenario(&a, "running again", |s| phase(s) == Some(Phase::Running))
+        .await;
 
-    // Marked as a disruption target, then deleted with a grace period.
-    wait_running_pod(&bed, &a).await;
-    set_pod_status(
-        &bed,
-        &pod_name(&a),
-        json!({"conditions": [{"type": "DisruptionTarget", "status": "True",
-                               "reason": "DeletionByTaintManager",
-                               "message": "Taint manager: deleting due to NoExecute taint"}]}),
-    )
-    .await;
+    // Marked as a disruption target (beside the conditions the Pod has, as
+    // the taint manager adds it), then deleted with a grace period.
+    let third = wait_running_pod(&bed, &a).await;
+    let mut conditions =
+        serde_json::to_value(third.status.and_then(|s| s.conditions).unwrap_or_default()).unwrap();
+    conditions.as_array_mut().unwrap().push(
+        json!({"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
+               "message": "Taint manager: deleting due to NoExecute taint"}),
+    );
+    bed.set_pod_status(&pod_name(&a), json!({ "conditions": conditions }))
+        .await;
     bed.pods()
         .delete(&pod_name(&a), &DeleteParams::default().grace_period(5))
         .await
         .unwrap();
     wait_new_pod(&bed, &a, second.uid().as_deref()).await;
-    wait_scenario(&bed, &a, "running on its third Pod", |s| {
+    bed.wait_scenario(&a, "running on its third Pod", |s| {
         phase(s) == Some(Phase::Running)
     })
     .await;
-    kept_its_slot(&bed, &b, (stop, observer)).await;
+    kept_its_slot(&bed, &b, watch).await;
     controller.assert_running();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_the_cluster_refuses_fails_its_scenario_and_the_queue_goes_on() {
     let bed = Bed::new("ctl-refused").await;
     let (bad, good) = (uuid(), uuid());
@@ -393,10 +283,11 @@ async fn a_pod_the_cluster_refuses_fails_its_scenario_and_the_queue_goes_on() {
 
     let mut controller = bed.start_controller(&[("MAX_WORKERS", "1")]);
     bed.deploy(&bad, LIVE).await;
-    let s = wait_scenario(&bed, &bad, "failed: its Pod is refused", |s| {
-        phase(s) == Some(Phase::Failed)
-    })
-    .await;
+    let s = bed
+        .wait_scenario(&bad, "failed: its Pod is refused", |s| {
+            phase(s) == Some(Phase::Failed)
+        })
+        .await;
     assert_eq!(ready(&s), Some(("False".into(), "PodRejected".into())));
     assert!(
         s.status
@@ -406,7 +297,8 @@ async fn a_pod_the_cluster_refuses_fails_its_scenario_and_the_queue_goes_on() {
             .contains("not allowed here")
     );
     bed.deploy(&good, LIVE).await;
-    wait_scenario(&bed, &good, "running", |s| phase(s) == Some(Phase::Running)).await;
+    bed.wait_scenario(&good, "running", |s| phase(s) == Some(Phase::Running))
+        .await;
     controller.assert_running();
     let _ = bindings
         .delete(&policy_name, &DeleteParams::default())
@@ -416,7 +308,7 @@ async fn a_pod_the_cluster_refuses_fails_its_scenario_and_the_queue_goes_on() {
         .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_apiserver_refuses_invalid_scenarios() {
     let bed = Bed::new("ctl-crd").await;
     let id = uuid();
@@ -473,73 +365,79 @@ async fn the_apiserver_refuses_invalid_scenarios() {
     assert!(err.to_string().contains("immutable"), "{err}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_clean_and_an_unchanged_scenario_is_not_rewritten() {
     let bed = Bed::new("ctl-status").await;
     let mut controller = bed.start_controller(&[("MAX_WORKERS", "1")]);
     let (a, b) = one_running_one_queued(&bed).await;
     bed.undeploy_at(&a, now_ms()).await;
-    let s = wait_scenario(&bed, &b, "running and ready", |s| {
-        ready(s) == Some(("True".into(), "WorkerReady".into()))
-    })
-    .await;
+    let s = bed
+        .wait_scenario(&b, "running and ready", |s| {
+            ready(s) == Some(("True".into(), "WorkerReady".into()))
+        })
+        .await;
     let status = serde_json::to_value(s.status.as_ref().unwrap()).unwrap();
     for stale in ["queuePosition", "lastError", "finishTime"] {
         assert!(status.get(stale).is_none(), "stale {stale} in {status}");
     }
 
-    // Count status changes while the Scenario is touched but unchanged.
-    let scenarios = bed.scenarios();
-    let name = scenario_name(&b);
-    let watched = scenarios.clone();
-    let counter = tokio::spawn(async move {
-        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut stream = watcher(watched, config).applied_objects().boxed();
-        let mut last = None;
-        let mut changes = 0;
-        while let Some(Ok(s)) = stream.next().await {
-            let status = s.status.clone();
-            if last.is_some() && last != Some(status.clone()) {
-                changes += 1;
-            }
-            last = Some(status);
-            if phase(&s) == Some(Phase::Stopped) {
-                return changes;
-            }
+    // Touched but unchanged, the Scenario is reconciled and its status not
+    // written: the controller's own count of status writes stays put. (An
+    // identical rewrite makes no watch event, so only the count shows it.)
+    const WRITES: &str = "vap_controller_status_writes_total";
+    const RECONCILED: &str = "vap_controller_reconciles_total{result=\"ok\"}";
+    let touch = |i: usize| {
+        let scenarios = bed.scenarios();
+        let name = scenario_name(&b);
+        async move {
+            let patch = json!({"metadata": {"annotations": {"test/touch": i.to_string()}}});
+            scenarios
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .expect("annotate the Scenario");
         }
-        changes
-    });
-    for i in 0..5 {
-        scenarios
-            .patch(
-                &scenario_name(&b),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"annotations": {"test/touch": i.to_string()}}})),
-            )
-            .await
-            .unwrap();
+    };
+    let touched_and_reconciled = |i: usize| {
+        let controller = &controller;
+        async move {
+            let before = controller.metric(RECONCILED).await;
+            touch(i).await;
+            controller
+                .wait_metric(RECONCILED, SCENARIO_WITHIN, |n| n > before)
+                .await;
+        }
+    };
+    // The first touch also lets anything still due (the first scenario's
+    // stop) be written before the count is taken.
+    touched_and_reconciled(0).await;
+    let writes = controller.metric(WRITES).await;
+    for i in 1..=5 {
+        touched_and_reconciled(i).await;
     }
+    assert_eq!(
+        controller.metric(WRITES).await,
+        writes,
+        "status written for a Scenario reconciled unchanged"
+    );
     bed.undeploy_at(&b, now_ms()).await;
-    let changes = tokio::time::timeout(Duration::from_secs(90), counter)
-        .await
-        .expect("the Scenario stops")
-        .unwrap();
-    assert_eq!(changes, 1, "only the stop changed the status");
+    bed.wait_phase(&b, Phase::Stopped).await;
+    assert!(
+        controller.metric(WRITES).await > writes,
+        "the stop is a status write"
+    );
     controller.assert_running();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_and_its_standby_never_act_at_once() {
     let bed = Bed::new("ctl-leader").await;
-    let (stop, observer) = watch_live_pods(&bed);
+    let watch = PodWatch::start(bed.pods()).await;
     let settings = [("MAX_WORKERS", "3"), ("LEASE_DURATION_SECS", "4")];
     let mut leader = bed.start_controller(&settings);
     let first = uuid();
     bed.deploy(&first, LIVE).await;
-    wait_scenario(&bed, &first, "running", |s| {
-        phase(s) == Some(Phase::Running)
-    })
-    .await;
+    bed.wait_scenario(&first, "running", |s| phase(s) == Some(Phase::Running))
+        .await;
     let mut standby = bed.start_controller(&settings);
 
     // The leader freezes (as in a long pause or a hung node) while a burst
@@ -551,7 +449,7 @@ async fn a_paused_leader_and_its_standby_never_act_at_once() {
     }
     wait_for(
         "the standby to fill every slot",
-        Duration::from_secs(120),
+        SCENARIO_WITHIN,
         || async {
             let pods = bed.pods().list(&Default::default()).await.ok()?;
             (pods.items.iter().filter(|p| holds_slot(p)).count() == 3).then_some(())
@@ -572,22 +470,17 @@ async fn a_paused_leader_and_its_standby_never_act_at_once() {
     for id in std::iter::once(&first).chain(&burst[..2]) {
         bed.undeploy_at(id, now_ms()).await;
     }
-    wait_for(
-        "three more scenarios to start",
-        Duration::from_secs(90),
-        || async {
-            let list = bed.scenarios().list(&Default::default()).await.ok()?;
-            let started = list
-                .items
-                .iter()
-                .filter(|s| matches!(phase(s), Some(Phase::Running | Phase::Starting)))
-                .count();
-            (started == 3).then_some(())
-        },
-    )
+    wait_for("three more scenarios to start", SCENARIO_WITHIN, || async {
+        let list = bed.scenarios().list(&Default::default()).await.ok()?;
+        let started = list
+            .items
+            .iter()
+            .filter(|s| matches!(phase(s), Some(Phase::Running | Phase::Starting)))
+            .count();
+        (started == 3).then_some(())
+    })
     .await;
-    let _ = stop.send(());
-    let max = observer.await.unwrap();
+    let max = watch.finish().await.most_holding_slots(|_| true);
     assert!(max <= 3, "saw {max} live worker Pods with MAX_WORKERS=3");
     standby.assert_running();
 }
@@ -658,11 +551,11 @@ impl Drop for OwnNode {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_on_a_lost_node_is_replaced_within_max_workers() {
     let bed = Bed::new("ctl-node").await;
     let node = OwnNode::new(&bed.client).await;
-    let (stop, observer) = watch_live_pods(&bed);
+    let watch = PodWatch::start(bed.pods()).await;
     let (selector, toleration) = (node.selector(), node.toleration());
     let mut controller = bed.start_controller(&[
         ("MAX_WORKERS", "1"),
@@ -673,26 +566,29 @@ async fn a_pod_on_a_lost_node_is_replaced_within_max_workers() {
     bed.deploy(&a, LIVE).await;
     let first = wait_for(
         "the Pod to be bound to the test node",
-        Duration::from_secs(90),
+        SCENARIO_WITHIN,
         || async {
             let pod = bed.pods().get_opt(&pod_name(&a)).await.ok()??;
             (pod.spec.as_ref()?.node_name.as_deref() == Some(node.name.as_str())).then_some(pod)
         },
     )
     .await;
-    set_pod_status(&bed, &pod_name(&a), running_and_ready()).await;
-    wait_scenario(&bed, &a, "running on the test node", |s| {
+    // A Node of the test's own: no kwok, the test is its kubelet.
+    bed.write_pod_status(&pod_name(&a), &running_and_ready())
+        .await;
+    bed.wait_scenario(&a, "running on the test node", |s| {
         phase(s) == Some(Phase::Running)
     })
     .await;
     bed.deploy(&b, LIVE).await;
-    wait_scenario(&bed, &b, "queued", |s| phase(s) == Some(Phase::Queued)).await;
+    bed.wait_scenario(&b, "queued", |s| phase(s) == Some(Phase::Queued))
+        .await;
 
     // The node is lost; the cluster's Pod garbage collector removes the Pods
     // bound to it, and the scenario gets a new Pod in its own slot.
     node.lose().await;
     wait_new_pod(&bed, &a, first.uid().as_deref()).await;
-    kept_its_slot(&bed, &b, (stop, observer)).await;
+    kept_its_slot(&bed, &b, watch).await;
     controller.assert_running();
 }
 
@@ -708,27 +604,79 @@ fn running_and_ready() -> serde_json::Value {
     })
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_stopped_with_sigterm_releases_its_lease() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    const LEASE: &str = "vap-runner-leader";
     let bed = Bed::new("ctl-release").await;
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(bed.client.clone(), &bed.namespace);
+    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), &bed.namespace);
     let holder = || async {
-        let lease = leases.get_opt("vap-runner-leader").await.ok()??;
-        Some(lease.spec?.holder_identity.unwrap_or_default())
+        let lease = leases.get_opt(LEASE).await.ok()??;
+        lease.spec?.holder_identity
     };
+    // Every version of the Lease, in order, from before the leader starts.
+    let versions = std::sync::Arc::new(std::sync::Mutex::new(Vec::<LeaseSpec>::new()));
+    let (listed, is_listed) = tokio::sync::oneshot::channel();
+    let recorder = tokio::spawn({
+        let versions = versions.clone();
+        let config = watcher::Config::default().fields(&format!("metadata.name={LEASE}"));
+        let mut events = watcher(leases.clone(), config).default_backoff().boxed();
+        async move {
+            let mut listed = Some(listed);
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(listed) = listed.take() {
+                            let _ = listed.send(());
+                        }
+                    }
+                    Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l)) => {
+                        versions.lock().unwrap().push(l.spec.unwrap_or_default());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    is_listed.await.expect("the Lease watch lists");
+
     let mut leader = bed.start_controller(&[("POD_NAME", "replica-a")]);
-    wait_for("replica-a to lead", Duration::from_secs(60), || async {
-        (holder().await? == "replica-a").then_some(())
+    wait_for("replica-a to lead", SCENARIO_WITHIN, || async {
+        (holder().await.as_deref() == Some("replica-a")).then_some(())
     })
     .await;
     let mut standby = bed.start_controller(&[("POD_NAME", "replica-b")]);
     assert!(leader.terminate().success(), "a clean exit on SIGTERM");
-    // Released on the way out: nobody has to wait for it to expire.
-    assert_ne!(holder().await.as_deref(), Some("replica-a"));
-    wait_for("replica-b to lead", Duration::from_secs(60), || async {
-        (holder().await? == "replica-b").then_some(())
+    wait_for("replica-b to lead", SCENARIO_WITHIN, || async {
+        (holder().await.as_deref() == Some("replica-b")).then_some(())
     })
     .await;
     standby.assert_running();
+    recorder.abort();
+
+    // Released on the way out, so that nobody has to wait for it to expire:
+    // replica-a's last write (README: the holder releases the Lease on
+    // SIGTERM) leaves the same Lease with no holder and no renewal, and
+    // replica-b takes it from there.
+    let versions = versions.lock().unwrap().clone();
+    let taken = versions
+        .iter()
+        .position(|l| l.holder_identity.as_deref() == Some("replica-b"))
+        .expect("replica-b's take-over was watched");
+    let before = taken
+        .checked_sub(1)
+        .map(|i| &versions[i])
+        .expect("a version of the Lease before replica-b's");
+    assert!(
+        before.holder_identity.is_none()
+            && before.renew_time.is_none()
+            && before.acquire_time.is_none(),
+        "the Lease replica-b took over was not released: {before:?}\nall versions: {versions:?}"
+    );
+    assert!(
+        versions[..taken - 1]
+            .iter()
+            .any(|l| l.holder_identity.as_deref() == Some("replica-a")),
+        "replica-a held it before: {versions:?}"
+    );
 }

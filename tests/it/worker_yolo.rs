@@ -3,8 +3,7 @@
 //! with results published to the real Kafka broker. The model comes from
 //! scripts/fetch-model (pinned by SHA-256; scripts/test fetches it first).
 
-mod common;
-
+use crate::common;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
@@ -52,6 +51,7 @@ async fn yolo_finds_the_people_walking_in_vtest_and_publishes_to_kafka() {
 
     let results = common::read_results(&bootstrap, &topic, SCENARIO, 159).await;
     let mut counts = Vec::new();
+    let mut rightmost = 0;
     for (i, v) in results.iter().enumerate() {
         common::assert_result_schema(v, SCENARIO, i as u64 + 1, 768, 576);
         for d in v["detections"].as_array().unwrap() {
@@ -62,9 +62,16 @@ async fn yolo_finds_the_people_walking_in_vtest_and_publishes_to_kafka() {
                 b[0].as_i64() < b[2].as_i64() && b[1].as_i64() < b[3].as_i64(),
                 "{d}"
             );
+            rightmost = rightmost.max(b[2].as_i64().unwrap());
         }
         counts.push(people(v));
     }
+    // Boxes are in pixels of the 768×576 source frame, not of the 416×416
+    // network input: people walk to the right edge of vtest.avi.
+    assert!(
+        rightmost > 600,
+        "the rightmost box edge is at x={rightmost}; people reach x≈760 in the 768-px frame"
+    );
     let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
     let most = counts.iter().copied().max().unwrap_or(0);
     assert!(

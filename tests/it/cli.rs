@@ -1,6 +1,6 @@
 //! The `runner` command line as an operator meets it.
 
-mod common;
+use crate::common;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     common::runner()

@@ -1,8 +1,7 @@
 //! `runner worker` on real video files: Debian's OpenCV samples through a real
 //! Kafka broker and through the stdout sink.
 
-mod common;
-
+use crate::common;
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;

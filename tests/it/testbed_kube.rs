@@ -4,8 +4,7 @@
 //! plugin is on, as in a real cluster. Each test's namespace is deleted when
 //! the test ends, failed or not.
 
-mod common;
-
+use crate::common;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};

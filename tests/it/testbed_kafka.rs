@@ -2,8 +2,7 @@
 //! commit, and read the committed offset back as a fresh group member would.
 //! The topic and the group are deleted when the test ends, failed or not.
 
-mod common;
-
+use crate::common;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

@@ -2,12 +2,11 @@
 //! edits applied on SIGHUP, results of every worker on standard output as
 //! whole JSON lines, `runner local list` showing what runs.
 
-mod common;
-
+use crate::common;
 use std::time::Duration;
 
-use common::local::LocalBed;
-use common::wait_for;
+use crate::common::local::LocalBed;
+use crate::common::wait_for;
 
 const A: &str = "550e8400-e29b-41d4-a716-446655440001";
 const B: &str = "550e8400-e29b-41d4-a716-446655440002";

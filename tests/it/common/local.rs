@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rdkafka::ClientConfig;
@@ -15,7 +15,6 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use serde_json::Value;
-use vap_runner::local::process::find_workers;
 
 use super::{create_topics, delete_topics, kafka_bootstrap, unique_name};
 
@@ -159,11 +158,53 @@ impl Drop for LocalBed {
     }
 }
 
+/// The live `runner worker` processes that carry `state_dir` in their
+/// environment, as (PID, scenario UUID), found in /proc by the test itself:
+/// the program is the runner built for these tests, its first argument is
+/// `worker`, and it is not a zombie.
 pub fn workers_of(state_dir: &Path) -> Vec<(u32, String)> {
-    find_workers(state_dir)
-        .into_iter()
-        .map(|w| (w.pid, w.scenario_uuid.unwrap_or_default()))
-        .collect()
+    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_runner")).expect("the runner binary");
+    let wanted = state_dir.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        let is_worker = std::fs::read_link(dir.join("exe")).is_ok_and(|p| p == exe)
+            && std::fs::read(dir.join("cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"worker".as_slice()));
+        let alive = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(") ")
+                    .map(|(_, rest)| !rest.starts_with('Z'))
+            })
+            .unwrap_or(false);
+        if !(is_worker && alive) {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(dir.join("environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        let carries_state_dir = vars
+            .iter()
+            .any(|v| v.splitn(2, |b| *b == b'=').nth(1) == Some(wanted));
+        if carries_state_dir {
+            let scenario = vars
+                .iter()
+                .find_map(|v| v.strip_prefix(b"SCENARIO_UUID=".as_slice()))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            found.push((pid, scenario));
+        }
+    }
+    found
 }
 
 /// One line of `runner local list`.
@@ -328,6 +369,8 @@ pub struct Samples {
     pub pids: HashMap<String, HashSet<u32>>,
     /// Samples in which one scenario had two workers at once.
     pub doubles: Vec<String>,
+    /// When each worker PID was first and last seen.
+    pub lifetimes: HashMap<u32, (Instant, Instant)>,
 }
 
 impl Sampler {
@@ -351,6 +394,8 @@ impl Sampler {
                             s.first_seen.push(uuid.clone());
                         }
                         s.pids.entry(uuid.clone()).or_default().insert(*pid);
+                        let seen = Instant::now();
+                        s.lifetimes.entry(*pid).or_insert((seen, seen)).1 = seen;
                     }
                     drop(s);
                     std::thread::sleep(Duration::from_millis(20));
@@ -427,30 +472,4 @@ impl Drop for TopicLog {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// A plain HTTP/1.1 GET: the status code and the body.
-pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)
-        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET http://{addr}{path}: not HTTP: {response}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string());
-    (status, body)
 }

@@ -9,15 +9,14 @@
 //! the chart's ServiceAccounts exist, the controller Pod runs as its own with
 //! a token, and the worker Pods it creates run as the workers' one without.
 
-mod common;
-
+use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::controller::Bed;
-use common::wait_for;
+use crate::common::controller::Bed;
+use crate::common::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
@@ -731,7 +730,7 @@ fn forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> bool {
 }
 
 /// Runs a helm command against the test bed (KUBECONFIG from the environment).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_run_as_the_charts_identity_and_uninstall() {
     let bed = Bed::new("chart").await;
     let ns = bed.namespace.clone();
@@ -968,26 +967,22 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
     env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut controller = bed.start_controller(&env_refs);
+    let _explain = bed.explain_failure(&[&controller]);
 
-    let id = uuid::Uuid::new_v4().to_string();
-    let scenario_name = format!("scn-{id}");
+    let id = common::scenario::uuid();
+    let scenario_name = common::scenario::scenario_name(&id);
     let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
     bed.deploy(&id, &camera).await;
     let admin_scenarios: Api<Scenario> = Api::namespaced(admin.clone(), &ns);
-    let running = wait_for_phase(
-        &admin_scenarios,
-        &scenario_name,
-        Phase::Running,
-        &mut controller,
-    )
-    .await;
+    let running = bed.wait_phase(&id, Phase::Running).await;
+    controller.assert_running();
     assert_eq!(
         running.labels().get("runner.vap.io/runner"),
         Some(&fullname)
     );
 
     let worker = pods
-        .get(&format!("worker-{id}"))
+        .get(&common::scenario::pod_name(&id))
         .await
         .expect("the worker Pod");
     let worker_spec = worker.spec.as_ref().unwrap();
@@ -1057,34 +1052,23 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
     // Undeploy: patching the Scenario and deleting its Pod are allowed too.
     let body = json!({"scenario_uuid": id}).to_string();
     bed.send(&bed.undeploy, Some(&id), body.as_bytes()).await;
-    wait_for_phase(
-        &admin_scenarios,
-        &scenario_name,
-        Phase::Stopped,
-        &mut controller,
-    )
-    .await;
+    bed.wait_phase(&id, Phase::Stopped).await;
+    controller.assert_running();
     wait_for(
         "the stopped worker Pod to be gone",
         Duration::from_secs(60),
         || {
             let pods = pods.clone();
-            let name = format!("worker-{id}");
+            let name = common::scenario::pod_name(&id);
             async move { matches!(pods.get_opt(&name).await, Ok(None)).then_some(()) }
         },
     )
     .await;
 
     // A second scenario is running when the runner is removed.
-    let second = uuid::Uuid::new_v4().to_string();
+    let second = common::scenario::uuid();
     bed.deploy(&second, &camera).await;
-    wait_for_phase(
-        &admin_scenarios,
-        &format!("scn-{second}"),
-        Phase::Running,
-        &mut controller,
-    )
-    .await;
+    bed.wait_phase(&second, Phase::Running).await;
 
     controller.assert_running();
     let log = std::fs::read_to_string(&controller.log_path).unwrap_or_default();
@@ -1185,28 +1169,4 @@ async fn admitted_dry_run(pods: &Api<Pod>, pod: &Pod, automount: Option<bool>) -
     pods.create(&params, &copy)
         .await
         .unwrap_or_else(|e| panic!("dry-run create of a copy of {}: {e}", pod.name_any()))
-}
-
-/// Waits for a Scenario's phase, failing early with the log if the controller died.
-async fn wait_for_phase(
-    api: &Api<Scenario>,
-    name: &str,
-    want: Phase,
-    controller: &mut common::controller::ControllerProcess,
-) -> Scenario {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        controller.assert_running();
-        if let Ok(Some(scenario)) = api.get_opt(name).await
-            && scenario.status.as_ref().and_then(|s| s.phase) == Some(want)
-        {
-            return scenario;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "scenario {name} did not become {want:?} within 90 s\n{}",
-            controller.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }

@@ -5,6 +5,7 @@
 
 pub mod controller;
 pub mod local;
+pub mod scenario;
 
 use std::future::Future;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -154,45 +155,26 @@ pub fn media(name: &str) -> String {
     path
 }
 
-/// The `runner` binary built for these tests.
+/// The `runner` binary built for these tests, with an empty environment but
+/// `PATH`: a test passes every setting the process gets, so nothing leaks in
+/// from the caller's shell and a setting the product forgets to pass on (to a
+/// Pod, to a child worker) is missing for real.
 pub fn runner() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_runner"));
-    // Tests set what they need; nothing leaks in from the caller's shell.
-    for var in [
-        "SCENARIO_UUID",
-        "CAMERA_URL",
-        "VIDEO_FPS",
-        "RESULTS_TOPIC",
-        "MODEL",
-        "MOCK_SEED",
-        "SINK",
-        "VIDEO_FILE_ROOT",
-        "MAX_RECONNECTS",
-        "METRICS_ADDR",
-        "REALTIME",
-        "LOG_FORMAT",
-        "MAX_WORKERS",
-        "CONSUMER_GROUP",
-        "LOG_LEVEL",
-        "STATE_DIR",
-        "SCENARIOS_FILE",
-        "KAFKA_INGEST",
-        "EXIT_WHEN_DONE",
-        "RESTART_BUDGET",
-        "STOP_GRACE_MS",
-        "MODEL_DIR",
-        "CONFIDENCE_THRESHOLD",
-        "NMS_THRESHOLD",
-        "MODEL_INPUT_SIZE",
-        "DETECT_CLASSES",
-        "INFERENCE_THREADS",
-        "RTSP_TRANSPORT",
-        "WATCHDOG_SECS",
-    ] {
-        cmd.env_remove(var);
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
     }
     cmd.env("METRICS_ADDR", "127.0.0.1:0");
     cmd
+}
+
+/// The test bed's admin kubeconfig, as `KUBECONFIG=…` for a process that
+/// talks to the kube-apiserver.
+pub fn kubeconfig_env() -> (&'static str, String) {
+    let path = std::env::var("KUBECONFIG")
+        .unwrap_or_else(|_| panic!("Kubernetes is missing: KUBECONFIG is not set; {TESTBED_HINT}"));
+    ("KUBECONFIG", path)
 }
 
 /// Checks one `results` message against the contract in the design document:
@@ -231,6 +213,20 @@ pub fn assert_result_schema(
     }
 }
 
+/// How many messages `topic` (partition 0) holds on the broker at
+/// `bootstrap`; `None` while the topic does not exist (yet).
+pub fn messages_in(bootstrap: &str, topic: &str) -> Option<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("Kafka client");
+    consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .ok()
+        .map(|(low, high)| high - low)
+}
+
 /// The messages of `topic` (partition 0, from its start), checked to be
 /// exactly `count` and each keyed by `scenario`; their JSON values in order.
 pub async fn read_results(
@@ -247,10 +243,11 @@ pub async fn read_results(
         .set("auto.offset.reset", "earliest")
         .create()
         .expect("Kafka consumer");
-    let (low, high) = consumer
-        .fetch_watermarks(topic, 0, Duration::from_secs(10))
-        .expect("watermarks");
-    assert_eq!(high - low, count, "messages in {topic}");
+    assert_eq!(
+        messages_in(bootstrap, topic),
+        Some(count),
+        "messages in {topic}"
+    );
     consumer.subscribe(&[topic]).expect("subscribe");
     let mut values = Vec::new();
     for _ in 0..count {
@@ -482,4 +479,40 @@ pub fn worker_stopped_count(log: &str, field: &str) -> u64 {
         .find_map(|w| w.strip_prefix(prefix.as_str()))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {field}=<count> in `{line}`"))
+}
+
+/// `N` TCP ports on 127.0.0.1 for servers a test starts, and may stop and
+/// start again on the same port. They come from below the kernel's ephemeral
+/// range (`net.ipv4.ip_local_port_range`), where no outgoing connection and
+/// no `bind(…:0)` on this machine is ever given a port, and each is handed
+/// out once per test process, from a random start so that test processes
+/// running side by side rarely meet; each is checked to be free.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const SPAN: u32 = 8000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let base = ephemeral_low.checked_sub(SPAN).unwrap_or_else(|| {
+        panic!(
+            "the ephemeral port range starts at {ephemeral_low}; tests need {SPAN} ports below it"
+        )
+    });
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + rand::random::<u32>() % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    std::array::from_fn(|_| {
+        for _ in 0..SPAN {
+            let port = (base + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+        panic!("no free port on 127.0.0.1 between {base} and {ephemeral_low}")
+    })
 }

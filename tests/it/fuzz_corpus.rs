@@ -5,11 +5,7 @@
 
 use std::path::PathBuf;
 
-// The properties refer to the parsers as `crate::camera_url` and so on, as
-// they are named inside the fuzz crate.
-use vap_runner::{camera_url, host_policy, messages};
-
-#[path = "../fuzz/src/properties.rs"]
+#[path = "../../fuzz/src/properties.rs"]
 mod properties;
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {

@@ -5,30 +5,23 @@
 //! are (or resolve to) metadata, link-local or loopback addresses, and the
 //! worker follows no HTTP redirect.
 
-mod common;
-
+use crate::common;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::controller::Bed;
-use common::wait_for;
+use crate::common::controller::Bed;
+use crate::common::scenario::uuid;
+use crate::common::wait_for;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use vap_runner::controller::crd::{Phase, Scenario};
-
-fn uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
 
 /// The credential-bearing spellings of tests/fixtures/credential-urls.json
 /// and the part of their secret that must never show.
@@ -177,52 +170,6 @@ fn kubectl_yaml(namespace: &str, what: &str) -> String {
     )
 }
 
-/// Every message on `topic` from the start, as (headers, payload) text.
-async fn read_topic(bed: &Bed, topic: &str, count: usize) -> Vec<(Vec<(String, String)>, String)> {
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bed.bootstrap)
-        .set("group.id", common::unique_name("security-reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    reader.subscribe(&[topic]).unwrap();
-    let mut messages = Vec::new();
-    while messages.len() < count {
-        let msg = tokio::time::timeout(Duration::from_secs(60), reader.recv())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {count} messages on {topic}", messages.len()))
-            .unwrap();
-        let headers = msg
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_string(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let payload = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
-        messages.push((headers, payload));
-    }
-    messages
-}
-
-/// Number of messages on partition 0 of `topic`.
-fn message_count(bed: &Bed, topic: &str) -> i64 {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bed.bootstrap)
-        .create()
-        .unwrap();
-    consumer
-        .fetch_watermarks(topic, 0, Duration::from_secs(10))
-        .map(|(low, high)| high - low)
-        .unwrap_or(0)
-}
-
 async fn scenario_count(bed: &Bed) -> usize {
     bed.scenarios()
         .list(&ListParams::default())
@@ -243,7 +190,7 @@ impl SecretsApi for Bed {
 
 // ---------------------------------------------------------------- tests
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_camera_password_lives_only_in_the_secret_the_controller_owns() {
     let password = format!("pw-{}", &uuid()[..8]);
     let clip = Arc::new(std::fs::read(common::media("vtest.avi")).unwrap());
@@ -260,13 +207,9 @@ async fn a_camera_password_lives_only_in_the_secret_the_controller_owns() {
     let controller = bed.start_controller(&[("CAMERA_ALLOW_LOOPBACK", "true")]);
     let id = uuid();
     bed.deploy(&id, &camera_url).await;
-    let scenario_name = format!("scn-{id}");
-    let pod_name = format!("worker-{id}");
-    wait_for("the scenario to run", Duration::from_secs(60), || async {
-        let s = bed.scenarios().get_opt(&scenario_name).await.ok()??;
-        (s.status?.phase? == Phase::Running).then_some(())
-    })
-    .await;
+    let scenario_name = common::scenario::scenario_name(&id);
+    let pod_name = common::scenario::pod_name(&id);
+    bed.wait_phase(&id, Phase::Running).await;
 
     // Exactly one place holds the password: the Secret, owned by the Scenario.
     let scenario = bed.scenarios().get(&scenario_name).await.unwrap();
@@ -390,7 +333,7 @@ async fn a_camera_password_lives_only_in_the_secret_the_controller_owns() {
     wait_for(
         "results from the worker",
         Duration::from_secs(60),
-        || async { (message_count(&bed, &bed.results) >= 3).then_some(()) },
+        || async { (bed.messages_in(&bed.results) >= 3).then_some(()) },
     )
     .await;
     assert!(camera.authorized.load(Ordering::SeqCst) >= 1);
@@ -420,7 +363,7 @@ async fn a_camera_password_lives_only_in_the_secret_the_controller_owns() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_refuses_blocked_hosts_and_no_secret_spelling_leaks() {
     let bed = Bed::new("sec-ingest").await;
     let controller = bed.start_controller(&[("MAX_WORKERS", "2")]);
@@ -456,37 +399,30 @@ async fn ingest_refuses_blocked_hosts_and_no_secret_spelling_leaks() {
         "every request handled",
         Duration::from_secs(120),
         || async {
-            let dead = message_count(&bed, &bed.dlq);
+            let dead = bed.messages_in(&bed.dlq);
             let total = dead as usize + scenario_count(&bed).await;
             (total >= sent).then_some(dead as usize)
         },
     )
     .await;
-    let dlq = read_topic(&bed, &bed.dlq, dead).await;
-    let header = |headers: &[(String, String)], key: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let dlq = bed.read_topic(&bed.dlq, dead).await;
     for camera in blocked {
-        let (headers, _) = dlq
+        let letter = dlq
             .iter()
-            .find(|(_, payload)| payload.contains(&format!("\"{camera}\"")))
+            .find(|r| String::from_utf8_lossy(&r.payload).contains(&format!("\"{camera}\"")))
             .unwrap_or_else(|| panic!("{camera} was not refused\n{}", controller.log_tail()));
-        assert_eq!(header(headers, "reason"), "camera_url", "{camera}");
+        assert_eq!(letter.header("reason"), "camera_url", "{camera}");
         assert!(
-            header(headers, "error").contains("camera host policy"),
+            letter.header("error").contains("camera host policy"),
             "{camera}: {}",
-            header(headers, "error")
+            letter.header("error")
         );
     }
 
     // No secret in any header, log line, status, spec, Pod, Event or
     // scenario_events message (the DLQ payload is the request itself).
-    for (headers, _) in &dlq {
-        for (key, value) in headers {
+    for letter in &dlq {
+        for (key, value) in &letter.headers {
             assert!(
                 !value.contains(&secret),
                 "DLQ header {key} shows a secret: {value}"
@@ -512,8 +448,9 @@ async fn ingest_refuses_blocked_hosts_and_no_secret_spelling_leaks() {
             "kubectl get {what} -o yaml shows a secret"
         );
     }
-    let phase_events = message_count(&bed, &bed.events) as usize;
-    for (_, payload) in read_topic(&bed, &bed.events, phase_events).await {
+    let phase_events = bed.messages_in(&bed.events) as usize;
+    for message in bed.read_topic(&bed.events, phase_events).await {
+        let payload = String::from_utf8_lossy(&message.payload);
         assert!(
             !payload.contains(&secret),
             "scenario_events shows a secret: {payload}"
@@ -559,7 +496,7 @@ fn the_worker_refuses_names_that_resolve_to_blocked_addresses() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_follows_no_http_redirect() {
     // The target of the redirect would be a fine camera; only the redirect
     // is refused, so the worker never reaches it.
@@ -645,7 +582,7 @@ fn the_network_policy_cuts_out_ipv4_and_ipv6_metadata() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_one_time_migration_moves_old_camera_urls_into_secrets() {
     let bed = Bed::new("sec-migrate").await;
     // Scenarios as a runner before camera Secrets wrote them: the URL, with
@@ -666,7 +603,7 @@ async fn the_one_time_migration_moves_old_camera_urls_into_secrets() {
         let id = uuid();
         let scenario: Scenario = serde_json::from_value(json!({
             "apiVersion": "runner.vap.io/v1alpha1", "kind": "Scenario",
-            "metadata": {"name": format!("scn-{id}"), "labels": {"runner.vap.io/runner": "vap-runner"}},
+            "metadata": {"name": common::scenario::scenario_name(&id), "labels": {"runner.vap.io/runner": "vap-runner"}},
             "spec": {"scenarioUuid": id, "workerId": "11223344-5566-7788-99aa-bbccddeeeff0", "cameraUrl": url}
         }))
         .unwrap();
@@ -674,7 +611,7 @@ async fn the_one_time_migration_moves_old_camera_urls_into_secrets() {
             .create(&PostParams::default(), &scenario)
             .await
             .unwrap();
-        names.push(format!("scn-{id}"));
+        names.push(common::scenario::scenario_name(&id));
     }
     let script = format!(
         "{}/scripts/migrate-camera-secrets",

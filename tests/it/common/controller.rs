@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -14,6 +14,7 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::FutureProducer;
 use vap_runner::controller::crd::Scenario;
 
+use super::scenario::{phase, scenario_name};
 use super::{create_topics, delete_topics, kafka_bootstrap, kube_client, unique_name, wait_for};
 
 /// Installs (or refreshes) the Scenario CRD from `crds/` and waits until it is served.
@@ -77,6 +78,9 @@ pub struct Bed {
     pub group: String,
     pub logs: tempfile::TempDir,
     producer: FutureProducer,
+    /// The uids of the Pods whose status the test wrote (after kwok had
+    /// finished with them).
+    written: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Bed {
@@ -93,6 +97,15 @@ impl Bed {
             .create(&PostParams::default(), &ns)
             .await
             .expect("create namespace");
+        // kube-controller-manager gives every new namespace its `default`
+        // ServiceAccount; a Pod created before it exists is refused.
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+        wait_for(
+            &format!("the default ServiceAccount of {namespace}"),
+            Duration::from_secs(60),
+            || async { accounts.get_opt("default").await.ok()?.map(|_| ()) },
+        )
+        .await;
         let bed = Bed {
             deploy: format!("{namespace}.to_deploy"),
             undeploy: format!("{namespace}.to_undeploy"),
@@ -106,6 +119,7 @@ impl Bed {
                 .create()
                 .expect("producer"),
             logs: tempfile::tempdir().expect("log dir"),
+            written: Default::default(),
             client,
             namespace,
             bootstrap,
@@ -141,6 +155,8 @@ impl Bed {
         let log = std::fs::File::create(&log_path).expect("log file");
         let mut env: BTreeMap<&str, String> = BTreeMap::new();
         env.insert("KAFKA_BOOTSTRAP_SERVERS", self.bootstrap.clone());
+        let (kubeconfig, path) = super::kubeconfig_env();
+        env.insert(kubeconfig, path);
         env.insert("WATCH_NAMESPACE", self.namespace.clone());
         env.insert("CONSUMER_GROUP", self.group.clone());
         env.insert("DEPLOY_TOPIC", self.deploy.clone());
@@ -155,7 +171,6 @@ impl Bed {
             "RUST_LOG",
             "kube=info,tower=info,hyper=info,rdkafka=info".to_string(),
         );
-        env.insert("LEASE_DURATION_SECS", "4".to_string());
         for (k, v) in extra {
             env.insert(k, v.to_string());
         }
@@ -219,6 +234,7 @@ impl Bed {
     }
 
     /// The offset consumer group `group` has committed on `topic`, if any.
+    /// Blocks a worker thread of the test's (multi-thread) runtime.
     pub fn committed_offset_by(&self, group: &str, topic: &str) -> Option<i64> {
         let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
@@ -227,9 +243,11 @@ impl Bed {
             .expect("consumer");
         let mut tpl = rdkafka::TopicPartitionList::new();
         tpl.add_partition(topic, 0);
-        let list =
+        // A blocking call: the runtime's other worker runs the test's watches meanwhile.
+        let list = tokio::task::block_in_place(|| {
             rdkafka::consumer::Consumer::committed_offsets(&consumer, tpl, Duration::from_secs(10))
-                .ok()?;
+        })
+        .ok()?;
         match list.find_partition(topic, 0)?.offset() {
             rdkafka::Offset::Offset(n) => Some(n),
             _ => None,
@@ -402,15 +420,71 @@ impl Drop for ControllerProcess {
 // ---------------------------------------------------------------------------
 
 /// The value of one sample (`name{labels}` exactly as exposed) in Prometheus
-/// text; 0 when the series has not been exposed yet (a counter never
-/// incremented).
+/// text; fails when the series is absent, so that a renamed or dropped
+/// metric fails the check instead of reading as 0.
 pub fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-            value.split_whitespace().next()?.parse().ok()
+    super::metric(text, series)
+}
+
+/// The labelled counter families whose series appear only once a label set
+/// has counted (README, "Ingest": ingested messages by kind and outcome,
+/// dead-lettered messages by reason); for these alone a series not exposed
+/// yet reads as 0 ([`sample_or_zero`]).
+pub const COUNTED_BY_LABEL: [&str; 2] = [
+    "vap_controller_ingested_total",
+    "vap_controller_dead_lettered_total",
+];
+
+/// The metric family of a series: its name without labels.
+fn family(series: &str) -> &str {
+    series.split('{').next().unwrap_or(series)
+}
+
+/// Fails unless the controller declares `family` (its `# TYPE` line, which
+/// an unlabelled family shows from the start). A labelled family shows no
+/// line at all before one of its label sets counts; of those only the
+/// families in [`COUNTED_BY_LABEL`] may be absent, and tests that count in
+/// them read their series strictly.
+fn assert_declared(text: &str, family: &str) {
+    if COUNTED_BY_LABEL.contains(&family) {
+        return;
+    }
+    let declared = text.lines().any(|line| {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            return false;
+        };
+        let name = rest.split_whitespace().next().unwrap_or_default();
+        name == family || family.strip_suffix("_total") == Some(name)
+    });
+    assert!(declared, "/metrics declares no family {family}:\n{text}");
+}
+
+/// The value of `series` of a family in [`COUNTED_BY_LABEL`], 0 when that
+/// label set has not counted yet; fails for any other family. (A renamed
+/// family of those fails the tests that count in it and read it with
+/// [`sample`], such as the dead-letter test.)
+pub fn sample_or_zero(text: &str, series: &str) -> f64 {
+    let family = family(series);
+    assert!(
+        COUNTED_BY_LABEL.contains(&family),
+        "{series}: only the families the README counts by label read as 0 when absent"
+    );
+    assert_declared(text, family);
+    super::metric_value(text, series).unwrap_or(0.0)
+}
+
+/// Fails unless none of the series of `family` is exposed: nothing was
+/// counted in it. `family` must be declared on /metrics unless it is one of
+/// [`COUNTED_BY_LABEL`] (see [`assert_declared`]).
+pub fn assert_nothing_counted(text: &str, family: &str) {
+    assert_declared(text, family);
+    let counted: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            !l.starts_with('#') && self::family(l.split(' ').next().unwrap_or("")) == family
         })
-        .unwrap_or(0.0)
+        .collect();
+    assert!(counted.is_empty(), "{family} counted: {counted:?}");
 }
 
 /// `vap_controller_ingested_total{kind=…,result=…}`.
@@ -442,20 +516,20 @@ impl ControllerProcess {
     /// Its /metrics, as Prometheus text.
     pub async fn metrics(&self) -> String {
         let addr = self.metrics_addr().await;
-        let (status, text) =
-            tokio::task::spawn_blocking(move || super::local::http_get(&addr, "/metrics"))
-                .await
-                .expect("scrape /metrics");
+        let (status, text) = super::http_get(&addr, "/metrics").await;
         assert_eq!(status, 200, "/metrics: {text}");
         text
     }
 
-    /// The value of one series on its /metrics (see [`sample`]).
+    /// The value of one series on its /metrics; fails when it is absent
+    /// (see [`sample`]).
     pub async fn metric(&self, series: &str) -> f64 {
         sample(&self.metrics().await, series)
     }
 
-    /// Waits until `series` satisfies `ok`; returns its value.
+    /// Waits until `series` is exposed and satisfies `ok`; returns its value.
+    /// A series not exposed yet is waited for only if its family is
+    /// declared; an undeclared family (a renamed metric) fails at once.
     pub async fn wait_metric(
         &self,
         series: &str,
@@ -464,13 +538,19 @@ impl ControllerProcess {
     ) -> f64 {
         let deadline = std::time::Instant::now() + timeout;
         loop {
-            let value = self.metric(series).await;
-            if ok(value) {
+            let text = self.metrics().await;
+            let value = super::metric_value(&text, series);
+            if value.is_none() && !series.contains('{') {
+                assert_declared(&text, family(series));
+            }
+            if let Some(value) = value
+                && ok(value)
+            {
                 return value;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {series} on /metrics; it is {value}"
+                "timed out after {timeout:?} waiting for {series} on /metrics; it is {value:?}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -554,17 +634,11 @@ impl Bed {
         records
     }
 
-    /// How many messages `topic` (partition 0) holds.
+    /// How many messages `topic` (partition 0) holds. Blocks a worker thread
+    /// of the test's (multi-thread) runtime.
     pub fn messages_in(&self, topic: &str) -> i64 {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .expect("consumer");
-        let (low, high) = consumer
-            .fetch_watermarks(topic, 0, Duration::from_secs(10))
-            .expect("watermarks");
-        high - low
+        tokio::task::block_in_place(|| super::messages_in(&self.bootstrap, topic))
+            .unwrap_or_else(|| panic!("topic {topic} does not exist"))
     }
 
     /// Sets this bed's consumer group back to the start of `topic`, as an
@@ -582,8 +656,7 @@ impl Bed {
         tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(0))
             .unwrap();
         consumer.assign(&tpl).expect("assign");
-        consumer
-            .commit(&tpl, CommitMode::Sync)
+        tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
             .expect("commit offset 0: the group must be empty");
         assert_eq!(self.committed(topic), 0, "{topic} rewound");
     }
@@ -1009,9 +1082,116 @@ impl PodHistory {
     }
 }
 
+/// True once kwok has finished with a Pod: its last built-in stage has run
+/// (phase Running, Ready condition True, a podIP), so nothing kwok does
+/// later can overwrite a status a test writes. kwok's readiness stage acts
+/// on Pods without a podIP; the podIP is what stops it.
+pub fn kwok_is_done(pod: &Pod) -> bool {
+    let Some(status) = pod.status.as_ref() else {
+        return false;
+    };
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    pod.metadata.deletion_timestamp.is_none()
+        && status.phase.as_deref() == Some("Running")
+        && ready
+        && status.pod_ip.as_deref().is_some_and(|ip| !ip.is_empty())
+}
+
+/// True when `actual` shows everything `expected` says (objects: every key
+/// of `expected`, recursively; arrays: the same length, element by element).
+fn json_shows(actual: &serde_json::Value, expected: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (actual, expected) {
+        (Value::Object(a), Value::Object(e)) => e
+            .iter()
+            .all(|(k, v)| a.get(k).is_some_and(|a| json_shows(a, v))),
+        (Value::Array(a), Value::Array(e)) => {
+            a.len() == e.len() && a.iter().zip(e).all(|(a, e)| json_shows(a, e))
+        }
+        (a, e) => a == e,
+    }
+}
+
+/// How long a scenario may take to reach a state on the shared test bed
+/// (parallel runs on two cores): generous, since only a failure waits it.
+pub const SCENARIO_WITHIN: Duration = Duration::from_secs(180);
+
 impl Bed {
-    /// Writes a Pod's status as the kubelet would.
+    /// Waits until kwok has finished with the worker Pod `name` (see
+    /// [`kwok_is_done`]) and returns it.
+    pub async fn wait_kwok_done(&self, name: &str) -> Pod {
+        wait_for(
+            &format!("kwok to run Pod {name} (Running, Ready, a podIP)"),
+            SCENARIO_WITHIN,
+            || async move {
+                let pod = self.pods().get_opt(name).await.ok()??;
+                kwok_is_done(&pod).then_some(pod)
+            },
+        )
+        .await
+    }
+
+    /// Writes a kwok-run Pod's status as its kubelet would: first waits
+    /// until kwok has finished with the Pod (unless the test wrote its
+    /// status before), then writes, and reads it back
+    /// until the write shows (writing it again should kwok have overwritten
+    /// it). Done once it shows, or the Pod is gone or replaced.
     pub async fn set_pod_status(&self, name: &str, status: serde_json::Value) {
+        let known = |uid: &Option<String>| {
+            uid.as_ref()
+                .is_some_and(|uid| self.written.lock().unwrap().contains(uid))
+        };
+        // A Pod whose status the test wrote before was done with by kwok
+        // then (its Ready condition may show the test's own write now).
+        let uid = match self.pods().get_opt(name).await.ok().flatten() {
+            Some(pod) if known(&pod.metadata.uid) => pod.metadata.uid,
+            _ => self.wait_kwok_done(name).await.metadata.uid,
+        };
+        self.written
+            .lock()
+            .unwrap()
+            .insert(uid.clone().unwrap_or_default());
+        self.write_pod_status(name, &status).await;
+        wait_for(
+            &format!("the status written to Pod {name} to stay"),
+            SCENARIO_WITHIN,
+            || async {
+                let pod = match self.pods().get_opt(name).await {
+                    Ok(Some(pod)) => pod,
+                    Ok(None) => return Some(()),
+                    Err(_) => return None,
+                };
+                if pod.metadata.uid != uid {
+                    return Some(());
+                }
+                let now = serde_json::to_value(pod.status.unwrap_or_default()).ok()?;
+                if json_shows(&now, &status) {
+                    return Some(());
+                }
+                // Written again; the Pod may be going meanwhile (then the
+                // next read ends the wait), so a refusal is not an error.
+                let _ = self
+                    .pods()
+                    .patch_status(
+                        name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&serde_json::json!({ "status": &status })),
+                    )
+                    .await;
+                None
+            },
+        )
+        .await;
+    }
+
+    /// One write of a Pod's status (a merge patch of `status`), as a kubelet
+    /// makes it, without waiting for kwok: for Pods kwok does not run
+    /// ([`Bed::set_pod_status`] is for those it runs).
+    pub async fn write_pod_status(&self, name: &str, status: &serde_json::Value) {
         self.pods()
             .patch_status(
                 name,
@@ -1024,12 +1204,50 @@ impl Bed {
 
     /// The phase of the Scenario of `scenario_uuid`, if it has one.
     pub async fn phase(&self, scenario_uuid: &str) -> Option<vap_runner::controller::crd::Phase> {
-        self.scenarios()
-            .get_opt(&format!("scn-{scenario_uuid}"))
-            .await
-            .ok()??
-            .status?
-            .phase
+        phase(
+            &self
+                .scenarios()
+                .get_opt(&scenario_name(scenario_uuid))
+                .await
+                .ok()??,
+        )
+    }
+
+    /// Waits until the Scenario of `scenario_uuid` satisfies `check` (`what`
+    /// says what that means) and returns it; fails after
+    /// [`SCENARIO_WITHIN`].
+    pub async fn wait_scenario(
+        &self,
+        scenario_uuid: &str,
+        what: &str,
+        check: impl Fn(&Scenario) -> bool,
+    ) -> Scenario {
+        let check = &check;
+        wait_for(
+            &format!("scenario {scenario_uuid}: {what}"),
+            SCENARIO_WITHIN,
+            || async move {
+                let s = self
+                    .scenarios()
+                    .get_opt(&scenario_name(scenario_uuid))
+                    .await
+                    .ok()??;
+                check(&s).then_some(s)
+            },
+        )
+        .await
+    }
+
+    /// Waits until the Scenario of `scenario_uuid` is in `want`.
+    pub async fn wait_phase(
+        &self,
+        scenario_uuid: &str,
+        want: vap_runner::controller::crd::Phase,
+    ) -> Scenario {
+        self.wait_scenario(scenario_uuid, &format!("{want:?}"), |s| {
+            phase(s) == Some(want)
+        })
+        .await
     }
 
     /// The offset consumer group `group` has committed on `topic` (0 if none).

@@ -7,8 +7,7 @@
 //! so these tests need the Debian bookworm build environment the image's
 //! build stage uses (scripts/deps sets it up).
 
-mod common;
-
+use crate::common;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Command;
