@@ -653,6 +653,20 @@ async fn a_leader_stopped_with_sigterm_releases_its_lease() {
     })
     .await;
     standby.assert_running();
+    // The watch delivers the take-over a moment after a read shows it.
+    wait_for(
+        "the Lease watch to see replica-b's take-over",
+        SCENARIO_WITHIN,
+        || {
+            let seen = versions
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.holder_identity.as_deref() == Some("replica-b"));
+            async move { seen.then_some(()) }
+        },
+    )
+    .await;
     recorder.abort();
 
     // Released on the way out, so that nobody has to wait for it to expire:
