@@ -194,7 +194,9 @@ async fn evicted_and_disrupted_pods_are_replaced_within_max_workers() {
         .await;
 
     // Marked as a disruption target (beside the conditions the Pod has, as
-    // the taint manager adds it), then deleted with a grace period.
+    // the taint manager adds it), then deleted with a grace period at once:
+    // whether the controller sees the mark or only the deletion, the Pod is
+    // replaced, so one write does (kwok may rewrite the conditions).
     let third = wait_running_pod(&bed, &a).await;
     let mut conditions =
         serde_json::to_value(third.status.and_then(|s| s.conditions).unwrap_or_default()).unwrap();
@@ -202,7 +204,7 @@ async fn evicted_and_disrupted_pods_are_replaced_within_max_workers() {
         json!({"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
                "message": "Taint manager: deleting due to NoExecute taint"}),
     );
-    bed.set_pod_status(&pod_name(&a), json!({ "conditions": conditions }))
+    bed.write_pod_status(&pod_name(&a), &json!({ "conditions": conditions }))
         .await;
     bed.pods()
         .delete(&pod_name(&a), &DeleteParams::default().grace_period(5))
