@@ -19,6 +19,7 @@ mod image;
 mod local;
 mod local_file;
 mod local_recovery;
+mod real_node;
 mod security;
 mod testbed_kafka;
 mod testbed_kube;
