@@ -20,6 +20,7 @@ mod local;
 mod local_file;
 mod local_recovery;
 mod security;
+mod security_local;
 mod testbed_kafka;
 mod testbed_kube;
 mod worker_files;
