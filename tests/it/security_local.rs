@@ -315,17 +315,20 @@ fn a_worker_fed_huge_frames_fails_alone_under_its_memory_limit() {
     let state = base.path().join("state");
     let out_path = base.path().join("results.jsonl");
     let err_path = base.path().join("local.log");
-    let mut local = local_on_file(&state, &file)
-        .env("VIDEO_FILE_ROOT", &videos)
-        .env("WORKER_MEMORY_LIMIT_MB", MEMORY_LIMIT_MB)
-        .env("RESTART_BUDGET", "1")
-        .env("RESTART_BACKOFF_MS", "100")
-        .env("REALTIME", "true")
-        .args(["--", "--sink", "stdout"])
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .expect("runner local");
+    let mut local = Supervisor(
+        state.clone(),
+        local_on_file(&state, &file)
+            .env("VIDEO_FILE_ROOT", &videos)
+            .env("WORKER_MEMORY_LIMIT_MB", MEMORY_LIMIT_MB)
+            .env("RESTART_BUDGET", "1")
+            .env("RESTART_BACKOFF_MS", "100")
+            .env("REALTIME", "true")
+            .args(["--", "--sink", "stdout"])
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(std::fs::File::create(&err_path).unwrap())
+            .spawn()
+            .expect("runner local"),
+    );
     let list = || {
         common::local::parse_list(&common::run_ok(
             common::runner()
@@ -344,7 +347,7 @@ fn a_worker_fed_huge_frames_fails_alone_under_its_memory_limit() {
     let started = Instant::now();
     let failed = loop {
         assert!(
-            local.try_wait().unwrap().is_none(),
+            local.1.try_wait().unwrap().is_none(),
             "the supervisor ended: {}",
             std::fs::read_to_string(&err_path).unwrap_or_default()
         );
@@ -374,12 +377,24 @@ fn a_worker_fed_huge_frames_fails_alone_under_its_memory_limit() {
         a_lines.iter().any(|l| l.contains(MEMORY_REASON)),
         "A's log names the reason: {a_lines:#?}"
     );
-    let _ = local.kill();
-    let _ = local.wait();
-    for (pid, _) in common::local::workers_of(&state.canonicalize().unwrap()) {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
+}
+
+/// A `runner local` on the state directory it names, killed (by its own
+/// PID) with its workers when dropped, also when the test fails.
+struct Supervisor(std::path::PathBuf, std::process::Child);
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = self.1.kill();
+        let _ = self.1.wait();
+        let Ok(state) = self.0.canonicalize() else {
+            return;
+        };
+        for (worker, _) in common::local::workers_of(&state) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &worker.to_string()])
+                .status();
+        }
     }
 }
 
