@@ -49,6 +49,7 @@ pub enum CameraUrlError {
         "camera URL {shown} is not a URL or an absolute path; give rtsp://, rtsps://, http://, https://, file:///abs/path or /abs/path"
     )]
     NotAUrl { shown: String },
+    /// Only for a scheme that may be shown (see [`redact`]).
     #[error(
         "camera URL scheme {scheme:?} is not allowed in {shown}; allowed are rtsp, rtsps, http, https and file"
     )]
@@ -140,10 +141,15 @@ impl CameraSource {
                 }
                 Ok(CameraSource::Network(url))
             }
-            scheme => Err(CameraUrlError::SchemeNotAllowed {
-                scheme: scheme.to_string(),
-                shown: redact(raw),
-            }),
+            // `admin:pw@cam` parses with the scheme `admin`: a user name
+            // where the scheme should be. Only a scheme that is one is named.
+            _ => match shown_scheme(raw) {
+                Some(scheme) => Err(CameraUrlError::SchemeNotAllowed {
+                    scheme,
+                    shown: redact(raw),
+                }),
+                None => Err(CameraUrlError::NotAUrl { shown: redact(raw) }),
+            },
         }
     }
 
@@ -231,30 +237,56 @@ impl CameraSource {
         }
     }
 
-    /// `text` (for example an error of the capture backend) with this
-    /// source's URL, user name and password — as given or percent-decoded —
-    /// replaced by the redacted URL or `***`.
+    /// `text` (an error of the capture backend, a line FFmpeg logged) with
+    /// this source's URL replaced by its redacted form, every other URL in it
+    /// redacted ([`redact_urls`]: segment and key URLs FFmpeg resolved against
+    /// the camera's carry its credentials, others may carry their own), and
+    /// this source's user name, password and query — as given or
+    /// percent-decoded — replaced by `***`.
+    ///
+    /// A user name or password shorter than [`MIN_LOOSE_SECRET`] characters
+    /// is replaced only where it stands as user info (`user:pw@`): replacing
+    /// `pw` or `1` wherever it occurs would garble every other word and
+    /// number of the line and, by where the `***` fall, show the secret.
     pub fn scrub(&self, text: &str) -> String {
         let url = match self {
             CameraSource::Network(url) => url,
             CameraSource::File(path) => {
                 let path = path.display().to_string();
-                return text.replace(&path, &redact(&path));
+                return redact_urls(&text.replace(&path, &redact(&path)));
             }
         };
-        let mut scrubbed = text.replace(url.as_str(), &self.to_string());
+        let mut scrubbed = redact_urls(&text.replace(url.as_str(), &self.to_string()));
         let decode = |s: &str| String::from_utf8_lossy(&percent_decode(s)).into_owned();
-        let mut secrets = vec![url.username().to_string(), decode(url.username())];
-        if let Some(password) = url.password() {
-            secrets.extend([password.to_string(), decode(password)]);
+        let (user, password) = (url.username(), url.password());
+        let mut secrets = Vec::new();
+        for (user, password) in [
+            (user.to_string(), password.map(str::to_string)),
+            (decode(user), password.map(decode)),
+        ] {
+            match &password {
+                Some(password) if !(user.is_empty() && password.is_empty()) => {
+                    secrets.push(format!("{user}:{password}@"))
+                }
+                Some(_) => {}
+                None if !user.is_empty() => secrets.push(format!("//{user}@")),
+                None => {}
+            }
+            secrets.push(user);
+            secrets.extend(password);
         }
         if let Some(query) = url.query() {
             secrets.push(query.to_string());
         }
-        secrets.retain(|s| s.len() >= 3);
+        secrets.retain(|s| s.len() >= MIN_LOOSE_SECRET || s.ends_with('@'));
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         for secret in secrets {
-            scrubbed = scrubbed.replace(&secret, "***");
+            let masked = match secret.strip_prefix("//") {
+                Some(_) => "//***@",
+                None if secret.ends_with('@') => "***@",
+                None => "***",
+            };
+            scrubbed = scrubbed.replace(&secret, masked);
         }
         scrubbed
     }
@@ -356,6 +388,68 @@ fn check_file(path: PathBuf, file_root: Option<&Path>) -> Result<CameraSource, C
     Ok(CameraSource::File(path))
 }
 
+/// A raw camera URL in a `Debug` form: redacted, for the `Debug` of types
+/// that hold one.
+pub struct Redacted<'a>(pub &'a str);
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(self.0))
+    }
+}
+
+/// Shortest user name or password [`CameraSource::scrub`] replaces wherever
+/// it occurs; shorter ones only where they stand as user info.
+pub const MIN_LOOSE_SECRET: usize = 3;
+
+/// Schemes shown in a URL that is not spelled `scheme://`: the camera
+/// schemes and the FFmpeg protocols one could try. Any other word before the
+/// first `:` may be a user name (`admin:pw@cam`) and is not shown.
+const KNOWN_SCHEMES: &[&str] = &[
+    "rtsp",
+    "rtsps",
+    "http",
+    "https",
+    "file",
+    "ftp",
+    "sftp",
+    "gopher",
+    "gophers",
+    "data",
+    "concat",
+    "concatf",
+    "subfile",
+    "crypto",
+    "pipe",
+    "fd",
+    "tcp",
+    "udp",
+    "udplite",
+    "tls",
+    "rtp",
+    "srtp",
+    "hls",
+    "cache",
+    "async",
+    "tee",
+    "unix",
+    "rtmp",
+    "rtmps",
+    "rtmpt",
+    "mmsh",
+    "mmst",
+    "srt",
+    "rist",
+    "smb",
+    "sctp",
+    "ipfs",
+    "ipns",
+    "md5",
+    "ws",
+    "wss",
+    "javascript",
+];
+
 /// What a camera URL that cannot be shown safely becomes.
 pub const UNPARSEABLE: &str = "<unparseable>";
 
@@ -406,7 +500,7 @@ pub fn redact(raw: &str) -> String {
     if raw.starts_with('/') {
         return redact_path(raw);
     }
-    let Some(scheme) = scheme_of(raw) else {
+    let Some(scheme) = shown_scheme(raw) else {
         return UNPARSEABLE.to_string();
     };
     let unparseable = || format!("{scheme}:{UNPARSEABLE}");
@@ -459,6 +553,51 @@ fn scheme_of(raw: &str) -> Option<String> {
         && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
         && scheme.len() <= 16;
     valid.then(|| scheme.to_ascii_lowercase())
+}
+
+/// The scheme of `raw` when it may be shown: spelled `scheme://`, or one of
+/// [`KNOWN_SCHEMES`].
+fn shown_scheme(raw: &str) -> Option<String> {
+    let scheme = scheme_of(raw)?;
+    let spelled_as_scheme = raw
+        .get(scheme.len()..)
+        .is_some_and(|rest| rest.starts_with("://"));
+    (spelled_as_scheme || KNOWN_SCHEMES.contains(&scheme.as_str())).then_some(scheme)
+}
+
+/// `text` with every URL in it — `scheme://` up to a space, a quote, `<`,
+/// `>` or a backslash, without trailing punctuation — replaced by its
+/// redacted form ([`redact`]). For text that may quote URLs the runner did
+/// not give (FFmpeg's log lines name the segments and keys of a playlist).
+pub fn redact_urls(text: &str) -> String {
+    let is_scheme_char = |c: char| c.is_ascii_alphanumeric() || "+-.".contains(c);
+    let ends_token = |c: char| c.is_whitespace() || c.is_control() || "'\"`<>\\".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let start = rest[..at]
+            .char_indices()
+            .rev()
+            .find(|(_, c)| !is_scheme_char(*c))
+            .map_or(0, |(i, c)| i + c.len_utf8());
+        let after = at + 3;
+        if start == at {
+            // `://` without a scheme before it.
+            out.push_str(&rest[..after]);
+            rest = &rest[after..];
+            continue;
+        }
+        let end = rest[after..]
+            .find(ends_token)
+            .map_or(rest.len(), |i| after + i);
+        let token = rest[start..end].trim_end_matches(|c: char| ".,;:!?)]}".contains(c));
+        let end = start + token.len();
+        out.push_str(&rest[..start]);
+        out.push_str(&redact(token));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// True when `raw` is spelled `scheme://…` with nothing that parsers read
@@ -705,6 +844,10 @@ mod tests {
             ),
             ("rtsp:/admin:pw@cam", "rtsp:<unparseable>"),
             ("rtsp:admin:pw@cam", "rtsp:<unparseable>"),
+            // A user name where the scheme should be is not shown as one.
+            ("admin:pw@cam", "<unparseable>"),
+            ("admin:pw@cam.example.com:554/live", "<unparseable>"),
+            ("concat:/videos/a.mp4|/etc/passwd", "concat:<unparseable>"),
             ("http:/admin:pw@cam", "http:<unparseable>"),
             ("videotestsrc ! appsink", "<unparseable>"),
             // Any userinfo is marked, a user name or a password alone too.
@@ -804,6 +947,71 @@ mod tests {
             file.scrub("cannot read /videos/pw=x/a.mp4: denied"),
             "cannot read /videos/***/a.mp4: denied"
         );
+    }
+
+    #[test]
+    fn a_user_name_in_the_scheme_place_is_never_shown() {
+        for raw in [
+            "admin:pw@cam",
+            "admin:S3cretPw@cam.example.com:554/live",
+            "operator7:x@10.0.0.5",
+        ] {
+            let err = CameraSource::parse(raw, root()).unwrap_err();
+            let text = err.to_string();
+            let user = raw.split(':').next().unwrap();
+            assert_eq!(err.category(), "not_a_url", "{raw}: {text}");
+            assert!(
+                !text.contains(user) && text.contains("give rtsp://"),
+                "{raw}: {text}"
+            );
+        }
+        // A scheme that is one is still named.
+        let err = CameraSource::parse("concat:/videos/a.mp4|/etc/passwd", root()).unwrap_err();
+        assert_eq!(err.category(), "scheme_not_allowed");
+        assert!(err.to_string().contains("concat:"), "{err}");
+    }
+
+    #[test]
+    fn short_credentials_are_scrubbed_where_they_stand_as_user_info() {
+        let source = CameraSource::parse("http://u:1@cam.example/live/index.m3u8", None).unwrap();
+        let line = "[hls @ 0x55d1] segment 1 of playlist 1: Error when loading first segment \
+                    'http://u:1@cam.example/live/seg1.ts' (u:1@cam.example)";
+        assert_eq!(
+            source.scrub(line),
+            "[hls @ 0x55d1] segment 1 of playlist 1: Error when loading first segment \
+             'http://***@cam.example/live/seg1.ts' (***@cam.example)"
+        );
+        let source = CameraSource::parse("rtsp://pw@cam.example/a", None).unwrap();
+        assert_eq!(
+            source.scrub("pwned: rtsp://pw@cam.example/b failed (//pw@cam.example)"),
+            "pwned: rtsp://***@cam.example/b failed (//***@cam.example)"
+        );
+    }
+
+    #[test]
+    fn every_url_in_a_line_is_redacted() {
+        let cases = [
+            (
+                "[hls @ 0x5581] Unable to open key file http://k:Key0Pw@keys.example/k.bin",
+                "[hls @ 0x5581] Unable to open key file http://***@keys.example/k.bin",
+            ),
+            (
+                "Error when loading first segment 'https://cdn.example/s/seg0.ts?sig=Abc123'",
+                "Error when loading first segment 'https://cdn.example/s/seg0.ts?sig=***'",
+            ),
+            (
+                "Connection to tcp://10.0.0.5:554?timeout=0: refused.",
+                "Connection to tcp://10.0.0.5:554?timeout=***: refused.",
+            ),
+            ("(rtsp://a:b@cam/x), then", "(rtsp://***@cam/x), then"),
+            ("no host: a://, ://x", "no host: a:<unparseable>, ://x"),
+            ("ünïcödé ✓ http://u:p@h/ä", "ünïcödé ✓ http://***@h/***"),
+        ];
+        for (line, want) in cases {
+            assert_eq!(redact_urls(line), want, "{line}");
+        }
+        let plain = "[mjpeg @ 0x55d1] error count: 64, 100% done";
+        assert_eq!(redact_urls(plain), plain);
     }
 
     #[test]

@@ -183,7 +183,7 @@ pub struct CameraPolicyArgs {
     )]
     pub camera_deny_hosts: List<HostPattern>,
 
-    /// Allow cameras on loopback addresses (default: false in Kubernetes, true elsewhere).
+    /// Allow cameras on loopback addresses (default: false in Kubernetes and for `runner local`'s deploys from Kafka, true elsewhere).
     #[arg(
         long,
         env = "CAMERA_ALLOW_LOOPBACK",
@@ -531,12 +531,74 @@ pub struct LocalArgs {
     )]
     pub stop_grace_ms: Millis,
 
+    #[command(flatten)]
+    pub worker_limits: WorkerLimitsArgs,
+
     /// Extra `runner worker` arguments for every worker, after `--` (for example `-- --model hog --realtime`).
     #[arg(last = true, value_name = "WORKER_ARGS")]
     pub worker_args: Vec<String>,
 
     #[command(subcommand)]
     pub action: Option<LocalAction>,
+}
+
+/// Resource limits of `runner local`'s worker processes.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerLimitsArgs {
+    /// Address space of each worker process in MiB (RLIMIT_AS); a worker that needs more fails alone. 0: no limit.
+    #[arg(
+        long,
+        env = "WORKER_MEMORY_LIMIT_MB",
+        value_name = "WORKER_MEMORY_LIMIT_MB",
+        default_value = "4096"
+    )]
+    pub worker_memory_limit_mb: u64,
+
+    /// Open files and sockets of each worker process (RLIMIT_NOFILE). 0: the supervisor's own limit.
+    #[arg(
+        long,
+        env = "WORKER_OPEN_FILES",
+        value_name = "WORKER_OPEN_FILES",
+        default_value = "1024"
+    )]
+    pub worker_open_files: u64,
+
+    /// CPU seconds of each worker of a source that ends (a file; RLIMIT_CPU). 0: no limit. Live cameras run for ever and have none.
+    #[arg(
+        long,
+        env = "WORKER_CPU_SECONDS",
+        value_name = "WORKER_CPU_SECONDS",
+        default_value = "0"
+    )]
+    pub worker_cpu_seconds: u64,
+}
+
+impl WorkerLimitsArgs {
+    pub fn limits(&self) -> crate::local::process::Limits {
+        let set = |v: u64| (v > 0).then_some(v);
+        crate::local::process::Limits {
+            address_space: set(self.worker_memory_limit_mb).map(|mb| mb.saturating_mul(1 << 20)),
+            open_files: set(self.worker_open_files),
+            cpu_seconds: set(self.worker_cpu_seconds),
+        }
+    }
+}
+
+/// Variables that carry secrets: their values never show in `--help`.
+pub const SECRET_VARIABLES: &[&str] = &["CAMERA_URL"];
+
+/// The variables `runner worker` reads its settings from.
+pub fn worker_variables() -> Vec<String> {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let worker = cli
+        .find_subcommand("worker")
+        .map(|w| w.get_arguments().collect::<Vec<_>>())
+        .unwrap_or_default();
+    cli.get_arguments()
+        .chain(worker)
+        .filter_map(|a| a.get_env()?.to_str().map(str::to_string))
+        .collect()
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -583,8 +645,13 @@ pub struct WorkerArgs {
     pub scenario_uuid: uuid::Uuid,
 
     /// Camera to read: rtsp://, rtsps://, http://, https://, file:///abs/path or /abs/path.
-    #[arg(long, env = "CAMERA_URL", value_name = "CAMERA_URL")]
-    pub camera_url: String,
+    #[arg(
+        long,
+        env = "CAMERA_URL",
+        value_name = "CAMERA_URL",
+        hide_env_values = true
+    )]
+    pub camera_url: CameraUrlArg,
 
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -680,6 +747,24 @@ pub struct WorkerArgs {
         default_value = "10000"
     )]
     pub flush_timeout_ms: Millis,
+}
+
+/// A camera URL as given, credentials included: the worker parses it and
+/// hands it to the capture backend. Its `Debug` form is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CameraUrlArg(pub String);
+
+impl std::str::FromStr for CameraUrlArg {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(CameraUrlArg(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for CameraUrlArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&crate::camera_url::Redacted(&self.0), f)
+    }
 }
 
 /// How a worker carries RTSP media.
@@ -865,6 +950,64 @@ mod tests {
         };
         assert_eq!(args.worker_tolerations.0[0].key.as_deref(), Some("gpu"));
         assert!(args.worker_resources.0.limits.is_some());
+    }
+
+    #[test]
+    fn debug_of_the_worker_settings_shows_the_camera_url_redacted() {
+        let cli = Cli::try_parse_from([
+            "runner",
+            "worker",
+            "--scenario-uuid",
+            "550e8400-e29b-41d4-a716-446655440000",
+            "--camera-url",
+            "rtsp://admin:S3cretPw@cam.example/live?token=T0ken",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?}");
+        assert!(
+            shown.contains("rtsp://***@cam.example/live?token=***")
+                && !shown.contains("S3cretPw")
+                && !shown.contains("T0ken"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn secret_values_never_show_in_help() {
+        let cli = Cli::command();
+        let mut commands = vec![&cli];
+        commands.extend(cli.get_subcommands());
+        let mut seen = 0;
+        for command in commands {
+            for arg in command.get_arguments() {
+                let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+                if SECRET_VARIABLES.contains(&env) {
+                    seen += 1;
+                    assert!(
+                        arg.is_hide_env_values_set(),
+                        "{env} of {}",
+                        command.get_name()
+                    );
+                }
+            }
+        }
+        assert!(seen > 0);
+    }
+
+    #[test]
+    fn worker_limits_default_to_bounded_memory_and_files() {
+        let Command::Local(args) = Cli::try_parse_from(["runner", "local"]).unwrap().command else {
+            panic!("local")
+        };
+        let limits = args.worker_limits.limits();
+        assert_eq!(limits.address_space, Some(4096 << 20));
+        assert_eq!(limits.open_files, Some(1024));
+        assert_eq!(limits.cpu_seconds, None);
+        let names = worker_variables();
+        for name in ["CAMERA_URL", "SINK", "REALTIME", "LOG_LEVEL", "LOG_FORMAT"] {
+            assert!(names.contains(&name.to_string()), "{name}: {names:?}");
+        }
+        assert!(!names.contains(&"STATE_DIR".to_string()));
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! fd00:ec2::254, `metadata.google.internal`, ...) and the Kubernetes API
 //! server's names. Refused unless `CAMERA_ALLOW_CIDRS` names them: link-local,
 //! unspecified, multicast and broadcast addresses, and loopback when
-//! `CAMERA_ALLOW_LOOPBACK` is false (the default in Kubernetes).
+//! `CAMERA_ALLOW_LOOPBACK` is false (the default in Kubernetes and for the
+//! deploys `runner local` reads from Kafka).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -194,12 +195,17 @@ const LOOPBACK: &[Cidr] = &[
     Cidr::v6([0, 0, 0, 0, 0, 0, 0, 1], 128),
 ];
 
-/// Where the runner runs, which decides the default for loopback cameras.
+/// Where the runner runs and who chose the camera, which decides the default
+/// for loopback cameras.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Worker Pods: loopback is the Pod itself, never a camera.
     Kubernetes,
-    /// `runner local` or a worker run by hand: cameras on this machine are common.
+    /// `runner local` fed from Kafka: whoever may write `to_deploy` picks the
+    /// camera, and loopback would let them reach this machine's own services.
+    LocalIngest,
+    /// The operator's own choice on this machine (`runner local`'s scenarios
+    /// file, a worker run by hand): cameras on this machine are common.
     Local,
 }
 
@@ -567,9 +573,15 @@ mod tests {
     fn loopback_follows_the_mode_and_the_setting() {
         let k8s = HostPolicy::defaults(Mode::Kubernetes);
         let local = HostPolicy::defaults(Mode::Local);
+        let from_kafka = HostPolicy::defaults(Mode::LocalIngest);
         assert_eq!(rule_of(&k8s, "127.0.0.1", &[]), Some(Rule::Loopback));
         assert_eq!(rule_of(&k8s, "localhost", &["::1"]), Some(Rule::Loopback));
         assert_eq!(rule_of(&local, "127.0.0.1", &[]), None);
+        assert_eq!(rule_of(&from_kafka, "127.0.0.1", &[]), Some(Rule::Loopback));
+        assert_eq!(
+            rule_of(&from_kafka, "localhost", &["::1"]),
+            Some(Rule::Loopback)
+        );
         // Cluster service names and private networks are allowed by default.
         assert_eq!(
             rule_of(&k8s, "clip-server.e2e.svc.cluster.local", &["10.96.0.12"]),

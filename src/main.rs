@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     };
     telemetry::init(cli.log_level, cli.log_format);
     // SAFETY: only this thread exists; every command starts its threads later.
-    unsafe { telemetry::quiet_ffmpeg_for(cli.log_format) };
+    unsafe { telemetry::keep_ffmpeg_on_stderr() };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         command = command_name(&cli.command),

@@ -3,6 +3,8 @@
 //! output can carry results.
 
 use std::io::IsTerminal;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use tracing_subscriber::EnvFilter;
 
@@ -24,7 +26,7 @@ pub fn init(level: LogLevel, format: LogFormat) {
         // worker whose supervisor died) is dropped; reporting that on the same
         // broken standard error would panic and end the process.
         .log_internal_errors(false)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LogWriter);
     // A second call (as in tests) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -32,20 +34,49 @@ pub fn init(level: LogLevel, format: LogFormat) {
     };
 }
 
-/// OpenCV's variable for FFmpeg's log level; `-8` is FFmpeg's `AV_LOG_QUIET`.
-const FFMPEG_LOG_LEVEL_VAR: &str = "OPENCV_FFMPEG_LOGLEVEL";
+/// The descriptor log lines are written to: standard error, or where it was
+/// moved when the worker pointed descriptor 2 at its relay of FFmpeg's lines
+/// ([`crate::worker::ffmpeg_log`]).
+static LOG_FD: AtomicI32 = AtomicI32::new(libc::STDERR_FILENO);
+
+/// Sends the log lines to `fd` from now on.
+pub fn log_to(fd: RawFd) {
+    LOG_FD.store(fd, Ordering::SeqCst);
+}
+
+/// Writes each formatted log line, whole, to [`LOG_FD`].
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let fd = LOG_FD.load(Ordering::SeqCst);
+        // SAFETY: write(2) reads `buf.len()` bytes from a live slice.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// OpenCV's variables that replace FFmpeg's logger with one that prints to
+/// standard output.
+const FFMPEG_LOG_VARS: &[&str] = &["OPENCV_FFMPEG_LOGLEVEL", "OPENCV_FFMPEG_DEBUG"];
 
 /// FFmpeg, inside OpenCV, writes its own messages (damaged data in a stream,
-/// protocol errors) straight to standard error as plain text. With JSON logs
-/// they would break "one JSON object per line", so they are turned off, unless
-/// the variable was set on purpose. Text logs keep them.
+/// a playlist's segment that cannot be loaded) as plain text. With
+/// `OPENCV_FFMPEG_LOGLEVEL` or `OPENCV_FFMPEG_DEBUG` set, OpenCV prints them
+/// to standard output — among a worker's results, and past the scrubbing of
+/// credentials — so both are removed: FFmpeg then logs its errors to
+/// standard error, where the worker relays them as log events.
 ///
 /// # Safety
 ///
-/// Call before any other thread exists (it sets an environment variable).
-pub unsafe fn quiet_ffmpeg_for(format: LogFormat) {
-    if format == LogFormat::Json && std::env::var_os(FFMPEG_LOG_LEVEL_VAR).is_none() {
+/// Call before any other thread exists (it changes the environment).
+pub unsafe fn keep_ffmpeg_on_stderr() {
+    for var in FFMPEG_LOG_VARS {
         // SAFETY: the caller guarantees no other thread exists yet.
-        unsafe { std::env::set_var(FFMPEG_LOG_LEVEL_VAR, "-8") };
+        unsafe { std::env::remove_var(var) };
     }
 }

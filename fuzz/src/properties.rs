@@ -11,13 +11,17 @@
 //! - For an accepted network URL, FFmpeg's URL splitting finds the same host
 //!   as the one the host policy checks, and a host literal FFmpeg would
 //!   connect to is one the policy accepts.
+//! - A line FFmpeg could log about a camera — quoting its URL, a segment or
+//!   key URL resolved against it, its bare user info, or a URL with other
+//!   credentials — never shows a secret once scrubbed; a line that has no
+//!   URL and none of the camera's secrets comes out unchanged.
 
 use std::net::IpAddr;
 use std::path::Path;
 
 use url::Url;
 
-use crate::camera_url::{CameraSource, UNPARSEABLE, redact};
+use crate::camera_url::{CameraSource, UNPARSEABLE, redact, redact_urls};
 use crate::host_policy::{HostPolicy, Mode};
 use crate::messages::{DeployRequest, UndeployRequest};
 
@@ -80,6 +84,84 @@ fn check_source(raw: &str, marked: bool) {
             "{raw:?} passed the policy but FFmpeg would connect to {ip}"
         );
     }
+}
+
+/// FFmpeg's own log lines through the scrubber. `data` is a camera URL, a
+/// newline, and a line FFmpeg could print, in which `{url}` stands for a URL
+/// derived from the camera's (the line is used as it is when it has none).
+pub fn ffmpeg_log(data: &str) {
+    let (raw, template) = data.split_once('\n').unwrap_or((data, "{url}"));
+    let _ = redact_urls(template);
+    let root = Some(Path::new(ROOT));
+    if let Ok(source) = CameraSource::parse(raw, root) {
+        let scrubbed = source.scrub(template);
+        if !template.contains("://") && !holds_a_secret(&source, template) {
+            assert_eq!(
+                scrubbed, template,
+                "a line without URLs or secrets was changed ({raw:?})"
+            );
+        }
+    }
+    if template.contains(MARKER) {
+        return; // the marker must come from the camera URL's secrets only
+    }
+    let Some(marked) = with_marker(raw) else {
+        return;
+    };
+    let Ok(source) = CameraSource::parse(&marked, root) else {
+        return;
+    };
+    let CameraSource::Network(url) = &source else {
+        return;
+    };
+    let mut quoted = vec![
+        source.backend_target(),
+        format!("http://other:{MARKER}@segments.example/s/seg0.ts"),
+        format!("https://cdn.example/s/seg0.ts?token={MARKER}"),
+    ];
+    quoted.extend(
+        ["seg0.ts", "/keys/k.bin", "../up/seg1.ts?channel=1"]
+            .iter()
+            .filter_map(|r| url.join(r).ok())
+            .map(String::from),
+    );
+    let userinfo = format!("{}:{}@", url.username(), url.password().unwrap_or_default());
+    quoted.push(format!("{userinfo}{}", url.host_str().unwrap_or_default()));
+    for quote in quoted {
+        let line = if template.contains("{url}") {
+            template.replace("{url}", &quote)
+        } else {
+            format!("{template} '{quote}'")
+        };
+        let scrubbed = source.scrub(&line);
+        assert!(
+            !scrubbed.contains(MARKER),
+            "{marked:?}: {line:?} scrubbed to {scrubbed:?}"
+        );
+    }
+}
+
+/// True when `text` holds the camera's user name, password or query, as
+/// given or percent-decoded, of any length (so a change may be expected).
+fn holds_a_secret(source: &CameraSource, text: &str) -> bool {
+    let CameraSource::Network(url) = source else {
+        return false;
+    };
+    let decoded = |s: &str| {
+        url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    [
+        Some(url.username().to_string()),
+        url.password().map(str::to_string),
+        url.query().map(str::to_string),
+    ]
+    .into_iter()
+    .flatten()
+    .flat_map(|s| [decoded(&s), s])
+    .any(|s| !s.is_empty() && text.contains(&s))
 }
 
 /// `to_deploy` and `to_undeploy` parsing on one message value.

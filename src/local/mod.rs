@@ -27,6 +27,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::cli::{LocalAction, LocalArgs};
 use crate::config::{LogFormat, LogLevel};
+use crate::host_policy::Mode;
 use crate::ingest::{Ingest, IngestConfig};
 use crate::scenario::lifecycle::RestartPolicy;
 use crate::scenario::ordering::Stamp;
@@ -139,7 +140,14 @@ async fn run(
         None
     };
 
-    let mut env = vec![
+    // Workers inherit only the worker settings of this environment; what
+    // follows overrides them.
+    let mut env = process::inherited(
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        &crate::cli::worker_variables(),
+    );
+    env.extend([
         ("KAFKA_BOOTSTRAP_SERVERS".to_string(), servers.clone()),
         (
             "RESULTS_TOPIC".to_string(),
@@ -156,20 +164,24 @@ async fn run(
         ),
         // Each worker serves its own /metrics on a free local port.
         ("METRICS_ADDR".to_string(), "127.0.0.1:0".to_string()),
-    ];
+    ]);
     if let Some(root) = &file_root {
         env.push(("VIDEO_FILE_ROOT".to_string(), root.display().to_string()));
     }
-    // The camera host policy is checked at ingest and again by each worker
-    // after it resolves the camera's name.
-    let camera_policy = args.camera_policy.policy(crate::host_policy::Mode::Local);
     env.extend(
-        camera_policy
-            .worker_env()
+        args.worker
+            .tuning_env()
             .into_iter()
-            .chain(args.worker.tuning_env())
             .map(|(k, v)| (k.to_string(), v)),
     );
+    // The camera host policy is checked at ingest and again by each worker
+    // after it resolves the camera's name. A camera from Kafka was chosen by
+    // whoever may write `to_deploy`: loopback only when allowed explicitly.
+    let policies = process::OriginPolicies {
+        kafka: args.camera_policy.policy(Mode::LocalIngest),
+        file: args.camera_policy.policy(Mode::Local),
+    };
+    let camera_policy = policies.kafka.clone();
     let settings = Settings {
         max_workers: sup.max_workers.0,
         policy: RestartPolicy {
@@ -182,6 +194,8 @@ async fn run(
             program: std::env::current_exe().map_err(LocalError::Program)?,
             state_dir: state_dir.clone(),
             env,
+            policies,
+            limits: args.worker_limits.limits(),
             extra_args: args.worker_args.clone(),
         },
         default_fps: sup.video_fps.to_string(),

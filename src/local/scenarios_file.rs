@@ -16,7 +16,8 @@ use crate::camera_url::CameraSource;
 use crate::cli::Model;
 use crate::config::VideoFps;
 
-#[derive(Debug, Deserialize)]
+/// One entry as written (no `Debug`: it holds the raw camera URL).
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Entry {
     scenario_uuid: Uuid,

@@ -4,6 +4,10 @@
 //! Every change is one transaction, so a crash or power loss leaves either
 //! the old or the new record. Other processes (`runner local list`) read the
 //! database while the supervisor writes it.
+//!
+//! The database holds camera URLs with their credentials: the directory is
+//! created 0700 and its files 0600, and a supervisor refuses a state
+//! directory other users may enter or read.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -13,6 +17,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
+use crate::camera_url::Redacted;
 use crate::scenario::Phase;
 use crate::scenario::ordering::Applied;
 
@@ -25,8 +30,9 @@ pub enum Origin {
     File,
 }
 
-/// One scenario as the supervisor keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One scenario as the supervisor keeps it. Its `Debug` form shows the
+/// camera URL redacted.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub uuid: String,
     pub worker_id: Option<String>,
@@ -98,14 +104,52 @@ impl Record {
     }
 }
 
-/// What a deploy asks to run.
-#[derive(Debug, Clone, PartialEq)]
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("uuid", &self.uuid)
+            .field("worker_id", &self.worker_id)
+            .field("camera_url", &Redacted(&self.camera_url))
+            .field("fps", &self.fps)
+            .field("model", &self.model)
+            .field("origin", &self.origin)
+            .field("applied", &self.applied)
+            .field("phase", &self.phase)
+            .field("run", &self.run)
+            .field("enqueued_at", &self.enqueued_at)
+            .field("created_at", &self.created_at)
+            .field("restarts", &self.restarts)
+            .field("pid", &self.pid)
+            .field("pid_start", &self.pid_start)
+            .field("started_at", &self.started_at)
+            .field("finished_at", &self.finished_at)
+            .field("restart_at", &self.restart_at)
+            .field("queue_position", &self.queue_position)
+            .field("last_error", &self.last_error)
+            .finish()
+    }
+}
+
+/// What a deploy asks to run. Its `Debug` form shows the camera URL redacted.
+#[derive(Clone, PartialEq)]
 pub struct Target {
     pub worker_id: Option<String>,
     pub camera_url: String,
     pub fps: Option<f64>,
     pub model: Option<String>,
     pub origin: Origin,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("worker_id", &self.worker_id)
+            .field("camera_url", &Redacted(&self.camera_url))
+            .field("fps", &self.fps)
+            .field("model", &self.model)
+            .field("origin", &self.origin)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +159,10 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "STATE_DIR={path} is open to other users (mode {mode:04o}) and would hold camera URLs with their credentials; run `chmod 700 {path}` and start again"
+    )]
+    OpenToOthers { path: PathBuf, mode: u32 },
     #[error(
         "another `runner local` uses STATE_DIR={path} (it holds {path}/supervisor.lock); stop it, or give this one its own STATE_DIR"
     )]
@@ -137,6 +185,73 @@ pub enum StateError {
 
 pub const DATABASE_FILE: &str = "state.db";
 
+/// The database and the files SQLite keeps beside it.
+const DATABASE_FILES: [&str; 3] = ["state.db", "state.db-wal", "state.db-shm"];
+
+/// Mode of the state directory the supervisor creates.
+const DIR_MODE: u32 = 0o700;
+/// Mode of every file in it.
+const FILE_MODE: u32 = 0o600;
+
+/// True when `mode` lets anyone but the owner read, write or enter.
+fn open_to_others(mode: u32) -> bool {
+    mode & 0o077 != 0
+}
+
+/// Creates the state directory 0700 when it is missing; refuses one that
+/// exists with any group or other permission bit.
+pub fn secure_dir(dir: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir_err = |source| StateError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(dir_err)?;
+    }
+    let mode = std::fs::metadata(dir)
+        .map_err(dir_err)?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if open_to_others(mode) {
+        return Err(StateError::OpenToOthers {
+            path: dir.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Takes group and other permissions away from `path` when it exists (a
+/// database of an older runner); creates it 0600 when it is missing and
+/// `create` says so.
+fn private_file(path: &Path, create: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o7777;
+            if open_to_others(mode) {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(FILE_MODE)
+            .open(path)
+            .map(drop),
+        Err(e) => Err(e),
+    }
+}
+
 /// Held by the supervisor for its whole life: one supervisor per STATE_DIR.
 /// The kernel releases it when the supervisor dies, however it dies, and
 /// workers do not inherit it (Rust opens files close-on-exec).
@@ -145,17 +260,21 @@ pub struct DirLock {
 }
 
 impl DirLock {
+    /// Creates the directory (0700) if needed and refuses one open to
+    /// other users, then takes the lock.
     pub fn take(dir: &Path) -> Result<DirLock, StateError> {
         use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
         let dir_err = |source| StateError::Dir {
             path: dir.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        secure_dir(dir)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
             .open(dir.join("supervisor.lock"))
             .map_err(dir_err)?;
         // SAFETY: flock(2) on a descriptor this function owns.
@@ -173,12 +292,20 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    /// Opens (creating if needed) the database in `dir`.
+    /// Opens (creating if needed) the database in `dir`. The database and
+    /// its write-ahead log and shared-memory files are 0600 (SQLite gives the
+    /// latter two the database's mode when it creates them).
     pub fn open(dir: &Path) -> Result<StateStore, StateError> {
-        std::fs::create_dir_all(dir).map_err(|source| StateError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        secure_dir(dir)?;
+        for name in DATABASE_FILES {
+            // SQLite creates the log files itself; only the database is made here.
+            private_file(&dir.join(name), name == DATABASE_FILE).map_err(|source| {
+                StateError::Dir {
+                    path: dir.to_path_buf(),
+                    source,
+                }
+            })?;
+        }
         let path = dir.join(DATABASE_FILE);
         let open_err = |source| StateError::Open {
             path: path.clone(),
@@ -321,9 +448,18 @@ mod tests {
         }
     }
 
+    /// A temporary directory only its owner may use, as a state directory must be.
+    fn private_tempdir() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        tempfile::Builder::new()
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .unwrap()
+    }
+
     #[test]
     fn records_survive_reopening_and_are_read_by_a_second_process_handle() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let now = Utc::now();
         {
             let store = StateStore::open(dir.path()).unwrap();
@@ -357,12 +493,80 @@ mod tests {
 
     #[test]
     fn one_supervisor_per_state_dir() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let lock = DirLock::take(dir.path()).unwrap();
         let err = DirLock::take(dir.path()).err().unwrap();
         assert!(err.to_string().contains("another `runner local`"), "{err}");
         drop(lock);
         assert!(DirLock::take(dir.path()).is_ok());
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_new_state_dir_and_its_files_are_the_owners_alone() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("state");
+        let _lock = DirLock::take(&dir).unwrap();
+        let store = StateStore::open(&dir).unwrap();
+        store
+            .update("a", |r| {
+                *r = Some(Record::new("a", target("rtsp://u:pw@cam/a"), Utc::now()))
+            })
+            .unwrap();
+        assert_eq!(mode_of(&dir), 0o700);
+        for name in DATABASE_FILES.iter().chain(&["supervisor.lock"]) {
+            // The write-ahead log and shared memory exist while the store is open.
+            assert_eq!(mode_of(&dir.join(name)), 0o600, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_state_dir_open_to_others_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o755, 0o750, 0o701, 0o710] {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = DirLock::take(dir.path()).err().expect("refused");
+            let text = err.to_string();
+            let path = dir.path().display().to_string();
+            assert!(
+                text.contains(&format!("chmod 700 {path}")) && !text.contains('\n'),
+                "{mode:o}: {text}"
+            );
+            assert!(StateStore::open(dir.path()).is_err(), "{mode:o}");
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(DirLock::take(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn an_older_database_readable_by_others_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = private_tempdir();
+        let db = dir.path().join(DATABASE_FILE);
+        std::fs::write(&db, b"").unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        StateStore::open(dir.path()).unwrap();
+        assert_eq!(mode_of(&db), 0o600);
+    }
+
+    #[test]
+    fn debug_forms_show_the_camera_url_redacted() {
+        let target = target("rtsp://admin:S3cretPw@cam.example/live?token=T0kenValue");
+        let record = Record::new("a", target.clone(), Utc::now());
+        for shown in [format!("{target:?}"), format!("{record:?}")] {
+            assert!(
+                shown.contains("rtsp://***@cam.example/live?token=***")
+                    && !shown.contains("S3cretPw")
+                    && !shown.contains("admin")
+                    && !shown.contains("T0kenValue"),
+                "{shown}"
+            );
+        }
     }
 
     #[test]

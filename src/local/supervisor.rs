@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,9 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::events::PhaseEvents;
 use super::metrics::LocalMetrics;
-use super::process::{self, WorkerCommand};
+use super::process::{self, Launch, WorkerCommand};
 use super::state::{Record, StateError, StateStore};
+use crate::camera_url::{CameraSource, redact_urls};
 use crate::scenario::Phase;
 use crate::scenario::admission::{self, Waiting};
 use crate::scenario::lifecycle::{self, Exit, Intent, Next, RestartPolicy};
@@ -337,7 +338,12 @@ impl Supervisor {
             ("VIDEO_FPS", fps),
             ("MODEL", model),
         ];
-        let mut child = match self.settings.worker.spawn(&env) {
+        let launch = Launch {
+            env: &env,
+            origin: record.origin,
+            finite: crate::scenario::source::is_finite(&record.camera_url),
+        };
+        let mut child = match self.settings.worker.spawn(&launch) {
             Ok(child) => child,
             Err(e) => {
                 let error = format!(
@@ -365,7 +371,11 @@ impl Supervisor {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(forward_lines(
                 err,
-                Some((uuid.clone(), self.settings.json_logs)),
+                Some(LogOf {
+                    uuid: uuid.clone(),
+                    json: self.settings.json_logs,
+                    camera: CameraSource::parse(&record.camera_url, Some(Path::new("/"))).ok(),
+                }),
             ));
         }
         let exits = self.exits_tx.clone();
@@ -573,11 +583,39 @@ async fn wait_until_gone(
     }
 }
 
+/// Whose log lines are forwarded.
+struct LogOf {
+    uuid: String,
+    /// JSON log lines: passed on without a prefix.
+    json: bool,
+    /// The scenario's camera, whose credentials no forwarded line may show.
+    camera: Option<CameraSource>,
+}
+
+impl LogOf {
+    /// A log line of the worker as the supervisor writes it: scrubbed of the
+    /// camera's credentials and of every URL's secrets (the worker scrubs
+    /// its own lines; this covers anything that reached its standard error
+    /// otherwise), and in text logs marked with the scenario's UUID.
+    fn line(&self, raw: &[u8]) -> Vec<u8> {
+        let text = String::from_utf8_lossy(raw);
+        let scrubbed = match &self.camera {
+            Some(camera) => camera.scrub(&text),
+            None => redact_urls(&text),
+        };
+        if self.json {
+            scrubbed.into_bytes()
+        } else {
+            format!("[scenario {}] {scrubbed}", self.uuid).into_bytes()
+        }
+    }
+}
+
 /// Copies a worker's output to the supervisor's, one whole line per locked
 /// write, so lines of different workers never mix: standard output as it is
-/// (results with SINK=stdout), log lines on standard error marked with the
-/// scenario's UUID (JSON log lines are passed on unchanged).
-async fn forward_lines(from: impl AsyncRead + Unpin, log_of: Option<(String, bool)>) {
+/// (results with SINK=stdout), log lines on standard error scrubbed and, in
+/// text logs, marked with the scenario's UUID ([`LogOf::line`]).
+async fn forward_lines(from: impl AsyncRead + Unpin, log_of: Option<LogOf>) {
     let mut reader = BufReader::new(from);
     let mut line = Vec::new();
     loop {
@@ -593,17 +631,42 @@ async fn forward_lines(from: impl AsyncRead + Unpin, log_of: Option<(String, boo
                         let mut stdout = std::io::stdout().lock();
                         stdout.write_all(&line).and_then(|()| stdout.flush())
                     }
-                    Some((_, true)) => std::io::stderr().lock().write_all(&line),
-                    Some((uuid, false)) => {
-                        let mut marked = format!("[scenario {uuid}] ").into_bytes();
-                        marked.extend_from_slice(&line);
-                        std::io::stderr().lock().write_all(&marked)
-                    }
+                    Some(log_of) => std::io::stderr().lock().write_all(&log_of.line(&line)),
                 };
                 if written.is_err() {
                     return;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relayed_log_lines_are_scrubbed_and_marked() {
+        let camera = "http://admin:pw@cam.example/live/index.m3u8";
+        let text = LogOf {
+            uuid: "550e8400-e29b-41d4-a716-446655440000".into(),
+            json: false,
+            camera: CameraSource::parse(camera, Some(Path::new("/"))).ok(),
+        };
+        let line = b"[hls @ 0x1] Error when loading first segment 'http://admin:pw@cam.example/live/seg0.ts'\n";
+        assert_eq!(
+            String::from_utf8(text.line(line)).unwrap(),
+            "[scenario 550e8400-e29b-41d4-a716-446655440000] [hls @ 0x1] Error when loading first segment 'http://***@cam.example/live/seg0.ts'\n"
+        );
+        let json = LogOf {
+            json: true,
+            camera: None,
+            ..text
+        };
+        let line = br#"{"level":"WARN","message":"'rtsp://u:Secret1@cam/a'"}"#;
+        assert_eq!(
+            String::from_utf8(json.line(line)).unwrap(),
+            r#"{"level":"WARN","message":"'rtsp://***@cam/a'"}"#
+        );
     }
 }

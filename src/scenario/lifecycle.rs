@@ -31,6 +31,10 @@ impl Exit {
             Exit::Code(code) => format!("worker exited with code {code}"),
             Exit::Signal(9) => "worker was killed by signal 9 (SIGKILL)".to_string(),
             Exit::Signal(15) => "worker was ended by signal 15 (SIGTERM)".to_string(),
+            Exit::Signal(24) => {
+                "worker was ended by signal 24 (SIGXCPU): it used up its CPU time (WORKER_CPU_SECONDS)"
+                    .to_string()
+            }
             Exit::Signal(sig) => format!("worker was ended by signal {sig}"),
         }
     }
@@ -281,6 +285,7 @@ mod tests {
         assert_eq!(Exit::Code(2).describe(), "worker exited with code 2");
         assert!(Exit::Signal(9).describe().contains("SIGKILL"));
         assert!(Exit::Signal(15).describe().contains("SIGTERM"));
+        assert!(Exit::Signal(24).describe().contains("WORKER_CPU_SECONDS"));
         let other = Exit::Signal(2).describe();
         assert!(
             other.contains("signal 2") && !other.contains("SIG"),

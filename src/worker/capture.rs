@@ -62,14 +62,46 @@ pub enum CaptureError {
         "gave up on camera {camera} after {attempts} reconnect attempts in a row (MAX_RECONNECTS)"
     )]
     GaveUp { camera: String, attempts: u32 },
+    #[error("no frame of {camera} could be decoded ({read} frames read){}", memory_note(*.address_space))]
+    NothingDecoded {
+        camera: String,
+        read: u64,
+        /// The worker's address space limit in bytes, if it has one.
+        address_space: Option<u64>,
+    },
+}
+
+/// What [`CaptureError::NothingDecoded`] adds when the process has an
+/// address space limit: a frame that does not fit cannot be decoded.
+fn memory_note(address_space: Option<u64>) -> String {
+    match address_space {
+        Some(bytes) => format!(
+            "; this worker may use {} MiB of address space (WORKER_MEMORY_LIMIT_MB of `runner local`), too little for frames this large or for damaged data",
+            bytes >> 20
+        ),
+        None => "; the file is damaged or its frames are too large".to_string(),
+    }
+}
+
+/// The address space limit of this process, if it has one.
+fn address_space_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes into the struct given.
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } == 0;
+    (known && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
 }
 
 /// Why one connection to the source ended.
 enum StreamEnd {
     /// No more frames (end of file, stream lost or read timeout). `lasted` is
-    /// the time from opening the connection to its last frame.
+    /// the time from opening the connection to its last frame; `decoded`
+    /// counts the frames handed on to detection.
     Ended {
         frames: u64,
+        decoded: u64,
         lasted: Duration,
     },
     Shutdown,
@@ -140,10 +172,22 @@ fn read_with_reconnects(
                 );
                 match end {
                     StreamEnd::Shutdown => return Ok(CaptureEnd::Shutdown),
+                    // A file none of whose frames could be decoded did not
+                    // run: its frames are too large for the memory the
+                    // worker may use, or it is damaged throughout.
+                    StreamEnd::Ended {
+                        frames, decoded: 0, ..
+                    } if mode == ReadMode::File => {
+                        return Err(CaptureError::NothingDecoded {
+                            camera: shown,
+                            read: frames,
+                            address_space: address_space_limit(),
+                        });
+                    }
                     StreamEnd::Ended { .. } if mode == ReadMode::File => {
                         return Ok(CaptureEnd::EndOfFile);
                     }
-                    StreamEnd::Ended { frames, lasted } => {
+                    StreamEnd::Ended { frames, lasted, .. } => {
                         metrics.health().camera_lost();
                         // Only a connection that kept delivering frames for at
                         // least READ_TIMEOUT_MS ends a run of failures; one that
@@ -314,6 +358,7 @@ fn read_stream(
     shutdown: &Arc<AtomicBool>,
 ) -> StreamEnd {
     let mut frames = 0;
+    let mut decoded = 0;
     let opened = Instant::now();
     let mut lasted = Duration::ZERO;
     loop {
@@ -322,7 +367,11 @@ fn read_stream(
         }
         metrics.health().capture_progress();
         if !capture.grab().unwrap_or(false) {
-            return StreamEnd::Ended { frames, lasted };
+            return StreamEnd::Ended {
+                frames,
+                decoded,
+                lasted,
+            };
         }
         frames += 1;
         lasted = opened.elapsed();
@@ -357,6 +406,7 @@ fn read_stream(
         let Some(frame) = retrieve(capture, metrics) else {
             continue;
         };
+        decoded += 1;
         match pace {
             Pace::File { .. } => {
                 metrics.health().capture_waiting(true);

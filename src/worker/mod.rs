@@ -5,6 +5,7 @@
 //! orderly stop (stop reading, flush pending results with a bounded wait, exit 0).
 
 pub mod capture;
+pub mod ffmpeg_log;
 pub mod handoff;
 pub mod metrics;
 pub mod sink;
@@ -45,6 +46,8 @@ pub enum WorkerError {
     Runtime(std::io::Error),
     #[error("a worker thread stopped unexpectedly: {0}")]
     Thread(String),
+    #[error("cannot relay FFmpeg's log lines: {0}")]
+    Relay(std::io::Error),
 }
 
 /// Validates the camera URL, limits FFmpeg to the protocols it needs, and runs
@@ -52,14 +55,18 @@ pub enum WorkerError {
 /// process-wide environment variable that OpenCV reads on first open.
 pub fn main(args: WorkerArgs) -> Result<(), WorkerError> {
     let root = args.settings.video_file_root.as_deref();
-    let source = CameraSource::parse(&args.camera_url, root)?.resolve(root)?;
+    let source = CameraSource::parse(&args.camera_url.0, root)?.resolve(root)?;
     let policy = args
         .camera_policy
         .policy(crate::host_policy::Mode::detect());
     source.check_host(&policy)?;
     crate::host_policy::install(policy);
-    // SAFETY: no other thread exists yet; the async runtime starts below.
+    // SAFETY: no other thread exists yet; the relay and the async runtime
+    // start below.
     unsafe { transport::apply(&source, transport::initial(args.settings.rtsp_transport)) };
+    // FFmpeg's own lines quote URLs with the camera's credentials: from here
+    // on they reach standard error only scrubbed, as log events.
+    let _relay = ffmpeg_log::StderrRelay::start(source.clone()).map_err(WorkerError::Relay)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

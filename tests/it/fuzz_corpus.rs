@@ -53,6 +53,16 @@ fn request_corpus_keeps_its_properties() {
 }
 
 #[test]
+fn ffmpeg_log_corpus_keeps_its_properties() {
+    for (path, data) in corpus("ffmpeg_log") {
+        if let Ok(text) = std::str::from_utf8(&data) {
+            let outcome = std::panic::catch_unwind(|| properties::ffmpeg_log(text));
+            assert!(outcome.is_ok(), "{} fails: {text:?}", path.display());
+        }
+    }
+}
+
+#[test]
 fn ffmpeg_host_splitting_matches_ffmpeg() {
     for (url, host) in [
         ("rtsp://cam/a", "cam"),

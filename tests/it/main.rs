@@ -21,6 +21,7 @@ mod local_file;
 mod local_recovery;
 mod real_node;
 mod security;
+mod security_local;
 mod testbed_kafka;
 mod testbed_kube;
 mod worker_files;

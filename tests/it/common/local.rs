@@ -48,7 +48,11 @@ impl LocalBed {
                 .set("enable.idempotence", "true")
                 .create()
                 .expect("producer"),
-            state: tempfile::tempdir().expect("state dir"),
+            // The supervisor refuses a state directory other users may open.
+            state: tempfile::Builder::new()
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .tempdir()
+                .expect("state dir"),
             logs: tempfile::tempdir().expect("log dir"),
             bootstrap,
         };
