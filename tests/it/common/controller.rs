@@ -376,20 +376,9 @@ impl ControllerProcess {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "controller did not stop within 30 s of SIGTERM\n{}",
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        super::wait_exit(&mut child, Duration::from_secs(30), "controller", || {
+            self.log_tail()
+        })
     }
 
     pub fn log_tail(&self) -> String {

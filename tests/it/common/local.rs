@@ -283,20 +283,9 @@ impl LocalProcess {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal("-TERM");
         let mut child = self.child.take().expect("running supervisor");
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "runner local did not stop within 60 s of SIGTERM\n{}",
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        super::wait_exit(&mut child, Duration::from_secs(60), "runner local", || {
+            self.log_tail()
+        })
     }
 
     /// Waits up to 30 s for the process to exit by itself.

@@ -516,3 +516,27 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
         panic!("no free port on 127.0.0.1 between {base} and {ephemeral_low}")
     })
 }
+
+/// Waits up to `within` for `child` (just sent SIGTERM) to exit and returns
+/// its status; past that, kills it and fails naming `what` and its log tail.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    within: Duration,
+    what: &str,
+    log_tail: impl FnOnce() -> String,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "{what} did not stop within {within:?} of SIGTERM\n{}",
+                log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
