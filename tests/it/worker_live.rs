@@ -554,6 +554,7 @@ impl PrivateKafka {
         .arg(command)
         .env("VAP_RUN", self.run.path())
         .env("VAP_KAFKA_PORT", self.port.to_string())
+        .env("VAP_KAFKA_POD_ADDRESS", "off")
         .env(
             "VAP_KAFKA_CONTROLLER_PORT",
             self.controller_port.to_string(),
