@@ -79,7 +79,8 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
     let scenario = args.scenario_uuid;
     tracing::info!(%scenario, camera = %source, fps = %args.video_fps, model = ?args.settings.model, sink = ?args.sink, "worker starting");
 
-    let (metrics, registry) = WorkerMetrics::new(Duration::from_secs(args.watchdog_secs));
+    let (metrics, registry) =
+        WorkerMetrics::new(Duration::from_secs(args.settings.stream.watchdog_secs));
     let metrics = Arc::new(metrics);
     let (bound, server) = crate::http::bind(args.http.metrics_addr, registry, metrics.clone())
         .await
@@ -102,7 +103,12 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
             let servers = args.kafka.kafka_bootstrap_servers.to_string();
             let topic = args.settings.results_topic.clone();
             let m = metrics.clone();
-            let timeout = args.open_timeout_ms.0.max(Duration::from_secs(10));
+            let timeout = args
+                .settings
+                .stream
+                .open_timeout_ms
+                .0
+                .max(Duration::from_secs(10));
             Arc::new(
                 tokio::task::spawn_blocking(move || {
                     KafkaSink::connect(&servers, &topic, m, timeout)
@@ -118,12 +124,12 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
     let settings = CaptureSettings {
         source,
         period: args.video_fps.period(),
-        open_timeout: args.open_timeout_ms.0,
-        read_timeout: args.read_timeout_ms.0,
+        open_timeout: args.settings.stream.open_timeout_ms.0,
+        read_timeout: args.settings.stream.read_timeout_ms.0,
         realtime: args.realtime,
-        max_reconnects: args.max_reconnects,
-        reconnect_base: args.reconnect_base_ms.0,
-        reconnect_max: args.reconnect_max_ms.0,
+        max_reconnects: args.settings.stream.max_reconnects,
+        reconnect_base: args.settings.stream.reconnect_base_ms.0,
+        reconnect_max: args.settings.stream.reconnect_max_ms.0,
         rtsp_transport: args.settings.rtsp_transport,
         decode_threads: args.decode_threads.0,
     };

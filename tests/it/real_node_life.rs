@@ -65,6 +65,11 @@ impl Camera {
         format!("http://{}:{}/live.mjpg", self.host, self.port)
     }
 
+    /// The same camera hanging after ten frames, the connection kept open.
+    fn stalling_url(&self) -> String {
+        format!("http://{}:{}/stall.mjpg", self.host, self.port)
+    }
+
     /// Starts the server (again) and waits until it listens.
     fn resume(&mut self) {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/http_server.py");
@@ -141,6 +146,24 @@ async fn wait_running_and_ready(bed: &Bed, id: &str) -> Scenario {
     .await
 }
 
+/// Waits until the worker Pod of `id` satisfies `check` (`what` says what
+/// that means) and returns it.
+async fn wait_pod(bed: &Bed, id: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
+    let (pods, name, check) = (bed.pods(), pod_name(id), &check);
+    wait_for(&format!("{name}: {what}"), SCENARIO_WITHIN, || {
+        let (pods, name) = (pods.clone(), name.clone());
+        async move {
+            let pod = pods.get_opt(&name).await.ok()??;
+            check(&pod).then_some(pod)
+        }
+    })
+    .await
+}
+
+fn restart_count(pod: &Pod) -> i64 {
+    container(pod)["restartCount"].as_i64().unwrap_or(0)
+}
+
 fn container(pod: &Pod) -> Value {
     serde_json::to_value(pod).expect("Pod as JSON")["status"]["containerStatuses"][0].clone()
 }
@@ -175,14 +198,8 @@ async fn a_deleted_worker_pod_is_replaced_and_its_scenario_keeps_running() {
         .delete(&pod_name(&id), &DeleteParams::default())
         .await
         .expect("delete the worker Pod");
-    let pods = bed.pods();
-    let name = pod_name(&id);
-    let second = wait_for("a new worker Pod, running", SCENARIO_WITHIN, || {
-        let (pods, name, first_uid) = (pods.clone(), name.clone(), first_uid.clone());
-        async move {
-            let pod = pods.get_opt(&name).await.ok()??;
-            (pod.metadata.uid != first_uid && container(&pod)["ready"] == true).then_some(pod)
-        }
+    let second = wait_pod(&bed, &id, "a new Pod, its worker ready", |pod| {
+        pod.metadata.uid != first_uid && container(pod)["ready"] == true
     })
     .await;
     assert_eq!(
@@ -215,14 +232,9 @@ async fn a_camera_outage_makes_the_worker_unready_without_restarting_it() {
     wait_running_and_ready(&bed, &id).await;
 
     camera.stop();
-    let pods = bed.pods();
     let name = pod_name(&id);
-    let unready = wait_for("the worker Pod not Ready", SCENARIO_WITHIN, || {
-        let (pods, name) = (pods.clone(), name.clone());
-        async move {
-            let pod = pods.get_opt(&name).await.ok()??;
-            (container(&pod)["ready"] == false).then_some(pod)
-        }
+    let unready = wait_pod(&bed, &id, "not Ready", |pod| {
+        container(pod)["ready"] == false
     })
     .await;
     bed.wait_scenario(&id, "Running, not Ready", |s| {
@@ -235,7 +247,7 @@ async fn a_camera_outage_makes_the_worker_unready_without_restarting_it() {
     while window.elapsed() < Duration::from_secs(40) {
         let pod = bed.pods().get(&name).await.expect("worker Pod");
         assert_eq!(
-            container(&pod)["restartCount"],
+            restart_count(&pod),
             0,
             "a camera outage restarted the worker: {}",
             container(&pod)
@@ -251,7 +263,7 @@ async fn a_camera_outage_makes_the_worker_unready_without_restarting_it() {
     let s = wait_running_and_ready(&bed, &id).await;
     assert_eq!(restarts(&s), 0, "an outage is no restart: {s:?}");
     let pod = bed.pods().get(&name).await.expect("worker Pod");
-    assert_eq!(container(&pod)["restartCount"], 0);
+    assert_eq!(restart_count(&pod), 0);
     report_peak_memory(&pod);
     ctl.assert_running();
 }
@@ -290,6 +302,70 @@ fn report_peak_memory(pod: &Pod) {
         mib < 256.0,
         "the worker's peak {mib:.1} MiB exceeds the chart's default limit"
     );
+}
+
+/// A capture loop stuck in a read (a camera that hangs with the connection
+/// open, and a read timeout longer than the watchdog) fails the worker's
+/// /healthz; the kubelet's liveness probe restarts the container in place and
+/// the Scenario counts the restart. The controller passes WATCHDOG_SECS and
+/// READ_TIMEOUT_MS on to its workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_capture_loop_is_restarted_by_the_liveness_probe() {
+    let bed = Bed::new("rn-stuck").await;
+    let camera = Camera::start();
+    let mut ctl = controller(
+        &bed,
+        &[("WATCHDOG_SECS", "2"), ("READ_TIMEOUT_MS", "600000")],
+    );
+    let id = uuid();
+    bed.deploy(&id, &camera.stalling_url()).await;
+    let first = wait_pod(&bed, &id, "its container created", |pod| {
+        container(pod)["containerID"].is_string()
+    })
+    .await;
+    let env = serde_json::to_value(first.spec.as_ref().expect("spec")).expect("JSON")["containers"]
+        [0]["env"]
+        .clone();
+    assert!(
+        env.as_array().is_some_and(|e| e
+            .iter()
+            .any(|v| v["name"] == "WATCHDOG_SECS" && v["value"] == "2")),
+        "WATCHDOG_SECS is passed on to the worker: {env}"
+    );
+    let restarted = wait_pod(&bed, &id, "restarted by the liveness probe", |pod| {
+        restart_count(pod) >= 1
+    })
+    .await;
+    assert_eq!(
+        restarted.metadata.uid, first.metadata.uid,
+        "restarted in place, same Pod"
+    );
+    let events = kubectl_events(&bed.namespace, &pod_name(&id));
+    assert!(
+        events.contains("Liveness probe failed: HTTP probe failed with statuscode: 503")
+            && events.contains("failed liveness probe, will be restarted"),
+        "the kubelet names the failed liveness probe:\n{events}"
+    );
+    let s = bed
+        .wait_scenario(&id, "the restart counted", |s| restarts(s) >= 1)
+        .await;
+    assert_ne!(
+        phase(&s),
+        Some(Phase::Failed),
+        "one restart is within the limit"
+    );
+    ctl.assert_running();
+}
+
+/// The events of one object, as `kubectl get events` shows them.
+fn kubectl_events(namespace: &str, name: &str) -> String {
+    let out = Command::new("kubectl")
+        .args(["-n", namespace, "get", "events", "--field-selector"])
+        .arg(format!("involvedObject.name={name}"))
+        .args(["-o", "custom-columns=REASON:.reason,MESSAGE:.message"])
+        .output()
+        .expect("run kubectl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A worker that exits 1 (its detector cannot start: MODEL_DIR has no model)
@@ -335,19 +411,9 @@ async fn a_worker_that_exits_1_is_restarted_in_place_until_the_limit() {
         .expect("worker Pod")
         .metadata
         .uid;
-    let pods = bed.pods();
-    let name = pod_name(&crashing);
-    let restarted = wait_for(
-        "the kubelet restarting the container",
-        SCENARIO_WITHIN,
-        || {
-            let (pods, name) = (pods.clone(), name.clone());
-            async move {
-                let pod = pods.get_opt(&name).await.ok()??;
-                (container(&pod)["restartCount"].as_i64() >= Some(1)).then_some(pod)
-            }
-        },
-    )
+    let restarted = wait_pod(&bed, &crashing, "restarted by the kubelet", |pod| {
+        restart_count(pod) >= 1
+    })
     .await;
     assert_eq!(
         restarted.metadata.uid, first_uid,
@@ -402,14 +468,8 @@ async fn evicted_workers_are_replaced_within_max_workers() {
             .expect("evict the worker Pod");
     }
     for (id, old) in ids[..2].iter().zip(&before) {
-        let pods = bed.pods();
-        let name = pod_name(id);
-        wait_for("an evicted worker replaced", SCENARIO_WITHIN, || {
-            let (pods, name, old) = (pods.clone(), name.clone(), old.clone());
-            async move {
-                let pod = pods.get_opt(&name).await.ok()??;
-                (pod.metadata.uid != old && container(&pod)["ready"] == true).then_some(())
-            }
+        wait_pod(&bed, id, "evicted and replaced, its worker ready", |pod| {
+            pod.metadata.uid != *old && container(pod)["ready"] == true
         })
         .await;
         let s = wait_running_and_ready(&bed, id).await;
