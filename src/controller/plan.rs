@@ -73,16 +73,14 @@ enum Worker {
         restarts: i32,
         crash: Option<(String, String)>,
     },
-    /// Exited 0; `deleting` when the Pod is being deleted (a drain or a node
-    /// shutdown stops the worker, so exit 0 does not mean the source ended).
-    Succeeded {
-        deleting: bool,
-    },
+    /// Exited 0, not being deleted: the source ended (a Pod being deleted
+    /// that ended is `Disrupted`, whatever its exit code).
+    Succeeded,
     Failed {
         error: String,
     },
     /// Ended by the cluster, not by the worker (evicted, node shutdown,
-    /// preempted): replace it.
+    /// preempted, deleted): replace it.
     Disrupted {
         reason: String,
         message: String,
@@ -173,6 +171,22 @@ fn observe(pod: &Pod) -> Worker {
         };
         return Worker::Disrupted { reason, message };
     }
+    if pod.metadata.deletion_timestamp.is_some() && matches!(phase, "Succeeded" | "Failed") {
+        // The kubelet (1.27 and later) writes a terminal phase on a Pod being
+        // deleted before it goes: a worker stopped by SIGTERM exits 0, or 1
+        // when it could not deliver its last results, and one killed after
+        // the grace period 137. The deletion ended it, not the end of its
+        // source or a fault: replaced, and no restart is counted.
+        let words = container
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| exit_words(t.exit_code, t.reason.as_deref()))
+            .unwrap_or_else(|| "worker Pod failed".to_string());
+        return Worker::Disrupted {
+            reason: "PodDeleted".into(),
+            message: format!("the worker Pod was deleted before its source ended ({words})"),
+        };
+    }
     if pod.metadata.deletion_timestamp.is_some() && !matches!(phase, "Succeeded" | "Failed") {
         return Worker::Terminating {
             reason: "PodTerminating".into(),
@@ -191,9 +205,7 @@ fn observe(pod: &Pod) -> Worker {
         };
     }
     match phase {
-        "Succeeded" => Worker::Succeeded {
-            deleting: pod.metadata.deletion_timestamp.is_some(),
-        },
+        "Succeeded" => Worker::Succeeded,
         "Failed" => {
             let terminated = container
                 .and_then(|c| c.state.as_ref())
@@ -493,15 +505,7 @@ pub fn plan(
                 }
             }
         }
-        // Deleted Pods exit 0 on SIGTERM, clip or camera: a disruption, not
-        // the end of the source, and not a restart to count.
-        Worker::Succeeded { deleting: true } => disrupted(
-            &mut d,
-            p,
-            "PodDeleted",
-            "the worker Pod was deleted before its source ended",
-        ),
-        Worker::Succeeded { .. } => {
+        Worker::Succeeded => {
             let count = u32::try_from(d.status.restart_count).unwrap_or(0);
             match restart::after_exit(finite, Exit::Success, count, limit) {
                 AfterExit::Done => {
@@ -713,6 +717,14 @@ mod tests {
                    "restartCount": 0, "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]})
     }
 
+    /// A worker Pod whose container exited with `code`, as the kubelet
+    /// writes it with `restartPolicy: OnFailure` once it stops restarting.
+    fn failed_with(code: i32) -> serde_json::Value {
+        json!({"phase": "Failed",
+               "containerStatuses": [{"name": "worker", "image": "i", "imageID": "", "ready": false,
+                   "restartCount": 0, "state": {"terminated": {"exitCode": code, "reason": "Error"}}}]})
+    }
+
     fn ready_reason(p: &Plan) -> (&str, &str) {
         let c = p.status.condition(READY).expect("a Ready condition");
         (c.status.as_str(), c.reason.as_str())
@@ -793,9 +805,7 @@ mod tests {
         let image_pull = json!({"phase": "Pending", "containerStatuses": [{
             "name": "worker", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
             "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]});
-        let failed = json!({"phase": "Failed", "containerStatuses": [{
-            "name": "worker", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
-            "state": {"terminated": {"exitCode": 2, "reason": "Error"}}}]});
+        let failed = failed_with(2);
         let rows = [
             row(
                 "new, slot free: create the Pod",
@@ -900,6 +910,24 @@ mod tests {
                 "live camera's worker stopped by a drain: replaced, no restart counted",
                 scenario(LIVE),
                 Some(deleting(pod(succeeded()))),
+                Full,
+                Starting,
+                ("False", "PodDeleted"),
+                vec![],
+            ),
+            row(
+                "deleted worker that exited 1 (results undelivered at SIGTERM): replaced, not failed",
+                scenario(LIVE),
+                Some(deleting(pod(failed_with(1)))),
+                Full,
+                Starting,
+                ("False", "PodDeleted"),
+                vec![],
+            ),
+            row(
+                "deleted clip worker killed after the grace period: replaced, not failed",
+                scenario(CLIP),
+                Some(deleting(pod(failed_with(137)))),
                 Full,
                 Starting,
                 ("False", "PodDeleted"),

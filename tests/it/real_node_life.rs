@@ -9,7 +9,7 @@
 //! Needs the bed with its real node and Pod listener (`scripts/infra up`,
 //! `eval "$(scripts/infra env)"`) and the image imported (`scripts/image import`).
 
-use crate::common::controller::{Bed, ControllerProcess, SCENARIO_WITHIN};
+use crate::common::controller::{Bed, ControllerProcess, PodChange, PodWatch, SCENARIO_WITHIN};
 use crate::common::scenario::{phase, pod_name, uuid};
 use crate::common::{free_ports, wait_for};
 use k8s_openapi::api::core::v1::Pod;
@@ -217,6 +217,64 @@ async fn a_deleted_worker_pod_is_replaced_and_its_scenario_keeps_running() {
     );
     ctl.assert_running();
     drop(camera);
+}
+
+/// A worker that cannot stop when its Pod is deleted (its capture loop is
+/// stuck in a read) is killed after the grace period; the kubelet then writes
+/// `Failed` with exit code 137 on the Pod before it goes. The deletion ended
+/// it, not a fault: the Pod is replaced, the Scenario is never Failed and no
+/// restart is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_worker_killed_after_the_grace_period_is_replaced_not_failed() {
+    let bed = Bed::new("rn-grace").await;
+    let camera = Camera::start();
+    let watch = PodWatch::start(bed.pods()).await;
+    let mut ctl = controller(
+        &bed,
+        &[("WATCHDOG_SECS", "600"), ("READ_TIMEOUT_MS", "600000")],
+    );
+    let id = uuid();
+    bed.deploy(&id, &camera.stalling_url()).await;
+    let first = wait_pod(&bed, &id, "its worker running", |pod| {
+        container(pod)["state"]["running"].is_object()
+    })
+    .await;
+    bed.pods()
+        .delete(&pod_name(&id), &DeleteParams::default())
+        .await
+        .expect("delete the worker Pod");
+    wait_pod(&bed, &id, "a new Pod, its worker running", |pod| {
+        pod.metadata.uid != first.metadata.uid && container(pod)["state"]["running"].is_object()
+    })
+    .await;
+    let history = watch.finish().await;
+    let ended: Vec<Value> = history
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            PodChange::Applied(p) if p.metadata.uid == first.metadata.uid => Some(p),
+            _ => None,
+        })
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed"))
+        .map(|p| container(p)["state"]["terminated"].clone())
+        .collect();
+    assert!(
+        ended.iter().any(|t| t["exitCode"] == 137),
+        "the kubelet wrote Failed with exit code 137 on the deleted Pod: {ended:?}"
+    );
+    let s = bed
+        .wait_scenario(&id, "Starting or Running", |s| {
+            matches!(phase(s), Some(Phase::Starting | Phase::Running))
+        })
+        .await;
+    assert_eq!(restarts(&s), 0, "a deleted Pod is no restart: {s:?}");
+    let phases = phases_published(&bed, &id).await;
+    assert!(
+        !phases.iter().any(|p| p == "Failed" || p == "Succeeded"),
+        "the scenario never ended: {phases:?}\n{}",
+        ctl.log_tail()
+    );
+    ctl.assert_running();
 }
 
 /// A camera outage: the worker's /readyz fails, so the kubelet marks the Pod
@@ -452,7 +510,7 @@ async fn evicted_workers_are_replaced_within_max_workers() {
     for id in &ids {
         bed.deploy(id, &camera.url()).await;
     }
-    let watch = crate::common::controller::PodWatch::start(bed.pods()).await;
+    let watch = PodWatch::start(bed.pods()).await;
     for id in &ids[..2] {
         wait_running_and_ready(&bed, id).await;
     }
