@@ -173,7 +173,7 @@ fn observe(pod: &Pod) -> Worker {
     }
     if pod.metadata.deletion_timestamp.is_some() && matches!(phase, "Succeeded" | "Failed") {
         // The kubelet (1.27 and later) writes a terminal phase on a Pod being
-        // deleted before it goes: a worker stopped by SIGTERM exits 0, or 1
+        // deleted before it goes: a worker stopped by SIGTERM exits 143, or 1
         // when it could not deliver its last results, and one killed after
         // the grace period 137. The deletion ended it, not the end of its
         // source or a fault: replaced, and no restart is counted.

@@ -355,7 +355,12 @@ async fn a_camera_password_lives_only_in_the_secret_the_controller_owns() {
     })
     .await
     .expect("the worker stops within 30 s of SIGTERM");
-    assert!(output.0.success(), "{}", output.1);
+    assert_eq!(
+        output.0.code(),
+        Some(143),
+        "a live worker stopped by SIGTERM exits 143:\n{}",
+        output.1
+    );
     assert!(
         !output.1.contains(&password),
         "the worker log shows the password:\n{}",
