@@ -355,10 +355,12 @@ async fn a_camera_password_lives_only_in_the_secret_the_controller_owns() {
     })
     .await
     .expect("the worker stops within 30 s of SIGTERM");
-    assert_eq!(
-        output.0.code(),
-        Some(143),
-        "a live worker stopped by SIGTERM exits 143:\n{}",
+    // The clip may end before SIGTERM arrives: 0 (its end) or 143 (stopped
+    // first); either way a clean end, every result delivered.
+    assert!(
+        matches!(output.0.code(), Some(0 | 143)),
+        "the worker ends cleanly, got {}:\n{}",
+        output.0,
         output.1
     );
     assert!(
