@@ -79,8 +79,16 @@ enum Worker {
     Failed {
         error: String,
     },
-    /// Ended by the cluster, not by the worker (evicted, node shutdown,
-    /// preempted, deleted): replace it.
+    /// Refused or evicted by its node (kubelet admission: `OutOfcpu`,
+    /// `NodeAffinity`, `UnexpectedAdmissionError`, …; node-pressure eviction):
+    /// replaced, and counted against the restart budget, since the next Pod
+    /// may meet the same fate.
+    Refused {
+        reason: String,
+        message: String,
+    },
+    /// Ended by the cluster, not by the worker (node shutdown, preempted,
+    /// deleted, evicted through the API by a drain): replace it.
     Disrupted {
         reason: String,
         message: String,
@@ -95,14 +103,26 @@ enum Worker {
 
 /// Pod `status.reason` values with which the cluster, not the worker, ended a Pod.
 const DISRUPTION_REASONS: &[&str] = &[
-    "Evicted",
     "Shutdown",
     "NodeShutdown",
     "Terminated",
     "NodeLost",
     "Preempting",
-    "UnexpectedAdmissionError",
 ];
+
+/// Pod `status.reason` values with which the node refused a Pod at admission
+/// or evicted it under pressure: `OutOf<resource>` and these.
+const NODE_REFUSALS: &[&str] = &[
+    "Evicted",
+    "NodeAffinity",
+    "NodeSelectorMismatching",
+    "UnexpectedAdmissionError",
+    "PodOSNotSupported",
+];
+
+fn refused_by_node(reason: &str) -> bool {
+    reason.starts_with("OutOf") || NODE_REFUSALS.contains(&reason)
+}
 
 /// Container waiting reasons that are errors worth showing in lastError.
 const WAITING_ERRORS: &[&str] = &[
@@ -158,6 +178,9 @@ fn observe(pod: &Pod) -> Worker {
     let reason = status.reason.clone().unwrap_or_default();
     let message = status.message.clone().unwrap_or_default();
     let container = worker_container(pod);
+    if phase == "Failed" && refused_by_node(&reason) {
+        return Worker::Refused { reason, message };
+    }
     if phase == "Failed" && (disruption.is_some() || DISRUPTION_REASONS.contains(&reason.as_str()))
     {
         let (reason, message) = match disruption {
@@ -549,6 +572,34 @@ pub fn plan(
             d.status.last_error = Some(error.clone());
             d.ready(false, "WorkerFailed", &error);
             d.admitted(false, "Finished", "the run is over");
+        }
+        Worker::Refused { reason, message } => {
+            let count = u32::try_from(d.status.restart_count).unwrap_or(0);
+            let words = format!("the node refused or evicted the worker Pod ({reason}): {message}");
+            if restart::after_exit(false, Exit::Failure, count, limit) == AfterExit::GiveUp {
+                give_up(&mut d, p, count, &words);
+            } else {
+                // Counted once per refused Pod (the Ready reason marks it
+                // counted until the next Pod is created).
+                if d.status.condition(READY).is_none_or(|c| c.reason != reason) {
+                    d.status.reruns += 1;
+                    d.status.restart_count += 1;
+                }
+                d.delete(p);
+                d.phase(Phase::Starting);
+                d.status.last_error = Some(words.clone());
+                let n = d.status.restart_count;
+                d.ready(
+                    false,
+                    &reason,
+                    &format!("{words}; replacing it (restart {n} of at most {limit})"),
+                );
+                d.admitted(
+                    false,
+                    "Replacing",
+                    "the old worker Pod is removed; a new one waits for a slot",
+                );
+            }
         }
         Worker::Disrupted { reason, message } => disrupted(&mut d, p, &reason, &message),
         Worker::Terminating { reason, message } => {
@@ -1355,7 +1406,46 @@ mod tests {
     }
 
     #[test]
-    fn the_pods_own_reason_names_a_disruption_before_the_condition() {
+    fn a_pod_its_node_refuses_is_replaced_within_the_restart_budget() {
+        let refused = || {
+            pod(json!({"phase": "Failed", "reason": "OutOfcpu",
+                "message": "Pod was rejected: Node didn't have enough resource: cpu"}))
+        };
+        let mut s = scenario(LIVE);
+        s.status.get_or_insert_with(Default::default).observed_run = 1;
+        let first = plan(&s, Some(&refused()), Slot::Full, RULES, now());
+        assert_eq!(first.status.phase, Some(Phase::Starting));
+        assert_eq!(first.steps, delete());
+        assert_eq!(first.status.restart_count, 1, "a refusal is a restart");
+        assert_eq!(ready_reason(&first), ("False", "OutOfcpu"));
+        assert!(
+            first
+                .status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("enough resource: cpu")),
+            "{:?}",
+            first.status.last_error
+        );
+        // Seen again while it goes: not counted twice.
+        s.status = Some(first.status.clone());
+        let again = plan(&s, Some(&refused()), Slot::Full, RULES, now());
+        assert_eq!(again.status.restart_count, 1);
+        // The next Pod created, then refused too: counted.
+        let created = plan(&s, None, Slot::Free, RULES, now());
+        s.status = Some(created.status);
+        let second = plan(&s, Some(&refused()), Slot::Full, RULES, now());
+        assert_eq!(second.status.restart_count, 2);
+        // With the budget spent: Failed, the Pod removed, the slot freed.
+        s.status.as_mut().unwrap().restart_count = 5;
+        let spent = plan(&s, Some(&refused()), Slot::Full, RULES, now());
+        assert_eq!(spent.status.phase, Some(Phase::Failed));
+        assert_eq!(ready_reason(&spent), ("False", "RestartLimitReached"));
+        assert_eq!(spent.steps, delete());
+    }
+
+    #[test]
+    fn the_pods_own_reason_names_an_eviction_before_the_condition() {
         let evicted = json!({"phase": "Failed", "reason": "Evicted", "message": "low on memory",
             "conditions": [{"type": "DisruptionTarget", "status": "True",
                             "reason": "TerminationByKubelet", "message": "node pressure"}]});
