@@ -32,6 +32,7 @@ pub struct ControllerMetrics {
     pub live_workers: Gauge,
     pub pods_created: Counter,
     pub status_writes: Counter,
+    pub status_conflicts: Counter,
     pub scenarios_expired: Counter,
     pub phase_changes: Family<PhaseLabels, Counter>,
     pub ingest: IngestMetrics,
@@ -50,6 +51,7 @@ impl ControllerMetrics {
             live_workers: Default::default(),
             pods_created: Default::default(),
             status_writes: Default::default(),
+            status_conflicts: Default::default(),
             scenarios_expired: Default::default(),
             phase_changes: Default::default(),
             ingest: Default::default(),
@@ -93,6 +95,11 @@ impl ControllerMetrics {
             "status_writes",
             "Scenario status writes (only when the status changed)",
             metrics.status_writes.clone(),
+        );
+        r.register(
+            "status_conflicts",
+            "Scenario status writes refused because the Scenario changed since it was read (planned again, nothing acted on)",
+            metrics.status_conflicts.clone(),
         );
         r.register(
             "scenarios_expired",

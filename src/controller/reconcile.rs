@@ -148,6 +148,10 @@ pub struct Context {
 /// How long a created Pod counts as live without showing up in the cache.
 const PENDING_GRACE: Duration = Duration::from_secs(60);
 
+/// How soon a reconcile whose status write met a newer Scenario plans again
+/// (the watch brings the newer one within milliseconds).
+const STATUS_CONFLICT_RETRY: Duration = Duration::from_millis(500);
+
 /// When a Scenario joined the queue: the ingest annotation, else its creation time.
 pub fn enqueued_at(s: &Scenario) -> chrono::DateTime<Utc> {
     s.annotations()
@@ -330,6 +334,37 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         plan
     };
 
+    // The verdict first: the status the plan decided is written, guarded by
+    // the resourceVersion the plan was made from, before any Pod it implies
+    // is deleted. A write that fails, or finds the Scenario changed since it
+    // was read, acts on nothing: the next reconcile plans again from what the
+    // cluster holds, so a verdict is never lost after its act.
+    let old_phase = scenario.status.as_ref().and_then(|s| s.phase);
+    if scenario.status.as_ref() != Some(&plan.status) {
+        let api: Api<Scenario> = Api::namespaced(ctx.client.clone(), &namespace);
+        let mut patch = status_patch(scenario.status.as_ref(), &plan.status);
+        if let Some(version) = scenario.resource_version() {
+            patch["metadata"] = json!({ "resourceVersion": version });
+        }
+        match api
+            .patch_status(
+                &scenario.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                ctx.metrics.status_conflicts.inc();
+                tracing::debug!("the Scenario changed since it was read; planning again");
+                return Ok(Action::requeue(STATUS_CONFLICT_RETRY));
+            }
+            Err(e) => return Err(kube_err("writing Scenario status")(e)),
+        }
+        ctx.metrics.status_writes.inc();
+    }
+
     let mut slot_freed = false;
     for step in &plan.steps {
         match step {
@@ -362,18 +397,6 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         }
     }
 
-    let old_phase = scenario.status.as_ref().and_then(|s| s.phase);
-    if scenario.status.as_ref() != Some(&plan.status) {
-        let api: Api<Scenario> = Api::namespaced(ctx.client.clone(), &namespace);
-        api.patch_status(
-            &scenario.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(status_patch(scenario.status.as_ref(), &plan.status)),
-        )
-        .await
-        .map_err(kube_err("writing Scenario status"))?;
-        ctx.metrics.status_writes.inc();
-    }
     let new_phase = plan.status.phase;
     // The next in line is woken first: handing the slot on waits for
     // nothing else, least of all for the Kubernetes Event and the Kafka

@@ -6,7 +6,7 @@
 use crate::common;
 use std::time::Duration;
 
-use crate::common::controller::{Bed, PodWatch, SCENARIO_WITHIN, holds_slot};
+use crate::common::controller::{Bed, PodWatch, SCENARIO_WITHIN, controller_rules, holds_slot};
 use crate::common::scenario::{now_ms, phase, pod_name, scenario_name, uuid};
 use crate::common::wait_for;
 use futures::StreamExt;
@@ -170,6 +170,79 @@ async fn a_crash_loop_shows_then_fails_after_the_budget_and_frees_the_slot() {
     bed.wait_scenario(&b, "started in the freed slot", |s| {
         phase(s) == Some(Phase::Running)
     })
+    .await;
+    controller.assert_running();
+}
+
+/// The verdict is written before its act. With status writes refused, a
+/// worker past its restart budget keeps its Pod (deleting it first would
+/// leave the Scenario `Running` with no Pod, and after a restart a fresh
+/// budget); once writes are allowed again the Scenario is `Failed` first,
+/// then its Pod goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_is_written_before_its_pod_is_deleted() {
+    let bed = Bed::new("ctl-verdict").await;
+    let identity = bed.identity("runner", controller_rules(&[])).await;
+    let mut controller = bed.start_controller(&[("WORKER_RESTART_LIMIT", "1"), identity.env()]);
+    let id = uuid();
+    bed.deploy(&id, LIVE).await;
+    let first = wait_running_pod(&bed, &id).await;
+    bed.wait_phase(&id, Phase::Running).await;
+
+    bed.set_rules(
+        &identity,
+        controller_rules(&[("scenarios/status", "patch")]),
+    )
+    .await;
+    bed.wait_access(
+        &identity,
+        ("runner.vap.io", "scenarios/status", "patch"),
+        false,
+    )
+    .await;
+    // One restart, and the budget is one: the controller gives up.
+    bed.set_pod_status(
+        &pod_name(&id),
+        json!({
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{
+                "name": "worker", "image": "vap-runner:test", "imageID": "", "ready": false,
+                "restartCount": 1,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}
+            }]
+        }),
+    )
+    .await;
+    const REFUSED: &str = "vap_controller_reconcile_errors_total{category=\"forbidden\"}";
+    controller
+        .wait_metric(REFUSED, SCENARIO_WITHIN, |v| v >= 2.0)
+        .await;
+    let pod = bed.pods().get_opt(&pod_name(&id)).await.unwrap();
+    assert!(
+        pod.as_ref()
+            .is_some_and(|p| p.uid() == first.uid() && p.metadata.deletion_timestamp.is_none()),
+        "the Pod was deleted before its verdict could be written: {pod:?}"
+    );
+    assert_eq!(bed.phase(&id).await, Some(Phase::Running));
+
+    bed.set_rules(&identity, controller_rules(&[])).await;
+    let s = bed.wait_phase(&id, Phase::Failed).await;
+    assert_eq!(
+        ready(&s),
+        Some(("False".into(), "RestartLimitReached".into()))
+    );
+    wait_for(
+        "the given-up worker's Pod to go",
+        SCENARIO_WITHIN,
+        || async {
+            match bed.pods().get_opt(&pod_name(&id)).await {
+                Ok(None) => Some(()),
+                Ok(Some(p)) if p.metadata.deletion_timestamp.is_some() => Some(()),
+                _ => None,
+            }
+        },
+    )
     .await;
     controller.assert_running();
 }

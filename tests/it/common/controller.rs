@@ -762,16 +762,19 @@ impl Bed {
             .expect("patch Role");
     }
 
-    /// Whether the identity may `verb` `resource` (of API group `group`) in
-    /// this namespace, as the apiserver's authorizer answers now.
+    /// Whether the identity may `verb` `resource` (of API group `group`;
+    /// `scenarios/status` names a subresource) in this namespace, as the
+    /// apiserver's authorizer answers now.
     pub async fn may(&self, identity: &Identity, group: &str, resource: &str, verb: &str) -> bool {
         use k8s_openapi::api::authorization::v1::SubjectAccessReview;
         let ns = &self.namespace;
+        let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
         let review: SubjectAccessReview = serde_json::from_value(serde_json::json!({
             "spec": {
                 "user": identity.user,
                 "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
-                "resourceAttributes": {"namespace": ns, "group": group, "resource": resource, "verb": verb}
+                "resourceAttributes": {"namespace": ns, "group": group, "resource": resource,
+                                       "subresource": subresource, "verb": verb}
             }
         }))
         .unwrap();
