@@ -72,10 +72,13 @@ RUN apt-get update \
 COPY --from=build /out/runner /usr/local/bin/runner
 # MODEL_DIR's default: the worker finds YOLOv4-tiny here without settings.
 COPY --from=model /model /usr/local/share/vap-runner/models/yolov4-tiny
+# The project's licence and the notices of what `runner` links statically
+# (FFmpeg under the LGPL, with how to relink it).
+COPY LICENSE THIRD_PARTY_NOTICES.md /usr/share/doc/vap-runner/
 
 LABEL org.opencontainers.image.title="vap-runner" \
       org.opencontainers.image.description="Kubernetes operator and worker that run video-inference on camera streams" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0 AND LGPL-2.1-or-later AND BSD-2-Clause"
 
 # Non-root, numeric so that Kubernetes can verify runAsNonRoot without
 # looking up a user name. The same UID/GID as the worker Pods' securityContext.
