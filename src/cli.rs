@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 
-use crate::config::{BootstrapServers, LogFormat, LogLevel, MaxWorkers, Millis, VideoFps};
+use crate::config::{LogFormat, LogLevel, MaxWorkers, Millis, VideoFps};
 use crate::detector::settings::{ClassFilter, InputSize, Threads, Threshold};
 use crate::host_policy::{Cidr, HostPattern, HostPolicy, List, Mode};
 
@@ -51,18 +51,7 @@ pub enum Command {
     Crd,
 }
 
-/// Kafka connection settings.
-#[derive(Debug, Clone, Args)]
-pub struct KafkaArgs {
-    /// Kafka bootstrap servers, host:port[,host:port...].
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        value_name = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "localhost:9092"
-    )]
-    pub kafka_bootstrap_servers: BootstrapServers,
-}
+pub use crate::kafka::KafkaArgs;
 
 /// Settings shared by the two supervisors (`controller` and `local`).
 #[derive(Debug, Clone, Args)]
@@ -302,6 +291,9 @@ pub struct ControllerArgs {
     )]
     pub worker_service_account: Option<String>,
 
+    #[command(flatten)]
+    pub worker_kafka: WorkerKafkaArgs,
+
     /// Topic of deploy requests.
     #[arg(long, env = "DEPLOY_TOPIC", default_value = "to_deploy")]
     pub deploy_topic: String,
@@ -359,6 +351,66 @@ pub struct ControllerArgs {
         default_value = "86400"
     )]
     pub finished_ttl_secs: u64,
+}
+
+/// How worker Pods log in to a secured Kafka: references to Secrets the
+/// controller mounts into each worker Pod (it never reads their values).
+/// Worker Pods get their own credentials, so that a worker can be granted
+/// write on `results` only.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerKafkaArgs {
+    /// Secret with the worker Pods' SASL user name and password (needed when KAFKA_SECURITY_PROTOCOL uses SASL).
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_SECRET",
+        value_name = "WORKER_KAFKA_SASL_SECRET"
+    )]
+    pub worker_kafka_sasl_secret: Option<String>,
+
+    /// Key of the user name in WORKER_KAFKA_SASL_SECRET.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_USERNAME_KEY",
+        default_value = "username"
+    )]
+    pub worker_kafka_sasl_username_key: String,
+
+    /// Key of the password in WORKER_KAFKA_SASL_SECRET.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_PASSWORD_KEY",
+        default_value = "password"
+    )]
+    pub worker_kafka_sasl_password_key: String,
+
+    /// Secret holding the CA bundle that signs the brokers' certificates, for worker Pods.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_CA_SECRET",
+        value_name = "WORKER_KAFKA_CA_SECRET",
+        conflicts_with = "worker_kafka_ca_configmap"
+    )]
+    pub worker_kafka_ca_secret: Option<String>,
+
+    /// ConfigMap holding that CA bundle instead.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_CA_CONFIGMAP",
+        value_name = "WORKER_KAFKA_CA_CONFIGMAP"
+    )]
+    pub worker_kafka_ca_configmap: Option<String>,
+
+    /// Key of the CA bundle in that Secret or ConfigMap.
+    #[arg(long, env = "WORKER_KAFKA_CA_KEY", default_value = "ca.crt")]
+    pub worker_kafka_ca_key: String,
+
+    /// kubernetes.io/tls Secret (tls.crt, tls.key) with the worker Pods' client certificate, for mutual TLS.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_CLIENT_CERT_SECRET",
+        value_name = "WORKER_KAFKA_CLIENT_CERT_SECRET"
+    )]
+    pub worker_kafka_client_cert_secret: Option<String>,
 }
 
 /// A worker Pod setting given as JSON, parsed into its Kubernetes type when the

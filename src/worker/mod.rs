@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::camera_url::{CameraSource, CameraUrlError};
 use crate::cli::{SinkKind, WorkerArgs};
 use crate::detector::{self, DetectError, Detector, DetectorConfig, YoloConfig};
+use crate::kafka::KafkaSettings;
 use crate::messages::{ResultMessage, wire_timestamp};
 use capture::{CaptureEnd, CaptureError, CaptureSettings, Frame};
 use handoff::Handoff;
@@ -44,6 +45,8 @@ pub enum WorkerError {
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    KafkaSetting(String),
     #[error("a worker thread stopped unexpectedly: {0}")]
     Thread(String),
     #[error("cannot relay FFmpeg's log lines: {0}")]
@@ -99,16 +102,16 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
     let sink: Arc<dyn ResultSink> = match args.sink {
         SinkKind::Stdout => Arc::new(StdoutSink::new(metrics.clone())),
         SinkKind::Kafka => {
-            let servers = args.kafka.kafka_bootstrap_servers.to_string();
+            let kafka = KafkaSettings::resolve(&args.kafka, |name| std::env::var(name).ok())
+                .map_err(|e| WorkerError::KafkaSetting(e.0))?;
+            tracing::info!(kafka = %kafka.summary(), "Kafka producer");
             let topic = args.settings.results_topic.clone();
             let m = metrics.clone();
             let timeout = args.open_timeout_ms.0.max(Duration::from_secs(10));
             Arc::new(
-                tokio::task::spawn_blocking(move || {
-                    KafkaSink::connect(&servers, &topic, m, timeout)
-                })
-                .await
-                .map_err(|e| WorkerError::Thread(e.to_string()))??,
+                tokio::task::spawn_blocking(move || KafkaSink::connect(&kafka, &topic, m, timeout))
+                    .await
+                    .map_err(|e| WorkerError::Thread(e.to_string()))??,
             )
         }
     };

@@ -550,7 +550,7 @@ impl ControllerProcess {
 /// (`auto.commit.interval.ms` of [`vap_runner::ingest::consumer_config`],
 /// librdkafka's 5 s when it sets none).
 pub fn auto_commit_interval() -> Duration {
-    let config = vap_runner::ingest::consumer_config("unused:9092", "unused");
+    let config = vap_runner::ingest::consumer_config(ClientConfig::new(), "unused");
     let ms = config
         .get("auto.commit.interval.ms")
         .map(|v| v.parse().expect("auto.commit.interval.ms"))
