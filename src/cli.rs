@@ -586,6 +586,24 @@ pub struct LocalArgs {
     #[command(flatten)]
     pub worker_limits: WorkerLimitsArgs,
 
+    /// SASL user name of the workers, when they log in to Kafka with credentials of their own (so that they may write `results` only); default: the supervisor's.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_USERNAME",
+        value_name = "WORKER_KAFKA_SASL_USERNAME",
+        requires = "worker_kafka_sasl_password_file"
+    )]
+    pub worker_kafka_sasl_username: Option<String>,
+
+    /// File holding the workers' own SASL password.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_PASSWORD_FILE",
+        value_name = "WORKER_KAFKA_SASL_PASSWORD_FILE",
+        requires = "worker_kafka_sasl_username"
+    )]
+    pub worker_kafka_sasl_password_file: Option<PathBuf>,
+
     /// Extra `runner worker` arguments for every worker, after `--` (for example `-- --model hog --realtime`).
     #[arg(last = true, value_name = "WORKER_ARGS")]
     pub worker_args: Vec<String>,

@@ -152,6 +152,26 @@ async fn run(
         &crate::cli::worker_variables(),
     );
     env.extend(kafka.worker_env());
+    if let (Some(user), Some(password)) = (
+        &args.worker_kafka_sasl_username,
+        &args.worker_kafka_sasl_password_file,
+    ) {
+        // Workers log in as themselves: none of the supervisor's credentials.
+        env.retain(|(k, _)| {
+            !k.starts_with("KAFKA_SASL_USERNAME") && !k.starts_with("KAFKA_SASL_PASSWORD")
+        });
+        std::fs::File::open(password).map_err(|e| {
+            crate::kafka::KafkaSettingError(format!(
+                "WORKER_KAFKA_SASL_PASSWORD_FILE={}: cannot read it: {e}",
+                password.display()
+            ))
+        })?;
+        env.push(("KAFKA_SASL_USERNAME".to_string(), user.clone()));
+        env.push((
+            "KAFKA_SASL_PASSWORD_FILE".to_string(),
+            password.display().to_string(),
+        ));
+    }
     env.extend([
         (
             "RESULTS_TOPIC".to_string(),
