@@ -102,6 +102,14 @@ pub struct WorkerSettings {
     #[arg(long, env = "VIDEO_FILE_ROOT", value_name = "VIDEO_FILE_ROOT")]
     pub video_file_root: Option<PathBuf>,
 
+    /// PEM file of the CAs that sign https:// and rtsps:// cameras' certificates (default: the system's store).
+    #[arg(long, env = "CAMERA_CA_FILE", value_name = "CAMERA_CA_FILE")]
+    pub camera_ca_file: Option<PathBuf>,
+
+    /// Check https:// and rtsps:// cameras' certificates and host names; false accepts any certificate (for cameras with self-signed ones), for every camera of this runner.
+    #[arg(long, env = "CAMERA_TLS_VERIFY", value_name = "CAMERA_TLS_VERIFY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub camera_tls_verify: bool,
+
     /// How RTSP carries the video: tcp, udp, or auto (TCP, and UDP when the server refuses TCP).
     #[arg(long, env = "RTSP_TRANSPORT", value_enum, default_value_t = RtspTransportMode::Auto)]
     pub rtsp_transport: RtspTransportMode,
@@ -121,7 +129,8 @@ impl WorkerSettings {
             .to_possible_value()
             .map(|v| v.get_name().to_string())
             .unwrap_or_default();
-        vec![
+        let mut env = vec![
+            ("CAMERA_TLS_VERIFY", self.camera_tls_verify.to_string()),
             ("RTSP_TRANSPORT", transport),
             ("MODEL_DIR", d.model_dir.display().to_string()),
             ("CONFIDENCE_THRESHOLD", d.confidence_threshold.to_string()),
@@ -129,7 +138,11 @@ impl WorkerSettings {
             ("MODEL_INPUT_SIZE", d.model_input_size.to_string()),
             ("DETECT_CLASSES", d.detect_classes.to_string()),
             ("INFERENCE_THREADS", d.inference_threads.to_string()),
-        ]
+        ];
+        if let Some(ca) = &self.camera_ca_file {
+            env.push(("CAMERA_CA_FILE", ca.display().to_string()));
+        }
+        env
     }
 }
 

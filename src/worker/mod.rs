@@ -4,6 +4,7 @@
 //! serves `/metrics`, `/healthz`, `/readyz` and turns SIGTERM/SIGINT into an
 //! orderly stop (stop reading, flush pending results with a bounded wait, exit 0).
 
+pub mod camera_tls;
 pub mod capture;
 pub mod ffmpeg_log;
 pub mod handoff;
@@ -47,6 +48,8 @@ pub enum WorkerError {
     Runtime(std::io::Error),
     #[error("{0}")]
     KafkaSetting(String),
+    #[error("{0}")]
+    CameraTls(String),
     #[error("a worker thread stopped unexpectedly: {0}")]
     Thread(String),
     #[error("cannot relay FFmpeg's log lines: {0}")]
@@ -64,6 +67,12 @@ pub fn main(args: WorkerArgs) -> Result<(), WorkerError> {
         .policy(crate::host_policy::Mode::detect());
     source.check_host(&policy)?;
     crate::host_policy::install(policy);
+    let tls = camera_tls::CameraTls::new(
+        args.settings.camera_ca_file.as_deref(),
+        args.settings.camera_tls_verify,
+    )
+    .map_err(WorkerError::CameraTls)?;
+    camera_tls::install(tls);
     // SAFETY: no other thread exists yet; the relay and the async runtime
     // start below.
     unsafe { transport::apply(&source, transport::initial(args.settings.rtsp_transport)) };
