@@ -208,7 +208,7 @@ impl WorkerKafka {
         if let Some((secret, user_key, password_key)) = &self.sasl {
             let dir = mount(
                 "kafka-sasl",
-                json!({"secret": {"secretName": secret, "defaultMode": 0o440, "items": [
+                json!({"secret": {"secretName": secret, "defaultMode": 0o444, "items": [
                     {"key": user_key, "path": "username"},
                     {"key": password_key, "path": "password"},
                 ]}}),
@@ -236,7 +236,7 @@ impl WorkerKafka {
         if let Some(secret) = &self.client_cert {
             let dir = mount(
                 "kafka-client",
-                json!({"secret": {"secretName": secret, "defaultMode": 0o440, "items": [
+                json!({"secret": {"secretName": secret, "defaultMode": 0o444, "items": [
                     {"key": "tls.crt", "path": "tls.crt"},
                     {"key": "tls.key", "path": "tls.key"},
                 ]}}),
