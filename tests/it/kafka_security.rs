@@ -1,4 +1,4 @@
-//! `runner local` and its workers on a secured Kafka: a broker of each
+//! `runner local`, the controller and their workers on a secured Kafka: a broker of each
 //! test's own with SASL_SSL, mutual TLS and ACLs (scripts/infra.d/kafka with
 //! VAP_KAFKA_SECURE=1). The tests' own clients use the broker's PLAINTEXT
 //! listener, a super user, to send commands and read what the runner wrote.
@@ -9,6 +9,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+use crate::common::controller::Bed as ControllerBed;
 use crate::common::local::{LocalBed, LocalProcess, TopicLog};
 use crate::common::secure_kafka::SecureKafka;
 use crate::common::{self, http_get, unique_name, wait_for};
@@ -121,7 +122,7 @@ async fn local_over_sasl_ssl_runs_a_scenario_with_the_secrets_kept_out_of_sight(
         ("intruder", &intruder_pw),
     ]);
     let bed = LocalBed::on(kafka.bootstrap(), "ksec-local").await;
-    kafka.grant_runner("runner", "worker", &bed);
+    kafka.grant_runner("runner", "worker", &(&bed).into());
     let secrets = tempfile::tempdir().expect("secrets dir");
     let runner_file = secret_file(&secrets, "runner-password", &runner_pw);
     let worker_file = secret_file(&secrets, "worker-password", &worker_pw);
@@ -249,7 +250,7 @@ async fn a_refused_login_fails_readyz_in_one_clear_line_and_loses_nothing() {
         (password("runner"), password("worker"), password("wrong"));
     let kafka = SecureKafka::start(&[("runner", &runner_pw), ("worker", &worker_pw)]);
     let bed = LocalBed::on(kafka.bootstrap(), "ksec-login").await;
-    kafka.grant_runner("runner", "worker", &bed);
+    kafka.grant_runner("runner", "worker", &(&bed).into());
     let secrets = tempfile::tempdir().expect("secrets dir");
     let worker_file = secret_file(&secrets, "worker-password", &worker_pw);
     let results = TopicLog::start(&bed.bootstrap, &bed.results);
@@ -304,7 +305,7 @@ async fn an_untrusted_broker_certificate_fails_readyz_and_mutual_tls_works() {
     let kafka = SecureKafka::start(&[("admin", &password("admin"))]);
     let bed = LocalBed::on(kafka.bootstrap(), "ksec-mtls").await;
     // The client certificate's principal is both supervisor and worker.
-    kafka.grant_runner("mtls-client", "mtls-client", &bed);
+    kafka.grant_runner("mtls-client", "mtls-client", &(&bed).into());
     let results = TopicLog::start(&bed.bootstrap, &bed.results);
     let events = TopicLog::start(&bed.bootstrap, &bed.events);
     let scenario = uuid::Uuid::new_v4().to_string();
@@ -343,4 +344,103 @@ async fn an_untrusted_broker_certificate_fails_readyz_and_mutual_tls_works() {
     wait_readyz(&mut local, 200, "ok", Duration::from_secs(60)).await;
     wait_done(&bed, &mut local, &results, &events, &scenario).await;
     assert!(local.terminate().success(), "{}", local.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_and_its_worker_pod_run_over_sasl_ssl_with_their_own_principals() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::PostParams;
+    use vap_runner::controller::crd::Phase;
+    use vap_runner::controller::pod::pod_name;
+
+    let (runner_pw, worker_pw) = (password("runner"), password("worker"));
+    let kafka = SecureKafka::start(&[("runner", &runner_pw), ("worker", &worker_pw)]);
+    let bed = ControllerBed::on(kafka.bootstrap(), "ksec-ctl").await;
+    kafka.grant_runner("runner", "worker", &(&bed).into());
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(bed.client.clone(), &bed.namespace);
+    let ca = std::fs::read_to_string(kafka.ca()).expect("the bed's CA");
+    for secret in [
+        serde_json::json!({"metadata": {"name": "worker-kafka"},
+            "stringData": {"username": "worker", "password": worker_pw}}),
+        serde_json::json!({"metadata": {"name": "kafka-ca"}, "stringData": {"ca.crt": ca}}),
+    ] {
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(secret).unwrap(),
+            )
+            .await
+            .expect("create Secret");
+    }
+    let files = tempfile::tempdir().expect("secrets dir");
+    let runner_file = secret_file(&files, "runner-password", &runner_pw);
+    let (sasl_ssl, ca_path) = (kafka.sasl_ssl(), kafka.ca().display().to_string());
+    let controller = bed.start_controller(&[
+        ("KAFKA_BOOTSTRAP_SERVERS", &sasl_ssl),
+        ("KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+        ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+        ("KAFKA_SASL_USERNAME", "runner"),
+        ("KAFKA_SASL_PASSWORD_FILE", &runner_file),
+        ("KAFKA_SSL_CA_LOCATION", &ca_path),
+        ("WORKER_KAFKA_SASL_SECRET", "worker-kafka"),
+        ("WORKER_KAFKA_CA_SECRET", "kafka-ca"),
+        ("VIDEO_FPS", "1"),
+    ]);
+    let scenario = uuid::Uuid::new_v4().to_string();
+    bed.deploy(&scenario, &format!("{}/vtest.avi", common::MEDIA_DIR))
+        .await;
+    bed.wait_phase(&scenario, Phase::Running).await;
+
+    // The worker Pod names its own Secret and the CA; no secret value is in it.
+    let pod = bed.pods().get(&pod_name(&scenario)).await.unwrap();
+    let spec = serde_json::to_string(&pod.spec).unwrap();
+    assert!(
+        !spec.contains(&worker_pw) && !spec.contains(&runner_pw),
+        "a password in the Pod spec"
+    );
+    assert!(
+        spec.contains("\"secretName\":\"worker-kafka\"")
+            && spec.contains("\"secretName\":\"kafka-ca\"")
+            && spec.contains("KAFKA_SASL_PASSWORD_FILE")
+            && spec.contains("\"value\":\"sasl_ssl\""),
+        "the Pod spec: {spec}"
+    );
+    // Run as the kubelet would, with the Secrets mounted: it produces as `worker`.
+    let output = bed
+        .pod_command(&pod)
+        .await
+        .output()
+        .expect("run the Pod's command");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    assert!(log.contains("sasl.username=worker"), "{log}");
+    assert!(
+        !log.contains(&worker_pw),
+        "the password in the worker's log"
+    );
+    assert_eq!(
+        common::messages_in(&bed.bootstrap, &bed.results),
+        Some(80),
+        "vtest.avi (79.5 s) at VIDEO_FPS=1 gives 80 results"
+    );
+    let controller_log = std::fs::read_to_string(&controller.log_path).unwrap_or_default();
+    assert!(controller_log.contains("security.protocol=sasl_ssl"));
+    assert!(!controller_log.contains(&runner_pw) && !controller_log.contains(&worker_pw));
+    let cmdline = read_proc(controller.pid().expect("controller pid"), "cmdline");
+    assert!(!cmdline.contains(&runner_pw), "{cmdline}");
+
+    // Without a Secret for its workers, the controller refuses SASL.
+    let refused = common::runner()
+        .args(["controller"])
+        .env("KAFKA_SECURITY_PROTOCOL", "sasl_ssl")
+        .env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+        .env("KAFKA_SASL_USERNAME", "runner")
+        .env("KAFKA_SASL_PASSWORD_FILE", &runner_file)
+        .output()
+        .expect("runner controller");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("WORKER_KAFKA_SASL_SECRET"),
+        "{err}"
+    );
 }

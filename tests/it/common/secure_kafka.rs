@@ -111,19 +111,19 @@ impl SecureKafka {
     /// What the runner needs on its topics, as the README lists it:
     /// the supervisor (`supervisor`) reads commands with its group and writes
     /// the dead-letter and events topics; the worker (`worker`) writes results.
-    pub fn grant_runner(&self, supervisor: &str, worker: &str, bed: &super::local::LocalBed) {
+    pub fn grant_runner(&self, supervisor: &str, worker: &str, topics: &RunnerTopics<'_>) {
         let sup = format!("User:{supervisor}");
-        for topic in [&bed.deploy, &bed.undeploy] {
+        for topic in [topics.deploy, topics.undeploy] {
             self.allow(&sup, &["Read", "Describe"], &["--topic", topic]);
         }
-        self.allow(&sup, &["Read"], &["--group", &bed.group]);
-        for topic in [&bed.dlq, &bed.events] {
+        self.allow(&sup, &["Read"], &["--group", topics.group]);
+        for topic in [topics.dlq, topics.events] {
             self.allow(&sup, &["Write", "Describe"], &["--topic", topic]);
         }
         self.allow(
             &format!("User:{worker}"),
             &["Write", "Describe"],
-            &["--topic", &bed.results],
+            &["--topic", topics.results],
         );
     }
 
@@ -165,3 +165,34 @@ impl Drop for SecureKafka {
         }
     }
 }
+
+/// The topics and consumer group of one runner.
+pub struct RunnerTopics<'a> {
+    pub deploy: &'a str,
+    pub undeploy: &'a str,
+    pub dlq: &'a str,
+    pub events: &'a str,
+    pub results: &'a str,
+    pub group: &'a str,
+}
+
+/// Both beds name their topics and group alike.
+macro_rules! runner_topics_of {
+    ($bed:ty) => {
+        impl<'a> From<&'a $bed> for RunnerTopics<'a> {
+            fn from(bed: &'a $bed) -> Self {
+                RunnerTopics {
+                    deploy: &bed.deploy,
+                    undeploy: &bed.undeploy,
+                    dlq: &bed.dlq,
+                    events: &bed.events,
+                    results: &bed.results,
+                    group: &bed.group,
+                }
+            }
+        }
+    };
+}
+
+runner_topics_of!(super::local::LocalBed);
+runner_topics_of!(super::controller::Bed);
