@@ -87,6 +87,8 @@ impl ProducerContext for DeliveryReport {
     fn delivery(&self, result: &DeliveryResult<'_>, sent_at: Self::DeliveryOpaque) {
         match result {
             Ok(_) => {
+                // A delivery is the producer's proof that it can write.
+                self.kafka.health.connected();
                 self.metrics.results_published.inc();
                 self.metrics
                     .publish_seconds
@@ -94,6 +96,8 @@ impl ProducerContext for DeliveryReport {
             }
             Err((err, msg)) => {
                 self.metrics.publish_failures.inc();
+                // A missing ACL on the results topic fails /readyz too.
+                self.kafka.health.record(err, &err.to_string());
                 tracing::error!(
                     topic = msg.topic(),
                     key = ?msg.key().map(String::from_utf8_lossy),
@@ -122,6 +126,7 @@ impl KafkaSink {
     ) -> Result<Self, SinkError> {
         let context = kafka.context();
         let health = context.health.clone();
+        metrics.watch_kafka(health.clone());
         let producer: ThreadedProducer<DeliveryReport> = kafka
             .client_config()
             .set("enable.idempotence", "true")

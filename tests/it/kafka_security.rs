@@ -291,6 +291,30 @@ async fn a_refused_login_fails_readyz_in_one_clear_line_and_loses_nothing() {
     assert!(!log.contains(&wrong_pw), "the password in the log");
     assert!(bed.list().is_empty(), "nothing ingested without a login");
 
+    // A worker with a refused login stops at start with the same words.
+    let worker = common::worker(&scenario, &common::media("Megamind.avi"))
+        .env("VIDEO_FILE_ROOT", common::MEDIA_DIR)
+        .env("KAFKA_BOOTSTRAP_SERVERS", &sasl_ssl)
+        .env("KAFKA_SECURITY_PROTOCOL", "sasl_ssl")
+        .env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+        .env("KAFKA_SASL_USERNAME", "worker")
+        .env("KAFKA_SASL_PASSWORD", &wrong_pw)
+        .env("KAFKA_SSL_CA_LOCATION", &ca)
+        .env("RESULTS_TOPIC", &bed.results)
+        .output()
+        .expect("runner worker");
+    let stderr = String::from_utf8_lossy(&worker.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        !worker.status.success()
+            && last.contains("Kafka refused the login of KAFKA_SASL_USERNAME=\"worker\""),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&wrong_pw),
+        "the password in the worker's log"
+    );
+
     // The operator sets the password the runner has: it logs in, and the
     // deploy that waited runs.
     kafka.set_password("runner", &wrong_pw);
