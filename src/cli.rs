@@ -307,6 +307,18 @@ pub struct ControllerArgs {
     #[command(flatten)]
     pub worker_kafka: WorkerKafkaArgs,
 
+    /// ConfigMap with the CAs that sign https:// and rtsps:// cameras' certificates, mounted into worker Pods as their CAMERA_CA_FILE.
+    #[arg(
+        long,
+        env = "WORKER_CAMERA_CA_CONFIGMAP",
+        value_name = "WORKER_CAMERA_CA_CONFIGMAP"
+    )]
+    pub worker_camera_ca_configmap: Option<String>,
+
+    /// Key of the CA bundle in WORKER_CAMERA_CA_CONFIGMAP.
+    #[arg(long, env = "WORKER_CAMERA_CA_KEY", default_value = "ca.crt")]
+    pub worker_camera_ca_key: String,
+
     /// Topic of deploy requests.
     #[arg(long, env = "DEPLOY_TOPIC", default_value = "to_deploy")]
     pub deploy_topic: String,

@@ -185,6 +185,10 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         service_account: args.worker_service_account.clone(),
         camera_policy_env: camera_policy.worker_env(),
         tuning_env: args.worker.tuning_env(),
+        camera_ca: args
+            .worker_camera_ca_configmap
+            .clone()
+            .map(|name| (name, args.worker_camera_ca_key.clone())),
     };
 
     // One watch of the runner's Pods feeds both the cache admission counts

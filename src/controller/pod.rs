@@ -76,6 +76,9 @@ pub struct WorkerTemplate {
     /// How workers read cameras and detect (RTSP transport, detector
     /// settings) as worker environment variables.
     pub tuning_env: Vec<(&'static str, String)>,
+    /// A ConfigMap (name, key) with the CAs of `https://` and `rtsps://`
+    /// cameras, mounted into worker Pods as their `CAMERA_CA_FILE`.
+    pub camera_ca: Option<(String, String)>,
 }
 
 impl Default for WorkerTemplate {
@@ -101,6 +104,7 @@ impl Default for WorkerTemplate {
             service_account: None,
             camera_policy_env: Vec::new(),
             tuning_env: Vec::new(),
+            camera_ca: None,
         }
     }
 }
@@ -114,6 +118,9 @@ fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
 
 /// Where worker Pods find the Kafka files the controller mounts for them.
 pub const KAFKA_FILES_DIR: &str = "/etc/vap-runner/kafka";
+
+/// Where worker Pods find the CAs of their cameras, when the controller mounts them.
+pub const CAMERA_CA_DIR: &str = "/etc/vap-runner/camera-ca";
 
 /// Where a worker Pod's CA bundle for Kafka comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,10 +315,19 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
     if let Some(root) = &t.video_file_root {
         env.push(json!({"name": "VIDEO_FILE_ROOT", "value": root}));
     }
-    let (kafka_env, volumes, mounts) = t.kafka.pod_parts();
+    let (kafka_env, mut volumes, mut mounts) = t.kafka.pod_parts();
     env.extend(kafka_env);
     for (name, value) in t.camera_policy_env.iter().chain(&t.tuning_env) {
+        if *name == "CAMERA_CA_FILE" && t.camera_ca.is_some() {
+            continue; // the mounted ConfigMap's file instead
+        }
         env.push(json!({"name": name, "value": value}));
+    }
+    if let Some((config_map, key)) = &t.camera_ca {
+        volumes.push(json!({"name": "camera-ca", "configMap": {
+            "name": config_map, "items": [{"key": key, "path": "ca.crt"}]}}));
+        mounts.push(json!({"name": "camera-ca", "mountPath": CAMERA_CA_DIR, "readOnly": true}));
+        env.push(json!({"name": "CAMERA_CA_FILE", "value": format!("{CAMERA_CA_DIR}/ca.crt")}));
     }
     let probe = |path: &str, period: u32| {
         json!({
@@ -405,6 +421,7 @@ pub fn cached(mut pod: Pod) -> Pod {
 mod tests {
     use super::*;
     use crate::controller::crd::ScenarioSpec;
+    use serde_json::Value;
 
     fn scenario() -> Scenario {
         let mut s = Scenario::new(
@@ -563,5 +580,33 @@ mod tests {
         // Without secured Kafka, nothing is added.
         let plain = serde_json::to_value(build(&scenario(), &WorkerTemplate::default())).unwrap();
         assert!(plain["spec"].get("volumes").is_none());
+    }
+
+    #[test]
+    fn worker_pods_mount_the_camera_ca_configmap_as_their_camera_ca_file() {
+        let t = WorkerTemplate {
+            tuning_env: vec![
+                ("CAMERA_CA_FILE", "/controller/path.pem".into()),
+                ("CAMERA_TLS_VERIFY", "true".into()),
+            ],
+            camera_ca: Some(("camera-cas".into(), "bundle.pem".into())),
+            ..WorkerTemplate::default()
+        };
+        let pod = serde_json::to_value(build(&scenario(), &t)).unwrap();
+        let container = &pod["spec"]["containers"][0];
+        let ca_files: Vec<&Value> = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"] == "CAMERA_CA_FILE")
+            .collect();
+        assert_eq!(ca_files.len(), 1);
+        assert_eq!(ca_files[0]["value"], "/etc/vap-runner/camera-ca/ca.crt");
+        assert_eq!(pod["spec"]["volumes"][0]["configMap"]["name"], "camera-cas");
+        assert_eq!(
+            pod["spec"]["volumes"][0]["configMap"]["items"][0]["key"],
+            "bundle.pem"
+        );
+        assert_eq!(container["volumeMounts"][0]["mountPath"], CAMERA_CA_DIR);
     }
 }

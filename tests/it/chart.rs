@@ -533,6 +533,8 @@ const SECURED_KAFKA: &[&str] = &[
     "kafka.sasl.worker.existingSecret=worker-kafka",
     "--set",
     "kafka.properties.client\\.rack=eu-1a",
+    "--set",
+    "cameraTls.caConfigMap=camera-cas",
 ];
 
 #[test]
@@ -567,6 +569,9 @@ fn secured_kafka_reaches_the_controller_as_files_and_the_workers_by_reference() 
         ("WORKER_KAFKA_CA_CONFIGMAP", "kafka-ca"),
         ("WORKER_KAFKA_CA_KEY", "ca.pem"),
         ("WORKER_KAFKA_CLIENT_CERT_SECRET", "worker-tls"),
+        ("CAMERA_TLS_VERIFY", "true"),
+        ("WORKER_CAMERA_CA_CONFIGMAP", "camera-cas"),
+        ("WORKER_CAMERA_CA_KEY", "ca.crt"),
     ] {
         assert_eq!(env_value(&env, name), value, "{name}");
     }
@@ -607,7 +612,10 @@ fn secured_kafka_reaches_the_controller_as_files_and_the_workers_by_reference() 
         .output()
         .expect("runner controller --help");
     let help = String::from_utf8_lossy(&out.stdout);
-    for name in env.keys().filter(|n| n.contains("KAFKA")) {
+    for name in env
+        .keys()
+        .filter(|n| n.contains("KAFKA") || n.contains("CAMERA"))
+    {
         assert!(
             help.contains(&format!("[env: {name}=")) || help.contains(&format!("[env: {name}]")),
             "the chart sets {name}, which `runner controller` does not read"
