@@ -116,6 +116,9 @@ pub struct WorkerSettings {
 
     #[command(flatten)]
     pub detector: DetectorArgs,
+
+    #[command(flatten)]
+    pub stream: StreamTuning,
 }
 
 impl WorkerSettings {
@@ -141,6 +144,78 @@ impl WorkerSettings {
         ];
         if let Some(ca) = &self.camera_ca_file {
             env.push(("CAMERA_CA_FILE", ca.display().to_string()));
+        }
+        env.extend(self.stream.env());
+        env
+    }
+}
+
+/// How a worker waits for, reconnects to and judges the progress of its
+/// camera; the controller and `runner local` pass these on to every worker.
+#[derive(Debug, Clone, Args)]
+pub struct StreamTuning {
+    /// Milliseconds to wait for a camera to open.
+    #[arg(
+        long,
+        env = "OPEN_TIMEOUT_MS",
+        value_name = "OPEN_TIMEOUT_MS",
+        default_value = "5000"
+    )]
+    pub open_timeout_ms: Millis,
+
+    /// Milliseconds to wait for a frame before treating the stream as stalled.
+    #[arg(
+        long,
+        env = "READ_TIMEOUT_MS",
+        value_name = "READ_TIMEOUT_MS",
+        default_value = "5000"
+    )]
+    pub read_timeout_ms: Millis,
+
+    /// Failed opens or lost streams in a row before giving up (default: never for live sources, 0 for files); a connection counts as good only if it delivered frames for at least READ_TIMEOUT_MS.
+    #[arg(long, env = "MAX_RECONNECTS", value_name = "MAX_RECONNECTS")]
+    pub max_reconnects: Option<u32>,
+
+    /// First reconnect delay in milliseconds; it doubles per attempt, with jitter.
+    #[arg(
+        long,
+        env = "RECONNECT_BASE_MS",
+        value_name = "RECONNECT_BASE_MS",
+        default_value = "500"
+    )]
+    pub reconnect_base_ms: Millis,
+
+    /// Longest reconnect delay in milliseconds.
+    #[arg(
+        long,
+        env = "RECONNECT_MAX_MS",
+        value_name = "RECONNECT_MAX_MS",
+        default_value = "30000"
+    )]
+    pub reconnect_max_ms: Millis,
+
+    /// Seconds the capture loop or the detector may make no progress before /healthz fails, so Kubernetes restarts a stuck worker (a camera outage only fails /readyz).
+    #[arg(
+        long,
+        env = "WATCHDOG_SECS",
+        value_name = "WATCHDOG_SECS",
+        default_value = "60"
+    )]
+    pub watchdog_secs: u64,
+}
+
+impl StreamTuning {
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let ms = |m: &Millis| m.0.as_millis().to_string();
+        let mut env = vec![
+            ("OPEN_TIMEOUT_MS", ms(&self.open_timeout_ms)),
+            ("READ_TIMEOUT_MS", ms(&self.read_timeout_ms)),
+            ("RECONNECT_BASE_MS", ms(&self.reconnect_base_ms)),
+            ("RECONNECT_MAX_MS", ms(&self.reconnect_max_ms)),
+            ("WATCHDOG_SECS", self.watchdog_secs.to_string()),
+        ];
+        if let Some(n) = self.max_reconnects {
+            env.push(("MAX_RECONNECTS", n.to_string()));
         }
         env
     }
@@ -772,24 +847,6 @@ pub struct WorkerArgs {
     #[arg(long, env = "SINK", value_enum, default_value_t = SinkKind::Kafka)]
     pub sink: SinkKind,
 
-    /// Milliseconds to wait for a camera to open.
-    #[arg(
-        long,
-        env = "OPEN_TIMEOUT_MS",
-        value_name = "OPEN_TIMEOUT_MS",
-        default_value = "5000"
-    )]
-    pub open_timeout_ms: Millis,
-
-    /// Milliseconds to wait for a frame before treating the stream as stalled.
-    #[arg(
-        long,
-        env = "READ_TIMEOUT_MS",
-        value_name = "READ_TIMEOUT_MS",
-        default_value = "5000"
-    )]
-    pub read_timeout_ms: Millis,
-
     /// FFmpeg threads decoding the camera. One is the cheapest in CPU per frame (frame-parallel decoding of H.264 costs about a fifth more); raise it only for a stream one core cannot decode in real time.
     #[arg(
         long,
@@ -802,37 +859,6 @@ pub struct WorkerArgs {
     /// Pace files at their own frame rate instead of as fast as the CPU allows.
     #[arg(long, env = "REALTIME")]
     pub realtime: bool,
-
-    /// Failed opens or lost streams in a row before giving up (default: never for live sources, 0 for files); a connection counts as good only if it delivered frames for at least READ_TIMEOUT_MS.
-    #[arg(long, env = "MAX_RECONNECTS", value_name = "MAX_RECONNECTS")]
-    pub max_reconnects: Option<u32>,
-
-    /// First reconnect delay in milliseconds; it doubles per attempt, with jitter.
-    #[arg(
-        long,
-        env = "RECONNECT_BASE_MS",
-        value_name = "RECONNECT_BASE_MS",
-        default_value = "500"
-    )]
-    pub reconnect_base_ms: Millis,
-
-    /// Longest reconnect delay in milliseconds.
-    #[arg(
-        long,
-        env = "RECONNECT_MAX_MS",
-        value_name = "RECONNECT_MAX_MS",
-        default_value = "30000"
-    )]
-    pub reconnect_max_ms: Millis,
-
-    /// Seconds the capture loop or the detector may make no progress before /healthz fails, so Kubernetes restarts a stuck worker (a camera outage only fails /readyz).
-    #[arg(
-        long,
-        env = "WATCHDOG_SECS",
-        value_name = "WATCHDOG_SECS",
-        default_value = "60"
-    )]
-    pub watchdog_secs: u64,
 
     /// Milliseconds to wait for pending results on shutdown.
     #[arg(
@@ -970,6 +996,12 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} is not passed on"))
         };
         assert_eq!(get("RTSP_TRANSPORT"), "udp");
+        assert_eq!(get("WATCHDOG_SECS"), "60");
+        assert_eq!(get("READ_TIMEOUT_MS"), "5000");
+        assert!(
+            !env.iter().any(|(n, _)| *n == "MAX_RECONNECTS"),
+            "MAX_RECONNECTS is passed on only when set"
+        );
         assert_eq!(get("CONFIDENCE_THRESHOLD"), "0.3");
         assert_eq!(get("NMS_THRESHOLD"), "0.45");
         assert_eq!(get("MODEL_INPUT_SIZE"), "416");

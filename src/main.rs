@@ -21,7 +21,13 @@ fn main() -> ExitCode {
     );
     let name = command_name(&cli.command);
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
-        Command::Worker(args) => worker::main(*args).map_err(Into::into),
+        Command::Worker(args) => match worker::main(*args) {
+            Ok(worker::capture::CaptureEnd::Shutdown) => {
+                return ExitCode::from(worker::STOPPED_EXIT_CODE);
+            }
+            Ok(worker::capture::CaptureEnd::EndOfFile) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
         Command::Controller(args) => controller::main(*args, cli.log_level).map_err(Into::into),
         Command::Crd => print_crd(),
         Command::Local(args) => {

@@ -73,16 +73,22 @@ enum Worker {
         restarts: i32,
         crash: Option<(String, String)>,
     },
-    /// Exited 0; `deleting` when the Pod is being deleted (a drain or a node
-    /// shutdown stops the worker, so exit 0 does not mean the source ended).
-    Succeeded {
-        deleting: bool,
-    },
+    /// Exited 0, not being deleted: the source ended (a Pod being deleted
+    /// that ended is `Disrupted`, whatever its exit code).
+    Succeeded,
     Failed {
         error: String,
     },
-    /// Ended by the cluster, not by the worker (evicted, node shutdown,
-    /// preempted): replace it.
+    /// Refused or evicted by its node (kubelet admission: `OutOfcpu`,
+    /// `NodeAffinity`, `UnexpectedAdmissionError`, …; node-pressure eviction):
+    /// replaced, and counted against the restart budget, since the next Pod
+    /// may meet the same fate.
+    Refused {
+        reason: String,
+        message: String,
+    },
+    /// Ended by the cluster, not by the worker (node shutdown, preempted,
+    /// deleted, evicted through the API by a drain): replace it.
     Disrupted {
         reason: String,
         message: String,
@@ -97,14 +103,26 @@ enum Worker {
 
 /// Pod `status.reason` values with which the cluster, not the worker, ended a Pod.
 const DISRUPTION_REASONS: &[&str] = &[
-    "Evicted",
     "Shutdown",
     "NodeShutdown",
     "Terminated",
     "NodeLost",
     "Preempting",
-    "UnexpectedAdmissionError",
 ];
+
+/// Pod `status.reason` values with which the node refused a Pod at admission
+/// or evicted it under pressure: `OutOf<resource>` and these.
+const NODE_REFUSALS: &[&str] = &[
+    "Evicted",
+    "NodeAffinity",
+    "NodeSelectorMismatching",
+    "UnexpectedAdmissionError",
+    "PodOSNotSupported",
+];
+
+fn refused_by_node(reason: &str) -> bool {
+    reason.starts_with("OutOf") || NODE_REFUSALS.contains(&reason)
+}
 
 /// Container waiting reasons that are errors worth showing in lastError.
 const WAITING_ERRORS: &[&str] = &[
@@ -160,6 +178,9 @@ fn observe(pod: &Pod) -> Worker {
     let reason = status.reason.clone().unwrap_or_default();
     let message = status.message.clone().unwrap_or_default();
     let container = worker_container(pod);
+    if phase == "Failed" && refused_by_node(&reason) {
+        return Worker::Refused { reason, message };
+    }
     if phase == "Failed" && (disruption.is_some() || DISRUPTION_REASONS.contains(&reason.as_str()))
     {
         let (reason, message) = match disruption {
@@ -172,6 +193,22 @@ fn observe(pod: &Pod) -> Worker {
             _ => (reason, message),
         };
         return Worker::Disrupted { reason, message };
+    }
+    if pod.metadata.deletion_timestamp.is_some() && matches!(phase, "Succeeded" | "Failed") {
+        // The kubelet (1.27 and later) writes a terminal phase on a Pod being
+        // deleted before it goes: a worker stopped by SIGTERM exits 143, or 1
+        // when it could not deliver its last results, and one killed after
+        // the grace period 137. The deletion ended it, not the end of its
+        // source or a fault: replaced, and no restart is counted.
+        let words = container
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| exit_words(t.exit_code, t.reason.as_deref()))
+            .unwrap_or_else(|| "worker Pod failed".to_string());
+        return Worker::Disrupted {
+            reason: "PodDeleted".into(),
+            message: format!("the worker Pod was deleted before its source ended ({words})"),
+        };
     }
     if pod.metadata.deletion_timestamp.is_some() && !matches!(phase, "Succeeded" | "Failed") {
         return Worker::Terminating {
@@ -191,9 +228,7 @@ fn observe(pod: &Pod) -> Worker {
         };
     }
     match phase {
-        "Succeeded" => Worker::Succeeded {
-            deleting: pod.metadata.deletion_timestamp.is_some(),
-        },
+        "Succeeded" => Worker::Succeeded,
         "Failed" => {
             let terminated = container
                 .and_then(|c| c.state.as_ref())
@@ -493,15 +528,7 @@ pub fn plan(
                 }
             }
         }
-        // Deleted Pods exit 0 on SIGTERM, clip or camera: a disruption, not
-        // the end of the source, and not a restart to count.
-        Worker::Succeeded { deleting: true } => disrupted(
-            &mut d,
-            p,
-            "PodDeleted",
-            "the worker Pod was deleted before its source ended",
-        ),
-        Worker::Succeeded { .. } => {
+        Worker::Succeeded => {
             let count = u32::try_from(d.status.restart_count).unwrap_or(0);
             match restart::after_exit(finite, Exit::Success, count, limit) {
                 AfterExit::Done => {
@@ -545,6 +572,34 @@ pub fn plan(
             d.status.last_error = Some(error.clone());
             d.ready(false, "WorkerFailed", &error);
             d.admitted(false, "Finished", "the run is over");
+        }
+        Worker::Refused { reason, message } => {
+            let count = u32::try_from(d.status.restart_count).unwrap_or(0);
+            let words = format!("the node refused or evicted the worker Pod ({reason}): {message}");
+            if restart::after_exit(false, Exit::Failure, count, limit) == AfterExit::GiveUp {
+                give_up(&mut d, p, count, &words);
+            } else {
+                // Counted once per refused Pod (the Ready reason marks it
+                // counted until the next Pod is created).
+                if d.status.condition(READY).is_none_or(|c| c.reason != reason) {
+                    d.status.reruns += 1;
+                    d.status.restart_count += 1;
+                }
+                d.delete(p);
+                d.phase(Phase::Starting);
+                d.status.last_error = Some(words.clone());
+                let n = d.status.restart_count;
+                d.ready(
+                    false,
+                    &reason,
+                    &format!("{words}; replacing it (restart {n} of at most {limit})"),
+                );
+                d.admitted(
+                    false,
+                    "Replacing",
+                    "the old worker Pod is removed; a new one waits for a slot",
+                );
+            }
         }
         Worker::Disrupted { reason, message } => disrupted(&mut d, p, &reason, &message),
         Worker::Terminating { reason, message } => {
@@ -713,6 +768,14 @@ mod tests {
                    "restartCount": 0, "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]})
     }
 
+    /// A worker Pod whose container exited with `code`, as the kubelet
+    /// writes it with `restartPolicy: OnFailure` once it stops restarting.
+    fn failed_with(code: i32) -> serde_json::Value {
+        json!({"phase": "Failed",
+               "containerStatuses": [{"name": "worker", "image": "i", "imageID": "", "ready": false,
+                   "restartCount": 0, "state": {"terminated": {"exitCode": code, "reason": "Error"}}}]})
+    }
+
     fn ready_reason(p: &Plan) -> (&str, &str) {
         let c = p.status.condition(READY).expect("a Ready condition");
         (c.status.as_str(), c.reason.as_str())
@@ -793,9 +856,7 @@ mod tests {
         let image_pull = json!({"phase": "Pending", "containerStatuses": [{
             "name": "worker", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
             "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]});
-        let failed = json!({"phase": "Failed", "containerStatuses": [{
-            "name": "worker", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
-            "state": {"terminated": {"exitCode": 2, "reason": "Error"}}}]});
+        let failed = failed_with(2);
         let rows = [
             row(
                 "new, slot free: create the Pod",
@@ -900,6 +961,24 @@ mod tests {
                 "live camera's worker stopped by a drain: replaced, no restart counted",
                 scenario(LIVE),
                 Some(deleting(pod(succeeded()))),
+                Full,
+                Starting,
+                ("False", "PodDeleted"),
+                vec![],
+            ),
+            row(
+                "deleted worker that exited 1 (results undelivered at SIGTERM): replaced, not failed",
+                scenario(LIVE),
+                Some(deleting(pod(failed_with(1)))),
+                Full,
+                Starting,
+                ("False", "PodDeleted"),
+                vec![],
+            ),
+            row(
+                "deleted clip worker killed after the grace period: replaced, not failed",
+                scenario(CLIP),
+                Some(deleting(pod(failed_with(137)))),
                 Full,
                 Starting,
                 ("False", "PodDeleted"),
@@ -1327,7 +1406,46 @@ mod tests {
     }
 
     #[test]
-    fn the_pods_own_reason_names_a_disruption_before_the_condition() {
+    fn a_pod_its_node_refuses_is_replaced_within_the_restart_budget() {
+        let refused = || {
+            pod(json!({"phase": "Failed", "reason": "OutOfcpu",
+                "message": "Pod was rejected: Node didn't have enough resource: cpu"}))
+        };
+        let mut s = scenario(LIVE);
+        s.status.get_or_insert_with(Default::default).observed_run = 1;
+        let first = plan(&s, Some(&refused()), Slot::Full, RULES, now());
+        assert_eq!(first.status.phase, Some(Phase::Starting));
+        assert_eq!(first.steps, delete());
+        assert_eq!(first.status.restart_count, 1, "a refusal is a restart");
+        assert_eq!(ready_reason(&first), ("False", "OutOfcpu"));
+        assert!(
+            first
+                .status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("enough resource: cpu")),
+            "{:?}",
+            first.status.last_error
+        );
+        // Seen again while it goes: not counted twice.
+        s.status = Some(first.status.clone());
+        let again = plan(&s, Some(&refused()), Slot::Full, RULES, now());
+        assert_eq!(again.status.restart_count, 1);
+        // The next Pod created, then refused too: counted.
+        let created = plan(&s, None, Slot::Free, RULES, now());
+        s.status = Some(created.status);
+        let second = plan(&s, Some(&refused()), Slot::Full, RULES, now());
+        assert_eq!(second.status.restart_count, 2);
+        // With the budget spent: Failed, the Pod removed, the slot freed.
+        s.status.as_mut().unwrap().restart_count = 5;
+        let spent = plan(&s, Some(&refused()), Slot::Full, RULES, now());
+        assert_eq!(spent.status.phase, Some(Phase::Failed));
+        assert_eq!(ready_reason(&spent), ("False", "RestartLimitReached"));
+        assert_eq!(spent.steps, delete());
+    }
+
+    #[test]
+    fn the_pods_own_reason_names_an_eviction_before_the_condition() {
         let evicted = json!({"phase": "Failed", "reason": "Evicted", "message": "low on memory",
             "conditions": [{"type": "DisruptionTarget", "status": "True",
                             "reason": "TerminationByKubelet", "message": "node pressure"}]});

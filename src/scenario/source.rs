@@ -4,9 +4,13 @@
 
 use crate::camera_url::VIDEO_EXTENSIONS;
 
+/// Extensions that name a live stream when served over HTTP: an IP camera's
+/// MJPEG stream, not a clip that ends.
+const LIVE_OVER_HTTP: &[&str] = &["mjpeg", "mjpg"];
+
 /// True for a local file (`/abs/path`, `file://…`) or an HTTP(S) URL whose
 /// path ends in a video file extension (a clip); false for live streams
-/// (`rtsp://`, `rtsps://`, any other HTTP URL). Works on redacted URLs too:
+/// (`rtsp://`, `rtsps://`, `….mjpeg`/`….mjpg` over HTTP, any other HTTP URL). Works on redacted URLs too:
 /// only the scheme and the path are read.
 pub fn is_finite(camera_url: &str) -> bool {
     if camera_url.starts_with('/') {
@@ -20,7 +24,10 @@ pub fn is_finite(camera_url: &str) -> bool {
         "http" | "https" => url
             .path()
             .rsplit_once('.')
-            .is_some_and(|(_, ext)| VIDEO_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str())),
+            .map(|(_, ext)| ext.to_ascii_lowercase())
+            .is_some_and(|ext| {
+                VIDEO_EXTENSIONS.contains(&ext.as_str()) && !LIVE_OVER_HTTP.contains(&ext.as_str())
+            }),
         _ => false,
     }
 }
@@ -37,6 +44,9 @@ mod tests {
             ("http://clips.example/a/b/clip.MP4", true),
             ("https://user:pw@clips.example/clip.mkv?token=1", true),
             ("http://cam.example/mjpeg", false),
+            ("http://cam.example/video.mjpeg", false),
+            ("http://cam.example/live.MJPG", false),
+            ("/media/recording.mjpeg", true),
             ("http://cam.example/video.cgi", false),
             ("rtsp://cam.example/stream.mp4", false),
             ("rtsps://cam.example/live", false),

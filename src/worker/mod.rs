@@ -2,7 +2,9 @@
 //! samples frames at VIDEO_FPS; a detection thread runs the detector on each
 //! sampled frame and hands one result per frame to the sink; the async side
 //! serves `/metrics`, `/healthz`, `/readyz` and turns SIGTERM/SIGINT into an
-//! orderly stop (stop reading, flush pending results with a bounded wait, exit 0).
+//! orderly stop (stop reading, flush pending results with a bounded wait, exit
+//! [`STOPPED_EXIT_CODE`]); exit 0 means the source ended and every result was
+//! delivered.
 
 pub mod camera_tls;
 pub mod capture;
@@ -27,6 +29,13 @@ use capture::{CaptureEnd, CaptureError, CaptureSettings, Frame};
 use handoff::Handoff;
 use metrics::WorkerMetrics;
 use sink::{KafkaSink, ResultSink, SinkError, StdoutSink};
+
+/// Exit code of a worker stopped by SIGTERM or SIGINT before its source ended
+/// (128 + SIGTERM, as shells report it). Not 0: a stop is not the end of a
+/// clip, so a worker the kubelet stops (a liveness kill) is restarted in place
+/// under `restartPolicy: OnFailure`, and a clip stopped halfway is never taken
+/// for finished.
+pub const STOPPED_EXIT_CODE: u8 = 143;
 
 /// Everything that stops a worker with a non-zero exit.
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +66,10 @@ pub enum WorkerError {
 }
 
 /// Validates the camera URL, limits FFmpeg to the protocols it needs, and runs
-/// the worker to completion. Call before any other thread starts: it sets a
-/// process-wide environment variable that OpenCV reads on first open.
-pub fn main(args: WorkerArgs) -> Result<(), WorkerError> {
+/// the worker to completion: the source's end, or a stop on request. Call
+/// before any other thread starts: it sets a process-wide environment variable
+/// that OpenCV reads on first open.
+pub fn main(args: WorkerArgs) -> Result<CaptureEnd, WorkerError> {
     let root = args.settings.video_file_root.as_deref();
     let source = CameraSource::parse(&args.camera_url.0, root)?.resolve(root)?;
     let policy = args
@@ -87,11 +97,12 @@ pub fn main(args: WorkerArgs) -> Result<(), WorkerError> {
     runtime.block_on(run(args, source))
 }
 
-async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> {
+async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, WorkerError> {
     let scenario = args.scenario_uuid;
     tracing::info!(%scenario, camera = %source, fps = %args.video_fps, model = ?args.settings.model, sink = ?args.sink, "worker starting");
 
-    let (metrics, registry) = WorkerMetrics::new(Duration::from_secs(args.watchdog_secs));
+    let (metrics, registry) =
+        WorkerMetrics::new(Duration::from_secs(args.settings.stream.watchdog_secs));
     let metrics = Arc::new(metrics);
     let (bound, server) = crate::http::bind(args.http.metrics_addr, registry, metrics.clone())
         .await
@@ -116,7 +127,12 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
             tracing::info!(kafka = %kafka.summary(), "Kafka producer");
             let topic = args.settings.results_topic.clone();
             let m = metrics.clone();
-            let timeout = args.open_timeout_ms.0.max(Duration::from_secs(10));
+            let timeout = args
+                .settings
+                .stream
+                .open_timeout_ms
+                .0
+                .max(Duration::from_secs(10));
             Arc::new(
                 tokio::task::spawn_blocking(move || KafkaSink::connect(&kafka, &topic, m, timeout))
                     .await
@@ -130,12 +146,12 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
     let settings = CaptureSettings {
         source,
         period: args.video_fps.period(),
-        open_timeout: args.open_timeout_ms.0,
-        read_timeout: args.read_timeout_ms.0,
+        open_timeout: args.settings.stream.open_timeout_ms.0,
+        read_timeout: args.settings.stream.read_timeout_ms.0,
         realtime: args.realtime,
-        max_reconnects: args.max_reconnects,
-        reconnect_base: args.reconnect_base_ms.0,
-        reconnect_max: args.reconnect_max_ms.0,
+        max_reconnects: args.settings.stream.max_reconnects,
+        reconnect_base: args.settings.stream.reconnect_base_ms.0,
+        reconnect_max: args.settings.stream.reconnect_max_ms.0,
         rtsp_transport: args.settings.rtsp_transport,
         decode_threads: args.decode_threads.0,
     };
@@ -196,9 +212,13 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<(), WorkerError> 
     flushed?;
     match end {
         CaptureEnd::EndOfFile => tracing::info!(%scenario, "end of file reached"),
-        CaptureEnd::Shutdown => tracing::info!(%scenario, "stopped on request"),
+        CaptureEnd::Shutdown => tracing::info!(
+            %scenario,
+            exit_code = STOPPED_EXIT_CODE,
+            "stopped on request before the source ended"
+        ),
     }
-    Ok(())
+    Ok(end)
 }
 
 fn detector_config(args: &WorkerArgs) -> DetectorConfig {

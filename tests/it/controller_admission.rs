@@ -412,8 +412,13 @@ async fn admission_holds_while_workers_end_fail_are_deleted_and_undeployed_at_on
             moves.push(async move {
                 match step {
                     0 => {
+                        // At once (grace period 0): kwok ends a gracefully
+                        // deleted Pod with a delete of its own by name, with
+                        // no uid precondition, which can land on the
+                        // successor of the same name. A graceful delete on a
+                        // real kubelet is real_node_life's.
                         bed.pods()
-                            .delete(&name, &DeleteParams::default())
+                            .delete(&name, &DeleteParams::default().grace_period(0))
                             .await
                             .expect("delete a worker Pod");
                     }

@@ -190,8 +190,14 @@ async fn evicted_and_disrupted_pods_are_replaced_within_max_workers() {
     )
     .await;
     let second = wait_new_pod(&bed, &a, first.uid().as_deref()).await;
-    bed.wait_scenario(&a, "running again", |s| phase(s) == Some(Phase::Running))
+    let s = bed
+        .wait_scenario(&a, "running again", |s| phase(s) == Some(Phase::Running))
         .await;
+    assert_eq!(
+        s.status.as_ref().map(|st| st.restart_count),
+        Some(1),
+        "a node-pressure eviction counts against the restart budget"
+    );
 
     // Marked as a disruption target (beside the conditions the Pod has, as
     // the taint manager adds it), then deleted with a grace period at once:
@@ -211,10 +217,16 @@ async fn evicted_and_disrupted_pods_are_replaced_within_max_workers() {
         .await
         .unwrap();
     wait_new_pod(&bed, &a, second.uid().as_deref()).await;
-    bed.wait_scenario(&a, "running on its third Pod", |s| {
-        phase(s) == Some(Phase::Running)
-    })
-    .await;
+    let s = bed
+        .wait_scenario(&a, "running on its third Pod", |s| {
+            phase(s) == Some(Phase::Running)
+        })
+        .await;
+    assert_eq!(
+        s.status.as_ref().map(|st| st.restart_count),
+        Some(1),
+        "a disruption (a drain, a node shutdown) is no restart"
+    );
     kept_its_slot(&bed, &b, watch).await;
     controller.assert_running();
 }

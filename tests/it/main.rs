@@ -21,6 +21,7 @@ mod local;
 mod local_file;
 mod local_recovery;
 mod real_node;
+mod real_node_life;
 mod security;
 mod security_local;
 mod testbed_kafka;

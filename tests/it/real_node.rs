@@ -471,3 +471,38 @@ fn a_deleted_pod_is_marked_failed_before_it_goes_when_its_process_exits_1() {
         "the kubelet marks the deleted Pod Failed before it goes: {seen:?}"
     );
 }
+
+/// The kind workflow's story (`scripts/e2e`, which `.github/workflows/e2e-kind.yml`
+/// runs on kind) on the real node: `helm install` with the imported image, the
+/// controller as a Pod, a clip over HTTP to `Succeeded` with exactly 159 results,
+/// a live MJPEG camera until `to_undeploy`, then uninstall. The script checks
+/// each step and exits non-zero on the first that fails; its log is shown.
+#[test]
+fn the_kind_workflow_story_runs_on_the_real_node() {
+    let node = real_node();
+    for var in ["VAP_KAFKA_POD_BOOTSTRAP", "KAFKA_BOOTSTRAP_SERVERS"] {
+        assert!(
+            std::env::var_os(var).is_some(),
+            "{var} is not set (the bed's Kafka listener for Pods); {HINT}"
+        );
+    }
+    let start = Instant::now();
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/e2e"))
+        .arg(image())
+        .env("VAP_NODE_NAME", &node)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/e2e");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "scripts/e2e failed ({}):\n{log}",
+        out.status
+    );
+    assert!(log.contains("e2e: passed"), "scripts/e2e said:\n{log}");
+    eprintln!("scripts/e2e passed on {node} in {:?}", start.elapsed());
+}

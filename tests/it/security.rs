@@ -355,7 +355,14 @@ async fn a_camera_password_lives_only_in_the_secret_the_controller_owns() {
     })
     .await
     .expect("the worker stops within 30 s of SIGTERM");
-    assert!(output.0.success(), "{}", output.1);
+    // The clip may end before SIGTERM arrives: 0 (its end) or 143 (stopped
+    // first); either way a clean end, every result delivered.
+    assert!(
+        matches!(output.0.code(), Some(0 | 143)),
+        "the worker ends cleanly, got {}:\n{}",
+        output.0,
+        output.1
+    );
     assert!(
         !output.1.contains(&password),
         "the worker log shows the password:\n{}",

@@ -28,6 +28,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 const SCENARIO: &str = "550e8400-e29b-41d4-a716-446655440000";
+/// The exit code of a worker stopped by SIGTERM before its source ended (README).
+const STOPPED: i32 = 143;
 /// Size of vtest.avi's frames, and so of every test camera's frames.
 const WIDTH: i64 = 768;
 const HEIGHT: i64 = 576;
@@ -181,13 +183,15 @@ impl Worker {
         assert!(status.success(), "kill -TERM {pid} failed");
     }
 
-    /// SIGTERM, then checks the worker exits 0 within 20 s.
+    /// SIGTERM, then checks the worker exits within 20 s with the code of a
+    /// stop before the source ended.
     async fn stop(&mut self) {
         self.sigterm();
         let status = self.wait_exit(Duration::from_secs(20)).await;
-        assert!(
-            status.success(),
-            "SIGTERM must end the worker with exit 0, got {status}\n{}",
+        assert_eq!(
+            status.code(),
+            Some(STOPPED),
+            "SIGTERM must end the worker with exit {STOPPED}, got {status}\n{}",
             self.log_tail()
         );
     }
@@ -725,6 +729,7 @@ impl PrivateKafka {
         .arg(command)
         .env("VAP_RUN", self.run.path())
         .env("VAP_KAFKA_PORT", self.port.to_string())
+        .env("VAP_KAFKA_POD_ADDRESS", "off")
         .env(
             "VAP_KAFKA_CONTROLLER_PORT",
             self.controller_port.to_string(),
@@ -807,7 +812,7 @@ impl Drop for PrivateKafka {
 // ---------------------------------------------------------------- the tests
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mjpeg_camera_gives_results_at_video_fps_and_sigterm_exits_0() {
+async fn mjpeg_camera_gives_results_at_video_fps_and_sigterm_stops_it() {
     let camera = MjpegCamera::start(Connection::Endless).await;
     let mut worker = Worker::start(live_worker(&camera.url));
 
@@ -816,12 +821,18 @@ async fn mjpeg_camera_gives_results_at_video_fps_and_sigterm_exits_0() {
 
     worker.sigterm();
     let status = worker.wait_exit(Duration::from_secs(20)).await;
-    assert!(
-        status.success(),
-        "SIGTERM must end the worker with exit 0, got {status}\n{}",
+    assert_eq!(
+        status.code(),
+        Some(STOPPED),
+        "SIGTERM ends a live worker with exit {STOPPED} (stopped, not finished), got {status}\n{}",
         worker.log_tail()
     );
     assert!(worker.stderr().contains("SIGTERM received"));
+    assert!(
+        worker
+            .stderr()
+            .contains("stopped on request before the source ended")
+    );
     assert!(worker.results.len() >= 6);
 }
 

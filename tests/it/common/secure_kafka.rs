@@ -49,6 +49,8 @@ impl SecureKafka {
         .env("VAP_RUN", self.run.path())
         .env("VAP_KAFKA_PORT", port.to_string())
         .env("VAP_KAFKA_CONTROLLER_PORT", controller.to_string())
+        // No listener on the machine's own address: loopback only.
+        .env("VAP_KAFKA_POD_ADDRESS", "off")
         .env("VAP_KAFKA_SECURE", "1")
         .env("VAP_KAFKA_SASL_SSL_PORT", sasl_ssl.to_string())
         .env("VAP_KAFKA_SSL_PORT", ssl.to_string())
