@@ -14,6 +14,12 @@
 //! ≤ 64 MB in the burst, idle queue ≤ 1 request/s.
 //! `BENCH_RATE`, `BENCH_SECONDS`, `BENCH_BURST` and `BENCH_QUEUED` scale the
 //! runs down for a quick look.
+//!
+//! Over a secured listener: `BENCH_CONTROLLER_BOOTSTRAP` is the address the
+//! controller connects to, and the controller gets the `KAFKA_SECURITY_*`,
+//! `KAFKA_SASL_*`, `KAFKA_SSL_*` and `WORKER_KAFKA_*` variables of the
+//! benchmark's environment; the benchmark's own clients stay on
+//! `KAFKA_BOOTSTRAP_SERVERS` (for example the same broker's plaintext listener).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -65,8 +71,21 @@ fn start_controller(bootstrap: &str, namespace: &str, max_workers: u64) -> Contr
         let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
         format!("{target}/release/runner")
     });
+    let security = std::env::vars().filter(|(k, _)| {
+        [
+            "KAFKA_SECURITY_",
+            "KAFKA_SASL_",
+            "KAFKA_SSL_",
+            "WORKER_KAFKA_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+    });
+    let bootstrap =
+        std::env::var("BENCH_CONTROLLER_BOOTSTRAP").unwrap_or_else(|_| bootstrap.to_string());
     let child = Command::new(&exe)
         .arg("controller")
+        .envs(security)
         .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
         .env("WATCH_NAMESPACE", namespace)
         .env("CONSUMER_GROUP", format!("{namespace}-group"))

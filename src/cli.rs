@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 
-use crate::config::{BootstrapServers, LogFormat, LogLevel, MaxWorkers, Millis, VideoFps};
+use crate::config::{LogFormat, LogLevel, MaxWorkers, Millis, VideoFps};
 use crate::detector::settings::{ClassFilter, InputSize, Threads, Threshold};
 use crate::host_policy::{Cidr, HostPattern, HostPolicy, List, Mode};
 
@@ -51,18 +51,7 @@ pub enum Command {
     Crd,
 }
 
-/// Kafka connection settings.
-#[derive(Debug, Clone, Args)]
-pub struct KafkaArgs {
-    /// Kafka bootstrap servers, host:port[,host:port...].
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        value_name = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "localhost:9092"
-    )]
-    pub kafka_bootstrap_servers: BootstrapServers,
-}
+pub use crate::kafka::KafkaArgs;
 
 /// Settings shared by the two supervisors (`controller` and `local`).
 #[derive(Debug, Clone, Args)]
@@ -113,6 +102,14 @@ pub struct WorkerSettings {
     #[arg(long, env = "VIDEO_FILE_ROOT", value_name = "VIDEO_FILE_ROOT")]
     pub video_file_root: Option<PathBuf>,
 
+    /// PEM file of the CAs that sign https:// and rtsps:// cameras' certificates (default: the system's store).
+    #[arg(long, env = "CAMERA_CA_FILE", value_name = "CAMERA_CA_FILE")]
+    pub camera_ca_file: Option<PathBuf>,
+
+    /// Check https:// and rtsps:// cameras' certificates and host names; false accepts any certificate (for cameras with self-signed ones), for every camera of this runner.
+    #[arg(long, env = "CAMERA_TLS_VERIFY", value_name = "CAMERA_TLS_VERIFY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub camera_tls_verify: bool,
+
     /// How RTSP carries the video: tcp, udp, or auto (TCP, and UDP when the server refuses TCP).
     #[arg(long, env = "RTSP_TRANSPORT", value_enum, default_value_t = RtspTransportMode::Auto)]
     pub rtsp_transport: RtspTransportMode,
@@ -135,7 +132,8 @@ impl WorkerSettings {
             .to_possible_value()
             .map(|v| v.get_name().to_string())
             .unwrap_or_default();
-        vec![
+        let mut env = vec![
+            ("CAMERA_TLS_VERIFY", self.camera_tls_verify.to_string()),
             ("RTSP_TRANSPORT", transport),
             ("MODEL_DIR", d.model_dir.display().to_string()),
             ("CONFIDENCE_THRESHOLD", d.confidence_threshold.to_string()),
@@ -143,10 +141,12 @@ impl WorkerSettings {
             ("MODEL_INPUT_SIZE", d.model_input_size.to_string()),
             ("DETECT_CLASSES", d.detect_classes.to_string()),
             ("INFERENCE_THREADS", d.inference_threads.to_string()),
-        ]
-        .into_iter()
-        .chain(self.stream.env())
-        .collect()
+        ];
+        if let Some(ca) = &self.camera_ca_file {
+            env.push(("CAMERA_CA_FILE", ca.display().to_string()));
+        }
+        env.extend(self.stream.env());
+        env
     }
 }
 
@@ -379,6 +379,21 @@ pub struct ControllerArgs {
     )]
     pub worker_service_account: Option<String>,
 
+    #[command(flatten)]
+    pub worker_kafka: WorkerKafkaArgs,
+
+    /// ConfigMap with the CAs that sign https:// and rtsps:// cameras' certificates, mounted into worker Pods as their CAMERA_CA_FILE.
+    #[arg(
+        long,
+        env = "WORKER_CAMERA_CA_CONFIGMAP",
+        value_name = "WORKER_CAMERA_CA_CONFIGMAP"
+    )]
+    pub worker_camera_ca_configmap: Option<String>,
+
+    /// Key of the CA bundle in WORKER_CAMERA_CA_CONFIGMAP.
+    #[arg(long, env = "WORKER_CAMERA_CA_KEY", default_value = "ca.crt")]
+    pub worker_camera_ca_key: String,
+
     /// Topic of deploy requests.
     #[arg(long, env = "DEPLOY_TOPIC", default_value = "to_deploy")]
     pub deploy_topic: String,
@@ -436,6 +451,66 @@ pub struct ControllerArgs {
         default_value = "86400"
     )]
     pub finished_ttl_secs: u64,
+}
+
+/// How worker Pods log in to a secured Kafka: references to Secrets the
+/// controller mounts into each worker Pod (it never reads their values).
+/// Worker Pods get their own credentials, so that a worker can be granted
+/// write on `results` only.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerKafkaArgs {
+    /// Secret with the worker Pods' SASL user name and password (needed when KAFKA_SECURITY_PROTOCOL uses SASL).
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_SECRET",
+        value_name = "WORKER_KAFKA_SASL_SECRET"
+    )]
+    pub worker_kafka_sasl_secret: Option<String>,
+
+    /// Key of the user name in WORKER_KAFKA_SASL_SECRET.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_USERNAME_KEY",
+        default_value = "username"
+    )]
+    pub worker_kafka_sasl_username_key: String,
+
+    /// Key of the password in WORKER_KAFKA_SASL_SECRET.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_PASSWORD_KEY",
+        default_value = "password"
+    )]
+    pub worker_kafka_sasl_password_key: String,
+
+    /// Secret holding the CA bundle that signs the brokers' certificates, for worker Pods.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_CA_SECRET",
+        value_name = "WORKER_KAFKA_CA_SECRET",
+        conflicts_with = "worker_kafka_ca_configmap"
+    )]
+    pub worker_kafka_ca_secret: Option<String>,
+
+    /// ConfigMap holding that CA bundle instead.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_CA_CONFIGMAP",
+        value_name = "WORKER_KAFKA_CA_CONFIGMAP"
+    )]
+    pub worker_kafka_ca_configmap: Option<String>,
+
+    /// Key of the CA bundle in that Secret or ConfigMap.
+    #[arg(long, env = "WORKER_KAFKA_CA_KEY", default_value = "ca.crt")]
+    pub worker_kafka_ca_key: String,
+
+    /// kubernetes.io/tls Secret (tls.crt, tls.key) with the worker Pods' client certificate, for mutual TLS.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_CLIENT_CERT_SECRET",
+        value_name = "WORKER_KAFKA_CLIENT_CERT_SECRET"
+    )]
+    pub worker_kafka_client_cert_secret: Option<String>,
 }
 
 /// A worker Pod setting given as JSON, parsed into its Kubernetes type when the
@@ -610,6 +685,24 @@ pub struct LocalArgs {
 
     #[command(flatten)]
     pub worker_limits: WorkerLimitsArgs,
+
+    /// SASL user name of the workers, when they log in to Kafka with credentials of their own (so that they may write `results` only); default: the supervisor's.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_USERNAME",
+        value_name = "WORKER_KAFKA_SASL_USERNAME",
+        requires = "worker_kafka_sasl_password_file"
+    )]
+    pub worker_kafka_sasl_username: Option<String>,
+
+    /// File holding the workers' own SASL password.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_PASSWORD_FILE",
+        value_name = "WORKER_KAFKA_SASL_PASSWORD_FILE",
+        requires = "worker_kafka_sasl_username"
+    )]
+    pub worker_kafka_sasl_password_file: Option<PathBuf>,
 
     /// Extra `runner worker` arguments for every worker, after `--` (for example `-- --model hog --realtime`).
     #[arg(last = true, value_name = "WORKER_ARGS")]

@@ -24,12 +24,13 @@ use prometheus_client::registry::Registry;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::camera_url::CameraSource;
 use crate::host_policy::HostPolicy;
+use crate::kafka::{KafkaContext, KafkaProducer};
 use crate::messages::{DeployRequest, RequestError, UndeployRequest};
 use crate::scenario::ordering::{DeployDecision, Stale, Stamp, UndeployDecision, too_far_ahead};
 
@@ -182,10 +183,10 @@ impl IngestMetrics {
 }
 
 /// The consumer settings ingest relies on (at-least-once, store after effect).
-pub fn consumer_config(servers: &str, group: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
+/// `base` is the connection ([`crate::kafka::KafkaSettings::client_config`]).
+pub fn consumer_config(base: ClientConfig, group: &str) -> ClientConfig {
+    let mut config = base;
     config
-        .set("bootstrap.servers", servers)
         .set("group.id", group)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
@@ -203,8 +204,8 @@ pub fn consumer_config(servers: &str, group: &str) -> ClientConfig {
 }
 
 pub struct Ingest<S> {
-    pub consumer: StreamConsumer,
-    pub producer: FutureProducer,
+    pub consumer: StreamConsumer<KafkaContext>,
+    pub producer: KafkaProducer,
     pub store: S,
     pub config: IngestConfig,
     pub metrics: IngestMetrics,
@@ -244,7 +245,12 @@ impl<S: CommandStore> Ingest<S> {
             let msg = match msg {
                 Ok(msg) => msg,
                 Err(e) => {
-                    tracing::warn!(error = %e, "Kafka consumer error; continuing");
+                    // The client context has logged what the user can fix.
+                    let health = &self.consumer.context().health;
+                    match health.explain(e.rdkafka_error_code(), "") {
+                        Some(_) => health.record(&e, &e.to_string()),
+                        None => tracing::warn!(error = %e, "Kafka consumer error; continuing"),
+                    }
                     continue;
                 }
             };

@@ -12,6 +12,7 @@ pub mod detector;
 pub mod host_policy;
 pub mod http;
 pub mod ingest;
+pub mod kafka;
 pub mod local;
 pub mod messages;
 pub mod sampler;

@@ -5,23 +5,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 
 use super::crd::Phase;
 use super::metrics::ControllerMetrics;
+use crate::kafka::KafkaProducer;
 use crate::messages::wire_timestamp;
 
 pub use crate::scenario::events::PhaseEvent;
 
 #[derive(Clone)]
 pub struct PhasePublisher {
-    producer: FutureProducer,
+    producer: KafkaProducer,
     topic: String,
     metrics: Arc<ControllerMetrics>,
 }
 
 impl PhasePublisher {
-    pub fn new(producer: FutureProducer, topic: &str, metrics: Arc<ControllerMetrics>) -> Self {
+    pub fn new(producer: KafkaProducer, topic: &str, metrics: Arc<ControllerMetrics>) -> Self {
         PhasePublisher {
             producer,
             topic: topic.to_string(),

@@ -39,6 +39,7 @@ pub struct ControllerMetrics {
     pub event_publish_failures: Counter,
     pub leader: Gauge,
     ready: AtomicBool,
+    kafka: std::sync::OnceLock<std::sync::Arc<crate::kafka::KafkaHealth>>,
 }
 
 impl ControllerMetrics {
@@ -58,6 +59,7 @@ impl ControllerMetrics {
             event_publish_failures: Default::default(),
             leader: Default::default(),
             ready: AtomicBool::new(false),
+            kafka: Default::default(),
         };
         let mut registry = Registry::with_prefix("vap_controller");
         let r = &mut registry;
@@ -128,6 +130,11 @@ impl ControllerMetrics {
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }
+
+    /// `/readyz` fails while the Kafka clients report a problem.
+    pub fn watch_kafka(&self, health: std::sync::Arc<crate::kafka::KafkaHealth>) {
+        let _ = self.kafka.set(health);
+    }
 }
 
 impl Probes for ControllerMetrics {
@@ -136,6 +143,9 @@ impl Probes for ControllerMetrics {
     }
 
     fn ready(&self) -> Result<(), String> {
+        if let Some(problem) = self.kafka.get().and_then(|k| k.problem()) {
+            return Err(problem);
+        }
         if self.ready.load(Ordering::Relaxed) {
             Ok(())
         } else {

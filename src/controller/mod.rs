@@ -29,14 +29,13 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
-use rdkafka::ClientConfig;
 use rdkafka::consumer::StreamConsumer;
-use rdkafka::producer::FutureProducer;
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::cli::ControllerArgs;
 use crate::config::LogLevel;
 use crate::ingest::{Ingest, IngestConfig};
+use crate::kafka::{KafkaContext, KafkaProducer, KafkaSettings};
 use crd::Scenario;
 use ingest::ScenarioStore;
 use leader::{LeaderElector, Leadership, Timing};
@@ -51,6 +50,8 @@ pub enum ControllerError {
     Kubernetes(#[source] kube::Error),
     #[error("the Scenario CRD is not installed: {0}; apply crds/scenario.yaml (helm install does)")]
     CrdMissing(#[source] kube::Error),
+    #[error(transparent)]
+    KafkaSetting(#[from] crate::kafka::KafkaSettingError),
     #[error("cannot configure Kafka at KAFKA_BOOTSTRAP_SERVERS={servers}: {source}")]
     Kafka {
         servers: String,
@@ -86,7 +87,15 @@ pub fn main(args: ControllerArgs, log_level: LogLevel) -> Result<(), ControllerE
 
 async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), ControllerError> {
     let sup = &args.supervisor;
-    let servers = sup.kafka.kafka_bootstrap_servers.to_string();
+    let kafka = KafkaSettings::resolve(&sup.kafka, |name| std::env::var(name).ok())?;
+    if kafka.uses_sasl() && args.worker_kafka.worker_kafka_sasl_secret.is_none() {
+        return Err(crate::kafka::KafkaSettingError(format!(
+            "KAFKA_SECURITY_PROTOCOL={} needs WORKER_KAFKA_SASL_SECRET: worker Pods log in to Kafka with the user name and password of that Secret",
+            kafka.effective_protocol().as_str()
+        ))
+        .into());
+    }
+    let servers = kafka.bootstrap.to_string();
     let namespace = args.namespace.clone();
     let runner = label_value(&args.runner_name);
 
@@ -137,15 +146,20 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         servers: servers.clone(),
         source,
     };
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &servers)
+    tracing::info!(kafka = %kafka.summary(), "Kafka clients");
+    let kafka_context = kafka.context();
+    let producer: KafkaProducer = kafka
+        .client_config()
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .create()
+        .create_with_context(kafka_context.clone())
         .map_err(kafka_err)?;
-    let consumer: StreamConsumer = crate::ingest::consumer_config(&servers, &sup.consumer_group)
-        .create()
-        .map_err(kafka_err)?;
+    let consumer: StreamConsumer<KafkaContext> =
+        crate::ingest::consumer_config(kafka.client_config(), &sup.consumer_group)
+            .create_with_context(kafka_context.clone())
+            .map_err(kafka_err)?;
+    metrics.watch_kafka(kafka_context.health.clone());
+    let probe = crate::kafka::probe(&producer, &kafka_context);
 
     let camera_policy = args
         .camera_policy
@@ -155,6 +169,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         image: args.worker_image.clone(),
         image_pull_policy: args.worker_image_pull_policy.clone(),
         kafka_bootstrap_servers: servers.clone(),
+        kafka: pod::WorkerKafka::new(&kafka, &args.worker_kafka),
         results_topic: args.worker.results_topic.clone(),
         default_fps: sup.video_fps.get(),
         default_model: args.worker.model.as_str().into(),
@@ -170,6 +185,10 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         service_account: args.worker_service_account.clone(),
         camera_policy_env: camera_policy.worker_env(),
         tuning_env: args.worker.tuning_env(),
+        camera_ca: args
+            .worker_camera_ca_configmap
+            .clone()
+            .map(|name| (name, args.worker_camera_ca_key.clone())),
     };
 
     // One watch of the runner's Pods feeds both the cache admission counts
@@ -339,6 +358,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         let _ = keeper.await;
     }
     server.abort();
+    probe.abort();
     queue.abort();
     result
 }

@@ -60,6 +60,8 @@ pub struct WorkerTemplate {
     pub image: String,
     pub image_pull_policy: String,
     pub kafka_bootstrap_servers: String,
+    /// How worker Pods log in to Kafka to produce.
+    pub kafka: WorkerKafka,
     pub results_topic: String,
     pub default_fps: f64,
     pub default_model: String,
@@ -74,6 +76,9 @@ pub struct WorkerTemplate {
     /// How workers read cameras and detect (RTSP transport, detector
     /// settings) as worker environment variables.
     pub tuning_env: Vec<(&'static str, String)>,
+    /// A ConfigMap (name, key) with the CAs of `https://` and `rtsps://`
+    /// cameras, mounted into worker Pods as their `CAMERA_CA_FILE`.
+    pub camera_ca: Option<(String, String)>,
 }
 
 impl Default for WorkerTemplate {
@@ -83,6 +88,7 @@ impl Default for WorkerTemplate {
             image: "vap-runner:latest".into(),
             image_pull_policy: "IfNotPresent".into(),
             kafka_bootstrap_servers: "localhost:9092".into(),
+            kafka: WorkerKafka::default(),
             results_topic: "results".into(),
             default_fps: 2.0,
             default_model: "mock".into(),
@@ -98,6 +104,7 @@ impl Default for WorkerTemplate {
             service_account: None,
             camera_policy_env: Vec::new(),
             tuning_env: Vec::new(),
+            camera_ca: None,
         }
     }
 }
@@ -107,6 +114,145 @@ fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
         .iter()
         .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
         .collect()
+}
+
+/// Where worker Pods find the Kafka files the controller mounts for them.
+pub const KAFKA_FILES_DIR: &str = "/etc/vap-runner/kafka";
+
+/// Where worker Pods find the CAs of their cameras, when the controller mounts them.
+pub const CAMERA_CA_DIR: &str = "/etc/vap-runner/camera-ca";
+
+/// Where a worker Pod's CA bundle for Kafka comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KafkaCa {
+    Secret { name: String, key: String },
+    ConfigMap { name: String, key: String },
+}
+
+/// What worker Pods need to produce to a secured Kafka, and nothing more:
+/// the protocol and mechanism, the properties given on the command line
+/// (which carry no secret), and references to the Secrets (never their
+/// values) that hold their own credentials, CA and client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerKafka {
+    pub protocol: Option<String>,
+    pub mechanism: Option<String>,
+    /// `KAFKA_PROPERTIES`: one `key=value` a line.
+    pub properties: String,
+    /// Secret name, user name key, password key.
+    pub sasl: Option<(String, String, String)>,
+    pub ca: Option<KafkaCa>,
+    /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`) for mutual TLS.
+    pub client_cert: Option<String>,
+}
+
+impl WorkerKafka {
+    /// The worker Pods' part of the controller's Kafka settings.
+    pub fn new(
+        kafka: &crate::kafka::KafkaSettings,
+        args: &crate::cli::WorkerKafkaArgs,
+    ) -> WorkerKafka {
+        let protocol = kafka.effective_protocol();
+        let ca = match (
+            &args.worker_kafka_ca_secret,
+            &args.worker_kafka_ca_configmap,
+        ) {
+            (Some(name), _) => Some(KafkaCa::Secret {
+                name: name.clone(),
+                key: args.worker_kafka_ca_key.clone(),
+            }),
+            (None, Some(name)) => Some(KafkaCa::ConfigMap {
+                name: name.clone(),
+                key: args.worker_kafka_ca_key.clone(),
+            }),
+            (None, None) => None,
+        };
+        WorkerKafka {
+            protocol: (protocol != crate::kafka::SecurityProtocol::Plaintext)
+                .then(|| protocol.as_str().to_string()),
+            mechanism: kafka.effective_mechanism(),
+            properties: kafka.properties_text(),
+            sasl: args.worker_kafka_sasl_secret.clone().map(|name| {
+                (
+                    name,
+                    args.worker_kafka_sasl_username_key.clone(),
+                    args.worker_kafka_sasl_password_key.clone(),
+                )
+            }),
+            ca,
+            client_cert: args.worker_kafka_client_cert_secret.clone(),
+        }
+    }
+
+    /// Environment variables, volumes and volume mounts of the worker container.
+    fn pod_parts(
+        &self,
+    ) -> (
+        Vec<serde_json::Value>,
+        Vec<serde_json::Value>,
+        Vec<serde_json::Value>,
+    ) {
+        let (mut env, mut volumes, mut mounts) = (Vec::new(), Vec::new(), Vec::new());
+        if let Some(p) = &self.protocol {
+            env.push(json!({"name": "KAFKA_SECURITY_PROTOCOL", "value": p}));
+        }
+        if let Some(m) = &self.mechanism {
+            env.push(json!({"name": "KAFKA_SASL_MECHANISM", "value": m}));
+        }
+        if !self.properties.is_empty() {
+            env.push(json!({"name": "KAFKA_PROPERTIES", "value": self.properties}));
+        }
+        let mut mount = |name: &str, source: serde_json::Value| {
+            let dir = format!("{KAFKA_FILES_DIR}/{}", name.trim_start_matches("kafka-"));
+            let mut volume = json!({"name": name});
+            for (k, v) in source.as_object().into_iter().flatten() {
+                volume[k] = v.clone();
+            }
+            volumes.push(volume);
+            mounts.push(json!({"name": name, "mountPath": dir, "readOnly": true}));
+            dir
+        };
+        if let Some((secret, user_key, password_key)) = &self.sasl {
+            let dir = mount(
+                "kafka-sasl",
+                json!({"secret": {"secretName": secret, "defaultMode": 0o444, "items": [
+                    {"key": user_key, "path": "username"},
+                    {"key": password_key, "path": "password"},
+                ]}}),
+            );
+            env.push(
+                json!({"name": "KAFKA_SASL_USERNAME_FILE", "value": format!("{dir}/username")}),
+            );
+            env.push(
+                json!({"name": "KAFKA_SASL_PASSWORD_FILE", "value": format!("{dir}/password")}),
+            );
+        }
+        if let Some(ca) = &self.ca {
+            let items = |key: &str| json!([{"key": key, "path": "ca.crt"}]);
+            let source = match ca {
+                KafkaCa::Secret { name, key } => {
+                    json!({"secret": {"secretName": name, "items": items(key)}})
+                }
+                KafkaCa::ConfigMap { name, key } => {
+                    json!({"configMap": {"name": name, "items": items(key)}})
+                }
+            };
+            let dir = mount("kafka-ca", source);
+            env.push(json!({"name": "KAFKA_SSL_CA_LOCATION", "value": format!("{dir}/ca.crt")}));
+        }
+        if let Some(secret) = &self.client_cert {
+            let dir = mount(
+                "kafka-client",
+                json!({"secret": {"secretName": secret, "defaultMode": 0o444, "items": [
+                    {"key": "tls.crt", "path": "tls.crt"},
+                    {"key": "tls.key", "path": "tls.key"},
+                ]}}),
+            );
+            env.push(json!({"name": "KAFKA_SSL_CERTIFICATE_LOCATION", "value": format!("{dir}/tls.crt")}));
+            env.push(json!({"name": "KAFKA_SSL_KEY_LOCATION", "value": format!("{dir}/tls.key")}));
+        }
+        (env, volumes, mounts)
+    }
 }
 
 /// The deterministic name of a scenario's worker Pod.
@@ -169,8 +315,19 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
     if let Some(root) = &t.video_file_root {
         env.push(json!({"name": "VIDEO_FILE_ROOT", "value": root}));
     }
+    let (kafka_env, mut volumes, mut mounts) = t.kafka.pod_parts();
+    env.extend(kafka_env);
     for (name, value) in t.camera_policy_env.iter().chain(&t.tuning_env) {
+        if *name == "CAMERA_CA_FILE" && t.camera_ca.is_some() {
+            continue; // the mounted ConfigMap's file instead
+        }
         env.push(json!({"name": name, "value": value}));
+    }
+    if let Some((config_map, key)) = &t.camera_ca {
+        volumes.push(json!({"name": "camera-ca", "configMap": {
+            "name": config_map, "items": [{"key": key, "path": "ca.crt"}]}}));
+        mounts.push(json!({"name": "camera-ca", "mountPath": CAMERA_CA_DIR, "readOnly": true}));
+        env.push(json!({"name": "CAMERA_CA_FILE", "value": format!("{CAMERA_CA_DIR}/ca.crt")}));
     }
     let probe = |path: &str, period: u32| {
         json!({
@@ -212,6 +369,10 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
         "nodeSelector": t.node_selector,
         "tolerations": t.tolerations,
     });
+    if !volumes.is_empty() {
+        pod_spec["volumes"] = json!(volumes);
+        pod_spec["containers"][0]["volumeMounts"] = json!(mounts);
+    }
     if let Some(sa) = &t.service_account {
         pod_spec["serviceAccountName"] = json!(sa);
     }
@@ -260,6 +421,7 @@ pub fn cached(mut pod: Pod) -> Pod {
 mod tests {
     use super::*;
     use crate::controller::crd::ScenarioSpec;
+    use serde_json::Value;
 
     fn scenario() -> Scenario {
         let mut s = Scenario::new(
@@ -366,5 +528,85 @@ mod tests {
         assert_eq!(label_value("ok-1.2_3"), "ok-1.2_3");
         assert_eq!(label_value("-a b/c-"), "a_b_c");
         assert_eq!(label_value(&"x".repeat(100)).len(), 63);
+    }
+
+    #[test]
+    fn worker_pods_get_their_own_kafka_secrets_by_reference_only() {
+        let t = WorkerTemplate {
+            kafka: WorkerKafka {
+                protocol: Some("sasl_ssl".into()),
+                mechanism: Some("SCRAM-SHA-512".into()),
+                properties: "client.rack=a".into(),
+                sasl: Some(("worker-kafka".into(), "user".into(), "pass".into())),
+                ca: Some(KafkaCa::ConfigMap {
+                    name: "kafka-ca".into(),
+                    key: "ca.pem".into(),
+                }),
+                client_cert: Some("worker-tls".into()),
+            },
+            ..WorkerTemplate::default()
+        };
+        let pod = serde_json::to_value(build(&scenario(), &t)).unwrap();
+        let container = &pod["spec"]["containers"][0];
+        let env: BTreeMap<String, String> = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
+            .collect();
+        assert_eq!(env["KAFKA_SECURITY_PROTOCOL"], "sasl_ssl");
+        assert_eq!(env["KAFKA_SASL_MECHANISM"], "SCRAM-SHA-512");
+        assert_eq!(env["KAFKA_PROPERTIES"], "client.rack=a");
+        assert_eq!(
+            env["KAFKA_SASL_PASSWORD_FILE"],
+            "/etc/vap-runner/kafka/sasl/password"
+        );
+        assert_eq!(
+            env["KAFKA_SSL_CA_LOCATION"],
+            "/etc/vap-runner/kafka/ca/ca.crt"
+        );
+        assert_eq!(
+            env["KAFKA_SSL_KEY_LOCATION"],
+            "/etc/vap-runner/kafka/client/tls.key"
+        );
+        assert!(!env.contains_key("KAFKA_SASL_PASSWORD"));
+        let volumes = pod["spec"]["volumes"].as_array().unwrap();
+        assert_eq!(volumes[0]["secret"]["secretName"], "worker-kafka");
+        assert_eq!(volumes[0]["secret"]["items"][1]["key"], "pass");
+        assert_eq!(volumes[1]["configMap"]["name"], "kafka-ca");
+        assert_eq!(volumes[2]["secret"]["secretName"], "worker-tls");
+        let mounts = container["volumeMounts"].as_array().unwrap();
+        assert!(mounts.iter().all(|m| m["readOnly"] == true));
+        // Without secured Kafka, nothing is added.
+        let plain = serde_json::to_value(build(&scenario(), &WorkerTemplate::default())).unwrap();
+        assert!(plain["spec"].get("volumes").is_none());
+    }
+
+    #[test]
+    fn worker_pods_mount_the_camera_ca_configmap_as_their_camera_ca_file() {
+        let t = WorkerTemplate {
+            tuning_env: vec![
+                ("CAMERA_CA_FILE", "/controller/path.pem".into()),
+                ("CAMERA_TLS_VERIFY", "true".into()),
+            ],
+            camera_ca: Some(("camera-cas".into(), "bundle.pem".into())),
+            ..WorkerTemplate::default()
+        };
+        let pod = serde_json::to_value(build(&scenario(), &t)).unwrap();
+        let container = &pod["spec"]["containers"][0];
+        let ca_files: Vec<&Value> = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"] == "CAMERA_CA_FILE")
+            .collect();
+        assert_eq!(ca_files.len(), 1);
+        assert_eq!(ca_files[0]["value"], "/etc/vap-runner/camera-ca/ca.crt");
+        assert_eq!(pod["spec"]["volumes"][0]["configMap"]["name"], "camera-cas");
+        assert_eq!(
+            pod["spec"]["volumes"][0]["configMap"]["items"][0]["key"],
+            "bundle.pem"
+        );
+        assert_eq!(container["volumeMounts"][0]["mountPath"], CAMERA_CA_DIR);
     }
 }

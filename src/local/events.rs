@@ -5,15 +5,16 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 
 use super::metrics::{LocalMetrics, PhaseLabels};
+use crate::kafka::KafkaProducer;
 use crate::scenario::Phase;
 use crate::scenario::events::PhaseEvent;
 
 pub struct PhaseEvents {
     /// `None` without Kafka: phase changes are only logged.
-    pub kafka: Option<(FutureProducer, String)>,
+    pub kafka: Option<(KafkaProducer, String)>,
     pub metrics: Arc<LocalMetrics>,
 }
 

@@ -35,6 +35,7 @@ pub struct LocalMetrics {
     pub state_errors: Counter,
     pub scenarios_file_errors: Family<ReasonLabels, Counter>,
     ready: AtomicBool,
+    kafka: std::sync::OnceLock<std::sync::Arc<crate::kafka::KafkaHealth>>,
     /// When the supervision loop last went round (Unix seconds; 0: not yet).
     loop_seen: AtomicI64,
 }
@@ -106,6 +107,11 @@ impl LocalMetrics {
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }
+
+    /// `/readyz` fails while the Kafka clients report a problem.
+    pub fn watch_kafka(&self, health: std::sync::Arc<crate::kafka::KafkaHealth>) {
+        let _ = self.kafka.set(health);
+    }
 }
 
 impl Probes for LocalMetrics {
@@ -119,6 +125,9 @@ impl Probes for LocalMetrics {
     }
 
     fn ready(&self) -> Result<(), String> {
+        if let Some(problem) = self.kafka.get().and_then(|k| k.problem()) {
+            return Err(problem);
+        }
         if self.ready.load(Ordering::Relaxed) {
             Ok(())
         } else {

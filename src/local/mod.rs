@@ -20,15 +20,14 @@ pub mod supervisor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rdkafka::ClientConfig;
 use rdkafka::consumer::StreamConsumer;
-use rdkafka::producer::FutureProducer;
 use tokio::sync::{Notify, watch};
 
 use crate::cli::{LocalAction, LocalArgs};
 use crate::config::{LogFormat, LogLevel};
 use crate::host_policy::Mode;
 use crate::ingest::{Ingest, IngestConfig};
+use crate::kafka::{KafkaContext, KafkaProducer, KafkaSettings};
 use crate::scenario::lifecycle::RestartPolicy;
 use crate::scenario::ordering::Stamp;
 use commands::LocalCommands;
@@ -46,6 +45,8 @@ pub enum LocalError {
     Supervisor(#[from] SupervisorError),
     #[error(transparent)]
     ScenariosFile(#[from] scenarios_file::FileError),
+    #[error(transparent)]
+    KafkaSetting(#[from] crate::kafka::KafkaSettingError),
     #[error("cannot configure Kafka at KAFKA_BOOTSTRAP_SERVERS={servers}: {source}")]
     Kafka {
         servers: String,
@@ -84,7 +85,8 @@ async fn run(
     log_format: LogFormat,
 ) -> Result<(), LocalError> {
     let sup = &args.supervisor;
-    let servers = sup.kafka.kafka_bootstrap_servers.to_string();
+    let kafka = KafkaSettings::resolve(&sup.kafka, |name| std::env::var(name).ok())?;
+    let servers = kafka.bootstrap.to_string();
     // Creates the directory; one supervisor per STATE_DIR from here on.
     let _lock = state::DirLock::take(&args.state_dir)?;
     let state_dir = args
@@ -127,13 +129,15 @@ async fn run(
         servers: servers.clone(),
         source,
     };
-    let producer: Option<FutureProducer> = if use_kafka {
+    let kafka_context = kafka.context();
+    let producer: Option<KafkaProducer> = if use_kafka {
+        tracing::info!(kafka = %kafka.summary(), "Kafka clients");
         Some(
-            ClientConfig::new()
-                .set("bootstrap.servers", &servers)
+            kafka
+                .client_config()
                 .set("enable.idempotence", "true")
                 .set("acks", "all")
-                .create()
+                .create_with_context(kafka_context.clone())
                 .map_err(kafka_err)?,
         )
     } else {
@@ -147,8 +151,28 @@ async fn run(
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
         &crate::cli::worker_variables(),
     );
+    env.extend(kafka.worker_env());
+    if let (Some(user), Some(password)) = (
+        &args.worker_kafka_sasl_username,
+        &args.worker_kafka_sasl_password_file,
+    ) {
+        // Workers log in as themselves: none of the supervisor's credentials.
+        env.retain(|(k, _)| {
+            !k.starts_with("KAFKA_SASL_USERNAME") && !k.starts_with("KAFKA_SASL_PASSWORD")
+        });
+        std::fs::File::open(password).map_err(|e| {
+            crate::kafka::KafkaSettingError(format!(
+                "WORKER_KAFKA_SASL_PASSWORD_FILE={}: cannot read it: {e}",
+                password.display()
+            ))
+        })?;
+        env.push(("KAFKA_SASL_USERNAME".to_string(), user.clone()));
+        env.push((
+            "KAFKA_SASL_PASSWORD_FILE".to_string(),
+            password.display().to_string(),
+        ));
+    }
     env.extend([
-        ("KAFKA_BOOTSTRAP_SERVERS".to_string(), servers.clone()),
         (
             "RESULTS_TOPIC".to_string(),
             args.worker.results_topic.clone(),
@@ -231,12 +255,15 @@ async fn run(
         ));
     }
 
+    let mut probe = None;
     let ingest = match producer {
         Some(producer) => {
-            let consumer: StreamConsumer =
-                crate::ingest::consumer_config(&servers, &sup.consumer_group)
-                    .create()
+            let consumer: StreamConsumer<KafkaContext> =
+                crate::ingest::consumer_config(kafka.client_config(), &sup.consumer_group)
+                    .create_with_context(kafka_context.clone())
                     .map_err(kafka_err)?;
+            metrics.watch_kafka(kafka_context.health.clone());
+            probe = Some(crate::kafka::probe(&producer, &kafka_context));
             let ingest = Ingest {
                 consumer,
                 producer,
@@ -270,6 +297,9 @@ async fn run(
     supervisor.run(stop_rx).await;
     let _ = stop_tx.send(true);
     server.abort();
+    if let Some(probe) = probe {
+        probe.abort();
+    }
     if let Some(ingest) = ingest
         && let Ok(Err(e)) = ingest.await
     {

@@ -59,9 +59,13 @@ pub enum CaptureError {
     )]
     Open { camera: String, reason: String },
     #[error(
-        "gave up on camera {camera} after {attempts} reconnect attempts in a row (MAX_RECONNECTS)"
+        "gave up on camera {camera} after {attempts} reconnect attempts in a row (MAX_RECONNECTS); the last: {last}"
     )]
-    GaveUp { camera: String, attempts: u32 },
+    GaveUp {
+        camera: String,
+        attempts: u32,
+        last: String,
+    },
     #[error("no frame of {camera} could be decoded ({read} frames read){}", memory_note(*.address_space))]
     NothingDecoded {
         camera: String,
@@ -217,6 +221,7 @@ fn read_with_reconnects(
             return Err(CaptureError::GaveUp {
                 camera: shown,
                 attempts: backoff.attempts(),
+                last: failure,
             });
         }
         let delay = backoff.next_delay(rand::random::<f64>());
@@ -314,6 +319,7 @@ fn open(settings: &CaptureSettings) -> Result<VideoCapture, String> {
         i32::try_from(settings.decode_threads).unwrap_or(1),
     ]);
     settings.source.recheck_host()?;
+    super::camera_tls::installed().check(&settings.source, settings.open_timeout)?;
     let target = settings.source.backend_target();
     let capture = VideoCapture::from_file_with_params(&target, videoio::CAP_FFMPEG, &params)
         .map_err(|e| redact_backend_error(&e.to_string(), &target, &settings.source))?;

@@ -34,6 +34,7 @@ pub struct WorkerMetrics {
     pub publish_seconds: Histogram,
     pub seconds_since_last_frame: Gauge<f64, AtomicU64>,
     health: HealthClock,
+    kafka: std::sync::OnceLock<std::sync::Arc<crate::kafka::KafkaHealth>>,
 }
 
 impl WorkerMetrics {
@@ -51,6 +52,7 @@ impl WorkerMetrics {
             inference_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
             publish_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             seconds_since_last_frame: Default::default(),
+            kafka: Default::default(),
             health: HealthClock::new(watchdog),
         };
         let mut registry = Registry::with_prefix("vap_worker");
@@ -116,6 +118,12 @@ impl WorkerMetrics {
 
     pub fn health(&self) -> &HealthClock {
         &self.health
+    }
+
+    /// `/readyz` fails while the Kafka producer reports a problem (a refused
+    /// login, a failed TLS handshake, a missing ACL).
+    pub fn watch_kafka(&self, health: std::sync::Arc<crate::kafka::KafkaHealth>) {
+        let _ = self.kafka.set(health);
     }
 }
 
@@ -258,6 +266,9 @@ impl Probes for WorkerMetrics {
     }
 
     fn ready(&self) -> Result<(), String> {
+        if let Some(problem) = self.kafka.get().and_then(|k| k.problem()) {
+            return Err(problem);
+        }
         if self.health.is_ready() {
             Ok(())
         } else {

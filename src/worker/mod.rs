@@ -6,6 +6,7 @@
 //! [`STOPPED_EXIT_CODE`]); exit 0 means the source ended and every result was
 //! delivered.
 
+pub mod camera_tls;
 pub mod capture;
 pub mod ffmpeg_log;
 pub mod handoff;
@@ -22,6 +23,7 @@ use uuid::Uuid;
 use crate::camera_url::{CameraSource, CameraUrlError};
 use crate::cli::{SinkKind, WorkerArgs};
 use crate::detector::{self, DetectError, Detector, DetectorConfig, YoloConfig};
+use crate::kafka::KafkaSettings;
 use crate::messages::{ResultMessage, wire_timestamp};
 use capture::{CaptureEnd, CaptureError, CaptureSettings, Frame};
 use handoff::Handoff;
@@ -53,6 +55,10 @@ pub enum WorkerError {
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    KafkaSetting(String),
+    #[error("{0}")]
+    CameraTls(String),
     #[error("a worker thread stopped unexpectedly: {0}")]
     Thread(String),
     #[error("cannot relay FFmpeg's log lines: {0}")]
@@ -71,6 +77,12 @@ pub fn main(args: WorkerArgs) -> Result<CaptureEnd, WorkerError> {
         .policy(crate::host_policy::Mode::detect());
     source.check_host(&policy)?;
     crate::host_policy::install(policy);
+    let tls = camera_tls::CameraTls::new(
+        args.settings.camera_ca_file.as_deref(),
+        args.settings.camera_tls_verify,
+    )
+    .map_err(WorkerError::CameraTls)?;
+    camera_tls::install(tls);
     // SAFETY: no other thread exists yet; the relay and the async runtime
     // start below.
     unsafe { transport::apply(&source, transport::initial(args.settings.rtsp_transport)) };
@@ -110,7 +122,9 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, Worke
     let sink: Arc<dyn ResultSink> = match args.sink {
         SinkKind::Stdout => Arc::new(StdoutSink::new(metrics.clone())),
         SinkKind::Kafka => {
-            let servers = args.kafka.kafka_bootstrap_servers.to_string();
+            let kafka = KafkaSettings::resolve(&args.kafka, |name| std::env::var(name).ok())
+                .map_err(|e| WorkerError::KafkaSetting(e.0))?;
+            tracing::info!(kafka = %kafka.summary(), "Kafka producer");
             let topic = args.settings.results_topic.clone();
             let m = metrics.clone();
             let timeout = args
@@ -120,11 +134,9 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, Worke
                 .0
                 .max(Duration::from_secs(10));
             Arc::new(
-                tokio::task::spawn_blocking(move || {
-                    KafkaSink::connect(&servers, &topic, m, timeout)
-                })
-                .await
-                .map_err(|e| WorkerError::Thread(e.to_string()))??,
+                tokio::task::spawn_blocking(move || KafkaSink::connect(&kafka, &topic, m, timeout))
+                    .await
+                    .map_err(|e| WorkerError::Thread(e.to_string()))??,
             )
         }
     };

@@ -5,12 +5,12 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 
+use crate::kafka::{KafkaContext, KafkaSettings};
 use crate::messages::ResultMessage;
 use crate::worker::metrics::WorkerMetrics;
 
@@ -20,6 +20,8 @@ pub enum SinkError {
         "cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS={servers}: {reason}; check that the brokers run and the address is right"
     )]
     Unreachable { servers: String, reason: String },
+    #[error("{0}")]
+    Refused(String),
     #[error("cannot configure the Kafka producer: {0}")]
     Config(String),
     #[error("cannot write a result: {0}")]
@@ -70,9 +72,14 @@ impl ResultSink for StdoutSink {
 /// Counts deliveries and their latency; logs the ones that finally failed.
 pub struct DeliveryReport {
     metrics: Arc<WorkerMetrics>,
+    kafka: KafkaContext,
 }
 
-impl ClientContext for DeliveryReport {}
+impl ClientContext for DeliveryReport {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.kafka.error(error, reason);
+    }
+}
 
 impl ProducerContext for DeliveryReport {
     type DeliveryOpaque = Box<Instant>;
@@ -80,6 +87,8 @@ impl ProducerContext for DeliveryReport {
     fn delivery(&self, result: &DeliveryResult<'_>, sent_at: Self::DeliveryOpaque) {
         match result {
             Ok(_) => {
+                // A delivery is the producer's proof that it can write.
+                self.kafka.health.connected();
                 self.metrics.results_published.inc();
                 self.metrics
                     .publish_seconds
@@ -87,6 +96,8 @@ impl ProducerContext for DeliveryReport {
             }
             Err((err, msg)) => {
                 self.metrics.publish_failures.inc();
+                // A missing ACL on the results topic fails /readyz too.
+                self.kafka.health.record(err, &err.to_string());
                 tracing::error!(
                     topic = msg.topic(),
                     key = ?msg.key().map(String::from_utf8_lossy),
@@ -108,27 +119,37 @@ impl KafkaSink {
     /// Creates the producer and checks that the cluster answers within
     /// `timeout`, so an unreachable Kafka is reported at start.
     pub fn connect(
-        servers: &str,
+        kafka: &KafkaSettings,
         topic: &str,
         metrics: Arc<WorkerMetrics>,
         timeout: Duration,
     ) -> Result<Self, SinkError> {
-        let producer: ThreadedProducer<DeliveryReport> = ClientConfig::new()
-            .set("bootstrap.servers", servers)
+        let context = kafka.context();
+        let health = context.health.clone();
+        metrics.watch_kafka(health.clone());
+        let producer: ThreadedProducer<DeliveryReport> = kafka
+            .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("compression.type", "lz4")
             // Keep retrying through broker restarts for up to 10 minutes.
             .set("message.timeout.ms", "600000")
-            .create_with_context(DeliveryReport { metrics })
+            .create_with_context(DeliveryReport {
+                metrics,
+                kafka: context,
+            })
             .map_err(|e| SinkError::Config(e.to_string()))?;
         producer
             .client()
             .fetch_metadata(Some(topic), timeout)
-            .map_err(|e| SinkError::Unreachable {
-                servers: servers.to_string(),
-                reason: e.to_string(),
+            .map_err(|e| match health.problem() {
+                // The brokers answered but refused: say what to check.
+                Some(problem) => SinkError::Refused(problem),
+                None => SinkError::Unreachable {
+                    servers: kafka.bootstrap.to_string(),
+                    reason: e.to_string(),
+                },
             })?;
         Ok(KafkaSink {
             producer,

@@ -43,7 +43,8 @@ const OPTIONS_VAR: &str = "OPENCV_FFMPEG_CAPTURE_OPTIONS";
 /// value, never freed memory; OpenCV reads the variable only when opening a
 /// capture, which happens on the calling thread.
 pub unsafe fn apply(source: &CameraSource, rtsp: RtspTransport) {
-    let options = source.ffmpeg_capture_options(rtsp);
+    let options = source.ffmpeg_capture_options(rtsp)
+        + &super::camera_tls::installed().ffmpeg_options(source);
     if std::env::var(OPTIONS_VAR).ok().as_deref() != Some(options.as_str()) {
         // SAFETY: the caller upholds the contract above.
         unsafe { std::env::set_var(OPTIONS_VAR, options) };

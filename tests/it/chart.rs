@@ -258,6 +258,8 @@ fn chart_lints_clean() {
     let mut all = base.to_vec();
     all.extend_from_slice(ALL_FEATURES);
     helm_ok(&all);
+    all.extend_from_slice(SECURED_KAFKA);
+    helm_ok(&all);
 }
 
 #[test]
@@ -503,6 +505,160 @@ fn controller_environment_is_complete_and_read_by_the_binary() {
         assert!(
             help.contains(&format!("[env: {name}=")) || help.contains(&format!("[env: {name}]")),
             "the chart sets {name}, which `runner controller` does not read"
+        );
+    }
+}
+
+/// A SASL_SSL cluster with mutual TLS, the workers with their own principal.
+const SECURED_KAFKA: &[&str] = &[
+    "--set",
+    "kafka.tls.enabled=true",
+    "--set",
+    "kafka.tls.ca.configMap=kafka-ca",
+    "--set",
+    "kafka.tls.ca.key=ca.pem",
+    "--set",
+    "kafka.tls.clientCertSecret=runner-tls",
+    "--set",
+    "kafka.tls.workerClientCertSecret=worker-tls",
+    "--set",
+    "kafka.sasl.enabled=true",
+    "--set",
+    "kafka.sasl.mechanism=SCRAM-SHA-256",
+    "--set",
+    "kafka.sasl.existingSecret=runner-kafka",
+    "--set",
+    "kafka.sasl.passwordKey=pw",
+    "--set",
+    "kafka.sasl.worker.existingSecret=worker-kafka",
+    "--set",
+    "kafka.properties.client\\.rack=eu-1a",
+    "--set",
+    "cameraTls.caConfigMap=camera-cas",
+];
+
+#[test]
+fn secured_kafka_reaches_the_controller_as_files_and_the_workers_by_reference() {
+    let docs = template("vap", "video", SECURED_KAFKA);
+    let deployment = one(&docs, "Deployment");
+    let env = env_of(deployment);
+    for (name, value) in [
+        ("KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+        ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-256"),
+        (
+            "KAFKA_SASL_USERNAME_FILE",
+            "/etc/vap-runner/kafka/sasl/username",
+        ),
+        (
+            "KAFKA_SASL_PASSWORD_FILE",
+            "/etc/vap-runner/kafka/sasl/password",
+        ),
+        ("KAFKA_SSL_CA_LOCATION", "/etc/vap-runner/kafka/ca/ca.crt"),
+        (
+            "KAFKA_SSL_CERTIFICATE_LOCATION",
+            "/etc/vap-runner/kafka/client/tls.crt",
+        ),
+        (
+            "KAFKA_SSL_KEY_LOCATION",
+            "/etc/vap-runner/kafka/client/tls.key",
+        ),
+        ("KAFKA_PROPERTIES", "client.rack=eu-1a"),
+        ("WORKER_KAFKA_SASL_SECRET", "worker-kafka"),
+        ("WORKER_KAFKA_SASL_USERNAME_KEY", "username"),
+        ("WORKER_KAFKA_SASL_PASSWORD_KEY", "password"),
+        ("WORKER_KAFKA_CA_CONFIGMAP", "kafka-ca"),
+        ("WORKER_KAFKA_CA_KEY", "ca.pem"),
+        ("WORKER_KAFKA_CLIENT_CERT_SECRET", "worker-tls"),
+        ("CAMERA_TLS_VERIFY", "true"),
+        ("WORKER_CAMERA_CA_CONFIGMAP", "camera-cas"),
+        ("WORKER_CAMERA_CA_KEY", "ca.crt"),
+    ] {
+        assert_eq!(env_value(&env, name), value, "{name}");
+    }
+    assert!(!env.contains_key("KAFKA_SASL_PASSWORD"));
+    let spec = &deployment["spec"]["template"]["spec"];
+    let volumes: BTreeMap<String, Value> = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap().to_string(), v.clone()))
+        .collect();
+    assert_eq!(
+        volumes["kafka-sasl"]["secret"],
+        json!({"secretName": "runner-kafka", "defaultMode": 0o444, "items": [
+            {"key": "username", "path": "username"}, {"key": "pw", "path": "password"}]})
+    );
+    assert_eq!(volumes["kafka-ca"]["configMap"]["name"], "kafka-ca");
+    assert_eq!(
+        volumes["kafka-ca"]["configMap"]["items"][0]["key"],
+        "ca.pem"
+    );
+    assert_eq!(
+        volumes["kafka-client"]["secret"]["secretName"],
+        "runner-tls"
+    );
+    let mounts = spec["containers"][0]["volumeMounts"].as_array().unwrap();
+    for name in ["kafka-sasl", "kafka-ca", "kafka-client"] {
+        let mount = mounts.iter().find(|m| m["name"] == name).unwrap();
+        assert_eq!(mount["readOnly"], true, "{name}");
+    }
+    // Still within the restricted Pod Security Standard.
+    let violations = restricted_violations("controller", spec);
+    assert!(violations.is_empty(), "{violations:?}");
+
+    // Every variable is one `runner controller` reads, and the values parse.
+    let out = common::runner()
+        .args(["controller", "--help"])
+        .output()
+        .expect("runner controller --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for name in env
+        .keys()
+        .filter(|n| n.contains("KAFKA") || n.contains("CAMERA"))
+    {
+        assert!(
+            help.contains(&format!("[env: {name}=")) || help.contains(&format!("[env: {name}]")),
+            "the chart sets {name}, which `runner controller` does not read"
+        );
+    }
+
+    // TLS alone is ssl; the default is plaintext, with no Kafka mounts.
+    let tls_only = template("vap", "video", &["--set", "kafka.tls.enabled=true"]);
+    assert_eq!(
+        env_value(
+            &env_of(one(&tls_only, "Deployment")),
+            "KAFKA_SECURITY_PROTOCOL"
+        ),
+        "ssl"
+    );
+    let plain = template("vap", "video", &[]);
+    let plain_env = env_of(one(&plain, "Deployment"));
+    assert!(
+        !plain_env
+            .keys()
+            .any(|k| k.starts_with("KAFKA_S") || k.starts_with("WORKER_KAFKA"))
+    );
+
+    // Refused: SASL without a Secret, a secret among the plain properties.
+    let chart = chart();
+    for (args, says) in [
+        (
+            vec!["--set", "kafka.sasl.enabled=true"],
+            "kafka.sasl.existingSecret",
+        ),
+        (
+            vec!["--set", "kafka.properties.sasl\\.password=x"],
+            "sasl.password",
+        ),
+        (vec!["--set", "kafka.sasl.mechanism=GSSAPI"], "mechanism"),
+    ] {
+        let mut all = vec!["template", "vap", chart.as_str()];
+        all.extend(args.iter().copied());
+        let out = tool("helm", &all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: {err}"
         );
     }
 }

@@ -16,6 +16,7 @@ mod controller_admission;
 mod controller_resilience;
 mod fuzz_corpus;
 mod image;
+mod kafka_security;
 mod local;
 mod local_file;
 mod local_recovery;

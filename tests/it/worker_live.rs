@@ -539,6 +539,177 @@ fn h264_clip(dir: &Path, name: &str, seconds: u32) -> PathBuf {
     clip
 }
 
+// ---------------------------------------------------------------- a TLS front
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with openssl.
+struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    fn new() -> TestPki {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let run = |args: &[&str]| {
+            common::run_ok(
+                std::process::Command::new("openssl")
+                    .args(args)
+                    .current_dir(dir.path()),
+                "the camera TLS tests need openssl",
+            )
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=camera test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=camera",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write ext");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.crt",
+        ]);
+        TestPki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Serves `https://127.0.0.1:<port>/…` in front of a plain HTTP camera, with
+/// the certificate of `pki`: each TLS connection is relayed to `backend`.
+struct TlsFront {
+    url_base: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TlsFront {
+    fn start(pki: &TestPki, backend: &str) -> TlsFront {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(pki.path("server.crt"))
+                .expect("server.crt")
+                .map(|c| c.expect("certificate"))
+                .collect();
+        let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).expect("server.key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+        let config = Arc::new(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let url_base = format!("https://{}", listener.local_addr().unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let backend = backend.to_string();
+        {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((client, _)) => {
+                            let (config, backend, stop) =
+                                (config.clone(), backend.clone(), stop.clone());
+                            std::thread::spawn(move || relay_tls(client, config, &backend, &stop));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            });
+        }
+        TlsFront { url_base, stop }
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One TLS connection: the request goes to `backend`, its answer comes back.
+fn relay_tls(
+    client: std::net::TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    backend: &str,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{Read, Write};
+    let _ = client.set_nonblocking(false);
+    let _ = client.set_read_timeout(Some(Duration::from_secs(10)));
+    let Ok(conn) = rustls::ServerConnection::new(config) else {
+        return;
+    };
+    let mut tls = rustls::StreamOwned::new(conn, client);
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tls.read(&mut buf) {
+            Ok(0) | Err(_) => return, // a refused handshake ends here
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let Ok(mut upstream) = std::net::TcpStream::connect(backend) else {
+        return;
+    };
+    if upstream.write_all(&request).is_err() {
+        return;
+    }
+    while !stop.load(Ordering::SeqCst) {
+        match upstream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tls.write_all(&buf[..n]).is_err() || tls.flush().is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- a private Kafka broker
 
 /// A Kafka broker of its own for one test (scripts/infra.d/kafka with its own
@@ -1441,4 +1612,62 @@ async fn open_timeout_bounds_a_camera_that_never_answers() {
         worker.log_tail()
     );
     assert!(worker.results.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_cameras_with_an_untrusted_certificate_are_refused_and_work_with_their_ca() {
+    let camera = MjpegCamera::start(Connection::Endless).await;
+    let pki = TestPki::new();
+    let backend = camera.url.trim_start_matches("http://");
+    let front = TlsFront::start(&pki, backend.split('/').next().unwrap());
+    let url = format!("{}/stream", front.url_base);
+    let ca = pki.path("ca.crt");
+
+    // By default the system's store decides, which does not know this CA.
+    let log = refused_camera(&url, None).await;
+    assert!(
+        log.contains("TLS certificate is not trusted")
+            && log.contains("CAMERA_CA_FILE")
+            && log.contains("CAMERA_TLS_VERIFY=false"),
+        "the worker says why and what to set:\n{log}"
+    );
+    // A certificate for another host name is refused even with its CA.
+    refused_camera(&url.replace("127.0.0.1", "localhost"), Some(&ca)).await;
+    // An rtsps:// camera is checked by the worker's own handshake, since
+    // FFmpeg cannot be told to verify RTSP's TLS connection.
+    refused_camera(&url.replace("https://", "rtsps://"), None).await;
+
+    // With the camera's CA given, it is read; so it is with the documented
+    // opt-out and no CA.
+    for (var, value) in [
+        ("CAMERA_CA_FILE", ca.display().to_string()),
+        ("CAMERA_TLS_VERIFY", "false".to_string()),
+    ] {
+        let mut worker = Worker::start({
+            let mut cmd = live_worker(&url);
+            cmd.env(var, value);
+            cmd
+        });
+        worker.wait_results(3, Duration::from_secs(30)).await;
+        worker.stop().await;
+    }
+}
+
+/// Runs a worker on `url` (with `ca` as CAMERA_CA_FILE) that must refuse the
+/// camera's certificate before reading a frame; returns its log.
+async fn refused_camera(url: &str, ca: Option<&Path>) -> String {
+    let mut cmd = live_worker(url);
+    cmd.args(["--max-reconnects", "0", "--open-timeout-ms", "3000"]);
+    if let Some(ca) = ca {
+        cmd.env("CAMERA_CA_FILE", ca);
+    }
+    let mut worker = Worker::start(cmd);
+    let status = worker.wait_exit(Duration::from_secs(30)).await;
+    let log = worker.stderr();
+    assert!(
+        !status.success() && log.contains("TLS certificate is not trusted"),
+        "{url} must not be read:\n{log}"
+    );
+    assert!(worker.results.is_empty(), "no frame of an untrusted camera");
+    log
 }

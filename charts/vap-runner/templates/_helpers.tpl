@@ -230,3 +230,38 @@ the blocked ranges it contains cut out. Called with dict "cidrs" "blocked" "what
     {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+KAFKA_SECURITY_PROTOCOL: as given, or from kafka.tls.enabled and
+kafka.sasl.enabled; empty for plaintext.
+*/}}
+{{- define "vap-runner.kafkaProtocol" -}}
+{{- $k := .Values.kafka -}}
+{{- if $k.securityProtocol -}}
+{{- $k.securityProtocol -}}
+{{- else if and $k.tls.enabled $k.sasl.enabled -}}
+sasl_ssl
+{{- else if $k.tls.enabled -}}
+ssl
+{{- else if $k.sasl.enabled -}}
+sasl_plaintext
+{{- end -}}
+{{- end }}
+
+{{/*
+Where the controller finds the Kafka files the chart mounts.
+*/}}
+{{- define "vap-runner.kafkaDir" -}}
+/etc/vap-runner/kafka
+{{- end }}
+
+{{/*
+KAFKA_PROPERTIES: kafka.properties as key=value lines, sorted.
+*/}}
+{{- define "vap-runner.kafkaProperties" -}}
+{{- $lines := list -}}
+{{- range $k, $v := . -}}
+{{- $lines = append $lines (printf "%s=%v" $k $v) -}}
+{{- end -}}
+{{- join "\n" $lines -}}
+{{- end }}

@@ -85,7 +85,12 @@ pub struct Bed {
 
 impl Bed {
     pub async fn new(prefix: &str) -> Bed {
-        let bootstrap = kafka_bootstrap();
+        Bed::on(kafka_bootstrap(), prefix).await
+    }
+
+    /// A bed on the broker at `bootstrap` (a listener the test's own
+    /// clients may use without logging in).
+    pub async fn on(bootstrap: String, prefix: &str) -> Bed {
         let client = kube_client().await;
         ensure_crd(&client).await;
         let namespace = unique_name(prefix);
@@ -288,11 +293,20 @@ impl Bed {
     /// environment resolved as the kubelet would (`secretKeyRef`s read as
     /// the admin), ready to run as a local process.
     pub async fn pod_command(&self, pod: &Pod) -> std::process::Command {
-        let container = &pod.spec.as_ref().expect("Pod spec").containers[0];
+        let spec = pod.spec.as_ref().expect("Pod spec");
+        let container = &spec.containers[0];
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let mounts = self.materialize_volumes(pod).await;
         let mut cmd = super::runner();
         cmd.args(container.args.clone().unwrap_or_default());
-        for e in container.env.clone().unwrap_or_default() {
+        for mut e in container.env.clone().unwrap_or_default() {
+            // A path into a mounted volume points at its copy here.
+            if let Some(v) = e.value.as_mut()
+                && let Some((from, to)) =
+                    mounts.iter().find(|(from, _)| v.starts_with(from.as_str()))
+            {
+                *v = format!("{}{}", to.display(), &v[from.len()..]);
+            }
             let value = match (e.value, e.value_from.and_then(|f| f.secret_key_ref)) {
                 (Some(v), _) => v,
                 (None, Some(key_ref)) => {
@@ -309,6 +323,68 @@ impl Bed {
         // The Pod's port is only free inside its own network namespace.
         cmd.env("METRICS_ADDR", "127.0.0.1:0");
         cmd
+    }
+
+    /// Writes the Secret and ConfigMap volumes the Pod's container mounts
+    /// into a directory of the bed, as the kubelet would (only the items
+    /// listed); returns each mount path with the directory standing for it.
+    async fn materialize_volumes(&self, pod: &Pod) -> Vec<(String, PathBuf)> {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let spec = pod.spec.as_ref().expect("Pod spec");
+        let volumes = spec.volumes.clone().unwrap_or_default();
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let mut out = Vec::new();
+        for mount in spec.containers[0].volume_mounts.clone().unwrap_or_default() {
+            let Some(volume) = volumes.iter().find(|v| v.name == mount.name) else {
+                continue;
+            };
+            let (data, items): (BTreeMap<String, Vec<u8>>, _) =
+                match (&volume.secret, &volume.config_map) {
+                    (Some(s), _) => {
+                        let name = s.secret_name.clone().unwrap_or_default();
+                        let secret = secrets
+                            .get(&name)
+                            .await
+                            .unwrap_or_else(|e| panic!("the Secret {name} the Pod mounts: {e}"));
+                        let data = secret.data.unwrap_or_default();
+                        (
+                            data.into_iter().map(|(k, v)| (k, v.0)).collect(),
+                            s.items.clone(),
+                        )
+                    }
+                    (None, Some(c)) => {
+                        let map = maps.get(&c.name).await.unwrap_or_else(|e| {
+                            panic!("the ConfigMap {} the Pod mounts: {e}", c.name)
+                        });
+                        let data = map.data.unwrap_or_default();
+                        (
+                            data.into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
+                            c.items.clone(),
+                        )
+                    }
+                    _ => continue,
+                };
+            let dir = self
+                .logs
+                .path()
+                .join("volumes")
+                .join(pod.metadata.name.as_deref().unwrap_or("pod"))
+                .join(&mount.name);
+            std::fs::create_dir_all(&dir).expect("volume dir");
+            let items: Vec<(String, String)> = match items {
+                Some(items) => items.into_iter().map(|i| (i.key, i.path)).collect(),
+                None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+            };
+            for (key, path) in items {
+                let bytes = data
+                    .get(&key)
+                    .unwrap_or_else(|| panic!("key {key} of volume {}", mount.name));
+                std::fs::write(dir.join(path), bytes).expect("write volume file");
+            }
+            out.push((mount.mount_path.clone(), dir));
+        }
+        out
     }
 }
 
@@ -550,7 +626,7 @@ impl ControllerProcess {
 /// (`auto.commit.interval.ms` of [`vap_runner::ingest::consumer_config`],
 /// librdkafka's 5 s when it sets none).
 pub fn auto_commit_interval() -> Duration {
-    let config = vap_runner::ingest::consumer_config("unused:9092", "unused");
+    let config = vap_runner::ingest::consumer_config(ClientConfig::new(), "unused");
     let ms = config
         .get("auto.commit.interval.ms")
         .map(|v| v.parse().expect("auto.commit.interval.ms"))

@@ -34,7 +34,12 @@ pub struct LocalBed {
 
 impl LocalBed {
     pub async fn new(prefix: &str) -> LocalBed {
-        let bootstrap = kafka_bootstrap();
+        LocalBed::on(kafka_bootstrap(), prefix).await
+    }
+
+    /// A bed on the broker at `bootstrap` (a listener the test's own
+    /// clients may use without logging in).
+    pub async fn on(bootstrap: String, prefix: &str) -> LocalBed {
         let name = unique_name(prefix);
         let bed = LocalBed {
             deploy: format!("{name}.to_deploy"),
@@ -311,6 +316,11 @@ impl LocalProcess {
         let line = log.lines().find(|l| l.contains("serving /metrics"))?;
         let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
         Some(addr.to_string())
+    }
+
+    /// Everything it (and its workers) logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
     pub fn log_tail(&self) -> String {

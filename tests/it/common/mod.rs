@@ -6,6 +6,7 @@
 pub mod controller;
 pub mod local;
 pub mod scenario;
+pub mod secure_kafka;
 
 use std::future::Future;
 use std::net::{TcpStream, ToSocketAddrs};
