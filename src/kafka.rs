@@ -670,7 +670,10 @@ impl KafkaSettings {
     /// The health record and client context for these settings.
     pub fn context(&self) -> KafkaContext {
         KafkaContext {
-            health: std::sync::Arc::new(KafkaHealth::new(self.login_hint())),
+            health: std::sync::Arc::new(KafkaHealth::new(
+                self.login_hint(),
+                self.bootstrap.to_string(),
+            )),
         }
     }
 }
@@ -688,6 +691,8 @@ const REFUSAL_MEMORY: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct KafkaHealth {
     login_hint: String,
+    /// KAFKA_BOOTSTRAP_SERVERS as given, named when no broker answers.
+    bootstrap: String,
     state: Mutex<HealthState>,
 }
 
@@ -715,9 +720,10 @@ pub enum Problem {
 }
 
 impl KafkaHealth {
-    fn new(login_hint: String) -> Self {
+    fn new(login_hint: String, bootstrap: String) -> Self {
         KafkaHealth {
             login_hint,
+            bootstrap,
             state: Mutex::new(HealthState::default()),
         }
     }
@@ -766,7 +772,8 @@ impl KafkaHealth {
             C::AllBrokersDown => (
                 Problem::Unreachable,
                 format!(
-                    "no Kafka broker can be reached: check KAFKA_BOOTSTRAP_SERVERS and KAFKA_SECURITY_PROTOCOL; {reason}"
+                    "no Kafka broker can be reached at KAFKA_BOOTSTRAP_SERVERS={}: check KAFKA_BOOTSTRAP_SERVERS and KAFKA_SECURITY_PROTOCOL; {reason}",
+                    self.bootstrap
                 ),
             ),
             _ => return None,

@@ -321,7 +321,7 @@ fn unreachable_kafka_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
-        stderr.contains("cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:1"),
+        stderr.contains("no Kafka broker can be reached at KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:1"),
         "{stderr}"
     );
 }

@@ -48,6 +48,9 @@ struct Worker {
     lines: mpsc::UnboundedReceiver<String>,
     results: Vec<Value>,
     stderr: Arc<Mutex<String>>,
+    /// Reads the worker's log to its end; awaited once the worker exited, so
+    /// that its last lines are in `stderr`.
+    stderr_read: Option<tokio::task::JoinHandle<()>>,
     started: Instant,
 }
 
@@ -71,7 +74,7 @@ impl Worker {
             }
         });
         let stderr = Arc::new(Mutex::new(String::new()));
-        {
+        let stderr_read = {
             let stderr = stderr.clone();
             tokio::spawn(async move {
                 let mut reader = BufReader::new(stderr_pipe).lines();
@@ -80,13 +83,14 @@ impl Worker {
                     text.push_str(&line);
                     text.push('\n');
                 }
-            });
-        }
+            })
+        };
         Worker {
             child,
             lines,
             results: Vec::new(),
             stderr,
+            stderr_read: Some(stderr_read),
             started: Instant::now(),
         }
     }
@@ -210,6 +214,9 @@ impl Worker {
             tokio::time::timeout(Duration::from_secs(5), self.lines.recv()).await
         {
             self.accept_line(&line);
+        }
+        if let Some(read) = self.stderr_read.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
         }
         status
     }
