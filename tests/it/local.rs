@@ -272,7 +272,16 @@ async fn failing_workers_fail_after_the_budget_and_killed_ones_restart() {
         },
     )
     .await;
-    let phases = events.phases(&failing);
+    // The events reach the topic's reader a little after the state changes.
+    let phases = wait_for(
+        "the failing scenario's Failed event",
+        Duration::from_secs(30),
+        || {
+            let phases = events.phases(&failing);
+            async move { (phases.last().map(String::as_str) == Some("Failed")).then_some(phases) }
+        },
+    )
+    .await;
     assert_eq!(
         phases,
         [
@@ -297,11 +306,18 @@ async fn failing_workers_fail_after_the_budget_and_killed_ones_restart() {
     assert_eq!(row.restarts, 1);
     let workers = bed.workers();
     assert_eq!(workers.len(), 1, "{workers:?}");
-    let starting = events
-        .all()
-        .into_iter()
-        .find(|(_, v)| v["scenario_uuid"] == good.as_str() && v["phase"] == "Starting")
-        .expect("a Starting event for the restart");
+    let starting = wait_for(
+        "a Starting event for the restart",
+        Duration::from_secs(30),
+        || {
+            let found = events
+                .all()
+                .into_iter()
+                .find(|(_, v)| v["scenario_uuid"] == good.as_str() && v["phase"] == "Starting");
+            async move { found }
+        },
+    )
+    .await;
     assert!(
         starting.1["message"].as_str().unwrap().contains("SIGKILL"),
         "{}",
