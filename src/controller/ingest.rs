@@ -14,9 +14,17 @@
 //! camera Secret ([`secret`]), written right after the Scenario. A replay of
 //! the deploy that set the current run writes it then, should the runner
 //! have stopped in between.
+//!
+//! A deploy that would queue one more scenario than MAX_QUEUED allows (a new
+//! scenario, or a finished or stopped one run again) is refused
+//! ([`QueueRoom`]); ingest dead-letters it as `queue_full`.
 
-use k8s_openapi::api::core::v1::Secret;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PostParams;
+use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 
 use super::crd::{Phase, Scenario, ScenarioSpec};
@@ -41,6 +49,107 @@ pub struct ScenarioStore {
     /// Where each run's camera URL is kept (see [`secret`]).
     pub secrets: Api<Secret>,
     pub runner_name: String,
+    pub queue: QueueRoom,
+}
+
+/// How many scenarios wait for a worker, as the reconciler's caches show it
+/// plus the deploys this process let in that the Scenario cache does not
+/// show yet; and the room left under MAX_QUEUED.
+pub struct QueueRoom {
+    /// The runner's Scenarios (the reconciler's cache).
+    scenarios: Store<Scenario>,
+    /// The runner's worker Pods (the reconciler's cache).
+    pods: Store<Pod>,
+    max_workers: usize,
+    max_queued: usize,
+    /// Scenario name → the generation the admitted write gave it (`None`
+    /// while the write is under way); forgotten once the cache shows it.
+    admitted: Mutex<HashMap<String, Option<i64>>>,
+}
+
+impl QueueRoom {
+    pub fn new(
+        scenarios: Store<Scenario>,
+        pods: Store<Pod>,
+        max_workers: usize,
+        max_queued: usize,
+    ) -> QueueRoom {
+        QueueRoom {
+            scenarios,
+            pods,
+            max_workers,
+            max_queued,
+            admitted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn admitted(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<i64>>> {
+        self.admitted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a place in the queue for Scenario `name`; false when the
+    /// queue is full.
+    async fn take(&self, name: &str) -> Result<bool, StoreError> {
+        self.scenarios.wait_until_ready().await.map_err(|e| {
+            StoreError::Transient(format!("the Scenario cache is not available: {e}"))
+        })?;
+        let scenarios = self.scenarios.state();
+        let holding: HashSet<String> = self
+            .pods
+            .state()
+            .iter()
+            .filter(|p| super::plan::holds_slot(p))
+            .map(|p| p.name_any())
+            .collect();
+        let mut admitted = self.admitted();
+        admitted.retain(|name, generation| {
+            let shown = generation.is_some_and(|g| {
+                scenarios
+                    .iter()
+                    .any(|s| s.name_any() == *name && s.metadata.generation >= Some(g))
+            });
+            !shown
+        });
+        let mut waiting: HashSet<String> = scenarios
+            .iter()
+            .filter(|s| super::reconcile::wants_worker(s))
+            .filter(|s| !holding.contains(&pod::pod_name(&s.spec.scenario_uuid)))
+            .map(|s| s.name_any())
+            .collect();
+        waiting.extend(admitted.keys().cloned());
+        waiting.remove(name);
+        let room = crate::scenario::admission::has_room(
+            waiting.len(),
+            holding.len(),
+            self.max_workers,
+            self.max_queued,
+        );
+        if room {
+            admitted.entry(name.to_string()).or_insert(None);
+        }
+        Ok(room)
+    }
+
+    /// Settles the place taken for `name` by the outcome of its write.
+    fn settle(&self, name: &str, written: Option<&Scenario>) {
+        let mut admitted = self.admitted();
+        match written {
+            Some(s) => {
+                admitted.insert(name.to_string(), Some(s.metadata.generation.unwrap_or(0)));
+            }
+            None => {
+                if admitted.get(name) == Some(&None) {
+                    admitted.remove(name);
+                }
+            }
+        }
+    }
+
+    fn full(&self) -> StoreError {
+        StoreError::QueueFull {
+            max_queued: self.max_queued,
+        }
+    }
 }
 
 fn now_annotation() -> String {
@@ -265,12 +374,21 @@ impl CommandStore for ScenarioStore {
         let create = ordering::on_deploy(None, at);
         wanted.spec.applied = ordering::after_deploy(Applied::default(), create, at);
         for _ in 0..CONFLICT_ROUNDS {
-            if let Some(written) = self.create(&wanted).await? {
-                self.store_camera_url(&written, &req.camera_url).await?;
-                return Ok(Effect::Deploy(create));
+            let room = self.queue.take(&name).await?;
+            if room {
+                let created = self.create(&wanted).await;
+                self.queue
+                    .settle(&name, created.as_ref().ok().and_then(Option::as_ref));
+                if let Some(written) = created? {
+                    self.store_camera_url(&written, &req.camera_url).await?;
+                    return Ok(Effect::Deploy(create));
+                }
             }
             let existing = self.scenarios.get_opt(&name).await.map_err(store_error)?;
             let Some(existing) = existing else {
+                if !room {
+                    return Err(self.queue.full());
+                }
                 continue; // deleted meanwhile: create it
             };
             if let Some(owner) = other_runner(&existing, &self.runner_name) {
@@ -286,8 +404,19 @@ impl CommandStore for ScenarioStore {
                 }
                 return Ok(Effect::Deploy(decision));
             }
+            // A finished or stopped scenario run again queues once more.
+            let queues =
+                decision == DeployDecision::Rerun && !super::reconcile::wants_worker(&existing);
+            if queues && !self.queue.take(&name).await? {
+                return Err(self.queue.full());
+            }
             let next = deployed(existing, &wanted, decision, at);
-            if let Some(written) = self.replace(&next).await? {
+            let replaced = self.replace(&next).await;
+            if queues {
+                self.queue
+                    .settle(&name, replaced.as_ref().ok().and_then(Option::as_ref));
+            }
+            if let Some(written) = replaced? {
                 if written.spec.applied.deploy == Some(at) {
                     self.store_camera_url(&written, &req.camera_url).await?;
                 }

@@ -281,6 +281,12 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
             scenarios: scenarios.clone(),
             secrets: Api::namespaced(client.clone(), &namespace),
             runner_name: args.runner_name.clone(),
+            queue: ingest::QueueRoom::new(
+                ctx.scenarios.clone(),
+                pod_store.clone(),
+                sup.max_workers.0,
+                sup.max_queued,
+            ),
         },
         config: IngestConfig {
             deploy_topic: args.deploy_topic.clone(),
@@ -304,7 +310,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
     metrics.set_ready();
-    tracing::info!(namespace = %namespace, runner = %runner, max_workers = sup.max_workers.0, "controller running");
+    tracing::info!(namespace = %namespace, runner = %runner, max_workers = sup.max_workers.0, max_queued = sup.max_queued, "controller running");
 
     let lost = async {
         while *leadership.borrow() {
