@@ -50,6 +50,8 @@ pub struct ScenarioStore {
     pub secrets: Api<Secret>,
     pub runner_name: String,
     pub queue: QueueRoom,
+    /// The runner's key for camera digests (see [`secret::DigestKey`]).
+    pub digest_key: secret::DigestKey,
 }
 
 /// How many scenarios wait for a worker, as the reconciler's caches show it
@@ -159,7 +161,7 @@ fn now_annotation() -> String {
 impl ScenarioStore {
     /// The Scenario a deploy request asks for (its first run).
     fn scenario_for(&self, req: &DeployRequest) -> Scenario {
-        requested(req, &self.runner_name)
+        requested(req, &self.runner_name, &self.digest_key)
     }
 
     /// A stopped Scenario with no worker, written by an undeploy read before
@@ -229,8 +231,9 @@ impl ScenarioStore {
     }
 }
 
-/// The Scenario a deploy request asks for (its first run) of runner `runner_name`.
-fn requested(req: &DeployRequest, runner_name: &str) -> Scenario {
+/// The Scenario a deploy request asks for (its first run) of runner
+/// `runner_name`, whose camera digest is made with `key`.
+fn requested(req: &DeployRequest, runner_name: &str, key: &secret::DigestKey) -> Scenario {
     let uuid = req.scenario_uuid.to_string();
     let mut scenario = Scenario::new(
         &pod::scenario_name(&uuid),
@@ -257,7 +260,7 @@ fn requested(req: &DeployRequest, runner_name: &str) -> Scenario {
     annotations.insert(ANNOTATION_SOURCE.into(), source.into());
     annotations.insert(
         ANNOTATION_CAMERA_DIGEST.into(),
-        secret::camera_digest(&uuid, &req.camera_url),
+        key.digest(&uuid, &req.camera_url),
     );
     scenario
 }
@@ -289,28 +292,34 @@ fn ignored_for(owner: &str, scenario: &impl std::fmt::Display) {
     tracing::warn!(%scenario, owner, "the scenario belongs to another runner; the command changes nothing here (give each runner its own topics)");
 }
 
-/// What identifies a Scenario's camera: the digest ingest recorded, or the
-/// redacted URL for Scenarios written before ingest recorded one.
-fn camera_identity(s: &Scenario) -> &str {
-    s.annotations()
-        .get(ANNOTATION_CAMERA_DIGEST)
-        .map(String::as_str)
-        .unwrap_or(&s.spec.camera_url)
-}
-
-/// The existing Scenario as a deploy of `wanted` sees it.
-pub fn current(existing: &Scenario, wanted: &Scenario) -> Current {
+/// The existing Scenario as a deploy of `wanted`, for camera `camera_url`,
+/// sees it. Its camera is compared by the digest it carries: a keyed one,
+/// one written before digests were keyed, or none (see
+/// [`secret::same_camera`]).
+pub fn current(existing: &Scenario, wanted: &Scenario, camera_url: &str) -> Current {
     let finished = existing.status.as_ref().is_some_and(|st| {
         st.observed_run == existing.spec.run
             && st
                 .phase
                 .is_some_and(|p| matches!(p, Phase::Succeeded | Phase::Failed))
     });
+    let same_camera = secret::same_camera(
+        existing
+            .annotations()
+            .get(ANNOTATION_CAMERA_DIGEST)
+            .map(String::as_str),
+        &existing.spec.camera_url,
+        &wanted.spec.scenario_uuid,
+        camera_url,
+        wanted
+            .annotations()
+            .get(ANNOTATION_CAMERA_DIGEST)
+            .map_or("", String::as_str),
+    );
     Current {
         applied: existing.spec.applied,
         finished,
-        same_target: camera_identity(existing) == camera_identity(wanted)
-            && existing.spec.worker_id == wanted.spec.worker_id,
+        same_target: same_camera && existing.spec.worker_id == wanted.spec.worker_id,
     }
 }
 
@@ -395,7 +404,8 @@ impl CommandStore for ScenarioStore {
                 ignored_for(owner, &req.scenario_uuid);
                 return Ok(Effect::Deploy(DeployDecision::Ignore(Stale::Replay)));
             }
-            let decision = ordering::on_deploy(Some(current(&existing, &wanted)), at);
+            let decision =
+                ordering::on_deploy(Some(current(&existing, &wanted, &req.camera_url)), at);
             if let DeployDecision::Ignore(_) = decision {
                 if existing.spec.applied.deploy == Some(at) && existing.spec.run > 0 {
                     // This very deploy set the current run: its Secret may
@@ -482,14 +492,14 @@ mod tests {
             worker_id: spec.worker_id.parse().unwrap(),
             camera_url: camera.into(),
         };
-        requested(&req, "vap-runner")
+        requested(&req, "vap-runner", &secret::DigestKey::new(&[7u8; 32]))
     }
 
     #[test]
     fn a_newer_deploy_with_another_camera_starts_a_new_run() {
         let existing = wanted("rtsp://a/1");
         let wanted = wanted("rtsp://b/2");
-        let c = current(&existing, &wanted);
+        let c = current(&existing, &wanted, "rtsp://b/2");
         assert!(!c.same_target && !c.finished);
         let decision = ordering::on_deploy(Some(c), stamp(200));
         assert_eq!(decision, DeployDecision::Replace);
@@ -520,7 +530,7 @@ mod tests {
             observed_run: 1,
             ..Default::default()
         });
-        let c = current(&finished, &wanted);
+        let c = current(&finished, &wanted, "rtsp://a/1");
         assert!(c.finished);
         assert_eq!(
             ordering::on_deploy(Some(c), stamp(300)),

@@ -69,6 +69,13 @@ pub enum ControllerError {
     CrdStale(String),
     #[error("leadership lost; exiting so that a fresh start can compete again")]
     LeadershipLost,
+    #[error(
+        "cannot read or create the Secret {name} that keeps the camera digest key: {source}; the controller needs get on it and create on Secrets (the chart's Role grants both)"
+    )]
+    DigestKey {
+        name: String,
+        source: secret::DigestKeyError,
+    },
     #[error("the {0} task ended unexpectedly; exiting rather than running without it")]
     TaskEnded(&'static str),
     #[error("cannot start the async runtime: {0}")]
@@ -274,6 +281,15 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         }
     });
 
+    let digest_key = secret::digest_key(
+        &Api::namespaced(calls.clone(), &namespace),
+        &args.runner_name,
+    )
+    .await
+    .map_err(|source| ControllerError::DigestKey {
+        name: secret::digest_key_secret_name(&args.runner_name),
+        source,
+    })?;
     let ingest = Ingest {
         consumer,
         producer,
@@ -287,6 +303,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
                 sup.max_workers.0,
                 sup.max_queued,
             ),
+            digest_key,
         },
         config: IngestConfig {
             deploy_topic: args.deploy_topic.clone(),

@@ -395,6 +395,7 @@ fn rbac_is_namespaced_exact_and_has_no_wildcards() {
         ("", "pods", "create", ""),
         ("", "pods", "delete", ""),
         ("", "secrets", "create", ""),
+        ("", "secrets", "get", "vap-vap-runner-camera-digest-key"),
         ("events.k8s.io", "events", "create", ""),
         ("events.k8s.io", "events", "patch", ""),
         ("coordination.k8s.io", "leases", "get", lease),

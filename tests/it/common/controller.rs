@@ -713,6 +713,16 @@ pub fn controller_rules(denied: &[(&str, &str)]) -> serde_json::Value {
             })
         })
         .collect();
+    let mut rules = rules;
+    // The one Secret it reads: its camera digest key (runner `vap-runner`).
+    if !denied.contains(&("secrets", "get")) {
+        rules.push(serde_json::json!({
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["vap-runner-camera-digest-key"],
+            "verbs": ["get"]
+        }));
+    }
     serde_json::Value::Array(rules)
 }
 
