@@ -676,17 +676,49 @@ fn the_network_policy_cuts_out_ipv4_and_ipv6_metadata() {
             }
         }
     }
+    let v4 = json!([
+        "169.254.169.254/32",
+        "169.254.170.2/32",
+        "169.254.170.23/32",
+        "100.100.100.200/32"
+    ]);
+    let v6 = json!(["fd00:ec2::254/128", "fd00:ec2::23/128"]);
     let expected = [
-        ("0.0.0.0/0", json!(["169.254.169.254/32"])),
-        ("::/0", json!(["fd00:ec2::254/128"])),
-        ("fd00::/8", json!(["fd00:ec2::254/128"])),
-        ("fd00:ec2::/32", json!(["fd00:ec2::254/128"])),
+        ("0.0.0.0/0", v4),
+        ("::/0", v6.clone()),
+        ("fd00::/8", v6.clone()),
+        ("fd00:ec2::/32", v6),
         ("fd00:ec3::/32", serde_json::Value::Null),
         ("192.168.10.0/24", serde_json::Value::Null),
     ];
     for (cidr, except) in expected {
         assert_eq!(excepts.get(cidr), Some(&except), "{cidr}: {excepts:?}");
     }
+}
+
+/// The chart's NetworkPolicy blocks by default exactly the metadata
+/// addresses the camera host policy always refuses.
+#[test]
+fn the_network_policy_blocks_every_metadata_address_the_host_policy_refuses() {
+    let values: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/charts/vap-runner/values.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let chart: std::collections::BTreeSet<String> = values["networkPolicy"]["blockedCidrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    let policy: std::collections::BTreeSet<String> = vap_runner::host_policy::metadata_addresses()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(chart, policy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
