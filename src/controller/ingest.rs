@@ -92,9 +92,21 @@ impl QueueRoom {
     /// Takes a place in the queue for Scenario `name`; false when the
     /// queue is full.
     async fn take(&self, name: &str) -> Result<bool, StoreError> {
-        self.scenarios.wait_until_ready().await.map_err(|e| {
-            StoreError::Transient(format!("the Scenario cache is not available: {e}"))
-        })?;
+        // The cache's readiness wakes only one of the tasks waiting for it
+        // (commands of several scenarios wait side by side): each looks
+        // again every 100 ms.
+        loop {
+            let ready = self.scenarios.wait_until_ready();
+            match tokio::time::timeout(std::time::Duration::from_millis(100), ready).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => {
+                    return Err(StoreError::Transient(format!(
+                        "the Scenario cache is not available: {e}"
+                    )));
+                }
+                Err(_) => continue,
+            }
+        }
         let scenarios = self.scenarios.state();
         let holding: HashSet<String> = self
             .pods
