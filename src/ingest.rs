@@ -4,15 +4,17 @@
 //! and the local supervisor (the store is its state directory). At-least-once
 //! in, idempotent effect: auto commit is on but offsets are stored only after a
 //! message's effect is durable (the store has it, or the message is copied to
-//! the dead-letter topic). While the store is unavailable each message held is
-//! retried with backoff and no offset moves past it; `max.poll.interval.ms`
+//! the dead-letter topic). While the store is unavailable the loop retries the
+//! same message with backoff and never moves past it; `max.poll.interval.ms`
 //! is raised so that waiting does not evict the consumer from its group.
 //!
-//! Commands of different scenarios are handled side by side (at most
-//! [`MAX_HELD`] messages at once), those of one scenario one after the other
-//! in the order they were read, so a camera name slow to resolve holds up
-//! only its own scenario. Each command carries its record's [`Stamp`]; the
-//! store orders commands for one scenario with [`crate::scenario::ordering`].
+//! Commands of different scenarios are parsed and have their camera host
+//! resolved side by side (at most [`MAX_HELD`] messages at once), those of
+//! one scenario one after the other in the order they were read, so a camera
+//! name slow to resolve holds up only its own scenario. Effects are written
+//! one at a time, in the order commands are ready. Each command carries its
+//! record's [`Stamp`]; the store orders commands for one scenario with
+//! [`crate::scenario::ordering`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -20,6 +22,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -93,10 +96,15 @@ pub trait CommandStore: Send + Sync {
     /// `dead_lettered_total` metric (for example `rejected_by_kubernetes`).
     fn rejected_category(&self) -> &'static str;
 
+    /// `read_at` is when ingest read the command, strictly increasing in
+    /// the order commands are read: a scenario that starts waiting for a
+    /// worker takes its place in the FIFO queue by it, however the writes of
+    /// commands handled side by side interleave.
     fn deploy(
         &self,
         req: &DeployRequest,
         at: Stamp,
+        read_at: DateTime<Utc>,
     ) -> impl Future<Output = Result<Effect, StoreError>> + Send;
 
     fn undeploy(
@@ -232,6 +240,17 @@ pub struct Ingest<S> {
     pub metrics: IngestMetrics,
 }
 
+/// A message ready to be applied.
+enum Prepared {
+    Deploy(DeployRequest),
+    Undeploy(UndeployRequest),
+    /// Dead-lettered with this reason.
+    Refused {
+        category: &'static str,
+        error: String,
+    },
+}
+
 /// The record's place in time: its timestamp (the ingest time when the
 /// record has none) and offset.
 fn stamp_of(msg: &OwnedMessage) -> Stamp {
@@ -249,10 +268,10 @@ impl<S: CommandStore> Ingest<S> {
     ///
     /// Up to [`MAX_HELD`] messages are held at once. Commands for one
     /// scenario are handled one at a time, in the order they were read;
-    /// commands for different scenarios are handled side by side, so one
-    /// whose camera name is slow to resolve (or whose store write is retried)
-    /// holds up only its own scenario. A partition's offset moves past a
-    /// message only once it and every message before it are durable.
+    /// commands for different scenarios are checked side by side, so one
+    /// whose camera name is slow to resolve holds up only its own scenario
+    /// (see [`Ingest::handle`]). A partition's offset moves past a message
+    /// only once it and every message before it are durable.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), IngestError> {
         let topics = [
             self.config.deploy_topic.as_str(),
@@ -265,20 +284,24 @@ impl<S: CommandStore> Ingest<S> {
                 source,
             })?;
         tracing::info!(topics = %topics.join(","), "ingesting");
+        // Held while a message's effect is written (see `handle`).
+        let turn = tokio::sync::Mutex::new(());
         let mut running = FuturesUnordered::new();
         // Scenarios with a command being handled, and their commands read
         // since, in order.
-        let mut lanes: HashMap<Uuid, VecDeque<OwnedMessage>> = HashMap::new();
+        let mut lanes: HashMap<Uuid, VecDeque<(OwnedMessage, DateTime<Utc>)>> = HashMap::new();
         let mut offsets = Offsets::default();
         let mut held = 0usize;
-        let handle =
-            |msg: OwnedMessage, lane: Option<Uuid>, mut shutdown: watch::Receiver<bool>| {
-                let this = &self;
-                async move {
-                    let result = this.handle(&msg, &mut shutdown).await;
-                    (msg, lane, result)
-                }
-            };
+        let mut last_read = DateTime::<Utc>::MIN_UTC;
+        let handle = |(msg, read_at): (OwnedMessage, DateTime<Utc>),
+                      lane: Option<Uuid>,
+                      mut shutdown: watch::Receiver<bool>| {
+            let (this, turn) = (&self, &turn);
+            async move {
+                let result = this.handle(&msg, read_at, turn, &mut shutdown).await;
+                (msg, lane, result)
+            }
+        };
         loop {
             tokio::select! {
                 msg = self.consumer.recv(), if held < MAX_HELD => {
@@ -295,7 +318,9 @@ impl<S: CommandStore> Ingest<S> {
                     }
                     offsets.read(msg.topic(), msg.partition(), msg.offset());
                     held += 1;
-                    let lane = scenario_of(msg.payload());
+                    last_read = read_after(last_read, Utc::now());
+                    let msg = (msg, last_read);
+                    let lane = scenario_of(msg.0.payload());
                     match lane.and_then(|id| lanes.get_mut(&id)) {
                         Some(waiting) => waiting.push_back(msg),
                         None => {
@@ -367,38 +392,31 @@ impl<S: CommandStore> Ingest<S> {
     async fn handle(
         &self,
         msg: &OwnedMessage,
+        read_at: DateTime<Utc>,
+        turn: &tokio::sync::Mutex<()>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<&'static str> {
+        let prepared = self.prepare(msg).await;
+        // Effects are written one at a time, in the order their commands
+        // are ready (the lock is fair): the queue fills in arrival order,
+        // and a store that is down holds everything behind it.
+        let _turn = turn.lock().await;
         let at = stamp_of(msg);
-        if let Some(ahead) = self.stamped_ahead(msg) {
-            return self
-                .dead_letter(msg, StampedAhead::CATEGORY, &ahead, shutdown)
-                .await;
-        }
-        let stored = if msg.topic() == self.config.undeploy_topic {
-            match UndeployRequest::parse(msg.payload()) {
-                Ok(req) => {
-                    self.storing("stopping a scenario", shutdown, || {
-                        self.store.undeploy(&req, at)
-                    })
-                    .await?
-                }
-                Err(e) => return self.dead_letter(msg, e.category(), &e, shutdown).await,
+        let stored = match prepared {
+            Prepared::Refused { category, error } => {
+                return self.dead_letter(msg, category, &error, shutdown).await;
             }
-        } else {
-            let root = self.config.video_file_root.as_deref();
-            let parsed = match DeployRequest::parse(msg.payload(), root) {
-                Ok(req) => self.check_host(req).await,
-                Err(e) => Err(e),
-            };
-            match parsed {
-                Ok(req) => {
-                    self.storing("writing a scenario", shutdown, || {
-                        self.store.deploy(&req, at)
-                    })
-                    .await?
-                }
-                Err(e) => return self.dead_letter(msg, e.category(), &e, shutdown).await,
+            Prepared::Undeploy(req) => {
+                self.storing("stopping a scenario", shutdown, || {
+                    self.store.undeploy(&req, at)
+                })
+                .await?
+            }
+            Prepared::Deploy(req) => {
+                self.storing("writing a scenario", shutdown, || {
+                    self.store.deploy(&req, at, read_at)
+                })
+                .await?
             }
         };
         match stored {
@@ -410,6 +428,33 @@ impl<S: CommandStore> Ingest<S> {
                 let category = self.store.rejected_category();
                 self.dead_letter(msg, category, &rejected, shutdown).await
             }
+        }
+    }
+
+    /// What a message asks for, checked (its camera host resolved): the part
+    /// of handling a message that runs side by side with others.
+    async fn prepare(&self, msg: &OwnedMessage) -> Prepared {
+        let refused = |category: &'static str, error: &dyn std::fmt::Display| Prepared::Refused {
+            category,
+            error: error.to_string(),
+        };
+        if let Some(ahead) = self.stamped_ahead(msg) {
+            return refused(StampedAhead::CATEGORY, &ahead);
+        }
+        if msg.topic() == self.config.undeploy_topic {
+            return match UndeployRequest::parse(msg.payload()) {
+                Ok(req) => Prepared::Undeploy(req),
+                Err(e) => refused(e.category(), &e),
+            };
+        }
+        let root = self.config.video_file_root.as_deref();
+        let parsed = match DeployRequest::parse(msg.payload(), root) {
+            Ok(req) => self.check_host(req).await,
+            Err(e) => Err(e),
+        };
+        match parsed {
+            Ok(req) => Prepared::Deploy(req),
+            Err(e) => refused(e.category(), &e),
         }
     }
 
@@ -525,6 +570,16 @@ impl<S: CommandStore> Ingest<S> {
             .get_or_create(&CategoryLabels { category })
             .inc();
         Some("dead_lettered")
+    }
+}
+
+/// The moment a command is read: `now`, or just after the previous one when
+/// the clock has not moved on (or went back), so that read order is kept.
+fn read_after(previous: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
+    if now > previous {
+        now
+    } else {
+        previous + chrono::Duration::nanoseconds(1)
     }
 }
 
@@ -655,6 +710,14 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn read_times_increase_in_read_order() {
+        let t = |ns: i64| DateTime::<Utc>::from_timestamp_nanos(1_800_000_000_000_000_000 + ns);
+        assert_eq!(read_after(t(0), t(5)), t(5));
+        assert_eq!(read_after(t(5), t(5)), t(6), "the same clock reading");
+        assert_eq!(read_after(t(9), t(5)), t(10), "the clock went back");
     }
 
     #[test]

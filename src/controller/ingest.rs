@@ -355,11 +355,16 @@ pub fn deployed(
         }
     }
     if decision == DeployDecision::Rerun {
-        // A fresh run queues behind the scenarios waiting now; a replaced
-        // worker keeps its place.
+        // A fresh run queues behind the scenarios waiting now (from when its
+        // deploy was read); a replaced worker keeps its place.
+        let enqueued = wanted
+            .annotations()
+            .get(ANNOTATION_ENQUEUED_AT)
+            .cloned()
+            .unwrap_or_else(now_annotation);
         existing
             .annotations_mut()
-            .insert(ANNOTATION_ENQUEUED_AT.to_string(), now_annotation());
+            .insert(ANNOTATION_ENQUEUED_AT.to_string(), enqueued);
     }
     existing
 }
@@ -387,8 +392,18 @@ impl CommandStore for ScenarioStore {
         "rejected_by_kubernetes"
     }
 
-    async fn deploy(&self, req: &DeployRequest, at: Stamp) -> Result<Effect, StoreError> {
+    async fn deploy(
+        &self,
+        req: &DeployRequest,
+        at: Stamp,
+        read_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Effect, StoreError> {
         let mut wanted = self.scenario_for(req);
+        // Its place in the queue: when ingest read the command.
+        wanted.annotations_mut().insert(
+            ANNOTATION_ENQUEUED_AT.into(),
+            read_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        );
         let name = wanted.name_any();
         // Most deploys are for new scenarios: try to create first (one call),
         // and read-decide-write only when the Scenario exists.

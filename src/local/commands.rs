@@ -149,7 +149,12 @@ impl CommandStore for LocalCommands {
         "rejected_by_state"
     }
 
-    async fn deploy(&self, req: &DeployRequest, at: Stamp) -> Result<Effect, StoreError> {
+    async fn deploy(
+        &self,
+        req: &DeployRequest,
+        at: Stamp,
+        read_at: DateTime<Utc>,
+    ) -> Result<Effect, StoreError> {
         let uuid = req.scenario_uuid.to_string();
         let target = Target {
             worker_id: Some(req.worker_id.to_string()),
@@ -173,7 +178,8 @@ impl CommandStore for LocalCommands {
                         return Ok(Err(StoreError::QueueFull { max_queued }));
                     }
                 }
-                Ok::<_, StateError>(Ok(apply_deploy(r, &uuid, target, at, Utc::now())))
+                // Its place in the queue: when ingest read the command.
+                Ok::<_, StateError>(Ok(apply_deploy(r, &uuid, target, at, read_at)))
             })
             .await?
             .map_err(transient)??;
@@ -303,10 +309,13 @@ mod tests {
         runtime.block_on(async {
             // One takes the free slot, two queue, the fourth is refused.
             for n in 1..=3 {
-                let effect = commands.deploy(&deploy_of(n), s(n as i64)).await.unwrap();
+                let effect = commands
+                    .deploy(&deploy_of(n), s(n as i64), Utc::now())
+                    .await
+                    .unwrap();
                 assert_eq!(effect, Effect::Deploy(DeployDecision::Create));
             }
-            let refused = commands.deploy(&deploy_of(4), s(4)).await;
+            let refused = commands.deploy(&deploy_of(4), s(4), Utc::now()).await;
             assert!(
                 matches!(refused, Err(StoreError::QueueFull { max_queued: 2 })),
                 "{refused:?}"
@@ -319,7 +328,10 @@ mod tests {
                 None
             );
             // A replay of a queued one changes nothing and is not refused.
-            let replay = commands.deploy(&deploy_of(2), s(2)).await.unwrap();
+            let replay = commands
+                .deploy(&deploy_of(2), s(2), Utc::now())
+                .await
+                .unwrap();
             assert_eq!(
                 replay,
                 Effect::Deploy(DeployDecision::Ignore(Stale::Replay))
@@ -329,10 +341,13 @@ mod tests {
                 scenario_uuid: uuid::Uuid::from_u128(3),
             };
             commands.undeploy(&stop, s(10)).await.unwrap();
-            let effect = commands.deploy(&deploy_of(4), s(11)).await.unwrap();
+            let effect = commands
+                .deploy(&deploy_of(4), s(11), Utc::now())
+                .await
+                .unwrap();
             assert_eq!(effect, Effect::Deploy(DeployDecision::Create));
             // ...and running it again queues it once more: refused now.
-            let again = commands.deploy(&deploy_of(3), s(12)).await;
+            let again = commands.deploy(&deploy_of(3), s(12), Utc::now()).await;
             assert!(
                 matches!(again, Err(StoreError::QueueFull { .. })),
                 "{again:?}"
