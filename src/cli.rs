@@ -77,6 +77,17 @@ pub struct SupervisorArgs {
     )]
     pub max_workers: MaxWorkers,
 
+    /// Most scenarios that wait for a worker beyond the free slots; a
+    /// `to_deploy` that would queue one more goes to the dead-letter topic
+    /// with reason `queue_full`.
+    #[arg(
+        long,
+        env = "MAX_QUEUED",
+        value_name = "MAX_QUEUED",
+        default_value = "10000"
+    )]
+    pub max_queued: usize,
+
     /// Frames per second each worker processes unless a scenario says otherwise.
     #[arg(long, env = "VIDEO_FPS", value_name = "VIDEO_FPS", default_value = "2")]
     pub video_fps: VideoFps,
@@ -1041,6 +1052,7 @@ mod tests {
         assert_eq!(default("KAFKA_BOOTSTRAP_SERVERS"), "localhost:9092");
         assert_eq!(default("CONSUMER_GROUP"), "runner-group");
         assert_eq!(default("MAX_WORKERS"), "4");
+        assert_eq!(default("MAX_QUEUED"), "10000");
         assert_eq!(default("VIDEO_FPS"), "2");
         assert_eq!(default("LOG_LEVEL"), "INFO");
     }

@@ -166,6 +166,12 @@ const METADATA_ADDRESSES: &[Cidr] = &[
     Cidr::v6([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23], 128), // AWS EKS Pod Identity IPv6
 ];
 
+/// The cloud metadata addresses, which no setting allows (the chart's
+/// NetworkPolicy cuts the same list out of the camera ranges).
+pub fn metadata_addresses() -> &'static [Cidr] {
+    METADATA_ADDRESSES
+}
+
 /// Names of metadata services and of the Kubernetes API server.
 const RESERVED_NAMES: &[&str] = &[
     "metadata",

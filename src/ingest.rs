@@ -8,14 +8,23 @@
 //! same message with backoff and never moves past it; `max.poll.interval.ms`
 //! is raised so that waiting does not evict the consumer from its group.
 //!
-//! Each command carries its record's [`Stamp`]; the store orders commands for
-//! one scenario with [`crate::scenario::ordering`].
+//! Commands of different scenarios are parsed and have their camera host
+//! resolved side by side (at most [`MAX_HELD`] messages at once), those of
+//! one scenario one after the other in the order they were read, so a camera
+//! name slow to resolve holds up only its own scenario. Effects are written
+//! one at a time, in the order commands are ready. Each command carries its
+//! record's [`Stamp`]; the store orders commands for one scenario with
+//! [`crate::scenario::ordering`].
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -23,9 +32,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use tokio::sync::watch;
+use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::camera_url::CameraSource;
@@ -69,7 +79,17 @@ pub enum StoreError {
     /// rejects): the message goes to the dead-letter topic.
     #[error("{0}")]
     Rejected(String),
+    /// A deploy that would queue one more scenario than MAX_QUEUED allows:
+    /// the message goes to the dead-letter topic as [`QUEUE_FULL`].
+    #[error(
+        "{max_queued} scenarios already wait for a worker (MAX_QUEUED={max_queued}); the deploy is \
+         refused. Undeploy scenarios, or raise MAX_WORKERS or MAX_QUEUED"
+    )]
+    QueueFull { max_queued: usize },
 }
+
+/// The dead-letter reason of a deploy refused because the queue is full.
+pub const QUEUE_FULL: &str = "queue_full";
 
 /// Where commands become durable. Each call returns once the effect is stored.
 pub trait CommandStore: Send + Sync {
@@ -77,10 +97,15 @@ pub trait CommandStore: Send + Sync {
     /// `dead_lettered_total` metric (for example `rejected_by_kubernetes`).
     fn rejected_category(&self) -> &'static str;
 
+    /// `read_at` is when ingest read the command, strictly increasing in
+    /// the order commands are read: a scenario that starts waiting for a
+    /// worker takes its place in the FIFO queue by it, however the writes of
+    /// commands handled side by side interleave.
     fn deploy(
         &self,
         req: &DeployRequest,
         at: Stamp,
+        read_at: DateTime<Utc>,
     ) -> impl Future<Output = Result<Effect, StoreError>> + Send;
 
     fn undeploy(
@@ -92,6 +117,11 @@ pub trait CommandStore: Send + Sync {
 
 /// How long ingest waits for a camera host name to resolve.
 const HOST_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Most messages ingest holds at once, being handled (side by side) or
+/// waiting behind an earlier command of their scenario. It bounds the host
+/// look-ups and store writes under way together.
+const MAX_HELD: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
@@ -211,9 +241,20 @@ pub struct Ingest<S> {
     pub metrics: IngestMetrics,
 }
 
+/// A message ready to be applied.
+enum Prepared {
+    Deploy(DeployRequest),
+    Undeploy(UndeployRequest),
+    /// Dead-lettered with this reason.
+    Refused {
+        category: &'static str,
+        error: String,
+    },
+}
+
 /// The record's place in time: its timestamp (the ingest time when the
 /// record has none) and offset.
-fn stamp_of(msg: &BorrowedMessage<'_>) -> Stamp {
+fn stamp_of(msg: &OwnedMessage) -> Stamp {
     Stamp {
         timestamp_ms: msg
             .timestamp()
@@ -225,6 +266,13 @@ fn stamp_of(msg: &BorrowedMessage<'_>) -> Stamp {
 
 impl<S: CommandStore> Ingest<S> {
     /// Consumes until `shutdown` turns true, then commits what was stored.
+    ///
+    /// Up to [`MAX_HELD`] messages are held at once. Commands for one
+    /// scenario are handled one at a time, in the order they were read;
+    /// commands for different scenarios are checked side by side, so one
+    /// whose camera name is slow to resolve holds up only its own scenario
+    /// (see [`Ingest::handle`]). A partition's offset moves past a message
+    /// only once it and every message before it are durable.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), IngestError> {
         let topics = [
             self.config.deploy_topic.as_str(),
@@ -237,33 +285,81 @@ impl<S: CommandStore> Ingest<S> {
                 source,
             })?;
         tracing::info!(topics = %topics.join(","), "ingesting");
-        loop {
-            let msg = tokio::select! {
-                msg = self.consumer.recv() => msg,
-                _ = shutdown.changed() => break,
-            };
-            let msg = match msg {
-                Ok(msg) => msg,
-                Err(e) => {
-                    // The client context has logged what the user can fix.
-                    let health = &self.consumer.context().health;
-                    match health.explain(e.rdkafka_error_code(), "") {
-                        Some(_) => health.record(&e, &e.to_string()),
-                        None => tracing::warn!(error = %e, "Kafka consumer error; continuing"),
-                    }
-                    continue;
-                }
-            };
-            if let Some(ms) = msg.timestamp().to_millis() {
-                let age = (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
-                self.metrics.lag_seconds.set(age);
+        // Held while a message's effect is written (see `handle`).
+        let turn = tokio::sync::Mutex::new(());
+        let mut running = FuturesUnordered::new();
+        // Scenarios with a command being handled, and their commands read
+        // since, in order.
+        let mut lanes: HashMap<Uuid, VecDeque<(OwnedMessage, DateTime<Utc>)>> = HashMap::new();
+        let mut offsets = Offsets::default();
+        let mut held = 0usize;
+        let mut last_read = DateTime::<Utc>::MIN_UTC;
+        let handle = |(msg, read_at): (OwnedMessage, DateTime<Utc>),
+                      lane: Option<Uuid>,
+                      mut shutdown: watch::Receiver<bool>| {
+            let (this, turn) = (&self, &turn);
+            async move {
+                let result = this.handle(&msg, read_at, turn, &mut shutdown).await;
+                (msg, lane, result)
             }
-            let Some(result) = self.handle(&msg, &mut shutdown).await else {
-                break; // shutting down before the effect was durable: do not store
-            };
-            self.count(&msg, result);
-            if let Err(e) = self.consumer.store_offset_from_message(&msg) {
-                tracing::warn!(error = %e, "cannot store a consumed offset");
+        };
+        loop {
+            tokio::select! {
+                msg = self.consumer.recv(), if held < MAX_HELD => {
+                    let msg = match msg {
+                        Ok(msg) => msg.detach(),
+                        Err(e) => {
+                            // The client context has logged what the user can fix.
+                            let health = &self.consumer.context().health;
+                            match health.explain(e.rdkafka_error_code(), "") {
+                                Some(_) => health.record(&e, &e.to_string()),
+                                None => tracing::warn!(error = %e, "Kafka consumer error; continuing"),
+                            }
+                            continue;
+                        }
+                    };
+                    if let Some(ms) = msg.timestamp().to_millis() {
+                        let age = (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
+                        self.metrics.lag_seconds.set(age);
+                    }
+                    offsets.read(msg.topic(), msg.partition(), msg.offset());
+                    held += 1;
+                    last_read = read_after(last_read, Utc::now());
+                    let msg = (msg, last_read);
+                    let lane = scenario_of(msg.0.payload());
+                    match lane.and_then(|id| lanes.get_mut(&id)) {
+                        Some(waiting) => waiting.push_back(msg),
+                        None => {
+                            if let Some(id) = lane {
+                                lanes.insert(id, VecDeque::new());
+                            }
+                            running.push(handle(msg, lane, shutdown.clone()));
+                        }
+                    }
+                }
+                Some((msg, lane, result)) = running.next() => {
+                    held -= 1;
+                    let Some(result) = result else {
+                        break; // shutting down before the effect was durable: do not store
+                    };
+                    self.done(&mut offsets, &msg, result);
+                    if let Some(id) = lane {
+                        match lanes.get_mut(&id).and_then(VecDeque::pop_front) {
+                            Some(next) => running.push(handle(next, lane, shutdown.clone())),
+                            None => {
+                                lanes.remove(&id);
+                            }
+                        }
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        // What is being handled finishes (a retry ends on shutdown, leaving
+        // its message to be read again); what waits behind it is read again.
+        while let Some((msg, _, result)) = running.next().await {
+            if let Some(result) = result {
+                self.done(&mut offsets, &msg, result);
             }
         }
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
@@ -272,7 +368,20 @@ impl<S: CommandStore> Ingest<S> {
         Ok(())
     }
 
-    fn count(&self, msg: &BorrowedMessage<'_>, result: &'static str) {
+    /// Counts a handled message and stores the offset its partition may now
+    /// move to.
+    fn done(&self, offsets: &mut Offsets, msg: &OwnedMessage, result: &'static str) {
+        self.count(msg, result);
+        if let Some(upto) = offsets.handled(msg.topic(), msg.partition(), msg.offset())
+            && let Err(e) = self
+                .consumer
+                .store_offset(msg.topic(), msg.partition(), upto)
+        {
+            tracing::warn!(error = %e, "cannot store a consumed offset");
+        }
+    }
+
+    fn count(&self, msg: &OwnedMessage, result: &'static str) {
         let kind = if msg.topic() == self.config.undeploy_topic {
             "undeploy"
         } else {
@@ -288,43 +397,39 @@ impl<S: CommandStore> Ingest<S> {
     /// `None` when shutdown interrupted it.
     async fn handle(
         &self,
-        msg: &BorrowedMessage<'_>,
+        msg: &OwnedMessage,
+        read_at: DateTime<Utc>,
+        turn: &tokio::sync::Mutex<()>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<&'static str> {
+        let prepared = self.prepare(msg).await;
+        // Effects are written one at a time, in the order their commands
+        // are ready (the lock is fair): the queue fills in arrival order,
+        // and a store that is down holds everything behind it.
+        let _turn = turn.lock().await;
         let at = stamp_of(msg);
-        if let Some(ahead) = self.stamped_ahead(msg) {
-            return self
-                .dead_letter(msg, StampedAhead::CATEGORY, &ahead, shutdown)
-                .await;
-        }
-        let stored = if msg.topic() == self.config.undeploy_topic {
-            match UndeployRequest::parse(msg.payload()) {
-                Ok(req) => {
-                    self.storing("stopping a scenario", shutdown, || {
-                        self.store.undeploy(&req, at)
-                    })
-                    .await?
-                }
-                Err(e) => return self.dead_letter(msg, e.category(), &e, shutdown).await,
+        let stored = match prepared {
+            Prepared::Refused { category, error } => {
+                return self.dead_letter(msg, category, &error, shutdown).await;
             }
-        } else {
-            let root = self.config.video_file_root.as_deref();
-            let parsed = match DeployRequest::parse(msg.payload(), root) {
-                Ok(req) => self.check_host(req).await,
-                Err(e) => Err(e),
-            };
-            match parsed {
-                Ok(req) => {
-                    self.storing("writing a scenario", shutdown, || {
-                        self.store.deploy(&req, at)
-                    })
-                    .await?
-                }
-                Err(e) => return self.dead_letter(msg, e.category(), &e, shutdown).await,
+            Prepared::Undeploy(req) => {
+                self.storing("stopping a scenario", shutdown, || {
+                    self.store.undeploy(&req, at)
+                })
+                .await?
+            }
+            Prepared::Deploy(req) => {
+                self.storing("writing a scenario", shutdown, || {
+                    self.store.deploy(&req, at, read_at)
+                })
+                .await?
             }
         };
         match stored {
             Ok(effect) => Some(effect.label()),
+            Err(full @ StoreError::QueueFull { .. }) => {
+                self.dead_letter(msg, QUEUE_FULL, &full, shutdown).await
+            }
             Err(rejected) => {
                 let category = self.store.rejected_category();
                 self.dead_letter(msg, category, &rejected, shutdown).await
@@ -332,8 +437,35 @@ impl<S: CommandStore> Ingest<S> {
         }
     }
 
+    /// What a message asks for, checked (its camera host resolved): the part
+    /// of handling a message that runs side by side with others.
+    async fn prepare(&self, msg: &OwnedMessage) -> Prepared {
+        let refused = |category: &'static str, error: &dyn std::fmt::Display| Prepared::Refused {
+            category,
+            error: error.to_string(),
+        };
+        if let Some(ahead) = self.stamped_ahead(msg) {
+            return refused(StampedAhead::CATEGORY, &ahead);
+        }
+        if msg.topic() == self.config.undeploy_topic {
+            return match UndeployRequest::parse(msg.payload()) {
+                Ok(req) => Prepared::Undeploy(req),
+                Err(e) => refused(e.category(), &e),
+            };
+        }
+        let root = self.config.video_file_root.as_deref();
+        let parsed = match DeployRequest::parse(msg.payload(), root) {
+            Ok(req) => self.check_host(req).await,
+            Err(e) => Err(e),
+        };
+        match parsed {
+            Ok(req) => Prepared::Deploy(req),
+            Err(e) => refused(e.category(), &e),
+        }
+    }
+
     /// A producer-set stamp too far ahead of this runner's clock.
-    fn stamped_ahead(&self, msg: &BorrowedMessage<'_>) -> Option<StampedAhead> {
+    fn stamped_ahead(&self, msg: &OwnedMessage) -> Option<StampedAhead> {
         let rdkafka::Timestamp::CreateTime(ms) = msg.timestamp() else {
             return None;
         };
@@ -386,7 +518,7 @@ impl<S: CommandStore> Ingest<S> {
     /// retrying until the broker has it.
     async fn dead_letter(
         &self,
-        msg: &BorrowedMessage<'_>,
+        msg: &OwnedMessage,
         category: &'static str,
         error: &(dyn std::fmt::Display + Sync),
         shutdown: &mut watch::Receiver<bool>,
@@ -447,9 +579,84 @@ impl<S: CommandStore> Ingest<S> {
     }
 }
 
+/// The moment a command is read: `now`, or just after the previous one when
+/// the clock has not moved on (or went back), so that read order is kept.
+fn read_after(previous: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
+    if now > previous {
+        now
+    } else {
+        previous + chrono::Duration::nanoseconds(1)
+    }
+}
+
+/// The scenario a command is for, read leniently from its payload; `None`
+/// for a payload that names none (it is dead-lettered, in no order).
+fn scenario_of(payload: Option<&[u8]>) -> Option<Uuid> {
+    #[derive(serde::Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        scenario_uuid: std::borrow::Cow<'a, str>,
+    }
+    let named: Named<'_> = serde_json::from_slice(payload?).ok()?;
+    Uuid::parse_str(&named.scenario_uuid).ok()
+}
+
+/// The messages read and not yet handled, per partition: a partition's
+/// offset is stored only up to the message before the oldest one not
+/// handled, so a message handled early does not commit one still under way.
+#[derive(Default)]
+struct Offsets {
+    partitions: HashMap<(String, i32), Partition>,
+}
+
+#[derive(Default)]
+struct Partition {
+    /// Offsets read and not handled (a count: after a rebalance, a message
+    /// may be read again while its first copy is still being handled).
+    open: BTreeMap<i64, usize>,
+    /// The oldest offset read.
+    first: Option<i64>,
+    /// The newest offset handled.
+    newest: Option<i64>,
+    /// The offset last stored.
+    stored: Option<i64>,
+}
+
+impl Offsets {
+    fn read(&mut self, topic: &str, partition: i32, offset: i64) {
+        let p = self
+            .partitions
+            .entry((topic.to_string(), partition))
+            .or_default();
+        *p.open.entry(offset).or_default() += 1;
+        p.first = Some(p.first.map_or(offset, |f| f.min(offset)));
+    }
+
+    /// Notes `offset` handled; returns the offset to store when the
+    /// partition may move on (it and every message read before it handled).
+    fn handled(&mut self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
+        let p = self.partitions.get_mut(&(topic.to_string(), partition))?;
+        if let Some(n) = p.open.get_mut(&offset) {
+            *n -= 1;
+            if *n == 0 {
+                p.open.remove(&offset);
+            }
+        }
+        p.newest = p.newest.max(Some(offset));
+        let newest = p.newest?;
+        let upto = p.open.keys().next().map_or(newest, |&oldest| oldest - 1);
+        let upto = upto.min(newest);
+        if upto < p.first? || p.stored.is_some_and(|s| s >= upto) {
+            return None;
+        }
+        p.stored = Some(upto);
+        Some(upto)
+    }
+}
+
 /// Repeats `call` with backoff until it succeeds, counting each retry in
-/// `retries` when given; `None` on shutdown. Ingest does not move past the
-/// message meanwhile.
+/// `retries` when given; `None` on shutdown. The message's partition does
+/// not commit past it meanwhile.
 async fn retrying<T, E, F, Fut>(
     what: &str,
     retries: Option<&Counter>,
@@ -477,5 +684,79 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_moves_only_past_messages_handled_with_all_before_them() {
+        // Offsets read, then (offset handled, offset stored) in turn.
+        for (read, steps) in [
+            (
+                vec![5, 6, 7],
+                vec![(5, Some(5)), (6, Some(6)), (7, Some(7))],
+            ),
+            (vec![5, 6, 7], vec![(7, None), (6, None), (5, Some(7))]),
+            (vec![5, 6, 7], vec![(6, None), (5, Some(6)), (7, Some(7))]),
+            // Read again after a rebalance while the first copy is handled.
+            (vec![5, 5, 6], vec![(5, None), (6, None), (5, Some(6))]),
+        ] {
+            let mut offsets = Offsets::default();
+            for o in &read {
+                offsets.read("t", 0, *o);
+            }
+            for (handled, stored) in &steps {
+                assert_eq!(
+                    offsets.handled("t", 0, *handled),
+                    *stored,
+                    "read {read:?}, steps {steps:?}, at {handled}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn read_times_increase_in_read_order() {
+        let t = |ns: i64| DateTime::<Utc>::from_timestamp_nanos(1_800_000_000_000_000_000 + ns);
+        assert_eq!(read_after(t(0), t(5)), t(5));
+        assert_eq!(read_after(t(5), t(5)), t(6), "the same clock reading");
+        assert_eq!(read_after(t(9), t(5)), t(10), "the clock went back");
+    }
+
+    #[test]
+    fn partitions_move_apart() {
+        let mut offsets = Offsets::default();
+        offsets.read("t", 0, 1);
+        offsets.read("t", 1, 1);
+        offsets.read("u", 0, 1);
+        assert_eq!(offsets.handled("t", 1, 1), Some(1));
+        assert_eq!(offsets.handled("u", 0, 1), Some(1));
+        assert_eq!(offsets.handled("t", 0, 1), Some(1));
+        assert_eq!(offsets.handled("v", 0, 1), None, "never read");
+    }
+
+    #[test]
+    fn the_scenario_of_a_command_is_read_leniently() {
+        let id = "550e8400-e29b-41d4-a716-446655440000";
+        for (payload, lane) in [
+            (format!(r#"{{"scenario_uuid":"{id}"}}"#), Some(id)),
+            (
+                format!(r#"{{"scenario_uuid":"{}","x":1}}"#, id.to_uppercase()),
+                Some(id),
+            ),
+            (r#"{"scenario_uuid":"nope"}"#.to_string(), None),
+            (r#"{"scenario_uuid":42}"#.to_string(), None),
+            ("not json".to_string(), None),
+        ] {
+            assert_eq!(
+                scenario_of(Some(payload.as_bytes())),
+                lane.map(|l| l.parse().unwrap()),
+                "{payload}"
+            );
+        }
+        assert_eq!(scenario_of(None), None);
     }
 }

@@ -14,9 +14,17 @@
 //! camera Secret ([`secret`]), written right after the Scenario. A replay of
 //! the deploy that set the current run writes it then, should the runner
 //! have stopped in between.
+//!
+//! A deploy that would queue one more scenario than MAX_QUEUED allows (a new
+//! scenario, or a finished or stopped one run again) is refused
+//! ([`QueueRoom`]); ingest dead-letters it as `queue_full`.
 
-use k8s_openapi::api::core::v1::Secret;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PostParams;
+use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 
 use super::crd::{Phase, Scenario, ScenarioSpec};
@@ -41,6 +49,121 @@ pub struct ScenarioStore {
     /// Where each run's camera URL is kept (see [`secret`]).
     pub secrets: Api<Secret>,
     pub runner_name: String,
+    pub queue: QueueRoom,
+    /// The runner's key for camera digests (see [`secret::DigestKey`]).
+    pub digest_key: secret::DigestKey,
+}
+
+/// How many scenarios wait for a worker, as the reconciler's caches show it
+/// plus the deploys this process let in that the Scenario cache does not
+/// show yet; and the room left under MAX_QUEUED.
+pub struct QueueRoom {
+    /// The runner's Scenarios (the reconciler's cache).
+    scenarios: Store<Scenario>,
+    /// The runner's worker Pods (the reconciler's cache).
+    pods: Store<Pod>,
+    max_workers: usize,
+    max_queued: usize,
+    /// Scenario name → the generation the admitted write gave it (`None`
+    /// while the write is under way); forgotten once the cache shows it.
+    admitted: Mutex<HashMap<String, Option<i64>>>,
+}
+
+impl QueueRoom {
+    pub fn new(
+        scenarios: Store<Scenario>,
+        pods: Store<Pod>,
+        max_workers: usize,
+        max_queued: usize,
+    ) -> QueueRoom {
+        QueueRoom {
+            scenarios,
+            pods,
+            max_workers,
+            max_queued,
+            admitted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn admitted(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<i64>>> {
+        self.admitted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a place in the queue for Scenario `name`; false when the
+    /// queue is full.
+    async fn take(&self, name: &str) -> Result<bool, StoreError> {
+        // The cache's readiness wakes only one of the tasks waiting for it
+        // (commands of several scenarios wait side by side): each looks
+        // again every 100 ms.
+        loop {
+            let ready = self.scenarios.wait_until_ready();
+            match tokio::time::timeout(std::time::Duration::from_millis(100), ready).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => {
+                    return Err(StoreError::Transient(format!(
+                        "the Scenario cache is not available: {e}"
+                    )));
+                }
+                Err(_) => continue,
+            }
+        }
+        let scenarios = self.scenarios.state();
+        let holding: HashSet<String> = self
+            .pods
+            .state()
+            .iter()
+            .filter(|p| super::plan::holds_slot(p))
+            .map(|p| p.name_any())
+            .collect();
+        let mut admitted = self.admitted();
+        admitted.retain(|name, generation| {
+            let shown = generation.is_some_and(|g| {
+                scenarios
+                    .iter()
+                    .any(|s| s.name_any() == *name && s.metadata.generation >= Some(g))
+            });
+            !shown
+        });
+        let mut waiting: HashSet<String> = scenarios
+            .iter()
+            .filter(|s| super::reconcile::wants_worker(s))
+            .filter(|s| !holding.contains(&pod::pod_name(&s.spec.scenario_uuid)))
+            .map(|s| s.name_any())
+            .collect();
+        waiting.extend(admitted.keys().cloned());
+        waiting.remove(name);
+        let room = crate::scenario::admission::has_room(
+            waiting.len(),
+            holding.len(),
+            self.max_workers,
+            self.max_queued,
+        );
+        if room {
+            admitted.entry(name.to_string()).or_insert(None);
+        }
+        Ok(room)
+    }
+
+    /// Settles the place taken for `name` by the outcome of its write.
+    fn settle(&self, name: &str, written: Option<&Scenario>) {
+        let mut admitted = self.admitted();
+        match written {
+            Some(s) => {
+                admitted.insert(name.to_string(), Some(s.metadata.generation.unwrap_or(0)));
+            }
+            None => {
+                if admitted.get(name) == Some(&None) {
+                    admitted.remove(name);
+                }
+            }
+        }
+    }
+
+    fn full(&self) -> StoreError {
+        StoreError::QueueFull {
+            max_queued: self.max_queued,
+        }
+    }
 }
 
 fn now_annotation() -> String {
@@ -50,7 +173,7 @@ fn now_annotation() -> String {
 impl ScenarioStore {
     /// The Scenario a deploy request asks for (its first run).
     fn scenario_for(&self, req: &DeployRequest) -> Scenario {
-        requested(req, &self.runner_name)
+        requested(req, &self.runner_name, &self.digest_key)
     }
 
     /// A stopped Scenario with no worker, written by an undeploy read before
@@ -120,8 +243,9 @@ impl ScenarioStore {
     }
 }
 
-/// The Scenario a deploy request asks for (its first run) of runner `runner_name`.
-fn requested(req: &DeployRequest, runner_name: &str) -> Scenario {
+/// The Scenario a deploy request asks for (its first run) of runner
+/// `runner_name`, whose camera digest is made with `key`.
+fn requested(req: &DeployRequest, runner_name: &str, key: &secret::DigestKey) -> Scenario {
     let uuid = req.scenario_uuid.to_string();
     let mut scenario = Scenario::new(
         &pod::scenario_name(&uuid),
@@ -148,7 +272,7 @@ fn requested(req: &DeployRequest, runner_name: &str) -> Scenario {
     annotations.insert(ANNOTATION_SOURCE.into(), source.into());
     annotations.insert(
         ANNOTATION_CAMERA_DIGEST.into(),
-        secret::camera_digest(&uuid, &req.camera_url),
+        key.digest(&uuid, &req.camera_url),
     );
     scenario
 }
@@ -180,28 +304,34 @@ fn ignored_for(owner: &str, scenario: &impl std::fmt::Display) {
     tracing::warn!(%scenario, owner, "the scenario belongs to another runner; the command changes nothing here (give each runner its own topics)");
 }
 
-/// What identifies a Scenario's camera: the digest ingest recorded, or the
-/// redacted URL for Scenarios written before ingest recorded one.
-fn camera_identity(s: &Scenario) -> &str {
-    s.annotations()
-        .get(ANNOTATION_CAMERA_DIGEST)
-        .map(String::as_str)
-        .unwrap_or(&s.spec.camera_url)
-}
-
-/// The existing Scenario as a deploy of `wanted` sees it.
-pub fn current(existing: &Scenario, wanted: &Scenario) -> Current {
+/// The existing Scenario as a deploy of `wanted`, for camera `camera_url`,
+/// sees it. Its camera is compared by the digest it carries: a keyed one,
+/// one written before digests were keyed, or none (see
+/// [`secret::same_camera`]).
+pub fn current(existing: &Scenario, wanted: &Scenario, camera_url: &str) -> Current {
     let finished = existing.status.as_ref().is_some_and(|st| {
         st.observed_run == existing.spec.run
             && st
                 .phase
                 .is_some_and(|p| matches!(p, Phase::Succeeded | Phase::Failed))
     });
+    let same_camera = secret::same_camera(
+        existing
+            .annotations()
+            .get(ANNOTATION_CAMERA_DIGEST)
+            .map(String::as_str),
+        &existing.spec.camera_url,
+        &wanted.spec.scenario_uuid,
+        camera_url,
+        wanted
+            .annotations()
+            .get(ANNOTATION_CAMERA_DIGEST)
+            .map_or("", String::as_str),
+    );
     Current {
         applied: existing.spec.applied,
         finished,
-        same_target: camera_identity(existing) == camera_identity(wanted)
-            && existing.spec.worker_id == wanted.spec.worker_id,
+        same_target: same_camera && existing.spec.worker_id == wanted.spec.worker_id,
     }
 }
 
@@ -225,11 +355,16 @@ pub fn deployed(
         }
     }
     if decision == DeployDecision::Rerun {
-        // A fresh run queues behind the scenarios waiting now; a replaced
-        // worker keeps its place.
+        // A fresh run queues behind the scenarios waiting now (from when its
+        // deploy was read); a replaced worker keeps its place.
+        let enqueued = wanted
+            .annotations()
+            .get(ANNOTATION_ENQUEUED_AT)
+            .cloned()
+            .unwrap_or_else(now_annotation);
         existing
             .annotations_mut()
-            .insert(ANNOTATION_ENQUEUED_AT.to_string(), now_annotation());
+            .insert(ANNOTATION_ENQUEUED_AT.to_string(), enqueued);
     }
     existing
 }
@@ -257,27 +392,47 @@ impl CommandStore for ScenarioStore {
         "rejected_by_kubernetes"
     }
 
-    async fn deploy(&self, req: &DeployRequest, at: Stamp) -> Result<Effect, StoreError> {
+    async fn deploy(
+        &self,
+        req: &DeployRequest,
+        at: Stamp,
+        read_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Effect, StoreError> {
         let mut wanted = self.scenario_for(req);
+        // Its place in the queue: when ingest read the command.
+        wanted.annotations_mut().insert(
+            ANNOTATION_ENQUEUED_AT.into(),
+            read_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        );
         let name = wanted.name_any();
         // Most deploys are for new scenarios: try to create first (one call),
         // and read-decide-write only when the Scenario exists.
         let create = ordering::on_deploy(None, at);
         wanted.spec.applied = ordering::after_deploy(Applied::default(), create, at);
         for _ in 0..CONFLICT_ROUNDS {
-            if let Some(written) = self.create(&wanted).await? {
-                self.store_camera_url(&written, &req.camera_url).await?;
-                return Ok(Effect::Deploy(create));
+            let room = self.queue.take(&name).await?;
+            if room {
+                let created = self.create(&wanted).await;
+                self.queue
+                    .settle(&name, created.as_ref().ok().and_then(Option::as_ref));
+                if let Some(written) = created? {
+                    self.store_camera_url(&written, &req.camera_url).await?;
+                    return Ok(Effect::Deploy(create));
+                }
             }
             let existing = self.scenarios.get_opt(&name).await.map_err(store_error)?;
             let Some(existing) = existing else {
+                if !room {
+                    return Err(self.queue.full());
+                }
                 continue; // deleted meanwhile: create it
             };
             if let Some(owner) = other_runner(&existing, &self.runner_name) {
                 ignored_for(owner, &req.scenario_uuid);
                 return Ok(Effect::Deploy(DeployDecision::Ignore(Stale::Replay)));
             }
-            let decision = ordering::on_deploy(Some(current(&existing, &wanted)), at);
+            let decision =
+                ordering::on_deploy(Some(current(&existing, &wanted, &req.camera_url)), at);
             if let DeployDecision::Ignore(_) = decision {
                 if existing.spec.applied.deploy == Some(at) && existing.spec.run > 0 {
                     // This very deploy set the current run: its Secret may
@@ -286,8 +441,19 @@ impl CommandStore for ScenarioStore {
                 }
                 return Ok(Effect::Deploy(decision));
             }
+            // A finished or stopped scenario run again queues once more.
+            let queues =
+                decision == DeployDecision::Rerun && !super::reconcile::wants_worker(&existing);
+            if queues && !self.queue.take(&name).await? {
+                return Err(self.queue.full());
+            }
             let next = deployed(existing, &wanted, decision, at);
-            if let Some(written) = self.replace(&next).await? {
+            let replaced = self.replace(&next).await;
+            if queues {
+                self.queue
+                    .settle(&name, replaced.as_ref().ok().and_then(Option::as_ref));
+            }
+            if let Some(written) = replaced? {
                 if written.spec.applied.deploy == Some(at) {
                     self.store_camera_url(&written, &req.camera_url).await?;
                 }
@@ -353,14 +519,14 @@ mod tests {
             worker_id: spec.worker_id.parse().unwrap(),
             camera_url: camera.into(),
         };
-        requested(&req, "vap-runner")
+        requested(&req, "vap-runner", &secret::DigestKey::new(&[7u8; 32]))
     }
 
     #[test]
     fn a_newer_deploy_with_another_camera_starts_a_new_run() {
         let existing = wanted("rtsp://a/1");
         let wanted = wanted("rtsp://b/2");
-        let c = current(&existing, &wanted);
+        let c = current(&existing, &wanted, "rtsp://b/2");
         assert!(!c.same_target && !c.finished);
         let decision = ordering::on_deploy(Some(c), stamp(200));
         assert_eq!(decision, DeployDecision::Replace);
@@ -391,7 +557,7 @@ mod tests {
             observed_run: 1,
             ..Default::default()
         });
-        let c = current(&finished, &wanted);
+        let c = current(&finished, &wanted, "rtsp://a/1");
         assert!(c.finished);
         assert_eq!(
             ordering::on_deploy(Some(c), stamp(300)),

@@ -157,6 +157,16 @@ impl LeaderElector {
                 match self.api.create(&PostParams::default(), &lease).await {
                     Ok(_) => Ok(Attempt::Held),
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::HeldByOther),
+                    Err(kube::Error::Api(e)) if e.code == 403 => {
+                        // The chart creates the Lease and grants no create.
+                        tracing::error!(
+                            lease = %self.name,
+                            "the Lease does not exist and this account may not create it; the chart \
+                             creates it when leaderElection.enabled is true (helm upgrade restores \
+                             it), or apply an empty coordination.k8s.io/v1 Lease of this name"
+                        );
+                        Err(kube::Error::Api(e))
+                    }
                     Err(e) => Err(e),
                 }
             }

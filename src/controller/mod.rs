@@ -70,6 +70,13 @@ pub enum ControllerError {
     CrdStale(String),
     #[error("leadership lost; exiting so that a fresh start can compete again")]
     LeadershipLost,
+    #[error(
+        "cannot read or create the Secret {name} that keeps the camera digest key: {source}; the controller needs get on it and create on Secrets (the chart's Role grants both)"
+    )]
+    DigestKey {
+        name: String,
+        source: secret::DigestKeyError,
+    },
     #[error("the {0} task ended unexpectedly; exiting rather than running without it")]
     TaskEnded(&'static str),
     #[error("cannot start the async runtime: {0}")]
@@ -293,6 +300,15 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         }
     });
 
+    let digest_key = secret::digest_key(
+        &Api::namespaced(calls.clone(), &namespace),
+        &args.runner_name,
+    )
+    .await
+    .map_err(|source| ControllerError::DigestKey {
+        name: secret::digest_key_secret_name(&args.runner_name),
+        source,
+    })?;
     let ingest = Ingest {
         consumer,
         producer,
@@ -300,6 +316,13 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
             scenarios: scenarios.clone(),
             secrets: Api::namespaced(client.clone(), &namespace),
             runner_name: args.runner_name.clone(),
+            queue: ingest::QueueRoom::new(
+                ctx.scenarios.clone(),
+                pod_store.clone(),
+                sup.max_workers.0,
+                sup.max_queued,
+            ),
+            digest_key,
         },
         config: IngestConfig {
             deploy_topic: args.deploy_topic.clone(),
@@ -323,7 +346,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
     metrics.set_ready();
-    tracing::info!(namespace = %namespace, runner = %runner, max_workers = sup.max_workers.0, "controller running");
+    tracing::info!(namespace = %namespace, runner = %runner, max_workers = sup.max_workers.0, max_queued = sup.max_queued, "controller running");
 
     let lost = async {
         while *leadership.borrow() {

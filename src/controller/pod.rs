@@ -31,9 +31,9 @@ pub const ANNOTATION_ENQUEUED_AT: &str = "runner.vap.io/enqueued-at";
 /// on its own) or `live`.
 pub const ANNOTATION_SOURCE: &str = "runner.vap.io/source";
 
-/// Annotation with a digest of the camera URL (see
-/// [`super::secret::camera_digest`]): a newer deploy names the same camera
-/// when the digests match, whatever the redacted URLs show.
+/// Annotation with a keyed digest of the camera URL (see
+/// [`super::secret::DigestKey`]): a newer deploy names the same camera when
+/// the digests match, whatever the redacted URLs show.
 pub const ANNOTATION_CAMERA_DIGEST: &str = "runner.vap.io/camera-digest";
 
 /// Whether `scenario`'s source ends on its own, as ingest recorded it; the

@@ -9,7 +9,9 @@ use kube::api::PostParams;
 use kube::{Api, Resource, ResourceExt};
 
 use super::crd::Scenario;
-use super::pod::{LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME, LABEL_RUNNER, LABEL_SCENARIO};
+use super::pod::{
+    LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME, LABEL_RUNNER, LABEL_SCENARIO, label_value,
+};
 use super::reconcile::FIELD_MANAGER;
 
 /// The key of the camera URL in the Secret (the worker's variable name).
@@ -28,12 +30,54 @@ pub fn secret_name(scenario_uuid: &str, run: u32) -> String {
     }
 }
 
-/// A digest that tells two camera URLs of one scenario apart without showing
-/// either: hex SHA-256 of the scenario UUID and the URL without its user and
-/// password (so a password-only change is the same camera, and no password
-/// goes into the digest). Query values stay in it, so `?channel=1` and
-/// `?channel=2` differ.
-pub fn camera_digest(scenario_uuid: &str, camera_url: &str) -> String {
+/// How a keyed camera digest begins; a digest without it is a
+/// [`legacy_camera_digest`].
+pub const DIGEST_PREFIX: &str = "hmac-sha256:";
+
+/// The runner's key for camera digests: kept in a Secret of its own
+/// ([`digest_key_secret_name`]), created once, so that equal cameras always
+/// have equal digests while nobody who reads Scenarios can test guesses of a
+/// camera's secrets against a digest offline.
+#[derive(Clone)]
+pub struct DigestKey(ring::hmac::Key);
+
+impl std::fmt::Debug for DigestKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DigestKey(***)")
+    }
+}
+
+/// Bytes of a new digest key.
+const DIGEST_KEY_LEN: usize = 32;
+
+/// The key's entry in its Secret.
+pub const DIGEST_KEY_ENTRY: &str = "key";
+
+impl DigestKey {
+    pub fn new(bytes: &[u8]) -> DigestKey {
+        DigestKey(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes))
+    }
+
+    /// Tells two camera URLs of one scenario apart without showing either:
+    /// an HMAC-SHA256, under this key, of the scenario UUID and the whole
+    /// URL (credentials, query and fragment included), hex after
+    /// [`DIGEST_PREFIX`].
+    pub fn digest(&self, scenario_uuid: &str, camera_url: &str) -> String {
+        let input = format!("{}\n{camera_url}", scenario_uuid.to_ascii_lowercase());
+        let tag = ring::hmac::sign(&self.0, input.as_bytes());
+        format!("{DIGEST_PREFIX}{}", hex(tag.as_ref()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The digest Scenarios written before the keyed one carry: hex SHA-256 of
+/// the scenario UUID and the URL without its user and password. It is only
+/// ever compared with (an existing Scenario's camera against a new deploy),
+/// never written again.
+pub fn legacy_camera_digest(scenario_uuid: &str, camera_url: &str) -> String {
     let without_userinfo = match url::Url::parse(camera_url) {
         Ok(mut url) => {
             let _ = url.set_username("");
@@ -45,11 +89,96 @@ pub fn camera_digest(scenario_uuid: &str, camera_url: &str) -> String {
         Err(_) => shown_url(camera_url),
     };
     let input = format!("{}\n{without_userinfo}", scenario_uuid.to_ascii_lowercase());
-    ring::digest::digest(&ring::digest::SHA256, input.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(ring::digest::digest(&ring::digest::SHA256, input.as_bytes()).as_ref())
+}
+
+/// Whether a Scenario whose camera is recorded as `recorded` (its digest
+/// annotation) and shown as `shown` (its spec) has the camera `camera_url`,
+/// whose keyed digest is `digest`. A keyed digest is compared as it is; a
+/// legacy one with the legacy digest of `camera_url`; a Scenario without a
+/// digest by its shown URL.
+pub fn same_camera(
+    recorded: Option<&str>,
+    shown: &str,
+    scenario_uuid: &str,
+    camera_url: &str,
+    digest: &str,
+) -> bool {
+    match recorded {
+        Some(keyed) if keyed.starts_with(DIGEST_PREFIX) => keyed == digest,
+        Some(legacy) => legacy == legacy_camera_digest(scenario_uuid, camera_url),
+        None => shown == shown_url(camera_url),
+    }
+}
+
+/// The Secret in which runner `runner_name` keeps its camera digest key.
+pub fn digest_key_secret_name(runner_name: &str) -> String {
+    format!("{}-camera-digest-key", label_value(runner_name))
+}
+
+/// Why the digest key cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum DigestKeyError {
+    #[error("{0}")]
+    Api(#[from] kube::Error),
+    #[error("its entry `{DIGEST_KEY_ENTRY}` is missing or shorter than {DIGEST_KEY_LEN} bytes")]
+    Malformed,
+    #[error("no random bytes for a new key")]
+    Random,
+}
+
+/// Reads runner `runner_name`'s digest key from its Secret, creating the
+/// Secret with a new random key when there is none (the first start; a
+/// replica that loses the race to create it reads the winner's).
+pub async fn digest_key(
+    secrets: &Api<Secret>,
+    runner_name: &str,
+) -> Result<DigestKey, DigestKeyError> {
+    let name = digest_key_secret_name(runner_name);
+    loop {
+        if let Some(secret) = secrets.get_opt(&name).await? {
+            return match secret.data.as_ref().and_then(|d| d.get(DIGEST_KEY_ENTRY)) {
+                Some(key) if key.0.len() >= DIGEST_KEY_LEN => Ok(DigestKey::new(&key.0)),
+                _ => Err(DigestKeyError::Malformed),
+            };
+        }
+        let mut bytes = [0u8; DIGEST_KEY_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| DigestKeyError::Random)?;
+        let mut secret = Secret {
+            type_: Some("Opaque".into()),
+            data: Some(
+                [(
+                    DIGEST_KEY_ENTRY.to_string(),
+                    k8s_openapi::ByteString(bytes.to_vec()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        secret.metadata.name = Some(name.clone());
+        secret.metadata.labels = Some(
+            [
+                (LABEL_NAME.to_string(), "vap-runner".to_string()),
+                (LABEL_COMPONENT.to_string(), "digest-key".to_string()),
+                (LABEL_MANAGED_BY.to_string(), "vap-runner".to_string()),
+                (LABEL_RUNNER.to_string(), label_value(runner_name)),
+            ]
+            .into(),
+        );
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match secrets.create(&params, &secret).await {
+            Ok(_) => {
+                tracing::info!(secret = %name, "created the camera digest key");
+                return Ok(DigestKey::new(&bytes));
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => continue, // another replica made it
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The camera URL as the Scenario spec shows it.
@@ -177,23 +306,74 @@ mod tests {
     }
 
     #[test]
-    fn the_digest_tells_cameras_apart_but_not_passwords() {
+    fn the_keyed_digest_tells_cameras_apart_and_needs_the_key() {
         let id = "550e8400-e29b-41d4-a716-446655440000";
+        let key = DigestKey::new(&[7u8; 32]);
         let a = "rtsp://nvr/user=admin&password=x&channel=1&stream=0.sdp";
         let b = "rtsp://nvr/user=admin&password=x&channel=2&stream=0.sdp";
         assert_eq!(shown_url(a), shown_url(b), "redaction hides the difference");
-        assert_ne!(camera_digest(id, a), camera_digest(id, b));
+        assert_ne!(key.digest(id, a), key.digest(id, b));
         assert_eq!(
-            camera_digest(id, "rtsp://admin:old@cam/s"),
-            camera_digest(id, "rtsp://admin:new@cam/s")
+            key.digest(id, a),
+            key.digest(id, a),
+            "equal cameras, equal digests"
+        );
+        // The whole URL counts: a new password is a new camera target.
+        assert_ne!(
+            key.digest(id, "rtsp://admin:old@cam/s"),
+            key.digest(id, "rtsp://admin:new@cam/s")
         );
         assert_ne!(
-            camera_digest(id, "rtsp://cam/s"),
-            camera_digest("11223344-5566-7788-99aa-bbccddeeeff0", "rtsp://cam/s")
+            key.digest(id, "rtsp://cam/s"),
+            key.digest("11223344-5566-7788-99aa-bbccddeeeff0", "rtsp://cam/s")
         );
-        let d = camera_digest(id, "rtsp://admin:hunter2@cam/s");
-        assert_eq!(d.len(), 64);
+        // Without the key nothing matches: another key, or the unkeyed hash.
+        let url = "rtsp://admin:hunter2@cam/s";
+        let d = key.digest(id, url);
+        assert_ne!(d, DigestKey::new(&[8u8; 32]).digest(id, url));
+        let unkeyed = hex(ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("{id}\n{url}").as_bytes(),
+        )
+        .as_ref());
+        assert!(!d.contains(&unkeyed) && !d.contains(&legacy_camera_digest(id, url)));
+        assert!(d.starts_with(DIGEST_PREFIX) && d.len() == DIGEST_PREFIX.len() + 64);
         assert!(!d.contains("hunter2"));
+        assert_eq!(format!("{key:?}"), "DigestKey(***)");
+    }
+
+    #[test]
+    fn a_camera_is_compared_by_the_digest_its_scenario_carries() {
+        let id = "550e8400-e29b-41d4-a716-446655440000";
+        let key = DigestKey::new(&[7u8; 32]);
+        let url = "rtsp://admin:pw@cam/s?channel=1";
+        let digest = key.digest(id, url);
+        let legacy = legacy_camera_digest(id, url);
+        let shown = shown_url(url);
+        let (keyed, old) = (Some(digest.as_str()), Some(legacy.as_str()));
+        let (channel_2, new_password) = (
+            "rtsp://admin:pw@cam/s?channel=2",
+            "rtsp://admin:new@cam/s?channel=1",
+        );
+        for (recorded, camera, same) in [
+            (keyed, url, true),
+            (keyed, channel_2, false),
+            (keyed, new_password, false),
+            // Written before the keyed digest: compared the old way, where
+            // only the user and password did not count.
+            (old, url, true),
+            (old, new_password, true),
+            (old, channel_2, false),
+            // Written before any digest: by the shown URL.
+            (None, url, true),
+            (None, "rtsp://admin:pw@other/s?channel=1", false),
+        ] {
+            assert_eq!(
+                same_camera(recorded, &shown, id, camera, &key.digest(id, camera)),
+                same,
+                "{recorded:?} vs {camera}"
+            );
+        }
     }
 
     #[test]

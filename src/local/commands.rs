@@ -9,9 +9,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
-use super::state::{Origin, Record, StateError, StateStore, Target};
+use super::state::{Occupancy, Origin, Record, StateError, StateStore, Target};
 use crate::ingest::{CommandStore, Effect, StoreError};
 use crate::messages::{DeployRequest, UndeployRequest};
+use crate::scenario::Phase;
+use crate::scenario::admission::has_room;
 use crate::scenario::ordering::{
     self, Current, DeployDecision, Stamp, UndeployDecision, after_deploy, after_undeploy,
 };
@@ -100,10 +102,24 @@ pub fn apply_undeploy(
 }
 
 /// The supervisor's [`CommandStore`]: each command is one transaction in the
-/// state store, then the supervisor is woken to act on it.
+/// state store, then the supervisor is woken to act on it. A deploy that
+/// would queue one more scenario than `max_queued` allows is refused.
 pub struct LocalCommands {
     pub state: Arc<StateStore>,
     pub wake: Arc<Notify>,
+    pub max_workers: usize,
+    pub max_queued: usize,
+}
+
+/// Whether a deploy decided as `decision` on `record` makes one more
+/// scenario wait for a worker.
+fn queues(record: Option<&Record>, decision: DeployDecision) -> bool {
+    match decision {
+        DeployDecision::Create => true,
+        DeployDecision::Rerun => record
+            .is_none_or(|r| r.applied.stopped() || !matches!(r.phase, None | Some(Phase::Queued))),
+        _ => false,
+    }
 }
 
 fn transient(e: StateError) -> StoreError {
@@ -114,10 +130,12 @@ impl LocalCommands {
     async fn write<T: Send + 'static>(
         &self,
         uuid: String,
-        change: impl FnOnce(&mut Option<Record>) -> T + Send + 'static,
+        change: impl FnOnce(&mut Option<Record>, &dyn Fn() -> Result<Occupancy, StateError>) -> T
+        + Send
+        + 'static,
     ) -> Result<T, StoreError> {
         let state = self.state.clone();
-        let out = tokio::task::spawn_blocking(move || state.update(&uuid, change))
+        let out = tokio::task::spawn_blocking(move || state.update_seeing_others(&uuid, change))
             .await
             .map_err(|e| StoreError::Transient(e.to_string()))?
             .map_err(transient)?;
@@ -131,7 +149,12 @@ impl CommandStore for LocalCommands {
         "rejected_by_state"
     }
 
-    async fn deploy(&self, req: &DeployRequest, at: Stamp) -> Result<Effect, StoreError> {
+    async fn deploy(
+        &self,
+        req: &DeployRequest,
+        at: Stamp,
+        read_at: DateTime<Utc>,
+    ) -> Result<Effect, StoreError> {
         let uuid = req.scenario_uuid.to_string();
         let target = Target {
             worker_id: Some(req.worker_id.to_string()),
@@ -141,9 +164,25 @@ impl CommandStore for LocalCommands {
             origin: Origin::Kafka,
         };
         let key = uuid.clone();
+        let (max_workers, max_queued) = (self.max_workers, self.max_queued);
         let decision = self
-            .write(key, move |r| apply_deploy(r, &uuid, target, at, Utc::now()))
-            .await?;
+            .write(key, move |r, others| {
+                let current = r.as_ref().map(|r| Current {
+                    applied: r.applied,
+                    finished: r.finished(),
+                    same_target: r.same_target(&target),
+                });
+                if queues(r.as_ref(), ordering::on_deploy(current, at)) {
+                    let seen = others()?;
+                    if !has_room(seen.waiting, seen.live, max_workers, max_queued) {
+                        return Ok(Err(StoreError::QueueFull { max_queued }));
+                    }
+                }
+                // Its place in the queue: when ingest read the command.
+                Ok::<_, StateError>(Ok(apply_deploy(r, &uuid, target, at, read_at)))
+            })
+            .await?
+            .map_err(transient)??;
         Ok(Effect::Deploy(decision))
     }
 
@@ -151,7 +190,7 @@ impl CommandStore for LocalCommands {
         let uuid = req.scenario_uuid.to_string();
         let key = uuid.clone();
         let decision = self
-            .write(key, move |r| apply_undeploy(r, &uuid, at, Utc::now()))
+            .write(key, move |r, _| apply_undeploy(r, &uuid, at, Utc::now()))
             .await?;
         Ok(Effect::Undeploy(decision))
     }
@@ -160,7 +199,6 @@ impl CommandStore for LocalCommands {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scenario::Phase;
     use crate::scenario::ordering::Stale;
 
     fn s(timestamp_ms: i64) -> Stamp {
@@ -241,5 +279,119 @@ mod tests {
         );
         let rec = r.unwrap();
         assert_eq!((rec.phase, rec.restarts, rec.run), (None, 0, 2));
+    }
+
+    fn deploy_of(n: u128) -> DeployRequest {
+        DeployRequest {
+            scenario_uuid: uuid::Uuid::from_u128(n),
+            worker_id: uuid::Uuid::from_u128(0),
+            camera_url: format!("rtsp://cam/{n}"),
+        }
+    }
+
+    #[test]
+    fn a_deploy_past_max_queued_is_refused_and_replays_and_stops_still_pass() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .unwrap();
+        let commands = LocalCommands {
+            state: Arc::new(StateStore::open(dir.path()).unwrap()),
+            wake: Arc::new(Notify::new()),
+            max_workers: 1,
+            max_queued: 2,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // One takes the free slot, two queue, the fourth is refused.
+            for n in 1..=3 {
+                let effect = commands
+                    .deploy(&deploy_of(n), s(n as i64), Utc::now())
+                    .await
+                    .unwrap();
+                assert_eq!(effect, Effect::Deploy(DeployDecision::Create));
+            }
+            let refused = commands.deploy(&deploy_of(4), s(4), Utc::now()).await;
+            assert!(
+                matches!(refused, Err(StoreError::QueueFull { max_queued: 2 })),
+                "{refused:?}"
+            );
+            assert_eq!(
+                commands
+                    .state
+                    .get(&uuid::Uuid::from_u128(4).to_string())
+                    .unwrap(),
+                None
+            );
+            // A replay of a queued one changes nothing and is not refused.
+            let replay = commands
+                .deploy(&deploy_of(2), s(2), Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(
+                replay,
+                Effect::Deploy(DeployDecision::Ignore(Stale::Replay))
+            );
+            // A stop makes room.
+            let stop = UndeployRequest {
+                scenario_uuid: uuid::Uuid::from_u128(3),
+            };
+            commands.undeploy(&stop, s(10)).await.unwrap();
+            let effect = commands
+                .deploy(&deploy_of(4), s(11), Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(effect, Effect::Deploy(DeployDecision::Create));
+            // ...and running it again queues it once more: refused now.
+            let again = commands.deploy(&deploy_of(3), s(12), Utc::now()).await;
+            assert!(
+                matches!(again, Err(StoreError::QueueFull { .. })),
+                "{again:?}"
+            );
+        });
+    }
+
+    #[test]
+    fn which_deploys_queue_one_more() {
+        let now = Utc::now();
+        let record = |phase: Option<Phase>| {
+            let mut r = Record::new("u", target("/a"), now);
+            r.phase = phase;
+            r
+        };
+        for (r, decision, queues_one) in [
+            (None, DeployDecision::Create, true),
+            (
+                Some(record(Some(Phase::Succeeded))),
+                DeployDecision::Rerun,
+                true,
+            ),
+            (
+                Some(record(Some(Phase::Stopped))),
+                DeployDecision::Rerun,
+                true,
+            ),
+            (
+                Some(record(Some(Phase::Running))),
+                DeployDecision::Replace,
+                false,
+            ),
+            (Some(record(None)), DeployDecision::Refresh, false),
+            (
+                Some(record(None)),
+                DeployDecision::Ignore(Stale::Replay),
+                false,
+            ),
+        ] {
+            assert_eq!(
+                queues(r.as_ref(), decision),
+                queues_one,
+                "{r:?} {decision:?}"
+            );
+        }
     }
 }

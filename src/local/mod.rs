@@ -270,6 +270,8 @@ async fn run(
                 store: LocalCommands {
                     state: state.clone(),
                     wake: wake.clone(),
+                    max_workers: sup.max_workers.0,
+                    max_queued: sup.max_queued,
                 },
                 config: IngestConfig {
                     deploy_topic: args.deploy_topic.clone(),

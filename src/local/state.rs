@@ -387,11 +387,22 @@ impl StateStore {
         uuid: &str,
         change: impl FnOnce(&mut Option<Record>) -> T,
     ) -> Result<T, StateError> {
+        self.update_seeing_others(uuid, |record, _| change(record))
+    }
+
+    /// [`StateStore::update`], where `change` may also count the other
+    /// scenarios that wait for a worker or hold one ([`Occupancy`]), in the
+    /// same transaction.
+    pub fn update_seeing_others<T>(
+        &self,
+        uuid: &str,
+        change: impl FnOnce(&mut Option<Record>, &dyn Fn() -> Result<Occupancy, StateError>) -> T,
+    ) -> Result<T, StateError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let before = read(&tx, uuid)?;
         let mut after = before.clone();
-        let out = change(&mut after);
+        let out = change(&mut after, &|| occupancy(&tx, uuid));
         if after != before {
             match &after {
                 Some(record) => {
@@ -414,6 +425,35 @@ impl StateStore {
         tx.commit()?;
         Ok(out)
     }
+}
+
+/// The scenarios other than one that want a worker and have none
+/// (`waiting`), and those whose worker is starting or running (`live`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    pub waiting: usize,
+    pub live: usize,
+}
+
+fn occupancy(conn: &Connection, except: &str) -> Result<Occupancy, StateError> {
+    let mut stmt = conn.prepare(
+        "SELECT uuid, record FROM scenarios WHERE uuid != ?1 AND
+             coalesce(json_extract(record, '$.phase'), 'Queued') IN ('Queued', 'Starting', 'Running')",
+    )?;
+    let rows = stmt.query_map([except], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+    })?;
+    let mut seen = Occupancy::default();
+    for row in rows {
+        let (uuid, text) = row?;
+        let record = decode(&uuid, &text)?;
+        match record.phase {
+            Some(phase) if phase.is_live() => seen.live += 1,
+            None | Some(Phase::Queued) if !record.applied.stopped() => seen.waiting += 1,
+            _ => {}
+        }
+    }
+    Ok(seen)
 }
 
 fn read(conn: &Connection, uuid: &str) -> Result<Option<Record>, StateError> {

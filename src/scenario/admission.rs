@@ -3,7 +3,10 @@
 //!
 //! Scenarios wait first come, first served by creation time (ties broken by
 //! name, so every replica and every restart computes the same order); as many
-//! start as there are free slots under MAX_WORKERS.
+//! start as there are free slots under MAX_WORKERS. At most MAX_QUEUED wait
+//! beyond the free slots: a deploy that would queue one more is refused
+//! ([`has_room`]), so a flood of distinct scenarios cannot grow the queue (and
+//! the store behind it) without bound.
 
 use chrono::{DateTime, Utc};
 
@@ -41,10 +44,43 @@ pub fn decide<K: Ord + Clone>(
     Decision { start, queued }
 }
 
+/// Whether one more scenario may start waiting for a worker: `waiting`
+/// scenarios want one and have none, `live` hold slots. It is refused when it
+/// would leave more than `max_queued` waiting beyond the free slots.
+pub fn has_room(waiting: usize, live: usize, max_workers: usize, max_queued: usize) -> bool {
+    let free = max_workers.saturating_sub(live);
+    (waiting + 1).saturating_sub(free) <= max_queued
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn room_in_the_queue() {
+        // (waiting, live, max_workers, max_queued) → room for one more
+        for (waiting, live, max_workers, max_queued, room) in [
+            (0, 0, 1, 0, true),  // a free slot: it starts at once
+            (0, 1, 1, 0, false), // no slot and no queue
+            (0, 1, 1, 1, true),  // it queues first
+            (1, 1, 1, 1, false), // the queue is full
+            (2, 0, 4, 0, true),  // two wait for slots that are free
+            (3, 0, 4, 0, true),  // the fourth free slot
+            (4, 0, 4, 0, false), // every free slot taken by waiting ones
+            (9, 4, 4, 10, true), // nine queued of ten
+            (10, 4, 4, 10, false),
+            (10, 6, 4, 10, false), // more live than allowed (the limit was lowered)
+            (11, 2, 4, 10, true),  // two of the eleven take the free slots
+            (12, 2, 4, 10, false),
+        ] {
+            assert_eq!(
+                has_room(waiting, live, max_workers, max_queued),
+                room,
+                "waiting {waiting}, live {live}, MAX_WORKERS {max_workers}, MAX_QUEUED {max_queued}"
+            );
+        }
+    }
 
     fn w(key: &str, second: u32) -> Waiting<String> {
         Waiting {

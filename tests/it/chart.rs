@@ -300,24 +300,31 @@ fn every_pod_meets_the_restricted_pod_security_standard() {
         service_account: Some(env_value(&env, "WORKER_SERVICE_ACCOUNT")),
         ..WorkerTemplate::default()
     };
+    let worker = worker_pod_json(&template, "video", 1);
+    problems.extend(restricted_violations("worker Pod", &worker["spec"]));
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The worker Pod the controller builds with `template` for run `run` of
+/// scenario 550e8400-e29b-41d4-a716-446655440000 in `namespace`.
+fn worker_pod_json(template: &WorkerTemplate, namespace: &str, run: u32) -> Value {
+    let id = "550e8400-e29b-41d4-a716-446655440000";
     let mut scenario = Scenario::new(
-        "scn-550e8400-e29b-41d4-a716-446655440000",
+        &format!("scn-{id}"),
         ScenarioSpec {
-            scenario_uuid: "550e8400-e29b-41d4-a716-446655440000".into(),
+            scenario_uuid: id.into(),
             worker_id: "11223344-5566-7788-99aa-bbccddeeeff0".into(),
             camera_url: "rtsp://camera.example/stream".into(),
             fps: None,
             model: None,
             stopped: false,
             applied: Default::default(),
-            run: 1,
+            run,
         },
     );
-    scenario.metadata.namespace = Some("video".into());
+    scenario.metadata.namespace = Some(namespace.into());
     scenario.metadata.uid = Some("uid-1".into());
-    let worker = serde_json::to_value(worker_pod::build(&scenario, &template)).unwrap();
-    problems.extend(restricted_violations("worker Pod", &worker["spec"]));
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    serde_json::to_value(worker_pod::build(&scenario, template)).unwrap()
 }
 
 /// (apiGroup, resource, verb, resourceName or "")
@@ -390,9 +397,9 @@ fn rbac_is_namespaced_exact_and_has_no_wildcards() {
         ("", "pods", "create", ""),
         ("", "pods", "delete", ""),
         ("", "secrets", "create", ""),
+        ("", "secrets", "get", "vap-vap-runner-camera-digest-key"),
         ("events.k8s.io", "events", "create", ""),
         ("events.k8s.io", "events", "patch", ""),
-        ("coordination.k8s.io", "leases", "create", ""),
         ("coordination.k8s.io", "leases", "get", lease),
         ("coordination.k8s.io", "leases", "update", lease),
     ]
@@ -435,6 +442,8 @@ fn controller_environment_is_complete_and_read_by_the_binary() {
             "--set",
             "maxWorkers=12",
             "--set",
+            "maxQueued=500",
+            "--set",
             "videoFps=0.5",
             "--set",
             "videoFileRoot=/media",
@@ -467,6 +476,7 @@ fn controller_environment_is_complete_and_read_by_the_binary() {
         ("LEADER_ELECTION", "true"),
         ("KAFKA_BOOTSTRAP_SERVERS", "kafka-0:9092,kafka-1:9092"),
         ("MAX_WORKERS", "12"),
+        ("MAX_QUEUED", "500"),
         ("VIDEO_FPS", "0.5"),
         ("DEPLOY_TOPIC", "to_deploy"),
         ("UNDEPLOY_TOPIC", "to_undeploy"),
@@ -717,6 +727,378 @@ fn optional_parts_are_off_by_default() {
         pod_monitor["spec"]["selector"]["matchLabels"],
         json!({"app.kubernetes.io/component": "worker", "runner.vap.io/runner": "vap-vap-runner"})
     );
+}
+
+/// The API version `helm template` must be told the cluster serves for the
+/// admission policy to render (an install asks the cluster).
+const WITH_ADMISSION_POLICY: &[&str] = &[
+    "--api-versions",
+    "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
+];
+
+#[test]
+fn the_admission_policy_lease_and_namespace_are_rendered_as_asked() {
+    let docs = template("vap", "video", WITH_ADMISSION_POLICY);
+    let policy = one(&docs, "ValidatingAdmissionPolicy");
+    let name = "vap-vap-runner.video.worker-pods.runner.vap.io";
+    assert_eq!(policy["metadata"]["name"], name);
+    assert_eq!(
+        policy["spec"]["matchConditions"][0]["expression"],
+        "request.userInfo.username == \"system:serviceaccount:video:vap-vap-runner\""
+    );
+    let rules = policy["spec"]["validations"].to_string();
+    for expected in [
+        "c.image == 'vap-runner:0.1.0'",
+        "object.spec.serviceAccountName == 'vap-vap-runner-worker'",
+        "'runner.vap.io/runner'].orValue('') == 'vap-vap-runner'",
+        "size(object.spec.volumes) == 0",
+    ] {
+        assert!(rules.contains(expected), "{expected} in {rules}");
+    }
+    let binding = one(&docs, "ValidatingAdmissionPolicyBinding");
+    assert_eq!(binding["spec"]["policyName"], name);
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert_eq!(
+        binding["spec"]["matchResources"]["namespaceSelector"]["matchLabels"],
+        json!({"kubernetes.io/metadata.name": "video"})
+    );
+    // Only where the cluster serves the API, and only when enabled.
+    for docs in [
+        template("vap", "video", &[]),
+        template(
+            "vap",
+            "video",
+            &[
+                WITH_ADMISSION_POLICY,
+                &["--set", "admissionPolicy.enabled=false"],
+            ]
+            .concat(),
+        ),
+    ] {
+        assert!(of_kind(&docs, "ValidatingAdmissionPolicy").is_empty());
+        assert!(of_kind(&docs, "ValidatingAdmissionPolicyBinding").is_empty());
+    }
+
+    // The chart creates the leader Lease (the Role has no create on Leases).
+    let lease = one(&docs, "Lease");
+    assert_eq!(lease["metadata"]["name"], "vap-vap-runner-leader");
+    assert_eq!(lease["metadata"]["namespace"], "video");
+    let off = template("vap", "video", &["--set", "leaderElection.enabled=false"]);
+    assert!(of_kind(&off, "Lease").is_empty());
+
+    // The namespace only when asked, with the Pod Security labels.
+    assert!(of_kind(&docs, "Namespace").is_empty());
+    let created = template(
+        "vap",
+        "default",
+        &[
+            "--set",
+            "namespace.create=true",
+            "--set",
+            "namespace.name=video",
+        ],
+    );
+    let namespace = one(&created, "Namespace");
+    assert_eq!(namespace["metadata"]["name"], "video");
+    for doc in &created {
+        if doc["kind"] != "Namespace" {
+            assert_eq!(doc["metadata"]["namespace"], "video", "{doc}");
+        }
+    }
+    for mode in ["enforce", "audit", "warn"] {
+        assert_eq!(
+            namespace["metadata"]["labels"][format!("pod-security.kubernetes.io/{mode}")],
+            "restricted"
+        );
+    }
+}
+
+/// Removes a release (and the namespace it created and keeps) when dropped.
+struct Release {
+    name: String,
+    namespace: String,
+    delete_namespace: Option<String>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = Command::new("helm")
+            .args(["uninstall", &self.name, "--namespace", &self.namespace])
+            .output();
+        if let Some(namespace) = &self.delete_namespace {
+            let _ = Command::new("kubectl")
+                .args(["delete", "namespace", namespace, "--wait=false"])
+                .output();
+        }
+    }
+}
+
+fn install(release: &str, namespace: &str, sets: &[&str]) {
+    let chart = chart();
+    let mut args = vec!["install", release, chart.as_str(), "--namespace", namespace];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    helm_ok(&args);
+}
+
+/// Whether `result` is a refusal by the admission policy `policy`.
+fn refused_by<T: std::fmt::Debug>(result: &Result<T, kube::Error>, policy: &str) -> bool {
+    matches!(result, Err(kube::Error::Api(e)) if e.message.contains(policy))
+}
+
+/// On the real apiserver, with the controller's own credentials (its
+/// ServiceAccount, impersonated): the worker Pod the controller builds with
+/// the chart's settings is admitted, and each Pod shape the chart's
+/// admission policy forbids is refused by it. An administrator is not
+/// bound by it. A namespace the chart creates carries the Pod Security
+/// labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_account_creates_only_worker_pods_of_the_expected_shape() {
+    let bed = Bed::new("chart-vap").await;
+    let ns = bed.namespace.clone();
+    let release = common::unique_name("vr");
+    let fullname = format!("{release}-vap-runner");
+    let _release = Release {
+        name: release.clone(),
+        namespace: ns.clone(),
+        delete_namespace: None,
+    };
+    install(&release, &ns, &["image.tag=test"]);
+    let policy = format!("{fullname}.{ns}.worker-pods.runner.vap.io");
+    let user = format!("system:serviceaccount:{ns}:{fullname}");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = common::controller::impersonating_kubeconfig(dir.path(), &user);
+    let as_controller: Api<Pod> = Api::namespaced(client_from(&kubeconfig).await, &ns);
+    let as_admin: Api<Pod> = Api::namespaced(bed.client.clone(), &ns);
+
+    let template = WorkerTemplate {
+        runner_name: fullname.clone(),
+        image: "vap-runner:test".into(),
+        service_account: Some(format!("{fullname}-worker")),
+        ..WorkerTemplate::default()
+    };
+    let worker = worker_pod_json(&template, &ns, 3);
+    let create = |api: &Api<Pod>, pod: &Value| {
+        let api = api.clone();
+        let pod: Pod = serde_json::from_value(pod.clone()).expect("a Pod");
+        async move { api.create(&dry_params(), &pod).await }
+    };
+
+    // The policy takes effect once the apiserver has loaded it.
+    let mut other_image = worker.clone();
+    other_image["spec"]["containers"][0]["image"] = json!("busybox:latest");
+    wait_for(
+        "the admission policy in effect",
+        Duration::from_secs(60),
+        || {
+            let attempt = create(&as_controller, &other_image);
+            let policy = policy.clone();
+            async move { refused_by(&attempt.await, &policy).then_some(()) }
+        },
+    )
+    .await;
+
+    let admitted = create(&as_controller, &worker).await;
+    assert!(
+        admitted.is_ok(),
+        "the worker Pod the controller builds is refused: {admitted:?}"
+    );
+
+    fn c(pod: &mut Value) -> &mut Value {
+        &mut pod["spec"]["containers"][0]
+    }
+    type Shape = (&'static str, Box<dyn Fn(&mut Value)>);
+    let shapes: Vec<Shape> = vec![
+        (
+            "another image",
+            Box::new(|p| c(p)["image"] = json!("busybox:latest")),
+        ),
+        (
+            "another ServiceAccount",
+            Box::new(|p| p["spec"]["serviceAccountName"] = json!("default")),
+        ),
+        (
+            "a token",
+            Box::new(|p| p["spec"]["automountServiceAccountToken"] = json!(true)),
+        ),
+        (
+            "a hostPath volume",
+            Box::new(|p| {
+                p["spec"]["volumes"] = json!([{"name": "host", "hostPath": {"path": "/"}}]);
+                c(p)["volumeMounts"] = json!([{"name": "host", "mountPath": "/host"}]);
+            }),
+        ),
+        (
+            "a Secret volume",
+            Box::new(|p| {
+                p["spec"]["volumes"] =
+                    json!([{"name": "s", "secret": {"secretName": "kafka-admin"}}]);
+                c(p)["volumeMounts"] = json!([{"name": "s", "mountPath": "/s"}]);
+            }),
+        ),
+        (
+            "another scenario's camera Secret",
+            Box::new(|p| {
+                c(p)["env"][1]["valueFrom"]["secretKeyRef"]["name"] =
+                    json!("scn-11111111-2222-3333-4444-555555555555-camera");
+            }),
+        ),
+        (
+            "another Secret by env",
+            Box::new(|p| {
+                c(p)["env"][1]["valueFrom"]["secretKeyRef"]["name"] = json!("kafka-admin");
+            }),
+        ),
+        (
+            "envFrom a Secret",
+            Box::new(|p| c(p)["envFrom"] = json!([{"secretRef": {"name": "kafka-admin"}}])),
+        ),
+        (
+            // (the apiserver itself refuses privileged without escalation)
+            "privileged",
+            Box::new(|p| {
+                let sc = &mut c(p)["securityContext"];
+                sc["privileged"] = json!(true);
+                sc.as_object_mut()
+                    .unwrap()
+                    .remove("allowPrivilegeEscalation");
+            }),
+        ),
+        (
+            "privilege escalation",
+            Box::new(|p| c(p)["securityContext"]["allowPrivilegeEscalation"] = json!(true)),
+        ),
+        (
+            "an added capability",
+            Box::new(|p| c(p)["securityContext"]["capabilities"]["add"] = json!(["NET_ADMIN"])),
+        ),
+        (
+            "root",
+            Box::new(|p| {
+                p["spec"]["securityContext"]["runAsUser"] = json!(0);
+                p["spec"]["securityContext"]["runAsNonRoot"] = json!(false);
+            }),
+        ),
+        (
+            "a writable root filesystem",
+            Box::new(|p| c(p)["securityContext"]["readOnlyRootFilesystem"] = json!(false)),
+        ),
+        (
+            "the host network",
+            Box::new(|p| p["spec"]["hostNetwork"] = json!(true)),
+        ),
+        (
+            "the host PID namespace",
+            Box::new(|p| p["spec"]["hostPID"] = json!(true)),
+        ),
+        (
+            "a host port",
+            Box::new(|p| c(p)["ports"][0]["hostPort"] = json!(8080)),
+        ),
+        (
+            "a chosen node",
+            Box::new(|p| p["spec"]["nodeName"] = json!("kwok-node-0")),
+        ),
+        (
+            "a second container",
+            Box::new(|p| {
+                let mut sidecar = c(p).clone();
+                sidecar["name"] = json!("sidecar");
+                p["spec"]["containers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(sidecar);
+            }),
+        ),
+        (
+            "an init container",
+            Box::new(|p| {
+                let mut init = c(p).clone();
+                init["name"] = json!("init");
+                init.as_object_mut().unwrap().remove("livenessProbe");
+                init.as_object_mut().unwrap().remove("readinessProbe");
+                p["spec"]["initContainers"] = json!([init]);
+            }),
+        ),
+        (
+            "another name",
+            Box::new(|p| p["metadata"]["name"] = json!("not-a-worker")),
+        ),
+        (
+            "another runner",
+            Box::new(|p| p["metadata"]["labels"]["runner.vap.io/runner"] = json!("other-runner")),
+        ),
+    ];
+    let mut admitted_shapes = Vec::new();
+    for (what, change) in &shapes {
+        let mut pod = worker.clone();
+        change(&mut pod);
+        let result = create(&as_controller, &pod).await;
+        if !refused_by(&result, &policy) {
+            admitted_shapes.push(format!("{what}: {result:?}"));
+        }
+    }
+    assert!(
+        admitted_shapes.is_empty(),
+        "Pod shapes the controller's account could create:\n{}",
+        admitted_shapes.join("\n")
+    );
+    // Other users are not bound by it.
+    let by_admin = create(&as_admin, &other_image).await;
+    assert!(by_admin.is_ok(), "{by_admin:?}");
+
+    // Nor may the controller's account create Leases: the chart made its own.
+    let leases: Api<Lease> = Api::namespaced(client_from(&kubeconfig).await, &ns);
+    let lease: Lease =
+        serde_json::from_value(json!({"metadata": {"name": "another-runner-leader"}})).unwrap();
+    assert!(forbidden(leases.create(&dry_params(), &lease).await));
+    assert!(
+        leases
+            .get(&format!("{fullname}-leader"))
+            .await
+            .is_ok_and(|l| l.spec.is_some_and(|s| s.holder_identity.is_none())),
+        "the chart's Lease exists, held by no one yet"
+    );
+
+    // A namespace the chart creates enforces the restricted standard.
+    let own_ns = common::unique_name("chart-ns");
+    let own_release = common::unique_name("vr");
+    let _own = Release {
+        name: own_release.clone(),
+        namespace: ns.clone(),
+        delete_namespace: Some(own_ns.clone()),
+    };
+    install(
+        &own_release,
+        &ns,
+        &[
+            "namespace.create=true",
+            &format!("namespace.name={own_ns}"),
+            "image.tag=test",
+        ],
+    );
+    let created = Api::<Namespace>::all(bed.client.clone())
+        .get(&own_ns)
+        .await
+        .expect("the namespace the chart created");
+    let labels = created.labels();
+    for mode in ["enforce", "audit", "warn"] {
+        assert_eq!(
+            labels
+                .get(&format!("pod-security.kubernetes.io/{mode}"))
+                .map(String::as_str),
+            Some("restricted"),
+            "{labels:?}"
+        );
+    }
+}
+
+fn dry_params() -> PostParams {
+    PostParams {
+        dry_run: true,
+        ..Default::default()
+    }
 }
 
 /// Whether IPv4 range `cidr` contains address `ip`.

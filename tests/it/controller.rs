@@ -432,6 +432,180 @@ async fn a_command_stamped_ahead_of_the_clock_is_dead_lettered() {
     assert_eq!(sample(&metrics, &ingested("deploy", "created")), 1.0);
 }
 
+/// MAX_QUEUED bounds what a flood of distinct scenarios can queue: with one
+/// slot and two places, the fourth and fifth of five deploys are
+/// dead-lettered as `queue_full` and leave no Scenario; a replay of an
+/// admitted one is no new scenario and passes; a stop makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_past_max_queued_is_dead_lettered_as_queue_full() {
+    let bed = Bed::new("ctl-qfull").await;
+    let controller = bed.start_controller(&[("MAX_WORKERS", "1"), ("MAX_QUEUED", "2")]);
+    let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
+    let ids: Vec<String> = (0..5).map(|_| uuid()).collect();
+    let at = now_ms();
+    for (i, id) in ids.iter().enumerate() {
+        bed.deploy_at(id, &camera, at + i as i64).await;
+    }
+    bed.wait_committed(&bed.deploy, 5, WITHIN).await;
+
+    let letters = bed.read_topic(&bed.dlq, 2).await;
+    let refused: BTreeSet<String> = letters
+        .iter()
+        .map(|l| String::from_utf8_lossy(l.key.as_deref().unwrap_or_default()).to_string())
+        .collect();
+    for letter in &letters {
+        assert_eq!(letter.header("reason"), "queue_full", "{letters:?}");
+        assert!(
+            letter.header("error").contains("MAX_QUEUED=2"),
+            "the error names the setting: {}",
+            letter.header("error")
+        );
+    }
+    let stored = names(&bed.scenarios()).await;
+    let admitted: Vec<&String> = ids
+        .iter()
+        .filter(|id| stored.contains(&scenario_name(id)))
+        .collect();
+    assert_eq!(admitted.len(), 3, "one runs and two wait: {stored:?}");
+    assert!(
+        admitted.iter().all(|id| !refused.contains(*id)) && refused.len() == 2,
+        "each deploy is either stored or refused: {refused:?}, {admitted:?}"
+    );
+    wait_slots(&controller, 2.0, 1.0).await;
+    assert_eq!(bed.messages_in(&bed.dlq), 2);
+    let metrics = controller.metrics().await;
+    assert_eq!(sample(&metrics, &dead_lettered("queue_full")), 2.0);
+    assert_eq!(sample(&metrics, &ingested("deploy", "created")), 3.0);
+
+    // A replay of an admitted deploy is not a new scenario: it passes.
+    let first = admitted[0];
+    let first_at = at + ids.iter().position(|id| id == first).unwrap() as i64;
+    bed.deploy_at(first, &camera, first_at).await;
+    bed.wait_committed(&bed.deploy, 6, WITHIN).await;
+    assert_eq!(bed.messages_in(&bed.dlq), 2);
+
+    // A stop makes room: a refused scenario deployed again is stored.
+    let mut waiting = None;
+    for id in &admitted {
+        if bed.phase(id).await == Some(Phase::Queued) {
+            waiting = Some(*id);
+        }
+    }
+    let waiting = waiting.expect("a waiting scenario");
+    bed.undeploy_at(waiting, now_ms()).await;
+    bed.wait_phase(waiting, Phase::Stopped).await;
+    let again = refused.iter().next().unwrap();
+    bed.deploy_at(again, &camera, now_ms()).await;
+    bed.wait_phase(again, Phase::Queued).await;
+    assert_eq!(bed.messages_in(&bed.dlq), 2);
+    assert_eq!(controller.metric(&dead_lettered("queue_full")).await, 2.0);
+}
+
+/// A UDP socket on port 53 of a loopback address of its own that never
+/// answers: a resolver pointed at it waits for its whole timeout.
+struct SilentNameServer {
+    _socket: std::net::UdpSocket,
+    resolv_conf: std::path::PathBuf,
+}
+
+impl SilentNameServer {
+    fn start(dir: &std::path::Path) -> SilentNameServer {
+        let (a, b) = (rand_byte(), rand_byte());
+        let addr = format!("127.53.{a}.{}", b.max(1));
+        let socket = std::net::UdpSocket::bind(format!("{addr}:53")).expect("bind port 53");
+        let resolv_conf = dir.join("resolv.conf");
+        std::fs::write(
+            &resolv_conf,
+            format!("nameserver {addr}\noptions timeout:30 attempts:1\n"),
+        )
+        .expect("write resolv.conf");
+        SilentNameServer {
+            _socket: socket,
+            resolv_conf,
+        }
+    }
+
+    /// A command prefix that runs its arguments in a mount namespace of
+    /// their own whose /etc/resolv.conf names this server.
+    fn wrapper(&self) -> Vec<String> {
+        let mount = format!(
+            "mount --bind {} /etc/resolv.conf && exec \"$@\"",
+            self.resolv_conf.display()
+        );
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([mount, "sh".to_string()])
+        .collect()
+    }
+}
+
+fn rand_byte() -> u8 {
+    uuid::Uuid::new_v4().as_bytes()[0]
+}
+
+/// Ingest handles commands of different scenarios side by side: a camera
+/// name whose look-up hangs (the name server never answers; ingest gives it
+/// two seconds) holds up only its own scenario. The three deploys read after
+/// it are stored first; the newer deploy of the slow scenario, read right
+/// after the slow one, is still applied after it (it replaces the camera
+/// rather than being overtaken by it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_camera_name_holds_up_only_its_own_scenario() {
+    let bed = Bed::new("ctl-slowdns").await;
+    let dns = SilentNameServer::start(bed.logs.path());
+    let wrapper = dns.wrapper();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let controller = bed.start_controller_under(&wrapper, &[]);
+    let log = ScenarioLog::start(bed.scenarios()).await;
+    let slow = uuid();
+    let fast: Vec<String> = (0..3).map(|_| uuid()).collect();
+    let clip = format!("{}/vtest.avi", common::MEDIA_DIR);
+    let at = now_ms();
+    bed.deploy_at(&slow, "rtsp://camera.slow-dns.test/stream", at)
+        .await;
+    bed.deploy_at(&slow, &clip, at + 1).await;
+    for id in &fast {
+        bed.deploy_at(id, &clip, at + 2).await;
+    }
+    bed.wait_committed(&bed.deploy, 5, WITHIN).await;
+
+    // Read after the slow deploy, the newer one was applied after it.
+    let metrics = controller.metrics().await;
+    assert_eq!(sample(&metrics, &ingested("deploy", "created")), 4.0);
+    assert_eq!(sample(&metrics, &ingested("deploy", "replaced")), 1.0);
+    assert_eq!(
+        sample_or_zero(&metrics, &ingested("deploy", "overtaken")),
+        0.0
+    );
+    let scenario = bed.scenarios().get(&scenario_name(&slow)).await.unwrap();
+    assert_eq!(
+        (scenario.spec.run, scenario.spec.camera_url.as_str()),
+        (2, clip.as_str())
+    );
+
+    let order = log.first_seen();
+    let slow_at = order
+        .iter()
+        .position(|n| *n == scenario_name(&slow))
+        .expect("the slow scenario was written");
+    for id in &fast {
+        let fast_at = order.iter().position(|n| *n == scenario_name(id));
+        assert!(
+            fast_at.is_some_and(|f| f < slow_at),
+            "{id} was stored before the slow scenario: {order:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeploy_stops_frees_the_slot_and_a_replayed_deploy_is_ignored() {
     let bed = Bed::new("ctl-undeploy").await;

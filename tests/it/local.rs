@@ -145,18 +145,29 @@ async fn duplicates_run_once_bad_messages_go_to_the_dlq_and_undeploy_stops() {
         async move { (n == 3).then_some(()) }
     })
     .await;
-    // The dead letters came after the 100 deploys on the same partition:
-    // every deploy has been handled.
+    let addr = local
+        .metrics_addr()
+        .expect("the metrics address in the log");
+    // Commands of different scenarios are handled side by side: the dead
+    // letters may come before the last of the 100 deploys is handled.
+    wait_for("the 100 deploys handled", Duration::from_secs(60), || {
+        let addr = addr.clone();
+        async move {
+            let metrics = http_get(&addr, "/metrics").await.1;
+            metrics
+                .contains("vap_local_ingested_total{kind=\"deploy\",result=\"refreshed\"} 99")
+                .then_some(())
+        }
+    })
+    .await;
     let rows = bed.list();
     assert_eq!(rows.len(), 1, "one scenario for 100 deploys: {rows:?}");
     assert_eq!(rows[&s].phase, "Running");
     assert_eq!(bed.workers().len(), 1);
-    let reasons = dlq_reasons(&bed).await;
-    assert_eq!(reasons, ["not_json", "missing_field", "camera_url"]);
+    let mut reasons = dlq_reasons(&bed, 3).await;
+    reasons.sort();
+    assert_eq!(reasons, ["camera_url", "missing_field", "not_json"]);
 
-    let addr = local
-        .metrics_addr()
-        .expect("the metrics address in the log");
     assert_eq!(http_get(&addr, "/healthz").await.0, 200);
     assert_eq!(http_get(&addr, "/readyz").await.0, 200);
     let (status, metrics) = http_get(&addr, "/metrics").await;
@@ -209,7 +220,58 @@ async fn duplicates_run_once_bad_messages_go_to_the_dlq_and_undeploy_stops() {
     assert!(local.terminate().success(), "{}", local.log_tail());
 }
 
-async fn dlq_reasons(bed: &LocalBed) -> Vec<String> {
+/// `runner local` bounds its queue like the controller: with one slot and
+/// one place, the third of three scenarios is dead-lettered as `queue_full`
+/// and never reaches the state; a stop makes room for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_past_max_queued_is_dead_lettered() {
+    let bed = LocalBed::new("local-qfull").await;
+    let clip = common::media("vtest.avi");
+    let dlq = TopicLog::start(&bed.bootstrap, &bed.dlq);
+    let mut local = bed.start(&[
+        ("MAX_WORKERS", "1"),
+        ("MAX_QUEUED", "1"),
+        ("REALTIME", "true"),
+    ]);
+    let (a, b, c) = (uuid(41), uuid(42), uuid(43));
+    bed.deploy(&a, &clip).await;
+    wait_listed(&bed, &a, "Running").await;
+    bed.deploy(&b, &clip).await;
+    wait_listed(&bed, &b, "Queued").await;
+    bed.deploy(&c, &clip).await;
+    wait_for("a dead letter", Duration::from_secs(60), || {
+        local.assert_running();
+        let n = dlq.all().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    assert_eq!(dlq_reasons(&bed, 1).await, ["queue_full"]);
+    let rows = bed.list();
+    assert_eq!(rows[&b].phase, "Queued", "{rows:?}");
+    assert!(!rows.contains_key(&c), "{rows:?}");
+
+    bed.undeploy(&b).await;
+    wait_listed(&bed, &b, "Stopped").await;
+    bed.deploy(&c, &clip).await;
+    wait_listed(&bed, &c, "Queued").await;
+    assert_eq!(dlq.all().len(), 1);
+    assert!(local.terminate().success(), "{}", local.log_tail());
+}
+
+/// Waits until `runner local list` shows `scenario` in `phase`.
+async fn wait_listed(bed: &LocalBed, scenario: &str, phase: &str) {
+    wait_for(
+        &format!("{scenario} {phase}"),
+        Duration::from_secs(60),
+        || {
+            let there = bed.list().get(scenario).is_some_and(|r| r.phase == phase);
+            async move { there.then_some(()) }
+        },
+    )
+    .await;
+}
+
+async fn dlq_reasons(bed: &LocalBed, count: usize) -> Vec<String> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &bed.bootstrap)
         .set("group.id", common::unique_name("dlq-reader"))
@@ -218,7 +280,7 @@ async fn dlq_reasons(bed: &LocalBed) -> Vec<String> {
         .unwrap();
     consumer.subscribe(&[&bed.dlq]).unwrap();
     let mut reasons = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..count {
         let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
             .expect("a dead letter within 30 s")

@@ -370,6 +370,113 @@ async fn a_camera_password_lives_only_in_the_secret_the_controller_owns() {
     );
 }
 
+/// The camera digest on a Scenario is an HMAC under a key the runner keeps
+/// in a Secret of its own, created once: it matches nothing that can be
+/// computed without the key, stays the same across restarts (a replayed
+/// deploy of the same camera still only refreshes), and a Scenario written
+/// before digests were keyed is still compared the old way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_camera_digest_is_keyed_by_a_secret_the_runner_keeps() {
+    use crate::common::controller::{ingested, sample_or_zero};
+    use crate::common::scenario::{now_ms, scenario_name};
+    use vap_runner::controller::secret::{DigestKey, legacy_camera_digest};
+    const DIGEST: &str = "runner.vap.io/camera-digest";
+
+    let bed = Bed::new("sec-digest").await;
+    let mut controller = bed.start_controller(&[]);
+    let _explain = bed.explain_failure(&[&controller]);
+    let (a, b) = (uuid(), uuid());
+    let clip = format!("{}/vtest.avi", common::MEDIA_DIR);
+    let other_clip = format!("{}/Megamind.avi", common::MEDIA_DIR);
+    let at = now_ms();
+    bed.deploy_at(&a, &clip, at).await;
+    bed.deploy_at(&b, &clip, at).await;
+    bed.wait_phase(&a, Phase::Running).await;
+    bed.wait_phase(&b, Phase::Running).await;
+
+    let secrets: Api<Secret> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    let key_secret = secrets
+        .get("vap-runner-camera-digest-key")
+        .await
+        .expect("the runner's digest key Secret");
+    let key = &key_secret.data.as_ref().unwrap()["key"].0;
+    assert!(key.len() >= 32, "a key of {} bytes", key.len());
+    let digest_of = |id: &str| {
+        let scenarios = bed.scenarios();
+        let name = scenario_name(id);
+        async move {
+            let s = scenarios.get(&name).await.unwrap();
+            s.annotations()[DIGEST].clone()
+        }
+    };
+    let digest_a = digest_of(&a).await;
+    assert_eq!(digest_a, DigestKey::new(key).digest(&a, &clip));
+    let unkeyed: String =
+        ring::digest::digest(&ring::digest::SHA256, format!("{a}\n{clip}").as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+    assert!(
+        !digest_a.contains(&unkeyed) && !digest_a.contains(&legacy_camera_digest(&a, &clip)),
+        "{digest_a}"
+    );
+
+    // Scenario b as a runner before keyed digests would have written it.
+    bed.scenarios()
+        .patch(
+            &scenario_name(&b),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"annotations": {
+                DIGEST: legacy_camera_digest(&b, &clip)
+            }}})),
+        )
+        .await
+        .expect("write an old digest");
+
+    // A restart keeps the key: newer deploys of the same cameras refresh,
+    // whichever digest their Scenario carries.
+    assert!(
+        controller.terminate().success(),
+        "{}",
+        controller.log_tail()
+    );
+    let controller = bed.start_controller(&[]);
+    let _explain_restarted = bed.explain_failure(&[&controller]);
+    bed.deploy_at(&a, &clip, at + 1).await;
+    bed.deploy_at(&b, &clip, at + 1).await;
+    bed.wait_committed(&bed.deploy, 4, Duration::from_secs(120))
+        .await;
+    let again = secrets.get("vap-runner-camera-digest-key").await.unwrap();
+    assert_eq!(again.metadata.uid, key_secret.metadata.uid, "created once");
+    assert_eq!(&again.data.as_ref().unwrap()["key"].0, key);
+    let metrics = controller.metrics().await;
+    assert_eq!(
+        common::controller::sample(&metrics, &ingested("deploy", "refreshed")),
+        2.0,
+        "{}",
+        controller.log_tail()
+    );
+    assert_eq!(
+        sample_or_zero(&metrics, &ingested("deploy", "replaced")),
+        0.0
+    );
+    assert_eq!(digest_of(&a).await, digest_a);
+
+    // Another camera replaces b's worker, and its digest is keyed from then on.
+    bed.deploy_at(&b, &other_clip, at + 2).await;
+    bed.wait_committed(&bed.deploy, 5, Duration::from_secs(120))
+        .await;
+    assert_eq!(
+        controller.metric(&ingested("deploy", "replaced")).await,
+        1.0
+    );
+    assert_eq!(
+        digest_of(&b).await,
+        DigestKey::new(key).digest(&b, &other_clip)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_refuses_blocked_hosts_and_no_secret_spelling_leaks() {
     let bed = Bed::new("sec-ingest").await;
@@ -576,17 +683,49 @@ fn the_network_policy_cuts_out_ipv4_and_ipv6_metadata() {
             }
         }
     }
+    let v4 = json!([
+        "169.254.169.254/32",
+        "169.254.170.2/32",
+        "169.254.170.23/32",
+        "100.100.100.200/32"
+    ]);
+    let v6 = json!(["fd00:ec2::254/128", "fd00:ec2::23/128"]);
     let expected = [
-        ("0.0.0.0/0", json!(["169.254.169.254/32"])),
-        ("::/0", json!(["fd00:ec2::254/128"])),
-        ("fd00::/8", json!(["fd00:ec2::254/128"])),
-        ("fd00:ec2::/32", json!(["fd00:ec2::254/128"])),
+        ("0.0.0.0/0", v4),
+        ("::/0", v6.clone()),
+        ("fd00::/8", v6.clone()),
+        ("fd00:ec2::/32", v6),
         ("fd00:ec3::/32", serde_json::Value::Null),
         ("192.168.10.0/24", serde_json::Value::Null),
     ];
     for (cidr, except) in expected {
         assert_eq!(excepts.get(cidr), Some(&except), "{cidr}: {excepts:?}");
     }
+}
+
+/// The chart's NetworkPolicy blocks by default exactly the metadata
+/// addresses the camera host policy always refuses.
+#[test]
+fn the_network_policy_blocks_every_metadata_address_the_host_policy_refuses() {
+    let values: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/charts/vap-runner/values.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let chart: std::collections::BTreeSet<String> = values["networkPolicy"]["blockedCidrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    let policy: std::collections::BTreeSet<String> = vap_runner::host_policy::metadata_addresses()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(chart, policy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

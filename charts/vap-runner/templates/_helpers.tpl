@@ -67,6 +67,13 @@ runner.vap.io/runner: {{ include "vap-runner.fullname" . }}
 {{- end }}
 
 {{/*
+The namespace of the runner: `namespace.name`, else the release's.
+*/}}
+{{- define "vap-runner.namespace" -}}
+{{- default .Release.Namespace .Values.namespace.name }}
+{{- end }}
+
+{{/*
 The controller's ServiceAccount.
 */}}
 {{- define "vap-runner.serviceAccountName" -}}

@@ -153,6 +153,17 @@ impl Bed {
 
     /// Starts a controller for this bed; `extra` env overrides the defaults.
     pub fn start_controller(&self, extra: &[(&str, &str)]) -> ControllerProcess {
+        self.start_controller_under(&[], extra)
+    }
+
+    /// [`Bed::start_controller`], the runner started by the command `under`
+    /// (which ends by running the arguments it is given, with its
+    /// environment, as the same process).
+    pub fn start_controller_under(
+        &self,
+        under: &[&str],
+        extra: &[(&str, &str)],
+    ) -> ControllerProcess {
         let log_path = self
             .logs
             .path()
@@ -180,6 +191,16 @@ impl Bed {
             env.insert(k, v.to_string());
         }
         let mut cmd = super::runner();
+        if let Some((program, args)) = under.split_first() {
+            let runner = cmd;
+            cmd = std::process::Command::new(program);
+            cmd.args(args).arg(runner.get_program()).env_clear();
+            for (k, v) in runner.get_envs() {
+                if let Some(v) = v {
+                    cmd.env(k, v);
+                }
+            }
+        }
         cmd.arg("controller")
             .envs(env)
             .stdin(Stdio::null())
@@ -768,6 +789,16 @@ pub fn controller_rules(denied: &[(&str, &str)]) -> serde_json::Value {
             })
         })
         .collect();
+    let mut rules = rules;
+    // The one Secret it reads: its camera digest key (runner `vap-runner`).
+    if !denied.contains(&("secrets", "get")) {
+        rules.push(serde_json::json!({
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["vap-runner-camera-digest-key"],
+            "verbs": ["get"]
+        }));
+    }
     serde_json::Value::Array(rules)
 }
 
