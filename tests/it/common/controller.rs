@@ -1165,6 +1165,24 @@ impl PodHistory {
     }
 
     /// The uids of every Pod named `name` seen, in order.
+    /// The uids of the Pods named `name` that kwok ran (see [`kwok_is_done`]),
+    /// in the order seen.
+    pub fn uids_that_ran(&self, name: &str) -> Vec<String> {
+        let mut uids: Vec<String> = Vec::new();
+        for change in &self.changes {
+            if let PodChange::Applied(p) = change
+                && p.metadata.name.as_deref() == Some(name)
+                && kwok_is_done(p)
+            {
+                let uid = p.metadata.uid.clone().unwrap_or_default();
+                if !uids.contains(&uid) {
+                    uids.push(uid);
+                }
+            }
+        }
+        uids
+    }
+
     pub fn uids_of(&self, name: &str) -> Vec<String> {
         let mut uids: Vec<String> = Vec::new();
         for change in &self.changes {
