@@ -208,14 +208,7 @@ async fn a_deleted_worker_pod_is_replaced_and_its_scenario_keeps_running() {
         "the new worker runs on the real node"
     );
     let s = wait_running_and_ready(&bed, &id).await;
-    assert_eq!(restarts(&s), 0, "a deleted Pod is no restart: {s:?}");
-    let phases = phases_published(&bed, &id).await;
-    assert!(
-        !phases.iter().any(|p| p == "Failed" || p == "Succeeded"),
-        "the scenario never ended: {phases:?}\n{}",
-        ctl.log_tail()
-    );
-    ctl.assert_running();
+    assert_replaced_not_ended(&bed, &id, &s, &mut ctl).await;
     drop(camera);
 }
 
@@ -267,8 +260,15 @@ async fn a_deleted_worker_killed_after_the_grace_period_is_replaced_not_failed()
             matches!(phase(s), Some(Phase::Starting | Phase::Running))
         })
         .await;
-    assert_eq!(restarts(&s), 0, "a deleted Pod is no restart: {s:?}");
-    let phases = phases_published(&bed, &id).await;
+    assert_replaced_not_ended(&bed, &id, &s, &mut ctl).await;
+}
+
+/// What a deleted worker Pod must leave behind: no restart counted, no
+/// `Failed` or `Succeeded` ever published for the scenario, the controller
+/// still running.
+async fn assert_replaced_not_ended(bed: &Bed, id: &str, s: &Scenario, ctl: &mut ControllerProcess) {
+    assert_eq!(restarts(s), 0, "a deleted Pod is no restart: {s:?}");
+    let phases = phases_published(bed, id).await;
     assert!(
         !phases.iter().any(|p| p == "Failed" || p == "Succeeded"),
         "the scenario never ended: {phases:?}\n{}",
