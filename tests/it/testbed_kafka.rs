@@ -9,7 +9,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 #[tokio::test]
@@ -36,11 +36,7 @@ async fn produce_consume_commit_round_trip() {
         .await
         .expect("create topic");
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("enable.idempotence", "true")
-        .create()
-        .expect("producer");
+    let producer = common::test_producer(&bootstrap);
     for i in 0..3 {
         let payload = format!("{{\"n\":{i}}}");
         producer

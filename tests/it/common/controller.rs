@@ -111,18 +111,15 @@ impl Bed {
             || async { accounts.get_opt("default").await.ok()?.map(|_| ()) },
         )
         .await;
+        let [deploy, undeploy, dlq, events, results] = super::bed_topics(&namespace);
         let bed = Bed {
-            deploy: format!("{namespace}.to_deploy"),
-            undeploy: format!("{namespace}.to_undeploy"),
-            dlq: format!("{namespace}.to_deploy.dlq"),
-            events: format!("{namespace}.scenario_events"),
-            results: format!("{namespace}.results"),
+            deploy,
+            undeploy,
+            dlq,
+            events,
+            results,
             group: format!("{namespace}-group"),
-            producer: ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .set("enable.idempotence", "true")
-                .create()
-                .expect("producer"),
+            producer: super::test_producer(&bootstrap),
             logs: tempfile::tempdir().expect("log dir"),
             written: Default::default(),
             client,

@@ -41,18 +41,15 @@ impl LocalBed {
     /// clients may use without logging in).
     pub async fn on(bootstrap: String, prefix: &str) -> LocalBed {
         let name = unique_name(prefix);
+        let [deploy, undeploy, dlq, events, results] = super::bed_topics(&name);
         let bed = LocalBed {
-            deploy: format!("{name}.to_deploy"),
-            undeploy: format!("{name}.to_undeploy"),
-            dlq: format!("{name}.to_deploy.dlq"),
-            events: format!("{name}.scenario_events"),
-            results: format!("{name}.results"),
+            deploy,
+            undeploy,
+            dlq,
+            events,
+            results,
             group: format!("{name}-group"),
-            producer: ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .set("enable.idempotence", "true")
-                .create()
-                .expect("producer"),
+            producer: super::test_producer(&bootstrap),
             // The supervisor refuses a state directory other users may open.
             state: tempfile::Builder::new()
                 .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))

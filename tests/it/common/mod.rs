@@ -88,6 +88,28 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}", &id[..8])
 }
 
+/// A test bed's own topic names under `prefix`: to_deploy, to_undeploy, the
+/// dead-letter topic, scenario_events and results.
+pub fn bed_topics(prefix: &str) -> [String; 5] {
+    [
+        "to_deploy",
+        "to_undeploy",
+        "to_deploy.dlq",
+        "scenario_events",
+        "results",
+    ]
+    .map(|topic| format!("{prefix}.{topic}"))
+}
+
+/// An idempotent producer for what a test sends to the broker at `bootstrap`.
+pub fn test_producer(bootstrap: &str) -> rdkafka::producer::FutureProducer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer")
+}
+
 /// Polls `check` until it yields `Some`, or panics after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
