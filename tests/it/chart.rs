@@ -60,6 +60,9 @@ fn helm_ok(args: &[&str]) -> String {
     )
 }
 
+/// The one value without a default: the chart refuses to render without it.
+const BOOTSTRAP: &[&str] = &["--set", "kafka.bootstrapServers=kafka.example:9092"];
+
 /// Every optional part of the chart switched on.
 const ALL_FEATURES: &[&str] = &[
     "--set",
@@ -78,7 +81,8 @@ const ALL_FEATURES: &[&str] = &[
     "imagePullSecrets[0].name=registry",
 ];
 
-/// `helm template` output as JSON documents.
+/// `helm template` output as JSON documents, with a bootstrap server (`extra`
+/// comes after it and may set another).
 fn template(release: &str, namespace: &str, extra: &[&str]) -> Vec<Value> {
     let chart = chart();
     let mut args = vec![
@@ -90,6 +94,7 @@ fn template(release: &str, namespace: &str, extra: &[&str]) -> Vec<Value> {
         "--kube-version",
         KUBE_VERSION,
     ];
+    args.extend_from_slice(BOOTSTRAP);
     args.extend_from_slice(extra);
     documents(&helm_ok(&args))
 }
@@ -247,15 +252,16 @@ fn pod_templates(docs: &[Value]) -> Vec<(String, &Value)> {
 #[test]
 fn chart_lints_clean() {
     let chart = chart();
-    let base = [
+    let mut base = vec![
         "lint",
         "--strict",
         chart.as_str(),
         "--kube-version",
         KUBE_VERSION,
     ];
+    base.extend_from_slice(BOOTSTRAP);
     helm_ok(&base);
-    let mut all = base.to_vec();
+    let mut all = base.clone();
     all.extend_from_slice(ALL_FEATURES);
     helm_ok(&all);
     all.extend_from_slice(SECURED_KAFKA);
@@ -663,6 +669,7 @@ fn secured_kafka_reaches_the_controller_as_files_and_the_workers_by_reference() 
         (vec!["--set", "kafka.sasl.mechanism=GSSAPI"], "mechanism"),
     ] {
         let mut all = vec!["template", "vap", chart.as_str()];
+        all.extend_from_slice(BOOTSTRAP);
         all.extend(args.iter().copied());
         let out = tool("helm", &all);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -748,7 +755,7 @@ fn the_admission_policy_lease_and_namespace_are_rendered_as_asked() {
     );
     let rules = policy["spec"]["validations"].to_string();
     for expected in [
-        "c.image == 'vap-runner:0.1.0'",
+        "c.image == 'ghcr.io/vap-runner/vap-runner:0.1.0'",
         "object.spec.serviceAccountName == 'vap-vap-runner-worker'",
         "'runner.vap.io/runner'].orValue('') == 'vap-vap-runner'",
         "size(object.spec.volumes) == 0",
@@ -833,11 +840,17 @@ impl Drop for Release {
     }
 }
 
+/// `helm install` on the test bed with the test image `vap-runner:test` and
+/// `sets`; no controller runs, so the bootstrap server is a placeholder.
 fn install(release: &str, namespace: &str, sets: &[&str]) {
     let chart = chart();
     let mut args = vec!["install", release, chart.as_str(), "--namespace", namespace];
-    for s in sets {
-        args.extend(["--set", s]);
+    args.extend_from_slice(BOOTSTRAP);
+    for s in ["image.repository=vap-runner", "image.tag=test"]
+        .iter()
+        .chain(sets)
+    {
+        args.extend(["--set", *s]);
     }
     helm_ok(&args);
 }
@@ -864,7 +877,7 @@ async fn the_controllers_account_creates_only_worker_pods_of_the_expected_shape(
         namespace: ns.clone(),
         delete_namespace: None,
     };
-    install(&release, &ns, &["image.tag=test"]);
+    install(&release, &ns, &[]);
     let policy = format!("{fullname}.{ns}.worker-pods.runner.vap.io");
     let user = format!("system:serviceaccount:{ns}:{fullname}");
     let dir = tempfile::tempdir().unwrap();
@@ -1072,11 +1085,7 @@ async fn the_controllers_account_creates_only_worker_pods_of_the_expected_shape(
     install(
         &own_release,
         &ns,
-        &[
-            "namespace.create=true",
-            &format!("namespace.name={own_ns}"),
-            "image.tag=test",
-        ],
+        &["namespace.create=true", &format!("namespace.name={own_ns}")],
     );
     let created = Api::<Namespace>::all(bed.client.clone())
         .get(&own_ns)
@@ -1178,6 +1187,8 @@ fn network_policy_limits_worker_egress_and_blocks_the_metadata_endpoint() {
             "vap",
             chart.as_str(),
             "--set",
+            "kafka.bootstrapServers=kafka.example:9092",
+            "--set",
             "networkPolicy.enabled=true",
             "--set",
             "networkPolicy.cameras.cidrs={169.254.169.254/32}",
@@ -1230,6 +1241,48 @@ fn values_are_documented_in_the_readme() {
         missing.is_empty(),
         "values missing from the README's values table: {missing:?}"
     );
+}
+
+/// Panics naming the first of `expected` that `text` (`what`) lacks.
+fn says_all(what: &str, text: &str, expected: &[&str]) {
+    for e in expected {
+        assert!(text.contains(e), "{e:?} not in {what}:\n{text}");
+    }
+}
+
+/// `helm template` with `args` after the chart, expected to fail: its stderr.
+fn template_error(args: &[&str]) -> String {
+    let chart = chart();
+    let mut all = vec!["template", "vap", chart.as_str()];
+    all.extend_from_slice(args);
+    let out = tool("helm", &all);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "helm template {args:?} rendered");
+    err
+}
+
+#[test]
+fn a_missing_bootstrap_server_is_refused_with_the_fix() {
+    let text = std::fs::read_to_string(repo().join("charts/vap-runner/values.yaml")).unwrap();
+    let values: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(
+        values["kafka"]["bootstrapServers"], "",
+        "kafka.bootstrapServers must have no default: localhost in a Pod is the Pod itself"
+    );
+    for args in [
+        vec![],
+        vec!["--set", "kafka.bootstrapServers="],
+        vec!["--set", "kafka.bootstrapServers=  "],
+    ] {
+        says_all(
+            &format!("the error of {args:?}"),
+            &template_error(&args),
+            &[
+                "kafka.bootstrapServers is required",
+                "--set kafka.bootstrapServers=kafka.example:9092",
+            ],
+        );
+    }
 }
 
 #[test]
@@ -1301,6 +1354,7 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
         format!("topics.events={}", bed.events),
         format!("topics.results={}", bed.results),
         format!("videoFileRoot={}", common::MEDIA_DIR),
+        "image.repository=vap-runner".to_string(),
         "image.tag=test".to_string(),
         "log.level=DEBUG".to_string(),
         // The API server must accept the NetworkPolicy (except ⊂ cidr).

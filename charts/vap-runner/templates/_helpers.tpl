@@ -96,6 +96,18 @@ The workers' ServiceAccount; empty when workers use the namespace default.
 {{- end }}
 
 {{/*
+KAFKA_BOOTSTRAP_SERVERS; refuses to render without it (there is no default
+that could work: localhost in a Pod is the Pod itself).
+*/}}
+{{- define "vap-runner.bootstrapServers" -}}
+{{- $servers := trim .Values.kafka.bootstrapServers }}
+{{- if not $servers }}
+{{- fail "kafka.bootstrapServers is required: the Kafka brokers as the runner's Pods reach them, host:port[,host:port...]. Set it, e.g. --set kafka.bootstrapServers=kafka.example:9092" }}
+{{- end }}
+{{- $servers }}
+{{- end }}
+
+{{/*
 The controller image.
 */}}
 {{- define "vap-runner.image" -}}
