@@ -1286,6 +1286,129 @@ fn a_missing_bootstrap_server_is_refused_with_the_fix() {
 }
 
 #[test]
+fn a_misspelt_value_fails_the_schema_at_every_level() {
+    for (set, typo) in [
+        ("imageTag=1.0", "imageTag"),
+        ("image.tags=1.0", "tags"),
+        ("kafka.bootstrapServer=kafka:9092", "bootstrapServer"),
+        ("kafka.tls.ca.keys=x", "keys"),
+        ("kafka.sasl.worker.existingSecrets=x", "existingSecrets"),
+        ("topics.result=x", "result"),
+        ("controller.resources.limit.cpu=1", "limit"),
+        ("controller.serviceAccount.annotation.a=b", "annotation"),
+        (
+            "controller.strategy.rollingupdate.maxSurge=1",
+            "rollingupdate",
+        ),
+        ("worker.image.repo=x", "repo"),
+        ("worker.resources.request.cpu=1", "request"),
+        ("metrics.serviceMonitor.enable=true", "enable"),
+        ("metrics.service.ports=80", "ports"),
+        ("networkPolicy.kafka.cidr=10.0.0.0/8", "cidr"),
+        ("networkPolicy.dns.ports[0].protocols=TCP", "protocols"),
+        ("admissionPolicy.enable=false", "enable"),
+    ] {
+        let err = template_error(&["--set", "kafka.bootstrapServers=k:9092", "--set", set]);
+        assert!(
+            err.contains(&format!("additional properties '{typo}' not allowed")),
+            "--set {set}: {err}"
+        );
+    }
+
+    // Every object of the schema that lists its properties is closed, so a
+    // new setting cannot reopen a level by accident.
+    fn open_levels(path: &str, schema: &Value, out: &mut Vec<String>) {
+        match schema {
+            Value::Object(map) => {
+                if map.get("properties").is_some_and(Value::is_object)
+                    && map.get("additionalProperties") != Some(&Value::Bool(false))
+                {
+                    out.push(path.to_string());
+                }
+                for (k, v) in map {
+                    // The children of "properties" are names, not schemas.
+                    if k == "properties" || k == "definitions" {
+                        for (name, child) in v.as_object().into_iter().flatten() {
+                            open_levels(&format!("{path}/{k}/{name}"), child, out);
+                        }
+                    } else {
+                        open_levels(&format!("{path}/{k}"), v, out);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    open_levels(&format!("{path}/{i}"), v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("charts/vap-runner/values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let mut open = Vec::new();
+    open_levels("", &schema, &mut open);
+    assert!(
+        open.is_empty(),
+        "values.schema.json levels without \"additionalProperties\": false: {open:?}"
+    );
+}
+
+/// Whether `path` (dotted) is declared in the schema: each step a property
+/// (following `$ref`), or a level that takes any key.
+fn declared(schema: &Value, node: &Value, path: &[&str]) -> bool {
+    let node = match node["$ref"].as_str() {
+        Some(r) => &schema["definitions"][r.trim_start_matches("#/definitions/")],
+        None => node,
+    };
+    let Some((first, rest)) = path.split_first() else {
+        return true;
+    };
+    match &node["properties"][*first] {
+        Value::Null => {
+            node["properties"].is_null()
+                && node["type"] == "object"
+                && node["additionalProperties"] != Value::Bool(false)
+        }
+        child => declared(schema, child, rest),
+    }
+}
+
+#[test]
+fn every_value_the_templates_read_is_declared_in_the_schema() {
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("charts/vap-runner/values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let mut undeclared = BTreeSet::new();
+    let templates = repo().join("charts/vap-runner/templates");
+    for entry in std::fs::read_dir(&templates).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (i, _) in text.match_indices(".Values.") {
+            let rest = &text[i + ".Values.".len()..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '_'))
+                .unwrap_or(rest.len());
+            let value = rest[..end].trim_end_matches('.');
+            let steps: Vec<&str> = value.split('.').collect();
+            if !declared(&schema, &schema, &steps) {
+                undeclared.insert(format!(
+                    "{}: .Values.{value}",
+                    path.file_name().unwrap().to_string_lossy()
+                ));
+            }
+        }
+    }
+    assert!(
+        undeclared.is_empty(),
+        "the templates read values the schema refuses: {undeclared:?}"
+    );
+}
+
+#[test]
 fn workflows_pass_actionlint() {
     let workflows = repo().join(".github/workflows");
     for name in ["ci.yml", "e2e-kind.yml"] {
