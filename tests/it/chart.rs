@@ -63,6 +63,15 @@ fn helm_ok(args: &[&str]) -> String {
 /// The one value without a default: the chart refuses to render without it.
 const BOOTSTRAP: &[&str] = &["--set", "kafka.bootstrapServers=kafka.example:9092"];
 
+/// The Prometheus Operator's kinds, for `helm template` (an install asks the
+/// cluster): the monitors render only where the cluster serves them.
+const WITH_MONITORING: &[&str] = &[
+    "--api-versions",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PodMonitor",
+];
+
 /// Every optional part of the chart switched on.
 const ALL_FEATURES: &[&str] = &[
     "--set",
@@ -722,7 +731,7 @@ fn optional_parts_are_off_by_default() {
     }
     let service = one(&docs, "Service");
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "http");
-    let on = template("vap", "video", ALL_FEATURES);
+    let on = template("vap", "video", &[ALL_FEATURES, WITH_MONITORING].concat());
     let monitor = one(&on, "ServiceMonitor");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http-metrics");
     assert_eq!(
@@ -1406,6 +1415,35 @@ fn every_value_the_templates_read_is_declared_in_the_schema() {
         undeclared.is_empty(),
         "the templates read values the schema refuses: {undeclared:?}"
     );
+}
+
+#[test]
+fn monitors_render_only_where_the_cluster_serves_their_kinds() {
+    let on = [
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+    ];
+    let kinds = |docs: &[Value]| {
+        (
+            of_kind(docs, "ServiceMonitor").len(),
+            of_kind(docs, "PodMonitor").len(),
+        )
+    };
+    // Enabled, but the cluster has no Prometheus Operator: skipped.
+    assert_eq!(kinds(&template("vap", "video", &on)), (0, 0));
+    // Served: both, or only the one the cluster has.
+    let all = template("vap", "video", &[&on[..], WITH_MONITORING].concat());
+    assert_eq!(kinds(&all), (1, 1));
+    let only_service = [
+        &on[..],
+        &["--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"],
+    ]
+    .concat();
+    assert_eq!(kinds(&template("vap", "video", &only_service)), (1, 0));
+    // Not enabled: nothing, whatever the cluster serves.
+    assert_eq!(kinds(&template("vap", "video", WITH_MONITORING)), (0, 0));
 }
 
 #[test]
