@@ -1431,8 +1431,16 @@ fn monitors_render_only_where_the_cluster_serves_their_kinds() {
             of_kind(docs, "PodMonitor").len(),
         )
     };
-    // Enabled, but the cluster has no Prometheus Operator: skipped.
+    // Enabled, but the cluster has no Prometheus Operator: skipped, and said.
     assert_eq!(kinds(&template("vap", "video", &on)), (0, 0));
+    let said = notes(&on);
+    for kind in ["ServiceMonitor", "PodMonitor"] {
+        assert!(
+            said.contains(&format!("NOT CREATED: the {kind}"))
+                && said.contains(&format!("does not serve monitoring.coreos.com/v1 {kind}")),
+            "{said}"
+        );
+    }
     // Served: both, or only the one the cluster has.
     let all = template("vap", "video", &[&on[..], WITH_MONITORING].concat());
     assert_eq!(kinds(&all), (1, 1));
@@ -1442,8 +1450,145 @@ fn monitors_render_only_where_the_cluster_serves_their_kinds() {
     ]
     .concat();
     assert_eq!(kinds(&template("vap", "video", &only_service)), (1, 0));
-    // Not enabled: nothing, whatever the cluster serves.
+    let said = notes(&only_service);
+    assert!(!said.contains("NOT CREATED: the ServiceMonitor"), "{said}");
+    assert!(said.contains("NOT CREATED: the PodMonitor"), "{said}");
+    // Not enabled: nothing, whatever the cluster serves, and nothing said.
     assert_eq!(kinds(&template("vap", "video", WITH_MONITORING)), (0, 0));
+    assert!(!notes(&[]).contains("NOT CREATED"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The chart's NOTES.txt as `helm install` prints it, for release `vap` in
+/// namespace `video` with a bootstrap server and `extra`. `helm template`
+/// leaves NOTES out and `helm install --dry-run` needs a cluster, so a copy of
+/// the chart renders the same file through `tpl` with the same values and
+/// capabilities, as a ConfigMap.
+fn notes(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("vap-runner");
+    copy_dir(&repo().join("charts/vap-runner"), &copy);
+    std::fs::rename(
+        copy.join("templates/NOTES.txt"),
+        copy.join("notes-under-test.txt"),
+    )
+    .unwrap();
+    std::fs::write(
+        copy.join("templates/notes-under-test.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-under-test\ndata:\n  \
+         notes: {{ tpl (.Files.Get \"notes-under-test.txt\") . | toJson }}\n",
+    )
+    .unwrap();
+    let copy = copy.display().to_string();
+    let mut args = vec![
+        "template",
+        "vap",
+        copy.as_str(),
+        "--namespace",
+        "video",
+        "--kube-version",
+        KUBE_VERSION,
+        "--show-only",
+        "templates/notes-under-test.yaml",
+    ];
+    args.extend_from_slice(BOOTSTRAP);
+    args.extend_from_slice(extra);
+    let docs = documents(&helm_ok(&args));
+    one(&docs, "ConfigMap")["data"]["notes"]
+        .as_str()
+        .expect("the notes")
+        .to_string()
+}
+
+/// The `to_deploy` example in `text` (the JSON object on an `echo '...'`
+/// line), checked as the controller checks it.
+fn deploy_example(text: &str) -> vap_runner::messages::DeployRequest {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("echo '{"))
+        .unwrap_or_else(|| panic!("no `echo '{{...}}'` to_deploy example in:\n{text}"));
+    let json = line.split('\'').nth(1).unwrap();
+    vap_runner::messages::DeployRequest::parse(Some(json.as_bytes()), None)
+        .unwrap_or_else(|e| panic!("the example {json} is not a valid to_deploy: {e:?}"))
+}
+
+#[test]
+fn notes_tell_the_deployed_image_the_model_and_how_to_start() {
+    let text = notes(&[]);
+    says_all(
+        "the notes",
+        &text,
+        &[
+            "Image:          ghcr.io/vap-runner/vap-runner:0.1.0\n",
+            "Model:          mock",
+            "WARNING: worker.model is \"mock\": workers publish RANDOM detections",
+            "--bootstrap-server kafka.example:9092 --topic to_deploy",
+            "kubectl get scenarios -n video",
+            "on to_undeploy",
+        ],
+    );
+    assert!(!text.contains("Worker image:"), "{text}");
+    assert!(!text.contains("loopback"), "{text}");
+    let example = deploy_example(&text);
+    assert_eq!(
+        example.scenario_uuid.to_string(),
+        "550e8400-e29b-41d4-a716-446655440000"
+    );
+
+    // The tag deployed, not the appVersion; the worker image when it differs;
+    // the model in use without the warning; the topic and namespace in use.
+    let text = notes(&[
+        "--set",
+        "image.repository=registry.example/vap-runner",
+        "--set",
+        "image.tag=1.2.3",
+        "--set",
+        "worker.image.tag=1.2.4",
+        "--set",
+        "worker.model=yolo",
+        "--set",
+        "topics.deploy=cams.deploy",
+    ]);
+    says_all(
+        "the notes",
+        &text,
+        &[
+            "Image:          registry.example/vap-runner:1.2.3\n",
+            "Worker image:   registry.example/vap-runner:1.2.4\n",
+            "Model:          yolo",
+            "--topic cams.deploy",
+        ],
+    );
+    assert!(
+        !text.contains(":0.1.0"),
+        "the appVersion is not deployed:\n{text}"
+    );
+    assert!(!text.contains("WARNING"), "{text}");
+
+    // A loopback broker is the Pod itself: said loudly.
+    for servers in [
+        "localhost:9092",
+        "kafka:9092\\,127.0.0.1:9092",
+        "[::1]:9092",
+    ] {
+        let text = notes(&["--set", &format!("kafka.bootstrapServers={servers}")]);
+        assert!(
+            text.contains("names a\nloopback address"),
+            "{servers}: no loopback warning in:\n{text}"
+        );
+    }
 }
 
 #[test]

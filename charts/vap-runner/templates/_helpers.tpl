@@ -108,6 +108,17 @@ that could work: localhost in a Pod is the Pod itself).
 {{- end }}
 
 {{/*
+"true" when a bootstrap server is a loopback name or address: in a Pod that is
+the Pod itself.
+*/}}
+{{- define "vap-runner.bootstrapIsLoopback" -}}
+{{- range splitList "," .Values.kafka.bootstrapServers }}
+{{- $host := regexReplaceAll `\]?:[0-9]+$` (trim . | trimPrefix "[") "" | lower }}
+{{- if or (eq $host "localhost") (hasPrefix "127." $host) (eq $host "::1") }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
 The controller image.
 */}}
 {{- define "vap-runner.image" -}}
