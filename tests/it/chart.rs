@@ -1592,6 +1592,60 @@ fn notes_tell_the_deployed_image_the_model_and_how_to_start() {
 }
 
 #[test]
+fn chart_metadata_points_at_the_project_and_its_image() {
+    let chart: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("charts/vap-runner/Chart.yaml")).unwrap(),
+    )
+    .unwrap();
+    let values: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("charts/vap-runner/values.yaml")).unwrap(),
+    )
+    .unwrap();
+    let project = "https://github.com/vap-runner/vap-runner";
+    assert_eq!(chart["home"], project);
+    assert_eq!(chart["sources"][0], project);
+    assert_eq!(chart["maintainers"][0]["name"], "vap-runner maintainers");
+    let icon = chart["icon"].as_str().expect("an icon");
+    let in_repo = icon
+        .strip_prefix("https://raw.githubusercontent.com/vap-runner/vap-runner/main/")
+        .expect("the icon is a file of this repository");
+    assert!(repo().join(in_repo).is_file(), "{in_repo} is missing");
+
+    // The default image is the published one, at the chart's appVersion, and
+    // Artifact Hub is told the same.
+    let app_version = chart["appVersion"].as_str().unwrap();
+    assert_eq!(
+        values["image"]["repository"],
+        "ghcr.io/vap-runner/vap-runner"
+    );
+    assert_eq!(values["image"]["tag"], "");
+    let annotations = &chart["annotations"];
+    let images: serde_yaml::Value =
+        serde_yaml::from_str(annotations["artifacthub.io/images"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        images[0]["image"].as_str(),
+        Some(format!("ghcr.io/vap-runner/vap-runner:{app_version}").as_str())
+    );
+    let deployment = one(&template("vap", "video", &[]), "Deployment").clone();
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+        format!("ghcr.io/vap-runner/vap-runner:{app_version}")
+    );
+
+    // The licence is the image's (LICENSE and THIRD_PARTY_NOTICES.md).
+    let license = annotations["artifacthub.io/license"].as_str().unwrap();
+    assert_eq!(license, "Apache-2.0 AND LGPL-2.1-or-later AND BSD-2-Clause");
+    assert!(repo().join("LICENSE").is_file());
+    let notices = std::fs::read_to_string(repo().join("THIRD_PARTY_NOTICES.md")).unwrap();
+    for licence in ["Lesser General Public License 2.1 or later", "BSD 2-Clause"] {
+        assert!(
+            notices.contains(licence),
+            "{licence} not in THIRD_PARTY_NOTICES.md"
+        );
+    }
+}
+
+#[test]
 fn workflows_pass_actionlint() {
     let workflows = repo().join(".github/workflows");
     for name in ["ci.yml", "e2e-kind.yml"] {
