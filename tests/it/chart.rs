@@ -1208,7 +1208,7 @@ fn network_policy_limits_worker_egress_and_blocks_the_metadata_endpoint() {
 }
 
 #[test]
-fn values_are_documented_in_the_readme() {
+fn values_are_documented_in_the_chart_readme() {
     fn leaves(prefix: &str, value: &serde_yaml::Value, out: &mut Vec<String>) {
         match value {
             serde_yaml::Value::Mapping(map) if !map.is_empty() => {
@@ -1241,14 +1241,16 @@ fn values_are_documented_in_the_readme() {
     let values: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let mut paths = Vec::new();
     leaves("", &values, &mut paths);
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo().join("charts/vap-runner/README.md"))
+        .expect("charts/vap-runner/README.md; run scripts/chart-docs");
     let missing: Vec<&String> = paths
         .iter()
-        .filter(|p| !readme.contains(&format!("`{p}`")))
+        .filter(|p| !readme.contains(&format!("\n| `{p}` |")))
         .collect();
     assert!(
         missing.is_empty(),
-        "values missing from the README's values table: {missing:?}"
+        "values missing from the chart README's values table (document them with `# --` \
+         in values.yaml, then run scripts/chart-docs): {missing:?}"
     );
 }
 
@@ -1589,6 +1591,37 @@ fn notes_tell_the_deployed_image_the_model_and_how_to_start() {
             "{servers}: no loopback warning in:\n{text}"
         );
     }
+}
+
+#[test]
+fn the_chart_readme_is_current_and_its_example_valid() {
+    let out = Command::new(repo().join("scripts/chart-docs"))
+        .arg("--check")
+        .current_dir(repo())
+        .output()
+        .expect("run scripts/chart-docs --check");
+    assert!(
+        out.status.success(),
+        "charts/vap-runner/README.md is not what scripts/chart-docs generates; \
+         run scripts/chart-docs and commit the result:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let readme = std::fs::read_to_string(repo().join("charts/vap-runner/README.md")).unwrap();
+    deploy_example(&readme);
+    says_all(
+        "the chart README",
+        &readme,
+        &[
+            "helm install vap oci://ghcr.io/vap-runner/charts/vap-runner --version 0.1.0",
+            "--set kafka.bootstrapServers=",
+            "kubectl get scenarios -n video",
+            "--reset-then-reuse-values",
+        ],
+    );
+    assert!(
+        !readme.contains("--reuse-values"),
+        "use --reset-then-reuse-values"
+    );
 }
 
 #[test]
