@@ -1,10 +1,12 @@
 //! The Helm chart (`charts/vap-runner`) and the GitHub Actions workflows.
 //!
 //! Static checks run `helm lint` / `helm template` and `actionlint` (both on
-//! the PATH that `scripts/infra env` prints). The install test puts the chart
-//! on the test bed's real kube-apiserver and runs `runner controller` as a
-//! local process with the chart's environment, authenticated as the chart's
-//! ServiceAccount by impersonation: the Role must be enough for a deploy and
+//! the PATH that `scripts/infra env` prints), and `scripts/chart-docs --check`
+//! for the chart README (helm-docs from the same tool cache, built on first
+//! use). The install test puts the chart on the test bed's real
+//! kube-apiserver and runs `runner controller` as a local process with the
+//! chart's environment, authenticated as the chart's ServiceAccount by
+//! impersonation: the Role must be enough for a deploy and
 //! an undeploy, and everything outside it must be refused. On the cluster
 //! the chart's ServiceAccounts exist, the controller Pod runs as its own with
 //! a token, and the worker Pods it creates run as the workers' one without.
