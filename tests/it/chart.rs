@@ -1,10 +1,12 @@
 //! The Helm chart (`charts/vap-runner`) and the GitHub Actions workflows.
 //!
 //! Static checks run `helm lint` / `helm template` and `actionlint` (both on
-//! the PATH that `scripts/infra env` prints). The install test puts the chart
-//! on the test bed's real kube-apiserver and runs `runner controller` as a
-//! local process with the chart's environment, authenticated as the chart's
-//! ServiceAccount by impersonation: the Role must be enough for a deploy and
+//! the PATH that `scripts/infra env` prints), and `scripts/chart-docs --check`
+//! for the chart README (helm-docs from the same tool cache, built on first
+//! use). The install test puts the chart on the test bed's real
+//! kube-apiserver and runs `runner controller` as a local process with the
+//! chart's environment, authenticated as the chart's ServiceAccount by
+//! impersonation: the Role must be enough for a deploy and
 //! an undeploy, and everything outside it must be refused. On the cluster
 //! the chart's ServiceAccounts exist, the controller Pod runs as its own with
 //! a token, and the worker Pods it creates run as the workers' one without.
@@ -60,6 +62,18 @@ fn helm_ok(args: &[&str]) -> String {
     )
 }
 
+/// The one value without a default: the chart refuses to render without it.
+const BOOTSTRAP: &[&str] = &["--set", "kafka.bootstrapServers=kafka.example:9092"];
+
+/// The Prometheus Operator's kinds, for `helm template` (an install asks the
+/// cluster): the monitors render only where the cluster serves them.
+const WITH_MONITORING: &[&str] = &[
+    "--api-versions",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PodMonitor",
+];
+
 /// Every optional part of the chart switched on.
 const ALL_FEATURES: &[&str] = &[
     "--set",
@@ -78,7 +92,8 @@ const ALL_FEATURES: &[&str] = &[
     "imagePullSecrets[0].name=registry",
 ];
 
-/// `helm template` output as JSON documents.
+/// `helm template` output as JSON documents, with a bootstrap server (`extra`
+/// comes after it and may set another).
 fn template(release: &str, namespace: &str, extra: &[&str]) -> Vec<Value> {
     let chart = chart();
     let mut args = vec![
@@ -90,6 +105,7 @@ fn template(release: &str, namespace: &str, extra: &[&str]) -> Vec<Value> {
         "--kube-version",
         KUBE_VERSION,
     ];
+    args.extend_from_slice(BOOTSTRAP);
     args.extend_from_slice(extra);
     documents(&helm_ok(&args))
 }
@@ -247,15 +263,16 @@ fn pod_templates(docs: &[Value]) -> Vec<(String, &Value)> {
 #[test]
 fn chart_lints_clean() {
     let chart = chart();
-    let base = [
+    let mut base = vec![
         "lint",
         "--strict",
         chart.as_str(),
         "--kube-version",
         KUBE_VERSION,
     ];
+    base.extend_from_slice(BOOTSTRAP);
     helm_ok(&base);
-    let mut all = base.to_vec();
+    let mut all = base.clone();
     all.extend_from_slice(ALL_FEATURES);
     helm_ok(&all);
     all.extend_from_slice(SECURED_KAFKA);
@@ -663,6 +680,7 @@ fn secured_kafka_reaches_the_controller_as_files_and_the_workers_by_reference() 
         (vec!["--set", "kafka.sasl.mechanism=GSSAPI"], "mechanism"),
     ] {
         let mut all = vec!["template", "vap", chart.as_str()];
+        all.extend_from_slice(BOOTSTRAP);
         all.extend(args.iter().copied());
         let out = tool("helm", &all);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -715,7 +733,7 @@ fn optional_parts_are_off_by_default() {
     }
     let service = one(&docs, "Service");
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "http");
-    let on = template("vap", "video", ALL_FEATURES);
+    let on = template("vap", "video", &[ALL_FEATURES, WITH_MONITORING].concat());
     let monitor = one(&on, "ServiceMonitor");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http-metrics");
     assert_eq!(
@@ -748,7 +766,7 @@ fn the_admission_policy_lease_and_namespace_are_rendered_as_asked() {
     );
     let rules = policy["spec"]["validations"].to_string();
     for expected in [
-        "c.image == 'vap-runner:0.1.0'",
+        "c.image == 'ghcr.io/vap-runner/vap-runner:0.1.0'",
         "object.spec.serviceAccountName == 'vap-vap-runner-worker'",
         "'runner.vap.io/runner'].orValue('') == 'vap-vap-runner'",
         "size(object.spec.volumes) == 0",
@@ -833,11 +851,17 @@ impl Drop for Release {
     }
 }
 
+/// `helm install` on the test bed with the test image `vap-runner:test` and
+/// `sets`; no controller runs, so the bootstrap server is a placeholder.
 fn install(release: &str, namespace: &str, sets: &[&str]) {
     let chart = chart();
     let mut args = vec!["install", release, chart.as_str(), "--namespace", namespace];
-    for s in sets {
-        args.extend(["--set", s]);
+    args.extend_from_slice(BOOTSTRAP);
+    for s in ["image.repository=vap-runner", "image.tag=test"]
+        .iter()
+        .chain(sets)
+    {
+        args.extend(["--set", *s]);
     }
     helm_ok(&args);
 }
@@ -864,7 +888,7 @@ async fn the_controllers_account_creates_only_worker_pods_of_the_expected_shape(
         namespace: ns.clone(),
         delete_namespace: None,
     };
-    install(&release, &ns, &["image.tag=test"]);
+    install(&release, &ns, &[]);
     let policy = format!("{fullname}.{ns}.worker-pods.runner.vap.io");
     let user = format!("system:serviceaccount:{ns}:{fullname}");
     let dir = tempfile::tempdir().unwrap();
@@ -1072,11 +1096,7 @@ async fn the_controllers_account_creates_only_worker_pods_of_the_expected_shape(
     install(
         &own_release,
         &ns,
-        &[
-            "namespace.create=true",
-            &format!("namespace.name={own_ns}"),
-            "image.tag=test",
-        ],
+        &["namespace.create=true", &format!("namespace.name={own_ns}")],
     );
     let created = Api::<Namespace>::all(bed.client.clone())
         .get(&own_ns)
@@ -1178,6 +1198,8 @@ fn network_policy_limits_worker_egress_and_blocks_the_metadata_endpoint() {
             "vap",
             chart.as_str(),
             "--set",
+            "kafka.bootstrapServers=kafka.example:9092",
+            "--set",
             "networkPolicy.enabled=true",
             "--set",
             "networkPolicy.cameras.cidrs={169.254.169.254/32}",
@@ -1188,7 +1210,7 @@ fn network_policy_limits_worker_egress_and_blocks_the_metadata_endpoint() {
 }
 
 #[test]
-fn values_are_documented_in_the_readme() {
+fn values_are_documented_in_the_chart_readme() {
     fn leaves(prefix: &str, value: &serde_yaml::Value, out: &mut Vec<String>) {
         match value {
             serde_yaml::Value::Mapping(map) if !map.is_empty() => {
@@ -1221,15 +1243,441 @@ fn values_are_documented_in_the_readme() {
     let values: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let mut paths = Vec::new();
     leaves("", &values, &mut paths);
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo().join("charts/vap-runner/README.md"))
+        .expect("charts/vap-runner/README.md; run scripts/chart-docs");
     let missing: Vec<&String> = paths
         .iter()
-        .filter(|p| !readme.contains(&format!("`{p}`")))
+        .filter(|p| !readme.contains(&format!("\n| `{p}` |")))
         .collect();
     assert!(
         missing.is_empty(),
-        "values missing from the README's values table: {missing:?}"
+        "values missing from the chart README's values table (document them with `# --` \
+         in values.yaml, then run scripts/chart-docs): {missing:?}"
     );
+}
+
+/// Panics naming the first of `expected` that `text` (`what`) lacks.
+fn says_all(what: &str, text: &str, expected: &[&str]) {
+    for e in expected {
+        assert!(text.contains(e), "{e:?} not in {what}:\n{text}");
+    }
+}
+
+/// `helm template` with `args` after the chart, expected to fail: its stderr.
+fn template_error(args: &[&str]) -> String {
+    let chart = chart();
+    let mut all = vec!["template", "vap", chart.as_str()];
+    all.extend_from_slice(args);
+    let out = tool("helm", &all);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "helm template {args:?} rendered");
+    err
+}
+
+#[test]
+fn a_missing_bootstrap_server_is_refused_with_the_fix() {
+    let text = std::fs::read_to_string(repo().join("charts/vap-runner/values.yaml")).unwrap();
+    let values: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(
+        values["kafka"]["bootstrapServers"], "",
+        "kafka.bootstrapServers must have no default: localhost in a Pod is the Pod itself"
+    );
+    for args in [
+        vec![],
+        vec!["--set", "kafka.bootstrapServers="],
+        vec!["--set", "kafka.bootstrapServers=  "],
+    ] {
+        says_all(
+            &format!("the error of {args:?}"),
+            &template_error(&args),
+            &[
+                "kafka.bootstrapServers is required",
+                "--set kafka.bootstrapServers=kafka.example:9092",
+            ],
+        );
+    }
+}
+
+#[test]
+fn a_misspelt_value_fails_the_schema_at_every_level() {
+    for (set, typo) in [
+        ("imageTag=1.0", "imageTag"),
+        ("image.tags=1.0", "tags"),
+        ("kafka.bootstrapServer=kafka:9092", "bootstrapServer"),
+        ("kafka.tls.ca.keys=x", "keys"),
+        ("kafka.sasl.worker.existingSecrets=x", "existingSecrets"),
+        ("topics.result=x", "result"),
+        ("controller.resources.limit.cpu=1", "limit"),
+        ("controller.serviceAccount.annotation.a=b", "annotation"),
+        (
+            "controller.strategy.rollingupdate.maxSurge=1",
+            "rollingupdate",
+        ),
+        ("worker.image.repo=x", "repo"),
+        ("worker.resources.request.cpu=1", "request"),
+        ("metrics.serviceMonitor.enable=true", "enable"),
+        ("metrics.service.ports=80", "ports"),
+        ("networkPolicy.kafka.cidr=10.0.0.0/8", "cidr"),
+        ("networkPolicy.dns.ports[0].protocols=TCP", "protocols"),
+        ("admissionPolicy.enable=false", "enable"),
+    ] {
+        let err = template_error(&["--set", "kafka.bootstrapServers=k:9092", "--set", set]);
+        assert!(
+            err.contains(&format!("additional properties '{typo}' not allowed")),
+            "--set {set}: {err}"
+        );
+    }
+
+    // Every object of the schema that lists its properties is closed, so a
+    // new setting cannot reopen a level by accident.
+    fn open_levels(path: &str, schema: &Value, out: &mut Vec<String>) {
+        match schema {
+            Value::Object(map) => {
+                if map.get("properties").is_some_and(Value::is_object)
+                    && map.get("additionalProperties") != Some(&Value::Bool(false))
+                {
+                    out.push(path.to_string());
+                }
+                for (k, v) in map {
+                    // The children of "properties" are names, not schemas.
+                    if k == "properties" || k == "definitions" {
+                        for (name, child) in v.as_object().into_iter().flatten() {
+                            open_levels(&format!("{path}/{k}/{name}"), child, out);
+                        }
+                    } else {
+                        open_levels(&format!("{path}/{k}"), v, out);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    open_levels(&format!("{path}/{i}"), v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("charts/vap-runner/values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let mut open = Vec::new();
+    open_levels("", &schema, &mut open);
+    assert!(
+        open.is_empty(),
+        "values.schema.json levels without \"additionalProperties\": false: {open:?}"
+    );
+}
+
+/// Whether `path` (dotted) is declared in the schema: each step a property
+/// (following `$ref`), or a level that takes any key.
+fn declared(schema: &Value, node: &Value, path: &[&str]) -> bool {
+    let node = match node["$ref"].as_str() {
+        Some(r) => &schema["definitions"][r.trim_start_matches("#/definitions/")],
+        None => node,
+    };
+    let Some((first, rest)) = path.split_first() else {
+        return true;
+    };
+    match &node["properties"][*first] {
+        Value::Null => {
+            node["properties"].is_null()
+                && node["type"] == "object"
+                && node["additionalProperties"] != Value::Bool(false)
+        }
+        child => declared(schema, child, rest),
+    }
+}
+
+#[test]
+fn every_value_the_templates_read_is_declared_in_the_schema() {
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("charts/vap-runner/values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let mut undeclared = BTreeSet::new();
+    let templates = repo().join("charts/vap-runner/templates");
+    for entry in std::fs::read_dir(&templates).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (i, _) in text.match_indices(".Values.") {
+            let rest = &text[i + ".Values.".len()..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '_'))
+                .unwrap_or(rest.len());
+            let value = rest[..end].trim_end_matches('.');
+            let steps: Vec<&str> = value.split('.').collect();
+            if !declared(&schema, &schema, &steps) {
+                undeclared.insert(format!(
+                    "{}: .Values.{value}",
+                    path.file_name().unwrap().to_string_lossy()
+                ));
+            }
+        }
+    }
+    assert!(
+        undeclared.is_empty(),
+        "the templates read values the schema refuses: {undeclared:?}"
+    );
+}
+
+#[test]
+fn monitors_render_only_where_the_cluster_serves_their_kinds() {
+    let on = [
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+    ];
+    let kinds = |docs: &[Value]| {
+        (
+            of_kind(docs, "ServiceMonitor").len(),
+            of_kind(docs, "PodMonitor").len(),
+        )
+    };
+    // Enabled, but the cluster has no Prometheus Operator: skipped, and said.
+    assert_eq!(kinds(&template("vap", "video", &on)), (0, 0));
+    let said = notes(&on);
+    for kind in ["ServiceMonitor", "PodMonitor"] {
+        assert!(
+            said.contains(&format!("NOT CREATED: the {kind}"))
+                && said.contains(&format!("does not serve monitoring.coreos.com/v1 {kind}")),
+            "{said}"
+        );
+    }
+    // Served: both, or only the one the cluster has.
+    let all = template("vap", "video", &[&on[..], WITH_MONITORING].concat());
+    assert_eq!(kinds(&all), (1, 1));
+    let only_service = [
+        &on[..],
+        &["--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"],
+    ]
+    .concat();
+    assert_eq!(kinds(&template("vap", "video", &only_service)), (1, 0));
+    let said = notes(&only_service);
+    assert!(!said.contains("NOT CREATED: the ServiceMonitor"), "{said}");
+    assert!(said.contains("NOT CREATED: the PodMonitor"), "{said}");
+    // Not enabled: nothing, whatever the cluster serves, and nothing said.
+    assert_eq!(kinds(&template("vap", "video", WITH_MONITORING)), (0, 0));
+    assert!(!notes(&[]).contains("NOT CREATED"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The chart's NOTES.txt as `helm install` prints it, for release `vap` in
+/// namespace `video` with a bootstrap server and `extra`. `helm template`
+/// leaves NOTES out and `helm install --dry-run` needs a cluster, so a copy of
+/// the chart renders the same file through `tpl` with the same values and
+/// capabilities, as a ConfigMap.
+fn notes(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("vap-runner");
+    copy_dir(&repo().join("charts/vap-runner"), &copy);
+    std::fs::rename(
+        copy.join("templates/NOTES.txt"),
+        copy.join("notes-under-test.txt"),
+    )
+    .unwrap();
+    std::fs::write(
+        copy.join("templates/notes-under-test.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-under-test\ndata:\n  \
+         notes: {{ tpl (.Files.Get \"notes-under-test.txt\") . | toJson }}\n",
+    )
+    .unwrap();
+    let copy = copy.display().to_string();
+    let mut args = vec![
+        "template",
+        "vap",
+        copy.as_str(),
+        "--namespace",
+        "video",
+        "--kube-version",
+        KUBE_VERSION,
+        "--show-only",
+        "templates/notes-under-test.yaml",
+    ];
+    args.extend_from_slice(BOOTSTRAP);
+    args.extend_from_slice(extra);
+    let docs = documents(&helm_ok(&args));
+    one(&docs, "ConfigMap")["data"]["notes"]
+        .as_str()
+        .expect("the notes")
+        .to_string()
+}
+
+/// The `to_deploy` example in `text` (the JSON object on an `echo '...'`
+/// line), checked as the controller checks it.
+fn deploy_example(text: &str) -> vap_runner::messages::DeployRequest {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("echo '{"))
+        .unwrap_or_else(|| panic!("no `echo '{{...}}'` to_deploy example in:\n{text}"));
+    let json = line.split('\'').nth(1).unwrap();
+    vap_runner::messages::DeployRequest::parse(Some(json.as_bytes()), None)
+        .unwrap_or_else(|e| panic!("the example {json} is not a valid to_deploy: {e:?}"))
+}
+
+#[test]
+fn notes_tell_the_deployed_image_the_model_and_how_to_start() {
+    let text = notes(&[]);
+    says_all(
+        "the notes",
+        &text,
+        &[
+            "Image:          ghcr.io/vap-runner/vap-runner:0.1.0\n",
+            "Model:          mock",
+            "WARNING: worker.model is \"mock\": workers publish RANDOM detections",
+            "--bootstrap-server kafka.example:9092 --topic to_deploy",
+            "kubectl get scenarios -n video",
+            "on to_undeploy",
+        ],
+    );
+    assert!(!text.contains("Worker image:"), "{text}");
+    assert!(!text.contains("loopback"), "{text}");
+    let example = deploy_example(&text);
+    assert_eq!(
+        example.scenario_uuid.to_string(),
+        "550e8400-e29b-41d4-a716-446655440000"
+    );
+
+    // The tag deployed, not the appVersion; the worker image when it differs;
+    // the model in use without the warning; the topic and namespace in use.
+    let text = notes(&[
+        "--set",
+        "image.repository=registry.example/vap-runner",
+        "--set",
+        "image.tag=1.2.3",
+        "--set",
+        "worker.image.tag=1.2.4",
+        "--set",
+        "worker.model=yolo",
+        "--set",
+        "topics.deploy=cams.deploy",
+    ]);
+    says_all(
+        "the notes",
+        &text,
+        &[
+            "Image:          registry.example/vap-runner:1.2.3\n",
+            "Worker image:   registry.example/vap-runner:1.2.4\n",
+            "Model:          yolo",
+            "--topic cams.deploy",
+        ],
+    );
+    assert!(
+        !text.contains(":0.1.0"),
+        "the appVersion is not deployed:\n{text}"
+    );
+    assert!(!text.contains("WARNING"), "{text}");
+
+    // A loopback broker is the Pod itself: said loudly.
+    for servers in [
+        "localhost:9092",
+        "kafka:9092\\,127.0.0.1:9092",
+        "[::1]:9092",
+    ] {
+        let text = notes(&["--set", &format!("kafka.bootstrapServers={servers}")]);
+        assert!(
+            text.contains("names a\nloopback address"),
+            "{servers}: no loopback warning in:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn the_chart_readme_is_current_and_its_example_valid() {
+    let out = Command::new(repo().join("scripts/chart-docs"))
+        .arg("--check")
+        .current_dir(repo())
+        .output()
+        .expect("run scripts/chart-docs --check");
+    assert!(
+        out.status.success(),
+        "charts/vap-runner/README.md is not what scripts/chart-docs generates; \
+         run scripts/chart-docs and commit the result:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let readme = std::fs::read_to_string(repo().join("charts/vap-runner/README.md")).unwrap();
+    deploy_example(&readme);
+    says_all(
+        "the chart README",
+        &readme,
+        &[
+            "helm install vap oci://ghcr.io/vap-runner/charts/vap-runner --version 0.1.0",
+            "--set kafka.bootstrapServers=",
+            "kubectl get scenarios -n video",
+            "--reset-then-reuse-values",
+        ],
+    );
+    assert!(
+        !readme.contains("--reuse-values"),
+        "use --reset-then-reuse-values"
+    );
+}
+
+#[test]
+fn chart_metadata_points_at_the_project_and_its_image() {
+    let chart: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("charts/vap-runner/Chart.yaml")).unwrap(),
+    )
+    .unwrap();
+    let values: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("charts/vap-runner/values.yaml")).unwrap(),
+    )
+    .unwrap();
+    let project = "https://github.com/vap-runner/vap-runner";
+    assert_eq!(chart["home"], project);
+    assert_eq!(chart["sources"][0], project);
+    assert_eq!(chart["maintainers"][0]["name"], "vap-runner maintainers");
+    let icon = chart["icon"].as_str().expect("an icon");
+    let in_repo = icon
+        .strip_prefix("https://raw.githubusercontent.com/vap-runner/vap-runner/main/")
+        .expect("the icon is a file of this repository");
+    assert!(repo().join(in_repo).is_file(), "{in_repo} is missing");
+
+    // The default image is the published one, at the chart's appVersion, and
+    // Artifact Hub is told the same.
+    let app_version = chart["appVersion"].as_str().unwrap();
+    assert_eq!(
+        values["image"]["repository"],
+        "ghcr.io/vap-runner/vap-runner"
+    );
+    assert_eq!(values["image"]["tag"], "");
+    let annotations = &chart["annotations"];
+    let images: serde_yaml::Value =
+        serde_yaml::from_str(annotations["artifacthub.io/images"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        images[0]["image"].as_str(),
+        Some(format!("ghcr.io/vap-runner/vap-runner:{app_version}").as_str())
+    );
+    let deployment = one(&template("vap", "video", &[]), "Deployment").clone();
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+        format!("ghcr.io/vap-runner/vap-runner:{app_version}")
+    );
+
+    // The licence is the image's (LICENSE and THIRD_PARTY_NOTICES.md).
+    let license = annotations["artifacthub.io/license"].as_str().unwrap();
+    assert_eq!(license, "Apache-2.0 AND LGPL-2.1-or-later AND BSD-2-Clause");
+    assert!(repo().join("LICENSE").is_file());
+    let notices = std::fs::read_to_string(repo().join("THIRD_PARTY_NOTICES.md")).unwrap();
+    for licence in ["Lesser General Public License 2.1 or later", "BSD 2-Clause"] {
+        assert!(
+            notices.contains(licence),
+            "{licence} not in THIRD_PARTY_NOTICES.md"
+        );
+    }
 }
 
 #[test]
@@ -1301,6 +1749,7 @@ async fn install_run_as_the_charts_identity_and_uninstall() {
         format!("topics.events={}", bed.events),
         format!("topics.results={}", bed.results),
         format!("videoFileRoot={}", common::MEDIA_DIR),
+        "image.repository=vap-runner".to_string(),
         "image.tag=test".to_string(),
         "log.level=DEBUG".to_string(),
         // The API server must accept the NetworkPolicy (except ⊂ cidr).

@@ -648,11 +648,13 @@ async fn the_worker_follows_no_http_redirect() {
     );
 }
 
-/// The object of `kind` that `helm template` renders with the `sets`.
+/// The object of `kind` that `helm template` renders with a bootstrap server
+/// and the `sets`.
 fn rendered(kind: &str, sets: &[&str]) -> serde_json::Value {
     let chart = format!("{}/charts/vap-runner", env!("CARGO_MANIFEST_DIR"));
     let mut helm = std::process::Command::new("helm");
     helm.args(["template", "vap", chart.as_str()]);
+    helm.args(["--set", "kafka.bootstrapServers=kafka.example:9092"]);
     for set in sets {
         helm.args(["--set", set]);
     }

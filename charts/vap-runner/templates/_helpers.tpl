@@ -96,6 +96,29 @@ The workers' ServiceAccount; empty when workers use the namespace default.
 {{- end }}
 
 {{/*
+KAFKA_BOOTSTRAP_SERVERS; refuses to render without it (there is no default
+that could work: localhost in a Pod is the Pod itself).
+*/}}
+{{- define "vap-runner.bootstrapServers" -}}
+{{- $servers := trim .Values.kafka.bootstrapServers }}
+{{- if not $servers }}
+{{- fail "kafka.bootstrapServers is required: the Kafka brokers as the runner's Pods reach them, host:port[,host:port...]. Set it, e.g. --set kafka.bootstrapServers=kafka.example:9092" }}
+{{- end }}
+{{- $servers }}
+{{- end }}
+
+{{/*
+"true" when a bootstrap server is a loopback name or address: in a Pod that is
+the Pod itself.
+*/}}
+{{- define "vap-runner.bootstrapIsLoopback" -}}
+{{- range splitList "," .Values.kafka.bootstrapServers }}
+{{- $host := regexReplaceAll `\]?:[0-9]+$` (trim . | trimPrefix "[") "" | lower }}
+{{- if or (eq $host "localhost") (hasPrefix "127." $host) (eq $host "::1") }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
 The controller image.
 */}}
 {{- define "vap-runner.image" -}}
