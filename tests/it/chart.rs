@@ -725,7 +725,7 @@ fn several_releases_have_separate_names_groups_and_leases() {
 #[test]
 fn optional_parts_are_off_by_default() {
     let docs = template("vap", "video", &[]);
-    for kind in ["ServiceMonitor", "PodMonitor", "NetworkPolicy"] {
+    for kind in ["ServiceMonitor", "PodMonitor"] {
         assert!(
             of_kind(&docs, kind).is_empty(),
             "{kind} must be off by default"
@@ -1207,6 +1207,72 @@ fn network_policy_limits_worker_egress_and_blocks_the_metadata_endpoint() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("blocked range"));
+}
+
+/// The NetworkPolicy is on without any setting: workers may reach DNS and
+/// every IPv4 and IPv6 address (cameras and a Kafka outside the cluster)
+/// except the metadata endpoints; `networkPolicy.enabled=false` removes it,
+/// and in-cluster camera peers are added to the camera rule.
+#[test]
+fn the_network_policy_is_on_by_default_and_allows_cameras_anywhere_but_metadata() {
+    let docs = template("vap", "video", &[]);
+    let policy = one(&docs, "NetworkPolicy");
+    let egress = policy["spec"]["egress"].as_array().unwrap();
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect()
+    };
+    let blocks: Vec<(String, Vec<String>)> = egress
+        .iter()
+        .flat_map(|rule| rule["to"].as_array().cloned().unwrap_or_default())
+        .filter_map(|peer| {
+            let cidr = peer["ipBlock"]["cidr"].as_str()?.to_string();
+            Some((cidr, strings(&peer["ipBlock"]["except"])))
+        })
+        .collect();
+    let expected = json!([
+        [
+            "0.0.0.0/0",
+            [
+                "169.254.169.254/32",
+                "169.254.170.2/32",
+                "169.254.170.23/32",
+                "100.100.100.200/32"
+            ]
+        ],
+        ["::/0", ["fd00:ec2::254/128", "fd00:ec2::23/128"]],
+    ]);
+    assert_eq!(json!(blocks), expected, "{policy}");
+    let off = template("vap", "video", &["--set", "networkPolicy.enabled=false"]);
+    assert!(of_kind(&off, "NetworkPolicy").is_empty());
+
+    let proxy = json!({"podSelector": {"matchLabels": {"app": "rtsp-proxy"}}});
+    let with_peer = template(
+        "vap",
+        "video",
+        &[
+            "--set-json",
+            &format!("networkPolicy.cameras.peers=[{proxy}]"),
+        ],
+    );
+    let policy = one(&with_peer, "NetworkPolicy");
+    let camera_rule = policy["spec"]["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["to"].as_array().is_some_and(|to| to.contains(&proxy)))
+        .unwrap_or_else(|| panic!("no rule allows the camera peer: {policy}"));
+    assert!(
+        camera_rule["to"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["ipBlock"]["cidr"] == "0.0.0.0/0"),
+        "the camera peer replaced the camera ranges: {camera_rule}"
+    );
 }
 
 #[test]
