@@ -49,6 +49,9 @@ pub enum Command {
     Local(Box<LocalArgs>),
     /// Print the Scenario CustomResourceDefinition as YAML.
     Crd,
+    /// Print the settings reference of docs/configuration.md (Markdown).
+    #[command(hide = true)]
+    Docs,
 }
 
 pub use crate::kafka::KafkaArgs;
