@@ -235,7 +235,7 @@ impl StreamTuning {
     }
 }
 
-/// Which hosts camera URLs may point at (see the README's "Camera host policy").
+/// Which hosts camera URLs may point at (see docs/security.md, "Camera host policy").
 #[derive(Debug, Clone, Args)]
 pub struct CameraPolicyArgs {
     /// Address ranges cameras must be in, comma-separated CIDRs (empty: anywhere not refused).

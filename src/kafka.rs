@@ -766,7 +766,7 @@ impl KafkaHealth {
             | C::TransactionalIdAuthorizationFailed => (
                 Problem::Refused,
                 format!(
-                    "Kafka refused an operation for lack of an ACL ({code}); grant this principal what the README's \"Secured Kafka\" lists; {reason}"
+                    "Kafka refused an operation for lack of an ACL ({code}); grant this principal what docs/security.md (\"Secured Kafka\") lists; {reason}"
                 ),
             ),
             C::AllBrokersDown => (
