@@ -49,6 +49,9 @@ pub enum Command {
     Local(Box<LocalArgs>),
     /// Print the Scenario CustomResourceDefinition as YAML.
     Crd,
+    /// Print the settings reference of docs/configuration.md (Markdown).
+    #[command(hide = true)]
+    Docs,
 }
 
 pub use crate::kafka::KafkaArgs;
@@ -232,7 +235,7 @@ impl StreamTuning {
     }
 }
 
-/// Which hosts camera URLs may point at (see the README's "Camera host policy").
+/// Which hosts camera URLs may point at (see docs/security.md, "Camera host policy").
 #[derive(Debug, Clone, Args)]
 pub struct CameraPolicyArgs {
     /// Address ranges cameras must be in, comma-separated CIDRs (empty: anywhere not refused).

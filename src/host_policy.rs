@@ -227,7 +227,7 @@ impl Mode {
     }
 }
 
-/// The operator's settings (see the README's "Camera host policy").
+/// The operator's settings (see docs/security.md, "Camera host policy").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPolicy {
     pub allow_cidrs: Vec<Cidr>,

@@ -199,7 +199,7 @@ pub struct KafkaArgs {
     )]
     pub kafka_security_protocol: Option<SecurityProtocol>,
 
-    /// SASL mechanism: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER.
+    /// SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (OAUTHBEARER is not in this build and is refused at start-up).
     #[arg(
         long,
         env = "KAFKA_SASL_MECHANISM",
@@ -766,7 +766,7 @@ impl KafkaHealth {
             | C::TransactionalIdAuthorizationFailed => (
                 Problem::Refused,
                 format!(
-                    "Kafka refused an operation for lack of an ACL ({code}); grant this principal what the README's \"Secured Kafka\" lists; {reason}"
+                    "Kafka refused an operation for lack of an ACL ({code}); grant this principal what docs/security.md (\"Secured Kafka\") lists; {reason}"
                 ),
             ),
             C::AllBrokersDown => (

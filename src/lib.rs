@@ -17,6 +17,7 @@ pub mod local;
 pub mod messages;
 pub mod sampler;
 pub mod scenario;
+pub mod settings_doc;
 pub mod signals;
 pub mod telemetry;
 pub mod worker;

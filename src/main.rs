@@ -4,7 +4,7 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches};
 use vap_runner::cli::{Cli, Command};
 use vap_runner::controller::{self, crd};
-use vap_runner::{build_info, local, telemetry, worker};
+use vap_runner::{build_info, local, settings_doc, telemetry, worker};
 
 fn main() -> ExitCode {
     let cli = match parse() {
@@ -30,6 +30,10 @@ fn main() -> ExitCode {
         },
         Command::Controller(args) => controller::main(*args, cli.log_level).map_err(Into::into),
         Command::Crd => print_crd(),
+        Command::Docs => {
+            print!("{}", settings_doc::render(Cli::command()));
+            Ok(())
+        }
         Command::Local(args) => {
             local::main(*args, cli.log_level, cli.log_format).map_err(Into::into)
         }
@@ -63,6 +67,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Worker(_) => "worker",
         Command::Local(_) => "local",
         Command::Crd => "crd",
+        Command::Docs => "docs",
     }
 }
 

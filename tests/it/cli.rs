@@ -79,49 +79,6 @@ fn log_level_hides_lines_below_it_in_any_case() {
     }
 }
 
-/// Every `VAR` written in backticks in `text`.
-fn backticked_variables(text: &str) -> Vec<String> {
-    text.split('`')
-        .skip(1)
-        .step_by(2)
-        .filter(|w| {
-            w.len() > 2
-                && w.starts_with(|c: char| c.is_ascii_uppercase())
-                && w.chars()
-                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
-        })
-        .map(str::to_string)
-        .collect()
-}
-
-/// The variables in the first column of the README table after `heading`
-/// (a cell such as `A` / `B` gives both).
-fn table_variables(readme: &str, heading: &str) -> Vec<String> {
-    let rows = readme
-        .split_once(heading)
-        .unwrap_or_else(|| panic!("README has no {heading:?}"))
-        .1
-        .lines()
-        .skip_while(|l| !l.starts_with('|'))
-        .take_while(|l| l.starts_with('|'));
-    let vars: Vec<String> = rows
-        .flat_map(|row| backticked_variables(row.split('|').nth(1).unwrap_or_default()))
-        .collect();
-    assert!(vars.len() >= 5, "README table after {heading:?}: {vars:?}");
-    vars
-}
-
-/// The variables in the README paragraph that starts with `heading`.
-fn paragraph_variables(readme: &str, heading: &str) -> Vec<String> {
-    let text = readme
-        .split_once(heading)
-        .unwrap_or_else(|| panic!("README has no {heading:?}"))
-        .1;
-    let vars = backticked_variables(text.split("\n\n").next().unwrap_or_default());
-    assert!(vars.len() >= 5, "README paragraph {heading:?}: {vars:?}");
-    vars
-}
-
 /// The variables `runner <command> --help` names (`[env: VAR=…]`).
 fn help_variables(command: &str) -> Vec<String> {
     let out = run(&[command, "--help"], &[]);
@@ -134,54 +91,51 @@ fn help_variables(command: &str) -> Vec<String> {
         .collect()
 }
 
+/// The variables in the first column of the settings table of `runner <command>`.
+fn table_variables(page: &str, command: &str) -> Vec<String> {
+    let heading = format!("### `runner {command}`\n");
+    page.split_once(&heading)
+        .unwrap_or_else(|| panic!("docs/configuration.md has no {heading:?}"))
+        .1
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|row| {
+            let cell = row.split('|').nth(1)?.trim();
+            Some(cell.strip_prefix('`')?.strip_suffix('`')?.to_string())
+        })
+        .filter(|v| v != "variable")
+        .collect()
+}
+
 #[test]
-fn help_and_readme_list_the_same_settings() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
-    // RUST_LOG refines the log filter; the tracing library reads it, it is no flag.
-    let shared: Vec<String> = table_variables(&readme, "## Configuration")
-        .into_iter()
-        .filter(|v| v != "RUST_LOG")
-        .collect();
-    let supervisors_only = ["CONSUMER_GROUP", "MAX_WORKERS"];
-    let worker: Vec<String> = shared
-        .iter()
-        .filter(|v| !supervisors_only.contains(&v.as_str()))
-        .cloned()
-        .chain(table_variables(&readme, "Worker settings:"))
-        .collect();
-    let beyond = |heading| -> Vec<String> {
-        shared
-            .iter()
-            .cloned()
-            .chain(paragraph_variables(&readme, heading))
-            .collect()
-    };
-    let controller = beyond("Controller settings beyond the shared ones");
-    let local = beyond("`runner local` settings beyond the shared ones");
-    let tables_and_lists: Vec<String> = [&worker, &controller, &local]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
-    for (command, documented) in [
-        ("worker", &worker),
-        ("controller", &controller),
-        ("local", &local),
-    ] {
-        let help = help_variables(command);
-        let missing: Vec<&String> = documented.iter().filter(|v| !help.contains(v)).collect();
-        assert!(
-            missing.is_empty(),
-            "README documents {missing:?} for `runner {command}`; its --help does not list them"
-        );
-        let undocumented: Vec<&String> = help
-            .iter()
-            .filter(|v| !tables_and_lists.contains(v))
-            .collect();
-        assert!(
-            undocumented.is_empty(),
-            "`runner {command} --help` lists {undocumented:?}; README's settings tables and lists do not"
+fn the_configuration_page_is_generated_from_the_command_line() {
+    let out = run(&["docs"], &[("LOG_LEVEL", "ERROR")]);
+    assert!(out.status.success(), "runner docs");
+    let generated = String::from_utf8(out.stdout).expect("UTF-8");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md");
+    let page = std::fs::read_to_string(path).expect("docs/configuration.md");
+    let (begin, end) = (
+        generated.lines().next().unwrap_or_default(),
+        generated.lines().last().unwrap_or_default(),
+    );
+    let committed = page.split_once(begin).and_then(|(_, rest)| {
+        let (block, _) = rest.split_once(end)?;
+        Some(format!("{begin}{block}{end}\n"))
+    });
+    assert!(
+        committed.as_deref() == Some(generated.as_str()),
+        "docs/configuration.md's settings reference differs from `runner docs`: run scripts/docs"
+    );
+    // Both ways: the page's table of each command names exactly what its --help does.
+    for command in ["worker", "controller", "local"] {
+        let mut documented = table_variables(&page, command);
+        let mut help = help_variables(command);
+        documented.sort();
+        help.sort();
+        assert_eq!(
+            documented, help,
+            "docs/configuration.md against `runner {command} --help`: run scripts/docs"
         );
     }
 }

@@ -757,7 +757,7 @@ async fn a_leader_stopped_with_sigterm_releases_its_lease() {
     recorder.abort();
 
     // Released on the way out, so that nobody has to wait for it to expire:
-    // replica-a's last write (README: the holder releases the Lease on
+    // replica-a's last write (docs/architecture.md: the holder releases the Lease on
     // SIGTERM) leaves the same Lease with no holder and no renewal, and
     // replica-b takes it from there.
     let versions = versions.lock().unwrap().clone();

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 const SCENARIO: &str = "550e8400-e29b-41d4-a716-446655440000";
-/// The exit code of a worker stopped by SIGTERM before its source ended (README).
+/// The exit code of a worker stopped by SIGTERM before its source ended (docs/architecture.md).
 const STOPPED: i32 = 143;
 /// Size of vtest.avi's frames, and so of every test camera's frames.
 const WIDTH: i64 = 768;

@@ -510,7 +510,7 @@ pub fn sample(text: &str, series: &str) -> f64 {
 }
 
 /// The labelled counter families whose series appear only once a label set
-/// has counted (README, "Ingest": ingested messages by kind and outcome,
+/// has counted (docs/operations.md, "Metrics": ingested messages by kind and outcome,
 /// dead-lettered messages by reason); for these alone a series not exposed
 /// yet reads as 0 ([`sample_or_zero`]).
 pub const COUNTED_BY_LABEL: [&str; 2] = [
@@ -1112,7 +1112,7 @@ pub struct PodHistory {
 }
 
 /// True while a Pod may still run a worker, so it takes one of its runner's
-/// MAX_WORKERS slots: every Pod not Succeeded or Failed (README, Admission).
+/// MAX_WORKERS slots: every Pod not Succeeded or Failed (docs/architecture.md, Admission).
 pub fn holds_slot(pod: &Pod) -> bool {
     !matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),

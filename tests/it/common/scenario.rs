@@ -9,7 +9,7 @@ pub fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// The Scenario the runner keeps for `uuid` (README, "The Scenario resource").
+/// The Scenario the runner keeps for `uuid` (docs/architecture.md, "How the controller works").
 pub fn scenario_name(uuid: &str) -> String {
     format!("scn-{uuid}")
 }
