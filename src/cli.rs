@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 
 use crate::config::{LogFormat, LogLevel, MaxWorkers, Millis, VideoFps};
 use crate::detector::settings::{ClassFilter, InputSize, Threads, Threshold};
-use crate::host_policy::{Cidr, HostPattern, HostPolicy, List, Mode};
+use crate::host_policy::{Cidr, ClusterAddress, HostPattern, HostPolicy, List, Mode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -278,6 +278,24 @@ pub struct CameraPolicyArgs {
         value_name = "CAMERA_ALLOW_LOOPBACK"
     )]
     pub camera_allow_loopback: Option<bool>,
+
+    /// The cluster's Service address ranges, comma-separated CIDRs (kube-apiserver's --service-cluster-ip-range): cameras there are refused unless CAMERA_ALLOW_CIDRS contains them (an in-cluster camera proxy).
+    #[arg(
+        long,
+        env = "CAMERA_SERVICE_CIDRS",
+        value_name = "CAMERA_SERVICE_CIDRS",
+        default_value = ""
+    )]
+    pub camera_service_cidrs: List<Cidr>,
+
+    /// Addresses of the cluster itself that are never a camera, comma-separated `ip` (every port) or `ip:port`, optionally after `service=`, `apiserver=` or `kubelet=`; the controller gives worker Pods the ones it learned.
+    #[arg(
+        long,
+        env = "CAMERA_CLUSTER_ADDRESSES",
+        value_name = "CAMERA_CLUSTER_ADDRESSES",
+        default_value = ""
+    )]
+    pub camera_cluster_addresses: List<ClusterAddress>,
 }
 
 impl CameraPolicyArgs {
@@ -292,6 +310,8 @@ impl CameraPolicyArgs {
             allow_loopback: self
                 .camera_allow_loopback
                 .unwrap_or(defaults.allow_loopback),
+            service_cidrs: self.camera_service_cidrs.0.clone(),
+            cluster: self.camera_cluster_addresses.0.clone(),
         }
     }
 }
@@ -845,6 +865,10 @@ pub struct WorkerArgs {
 
     #[command(flatten)]
     pub camera_policy: CameraPolicyArgs,
+
+    /// Address of this worker's node (worker Pods get it from the downward API, status.hostIP): refused as a camera on the kubelet's ports.
+    #[arg(long, env = "NODE_IP", value_name = "NODE_IP")]
+    pub node_ip: Option<String>,
 
     /// Frames per second to process: the first frame at or after each multiple of 1/VIDEO_FPS s.
     #[arg(long, env = "VIDEO_FPS", value_name = "VIDEO_FPS", default_value = "2")]

@@ -72,9 +72,13 @@ pub enum WorkerError {
 pub fn main(args: WorkerArgs) -> Result<CaptureEnd, WorkerError> {
     let root = args.settings.video_file_root.as_deref();
     let source = CameraSource::parse(&args.camera_url.0, root)?.resolve(root)?;
-    let policy = args
+    let mut policy = args
         .camera_policy
         .policy(crate::host_policy::Mode::detect());
+    policy.add_pod_addresses(
+        std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
+        args.node_ip.as_deref(),
+    );
     source.check_host(&policy)?;
     crate::host_policy::install(policy);
     let tls = camera_tls::CameraTls::new(
