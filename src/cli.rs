@@ -482,6 +482,19 @@ pub struct ControllerArgs {
         default_value = "86400"
     )]
     pub finished_ttl_secs: u64,
+
+    /// Learn the cluster's own addresses from the API (the `kubernetes` Service's ClusterIP, the API server's endpoints, the nodes' addresses on the kubelet's ports), refuse them as cameras and pass them to worker Pods; needs get on the Service and EndpointSlice `kubernetes` in `default` and list on nodes.
+    #[arg(long, env = "CAMERA_LEARN_CLUSTER", value_name = "CAMERA_LEARN_CLUSTER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub camera_learn_cluster: bool,
+
+    /// Seconds between two readings of the cluster's own addresses.
+    #[arg(
+        long,
+        env = "CLUSTER_REFRESH_SECS",
+        value_name = "CLUSTER_REFRESH_SECS",
+        default_value = "300"
+    )]
+    pub cluster_refresh_secs: u64,
 }
 
 /// How worker Pods log in to a secured Kafka: references to Secrets the
