@@ -121,6 +121,10 @@ pub struct WorkerSettings {
     #[arg(long, env = "CAMERA_TLS_VERIFY", value_name = "CAMERA_TLS_VERIFY", default_value_t = true, action = clap::ArgAction::Set)]
     pub camera_tls_verify: bool,
 
+    /// Say in logs and errors why a camera did not open (refused, timed out, reset, not a video) and fail as soon as it is known. Off, every such failure reads "camera unreachable or not a video at host:port" and takes OPEN_TIMEOUT_MS, and FFmpeg's lines about its network connections are not logged, so that deploys cannot scan a network's ports; turn on to debug one camera.
+    #[arg(long, env = "CAMERA_ERROR_DETAIL", value_name = "CAMERA_ERROR_DETAIL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub camera_error_detail: bool,
+
     /// How RTSP carries the video: tcp, udp, or auto (TCP, and UDP when the server refuses TCP).
     #[arg(long, env = "RTSP_TRANSPORT", value_enum, default_value_t = RtspTransportMode::Auto)]
     pub rtsp_transport: RtspTransportMode,
@@ -145,6 +149,7 @@ impl WorkerSettings {
             .unwrap_or_default();
         let mut env = vec![
             ("CAMERA_TLS_VERIFY", self.camera_tls_verify.to_string()),
+            ("CAMERA_ERROR_DETAIL", self.camera_error_detail.to_string()),
             ("RTSP_TRANSPORT", transport),
             ("MODEL_DIR", d.model_dir.display().to_string()),
             ("CONFIDENCE_THRESHOLD", d.confidence_threshold.to_string()),

@@ -92,7 +92,8 @@ pub fn main(args: WorkerArgs) -> Result<CaptureEnd, WorkerError> {
     unsafe { transport::apply(&source, transport::initial(args.settings.rtsp_transport)) };
     // FFmpeg's own lines quote URLs with the camera's credentials: from here
     // on they reach standard error only scrubbed, as log events.
-    let _relay = ffmpeg_log::StderrRelay::start(source.clone()).map_err(WorkerError::Relay)?;
+    let _relay = ffmpeg_log::StderrRelay::start(source.clone(), args.settings.camera_error_detail)
+        .map_err(WorkerError::Relay)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -158,6 +159,7 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, Worke
         reconnect_max: args.settings.stream.reconnect_max_ms.0,
         rtsp_transport: args.settings.rtsp_transport,
         decode_threads: args.decode_threads.0,
+        error_detail: args.settings.camera_error_detail,
     };
 
     let capture = {
