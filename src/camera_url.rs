@@ -309,6 +309,41 @@ impl CameraSource {
         matches!(self, CameraSource::Network(url) if url.scheme().starts_with("rtsp"))
     }
 
+    /// Where the source is, as errors may show it: `host:port` of a network
+    /// camera (its own port or its scheme's), the redacted path of a file.
+    pub fn endpoint(&self) -> String {
+        match self {
+            CameraSource::Network(url) => {
+                let host = url.host().map(|h| h.to_string()).unwrap_or_default();
+                match host_policy::url_port(url) {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host,
+                }
+            }
+            CameraSource::File(_) => self.to_string(),
+        }
+    }
+
+    /// Why the source did not open, in the words status and logs show. A
+    /// camera refusing the connection, one that never answers, one that
+    /// resets it and one that sends something other than video all read the
+    /// same, so the runner cannot be used to scan a network's ports; the
+    /// backend's own `detail` is added only with `CAMERA_ERROR_DETAIL=true`
+    /// (`show_detail`).
+    pub fn not_opened(&self, detail: &str, show_detail: bool) -> String {
+        let words = match self {
+            CameraSource::Network(_) => {
+                format!("camera unreachable or not a video at {}", self.endpoint())
+            }
+            CameraSource::File(_) => format!("{self} cannot be read as a video"),
+        };
+        if show_detail && !detail.is_empty() {
+            format!("{words} ({})", self.scrub(detail))
+        } else {
+            words
+        }
+    }
+
     /// The value for OpenCV's `OPENCV_FFMPEG_CAPTURE_OPTIONS`: FFmpeg protocols
     /// limited to this source, no HTTP redirects (a redirect could lead to a
     /// host the camera host policy refuses; FFmpeg 5.1's `max_redirects`),
@@ -1116,5 +1151,37 @@ mod tests {
     fn network_sources_resolve_to_themselves() {
         let source = CameraSource::parse("rtsp://cam.example/live", None).unwrap();
         assert_eq!(source.clone().resolve(None), Ok(source));
+    }
+
+    #[test]
+    fn a_camera_that_did_not_open_reads_the_same_whatever_the_cause() {
+        let cam = CameraSource::parse("rtsp://admin:pw@10.1.2.3/live", None).unwrap();
+        let causes = [
+            "Connection refused",
+            "Connection timed out",
+            "Connection reset by peer",
+            "Invalid data found when processing input",
+            "",
+        ];
+        let words: std::collections::BTreeSet<String> =
+            causes.iter().map(|c| cam.not_opened(c, false)).collect();
+        assert_eq!(
+            words.into_iter().collect::<Vec<_>>(),
+            vec!["camera unreachable or not a video at 10.1.2.3:554".to_string()]
+        );
+        // With CAMERA_ERROR_DETAIL the cause follows, scrubbed.
+        assert_eq!(
+            cam.not_opened("rtsp://admin:pw@10.1.2.3/live: Connection refused", true),
+            "camera unreachable or not a video at 10.1.2.3:554 (rtsp://***@10.1.2.3/live: Connection refused)"
+        );
+        for (raw, endpoint) in [
+            ("https://cam.example/a.mp4", "cam.example:443"),
+            ("http://cam.example:8080/a", "cam.example:8080"),
+            ("rtsps://[fd00::9]/a", "[fd00::9]:322"),
+        ] {
+            let source = CameraSource::parse(raw, None).unwrap();
+            assert_eq!(source.endpoint(), endpoint);
+            assert!(source.not_opened("refused", false).ends_with(endpoint));
+        }
     }
 }

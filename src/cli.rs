@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 
 use crate::config::{LogFormat, LogLevel, MaxWorkers, Millis, VideoFps};
 use crate::detector::settings::{ClassFilter, InputSize, Threads, Threshold};
-use crate::host_policy::{Cidr, HostPattern, HostPolicy, List, Mode};
+use crate::host_policy::{Cidr, ClusterAddress, HostPattern, HostPolicy, List, Mode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -124,6 +124,10 @@ pub struct WorkerSettings {
     #[arg(long, env = "CAMERA_TLS_VERIFY", value_name = "CAMERA_TLS_VERIFY", default_value_t = true, action = clap::ArgAction::Set)]
     pub camera_tls_verify: bool,
 
+    /// Say in logs and errors why a camera did not open (refused, timed out, reset, not a video) and fail as soon as it is known. Off, every such failure reads "camera unreachable or not a video at host:port" and takes OPEN_TIMEOUT_MS, and FFmpeg's lines about its network connections are not logged, so that deploys cannot scan a network's ports; turn on to debug one camera.
+    #[arg(long, env = "CAMERA_ERROR_DETAIL", value_name = "CAMERA_ERROR_DETAIL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub camera_error_detail: bool,
+
     /// How RTSP carries the video: tcp, udp, or auto (TCP, and UDP when the server refuses TCP).
     #[arg(long, env = "RTSP_TRANSPORT", value_enum, default_value_t = RtspTransportMode::Auto)]
     pub rtsp_transport: RtspTransportMode,
@@ -148,6 +152,7 @@ impl WorkerSettings {
             .unwrap_or_default();
         let mut env = vec![
             ("CAMERA_TLS_VERIFY", self.camera_tls_verify.to_string()),
+            ("CAMERA_ERROR_DETAIL", self.camera_error_detail.to_string()),
             ("RTSP_TRANSPORT", transport),
             ("MODEL_DIR", d.model_dir.display().to_string()),
             ("CONFIDENCE_THRESHOLD", d.confidence_threshold.to_string()),
@@ -281,6 +286,24 @@ pub struct CameraPolicyArgs {
         value_name = "CAMERA_ALLOW_LOOPBACK"
     )]
     pub camera_allow_loopback: Option<bool>,
+
+    /// The cluster's Service address ranges, comma-separated CIDRs (kube-apiserver's --service-cluster-ip-range): cameras there are refused unless CAMERA_ALLOW_CIDRS contains them (an in-cluster camera proxy).
+    #[arg(
+        long,
+        env = "CAMERA_SERVICE_CIDRS",
+        value_name = "CAMERA_SERVICE_CIDRS",
+        default_value = ""
+    )]
+    pub camera_service_cidrs: List<Cidr>,
+
+    /// Addresses of the cluster itself that are never a camera, comma-separated `ip` (every port) or `ip:port`, optionally after `service=`, `apiserver=` or `kubelet=`; the controller gives worker Pods the ones it learned.
+    #[arg(
+        long,
+        env = "CAMERA_CLUSTER_ADDRESSES",
+        value_name = "CAMERA_CLUSTER_ADDRESSES",
+        default_value = ""
+    )]
+    pub camera_cluster_addresses: List<ClusterAddress>,
 }
 
 impl CameraPolicyArgs {
@@ -295,6 +318,8 @@ impl CameraPolicyArgs {
             allow_loopback: self
                 .camera_allow_loopback
                 .unwrap_or(defaults.allow_loopback),
+            service_cidrs: self.camera_service_cidrs.0.clone(),
+            cluster: self.camera_cluster_addresses.0.clone(),
         }
     }
 }
@@ -465,6 +490,19 @@ pub struct ControllerArgs {
         default_value = "86400"
     )]
     pub finished_ttl_secs: u64,
+
+    /// Learn the cluster's own addresses from the API (the `kubernetes` Service's ClusterIP, the API server's endpoints, the nodes' addresses on the kubelet's ports), refuse them as cameras and pass them to worker Pods; needs get on the Service and EndpointSlice `kubernetes` in `default` and list on nodes.
+    #[arg(long, env = "CAMERA_LEARN_CLUSTER", value_name = "CAMERA_LEARN_CLUSTER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub camera_learn_cluster: bool,
+
+    /// Seconds between two readings of the cluster's own addresses.
+    #[arg(
+        long,
+        env = "CLUSTER_REFRESH_SECS",
+        value_name = "CLUSTER_REFRESH_SECS",
+        default_value = "300"
+    )]
+    pub cluster_refresh_secs: u64,
 }
 
 /// How worker Pods log in to a secured Kafka: references to Secrets the
@@ -848,6 +886,10 @@ pub struct WorkerArgs {
 
     #[command(flatten)]
     pub camera_policy: CameraPolicyArgs,
+
+    /// Address of this worker's node (worker Pods get it from the downward API, status.hostIP): refused as a camera on the kubelet's ports.
+    #[arg(long, env = "NODE_IP", value_name = "NODE_IP")]
+    pub node_ip: Option<String>,
 
     /// Frames per second to process: the first frame at or after each multiple of 1/VIDEO_FPS s.
     #[arg(long, env = "VIDEO_FPS", value_name = "VIDEO_FPS", default_value = "2")]

@@ -8,11 +8,18 @@
 //! itself and before the capture backend opens anything.
 //!
 //! Always refused: cloud metadata names and addresses (169.254.169.254,
-//! fd00:ec2::254, `metadata.google.internal`, ...) and the Kubernetes API
-//! server's names. Refused unless `CAMERA_ALLOW_CIDRS` names them: link-local,
-//! unspecified, multicast and broadcast addresses, and loopback when
-//! `CAMERA_ALLOW_LOOPBACK` is false (the default in Kubernetes and for the
-//! deploys `runner local` reads from Kafka).
+//! fd00:ec2::254, `metadata.google.internal`, ...), the Kubernetes API
+//! server's names, and in Kubernetes the cluster's own addresses
+//! ([`ClusterAddress`]): the `kubernetes` Service's ClusterIP on any port,
+//! the API server's endpoints on their ports and every node's addresses on
+//! the kubelet's ports — the controller learns them from the API, the
+//! worker adds its own Pod's `KUBERNETES_SERVICE_HOST` and node address. The
+//! check is port-aware ([`HostPolicy::check_port`]): a camera served on a
+//! node's address at another port is fine. Refused unless
+//! `CAMERA_ALLOW_CIDRS` names them: link-local, unspecified, multicast and
+//! broadcast addresses, the cluster's Service range (`CAMERA_SERVICE_CIDRS`,
+//! when given), and loopback when `CAMERA_ALLOW_LOOPBACK` is false (the
+//! default in Kubernetes and for the deploys `runner local` reads from Kafka).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -156,6 +163,116 @@ impl<T: fmt::Display> fmt::Display for List<T> {
     }
 }
 
+/// The kubelet's ports: its API (10250) and its read-only port (10255).
+pub const KUBELET_PORTS: [u16; 2] = [10250, 10255];
+
+/// What a cluster address is, for the words of a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ClusterRole {
+    /// The ClusterIP of the `kubernetes` Service in `default`.
+    Service,
+    /// An endpoint of the Kubernetes API server.
+    ApiServer,
+    /// A node's address on a kubelet port.
+    Kubelet,
+    /// An address given without saying what it is.
+    Cluster,
+}
+
+impl ClusterRole {
+    fn label(self) -> Option<&'static str> {
+        match self {
+            ClusterRole::Service => Some("service"),
+            ClusterRole::ApiServer => Some("apiserver"),
+            ClusterRole::Kubelet => Some("kubelet"),
+            ClusterRole::Cluster => None,
+        }
+    }
+}
+
+/// An address of the cluster itself that is never a camera: `addr` on
+/// `port`, or on every port when `port` is `None`. Written (in
+/// `CAMERA_CLUSTER_ADDRESSES`) as `[role=]ip`, `[role=]ip:port` or
+/// `[role=][ipv6]:port`, the role one of `service`, `apiserver`, `kubelet`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterAddress {
+    pub role: ClusterRole,
+    pub addr: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl ClusterAddress {
+    pub fn new(role: ClusterRole, addr: IpAddr, port: Option<u16>) -> ClusterAddress {
+        ClusterAddress {
+            role,
+            addr: addr.to_canonical(),
+            port,
+        }
+    }
+
+    /// `addr` on each kubelet port, and on `also` (a node's own kubelet port).
+    pub fn kubelet(addr: IpAddr, also: Option<u16>) -> Vec<ClusterAddress> {
+        let mut ports: Vec<u16> = KUBELET_PORTS.into_iter().chain(also).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+            .into_iter()
+            .map(|p| ClusterAddress::new(ClusterRole::Kubelet, addr, Some(p)))
+            .collect()
+    }
+
+    /// Whether a connection to `addr` on `port` (`None`: not known, so any)
+    /// reaches this address.
+    fn matches(&self, addr: IpAddr, port: Option<u16>) -> bool {
+        let same = self.addr == addr || embedded_v4(addr) == Some(self.addr);
+        let port_matches = match (self.port, port) {
+            (Some(mine), Some(theirs)) => mine == theirs,
+            _ => true,
+        };
+        same && port_matches
+    }
+}
+
+impl FromStr for ClusterAddress {
+    type Err = String;
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "{raw:?} is not a cluster address; give ip, ip:port or [ipv6]:port, optionally after service=, apiserver= or kubelet="
+            )
+        };
+        let raw_trimmed = raw.trim();
+        let (role, rest) = match raw_trimmed.split_once('=') {
+            Some(("service", rest)) => (ClusterRole::Service, rest),
+            Some(("apiserver", rest)) => (ClusterRole::ApiServer, rest),
+            Some(("kubelet", rest)) => (ClusterRole::Kubelet, rest),
+            Some(_) => return Err(bad()),
+            None => (ClusterRole::Cluster, raw_trimmed),
+        };
+        if let Ok(sock) = rest.parse::<std::net::SocketAddr>() {
+            return Ok(ClusterAddress::new(role, sock.ip(), Some(sock.port())));
+        }
+        let bare = rest
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .unwrap_or(rest);
+        let addr: IpAddr = bare.parse().map_err(|_| bad())?;
+        Ok(ClusterAddress::new(role, addr, None))
+    }
+}
+
+impl fmt::Display for ClusterAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(label) = self.role.label() {
+            write!(f, "{label}=")?;
+        }
+        match self.port {
+            Some(port) => write!(f, "{}", std::net::SocketAddr::new(self.addr, port)),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
 /// Cloud metadata endpoints: never a camera, whatever the settings.
 const METADATA_ADDRESSES: &[Cidr] = &[
     Cidr::v4(169, 254, 169, 254, 32), // AWS, GCP, Azure, OpenStack, OCI, DigitalOcean
@@ -235,6 +352,11 @@ pub struct HostPolicy {
     pub allow_hosts: Vec<HostPattern>,
     pub deny_hosts: Vec<HostPattern>,
     pub allow_loopback: bool,
+    /// The cluster's Service range (`CAMERA_SERVICE_CIDRS`): refused unless
+    /// `allow_cidrs` contains the address (an in-cluster camera proxy).
+    pub service_cidrs: Vec<Cidr>,
+    /// The cluster's own addresses: refused whatever the settings.
+    pub cluster: Vec<ClusterAddress>,
 }
 
 impl HostPolicy {
@@ -246,17 +368,54 @@ impl HostPolicy {
             allow_hosts: Vec::new(),
             deny_hosts: Vec::new(),
             allow_loopback: mode == Mode::Local,
+            service_cidrs: Vec::new(),
+            cluster: Vec::new(),
+        }
+    }
+
+    /// This policy with the `learned` cluster addresses added to its own.
+    pub fn with_cluster(&self, learned: &[ClusterAddress]) -> HostPolicy {
+        let mut policy = self.clone();
+        policy.cluster.extend_from_slice(learned);
+        policy
+    }
+
+    /// Adds what a Pod knows of its cluster: the `kubernetes` Service's
+    /// address (`KUBERNETES_SERVICE_HOST`, set in every Pod) on any port,
+    /// and its node's address (`NODE_IP`, from the downward API) on the
+    /// kubelet's ports. Values that are not addresses are left out.
+    pub fn add_pod_addresses(&mut self, service_host: Option<&str>, node_ip: Option<&str>) {
+        let ip = |v: Option<&str>| v.and_then(|v| normalize_host(v).parse::<IpAddr>().ok());
+        if let Some(addr) = ip(service_host) {
+            self.cluster
+                .push(ClusterAddress::new(ClusterRole::Service, addr, None));
+        }
+        if let Some(addr) = ip(node_ip) {
+            self.cluster.extend(ClusterAddress::kubelet(addr, None));
         }
     }
 
     /// Decides whether a camera on `host`, which resolves to `addrs`, may
-    /// be read. An IP literal host is checked as its own address; an empty
-    /// `addrs` checks the name only.
+    /// be read, on a port not known (so every cluster address counts,
+    /// whatever its port). See [`HostPolicy::check_port`].
     pub fn check(&self, host: &str, addrs: &[IpAddr]) -> Result<(), HostRefusal> {
+        self.check_port(host, None, addrs)
+    }
+
+    /// Decides whether a camera on `host` at `port` (`None`: not known),
+    /// which resolves to `addrs`, may be read. An IP literal host is checked
+    /// as its own address; an empty `addrs` checks the name only.
+    pub fn check_port(
+        &self,
+        host: &str,
+        port: Option<u16>,
+        addrs: &[IpAddr],
+    ) -> Result<(), HostRefusal> {
         let name = normalize_host(host);
         let refuse = |addr: Option<IpAddr>, rule: Rule| HostRefusal {
             host: name.clone(),
             addr,
+            port,
             rule,
         };
         let literal: Vec<IpAddr>;
@@ -289,6 +448,9 @@ impl HostPolicy {
             if in_any(METADATA_ADDRESSES).is_some() {
                 return Err(refuse(Some(addr), Rule::Metadata));
             }
+            if let Some(entry) = self.cluster.iter().find(|c| c.matches(addr, port)) {
+                return Err(refuse(Some(addr), Rule::Cluster(*entry)));
+            }
             if let Some(cidr) = in_any(&self.deny_cidrs) {
                 return Err(refuse(Some(addr), Rule::DeniedCidr(cidr)));
             }
@@ -300,6 +462,9 @@ impl HostPolicy {
                 c.contains(addr) || embedded_v4(addr).is_some_and(|v4| c.contains(v4))
             }) {
                 return Err(refuse(Some(addr), Rule::Special(kind)));
+            }
+            if let Some(cidr) = in_any(&self.service_cidrs) {
+                return Err(refuse(Some(addr), Rule::ServiceCidr(cidr)));
             }
             if !self.allow_loopback && in_any(LOOPBACK).is_some() {
                 return Err(refuse(Some(addr), Rule::Loopback));
@@ -332,6 +497,14 @@ impl HostPolicy {
                 List(self.deny_hosts.clone()).to_string(),
             ),
             ("CAMERA_ALLOW_LOOPBACK", self.allow_loopback.to_string()),
+            (
+                "CAMERA_SERVICE_CIDRS",
+                List(self.service_cidrs.clone()).to_string(),
+            ),
+            (
+                "CAMERA_CLUSTER_ADDRESSES",
+                List(self.cluster.clone()).to_string(),
+            ),
         ]
     }
 
@@ -342,21 +515,33 @@ impl HostPolicy {
             return Ok(());
         };
         let name = normalize_host(host);
+        let port = url_port(url);
         if name.parse::<IpAddr>().is_ok() {
-            return self.check(&name, &[]);
+            return self.check_port(&name, port, &[]);
         }
-        self.check(&name, &[])?;
-        let port = url.port_or_known_default().unwrap_or(554);
-        let addrs: Vec<IpAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port))
-            .map_err(|e| HostRefusal {
-                host: name.clone(),
-                addr: None,
-                rule: Rule::Unresolvable(e.to_string()),
-            })?
-            .map(|a| a.ip())
-            .collect();
-        self.check(&name, &addrs)
+        self.check_port(&name, port, &[])?;
+        let addrs: Vec<IpAddr> =
+            std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port.unwrap_or(554)))
+                .map_err(|e| HostRefusal {
+                    host: name.clone(),
+                    addr: None,
+                    port,
+                    rule: Rule::Unresolvable(e.to_string()),
+                })?
+                .map(|a| a.ip())
+                .collect();
+        self.check_port(&name, port, &addrs)
     }
+}
+
+/// The port a camera URL connects to: its own, or its scheme's default
+/// (`None` for a scheme without one, which every port rule then matches).
+pub fn url_port(url: &Url) -> Option<u16> {
+    url.port_or_known_default().or(match url.scheme() {
+        "rtsp" => Some(554),
+        "rtsps" => Some(322),
+        _ => None,
+    })
 }
 
 /// Checks a camera URL at ingest: the name, and every address it resolves to
@@ -372,15 +557,16 @@ pub async fn check_url_at_ingest(
         return Ok(());
     };
     let name = normalize_host(host);
-    policy.check(&name, &[])?;
+    let port = url_port(url);
+    policy.check_port(&name, port, &[])?;
     if name.parse::<IpAddr>().is_ok() {
         return Ok(());
     }
-    let port = url.port_or_known_default().unwrap_or(554);
-    match tokio::time::timeout(timeout, tokio::net::lookup_host((name.as_str(), port))).await {
+    let lookup = tokio::net::lookup_host((name.as_str(), port.unwrap_or(554)));
+    match tokio::time::timeout(timeout, lookup).await {
         Ok(Ok(found)) => {
             let addrs: Vec<IpAddr> = found.map(|a| a.ip()).collect();
-            policy.check(&name, &addrs)
+            policy.check_port(&name, port, &addrs)
         }
         _ => Ok(()),
     }
@@ -416,6 +602,8 @@ pub fn recheck(url: &Url) -> Result<(), String> {
 pub struct HostRefusal {
     pub host: String,
     pub addr: Option<IpAddr>,
+    /// The port the camera was to be read on, if known.
+    pub port: Option<u16>,
     pub rule: Rule,
 }
 
@@ -429,6 +617,10 @@ pub enum Rule {
     Loopback,
     NotAllowed,
     Unresolvable(String),
+    /// One of the cluster's own addresses (the entry that matched).
+    Cluster(ClusterAddress),
+    /// Inside `CAMERA_SERVICE_CIDRS` and not allowed by `CAMERA_ALLOW_CIDRS`.
+    ServiceCidr(Cidr),
 }
 
 impl HostRefusal {
@@ -461,6 +653,29 @@ impl HostRefusal {
                 "{at}, outside CAMERA_ALLOW_CIDRS and CAMERA_ALLOW_HOSTS; add it there or use a camera inside them"
             ),
             Rule::Unresolvable(reason) => format!("host {host} cannot be resolved: {reason}"),
+            Rule::Cluster(entry) => {
+                let on = match (entry.port, self.port) {
+                    (Some(p), _) | (None, Some(p)) => format!("{at}, port {p}"),
+                    (None, None) => at,
+                };
+                match entry.role {
+                    ClusterRole::Service => format!(
+                        "{on}: the ClusterIP of the `kubernetes` Service (the Kubernetes API), which is never a camera"
+                    ),
+                    ClusterRole::ApiServer => format!(
+                        "{on}: an endpoint of the Kubernetes API server, which is never a camera"
+                    ),
+                    ClusterRole::Kubelet => format!(
+                        "{on}: a kubelet port of a cluster node, which is never a camera; a camera on a node's address must use another port"
+                    ),
+                    ClusterRole::Cluster => format!(
+                        "{on}: an address of the cluster itself ({entry} in CAMERA_CLUSTER_ADDRESSES), which is never a camera"
+                    ),
+                }
+            }
+            Rule::ServiceCidr(c) => format!(
+                "{at}, inside the cluster's Service range {c} (CAMERA_SERVICE_CIDRS); to allow an in-cluster camera proxy, add its Service address to CAMERA_ALLOW_CIDRS"
+            ),
         }
     }
 }
@@ -658,6 +873,199 @@ mod tests {
                 && text.contains("127.0.0.1")
                 && text.contains("CAMERA_ALLOW_LOOPBACK=true"),
             "{text}"
+        );
+    }
+
+    fn cluster(entries: &str) -> Vec<ClusterAddress> {
+        entries.parse::<List<ClusterAddress>>().unwrap().0
+    }
+
+    #[test]
+    fn cluster_addresses_parse_and_print_back() {
+        let list: List<ClusterAddress> =
+            "service=10.96.0.1, apiserver=172.18.0.2:6443,kubelet=[fd00::5]:10250,10.0.0.9,[fd00::7]"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            list.to_string(),
+            "service=10.96.0.1,apiserver=172.18.0.2:6443,kubelet=[fd00::5]:10250,10.0.0.9,fd00::7"
+        );
+        assert_eq!(list.0[1].port, Some(6443));
+        assert_eq!(list.0[1].role, ClusterRole::ApiServer);
+        assert_eq!(list.0[3].role, ClusterRole::Cluster);
+        assert_eq!(list.to_string().parse::<List<ClusterAddress>>(), Ok(list));
+        // A mapped IPv4 address is kept as the IPv4 address it is.
+        assert_eq!(
+            "::ffff:10.0.0.1".parse::<ClusterAddress>().unwrap().addr,
+            ip("10.0.0.1")
+        );
+        for bad in [
+            "node=10.0.0.1",
+            "10.0.0.1:99999",
+            "kubelet=",
+            "cam.example.com:80",
+        ] {
+            let err = bad.parse::<ClusterAddress>().unwrap_err();
+            assert!(err.contains(bad) && err.contains("ip:port"), "{err}");
+        }
+        assert_eq!(
+            ClusterAddress::kubelet(ip("10.0.0.5"), Some(10250)),
+            cluster("kubelet=10.0.0.5:10250,kubelet=10.0.0.5:10255")
+        );
+        assert_eq!(
+            ClusterAddress::kubelet(ip("10.0.0.5"), Some(10260)).len(),
+            3
+        );
+    }
+
+    #[test]
+    fn cluster_addresses_are_refused_on_their_ports_whatever_the_settings() {
+        let mut policy = HostPolicy::defaults(Mode::Kubernetes);
+        policy.allow_cidrs = vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
+        policy.allow_hosts = vec!["*.example.com".parse().unwrap()];
+        policy.cluster = cluster(
+            "service=10.96.0.1,apiserver=172.18.0.2:6443,kubelet=172.18.0.3:10250,kubelet=172.18.0.3:10255",
+        );
+        let rule = |host: &str, port: Option<u16>, addrs: &[&str]| {
+            let addrs: Vec<IpAddr> = addrs.iter().map(|a| ip(a)).collect();
+            policy.check_port(host, port, &addrs).err().map(|e| e.rule)
+        };
+        let role = |r: Option<Rule>| match r {
+            Some(Rule::Cluster(entry)) => Some(entry.role),
+            _ => None,
+        };
+        // The kubernetes Service's ClusterIP on any port, by address or name.
+        assert_eq!(
+            role(rule("10.96.0.1", Some(443), &[])),
+            Some(ClusterRole::Service)
+        );
+        assert_eq!(
+            role(rule("10.96.0.1", Some(554), &[])),
+            Some(ClusterRole::Service)
+        );
+        assert_eq!(
+            role(rule("api.example.com", Some(80), &["10.96.0.1"])),
+            Some(ClusterRole::Service)
+        );
+        // The API server's endpoint on its port only.
+        assert_eq!(
+            role(rule("172.18.0.2", Some(6443), &[])),
+            Some(ClusterRole::ApiServer)
+        );
+        assert_eq!(rule("172.18.0.2", Some(8554), &[]), None);
+        // A node on its kubelet ports, but not on a camera's port.
+        assert_eq!(
+            role(rule("172.18.0.3", Some(10250), &[])),
+            Some(ClusterRole::Kubelet)
+        );
+        assert_eq!(
+            role(rule("172.18.0.3", Some(10255), &[])),
+            Some(ClusterRole::Kubelet)
+        );
+        assert_eq!(
+            role(rule("[::ffff:172.18.0.3]", Some(10250), &[])),
+            Some(ClusterRole::Kubelet)
+        );
+        assert_eq!(rule("172.18.0.3", Some(8554), &[]), None);
+        // An unknown port counts as any port.
+        assert_eq!(
+            role(rule("172.18.0.3", None, &[])),
+            Some(ClusterRole::Kubelet)
+        );
+    }
+
+    #[test]
+    fn urls_are_checked_on_their_port_or_their_schemes_default() {
+        let mut policy = HostPolicy::defaults(Mode::Kubernetes);
+        policy.cluster = cluster("apiserver=192.0.2.10:443,kubelet=192.0.2.20:10250");
+        let check = |raw: &str| policy.check_url_resolving(&Url::parse(raw).unwrap());
+        assert!(
+            check("https://192.0.2.10/video.mp4").is_err(),
+            "https is 443"
+        );
+        assert!(check("http://192.0.2.10/video.mp4").is_ok(), "http is 80");
+        assert!(check("rtsp://192.0.2.20:10250/live").is_err());
+        assert!(check("rtsp://192.0.2.20/live").is_ok(), "rtsp is 554");
+        assert_eq!(url_port(&Url::parse("rtsps://cam/a").unwrap()), Some(322));
+    }
+
+    #[test]
+    fn a_pod_adds_its_service_host_and_its_node_on_the_kubelet_ports() {
+        let mut policy = HostPolicy::defaults(Mode::Kubernetes);
+        policy.add_pod_addresses(Some("10.96.0.1"), Some("172.18.0.3"));
+        policy.add_pod_addresses(Some("kubernetes.default"), Some(""));
+        assert_eq!(
+            policy.cluster,
+            cluster("service=10.96.0.1,kubelet=172.18.0.3:10250,kubelet=172.18.0.3:10255")
+        );
+        let learned = policy.with_cluster(&cluster("apiserver=172.18.0.2:6443"));
+        assert_eq!(learned.cluster.len(), 4);
+        assert_eq!(policy.cluster.len(), 3, "the policy itself is unchanged");
+    }
+
+    #[test]
+    fn the_service_range_is_refused_unless_allowed() {
+        let mut policy = HostPolicy::defaults(Mode::Kubernetes);
+        policy.service_cidrs = vec!["10.96.0.0/12".parse().unwrap()];
+        assert!(matches!(
+            rule_of(&policy, "proxy.cams.svc.cluster.local", &["10.100.3.4"]),
+            Some(Rule::ServiceCidr(_))
+        ));
+        assert_eq!(
+            rule_of(&policy, "10.244.1.7", &[]),
+            None,
+            "Pods are not Services"
+        );
+        let mut proxy = policy.clone();
+        proxy.allow_cidrs = vec!["10.100.3.4".parse().unwrap()];
+        assert_eq!(rule_of(&proxy, "10.100.3.4", &[]), None);
+        // The Service ClusterIP rule holds even inside an allowed range.
+        proxy.allow_cidrs = vec!["10.96.0.0/12".parse().unwrap()];
+        proxy.cluster = cluster("service=10.96.0.1");
+        assert!(matches!(
+            rule_of(&proxy, "10.96.0.1", &[]),
+            Some(Rule::Cluster(_))
+        ));
+        assert!(
+            policy
+                .worker_env()
+                .contains(&("CAMERA_SERVICE_CIDRS", "10.96.0.0/12".into()))
+        );
+    }
+
+    #[test]
+    fn cluster_refusals_say_what_the_address_is_and_the_fix() {
+        let mut policy = HostPolicy::defaults(Mode::Kubernetes);
+        policy.cluster =
+            cluster("service=10.96.0.1,apiserver=172.18.0.2:6443,kubelet=172.18.0.3:10250");
+        policy.service_cidrs = vec!["10.96.0.0/12".parse().unwrap()];
+        let text = |host: &str, port: u16, addrs: &[&str]| {
+            let addrs: Vec<IpAddr> = addrs.iter().map(|a| ip(a)).collect();
+            policy
+                .check_port(host, Some(port), &addrs)
+                .unwrap_err()
+                .to_string()
+        };
+        let t = text("cam.example.com", 554, &["10.96.0.1"]);
+        assert!(
+            t.contains("cam.example.com resolves to 10.96.0.1, port 554")
+                && t.contains("`kubernetes` Service"),
+            "{t}"
+        );
+        let t = text("172.18.0.2", 6443, &[]);
+        assert!(
+            t.contains("host 172.18.0.2, port 6443") && t.contains("API server"),
+            "{t}"
+        );
+        let t = text("172.18.0.3", 10250, &[]);
+        assert!(
+            t.contains("kubelet port") && t.contains("another port"),
+            "{t}"
+        );
+        let t = text("10.100.0.9", 554, &[]);
+        assert!(
+            t.contains("CAMERA_SERVICE_CIDRS") && t.contains("CAMERA_ALLOW_CIDRS"),
+            "{t}"
         );
     }
 }

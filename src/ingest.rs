@@ -39,7 +39,7 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::camera_url::CameraSource;
-use crate::host_policy::HostPolicy;
+use crate::host_policy::{ClusterAddress, HostPolicy};
 use crate::kafka::{KafkaContext, KafkaProducer};
 use crate::messages::{DeployRequest, RequestError, UndeployRequest};
 use crate::scenario::ordering::{DeployDecision, Stale, Stamp, UndeployDecision, too_far_ahead};
@@ -131,6 +131,9 @@ pub struct IngestConfig {
     pub video_file_root: Option<PathBuf>,
     /// The camera host policy, applied to every deploy before it is stored.
     pub camera_policy: HostPolicy,
+    /// The cluster's own addresses as the controller last learned them,
+    /// added to `camera_policy` (none for `runner local`).
+    pub cluster: Option<tokio::sync::watch::Receiver<Vec<ClusterAddress>>>,
     /// How far ahead of this runner's clock a producer-set record timestamp
     /// may be; a command stamped further ahead is dead-lettered.
     pub max_clock_skew: Duration,
@@ -484,8 +487,17 @@ impl<S: CommandStore> Ingest<S> {
     /// name that does not resolve here passes; the worker checks it again).
     async fn check_host(&self, req: DeployRequest) -> Result<DeployRequest, RequestError> {
         let root = self.config.video_file_root.as_deref();
-        CameraSource::parse(&req.camera_url, root)?
-            .check_host_at_ingest(&self.config.camera_policy, HOST_LOOKUP_TIMEOUT)
+        let source = CameraSource::parse(&req.camera_url, root)?;
+        let learned;
+        let policy = match &self.config.cluster {
+            Some(cluster) => {
+                learned = self.config.camera_policy.with_cluster(&cluster.borrow());
+                &learned
+            }
+            None => &self.config.camera_policy,
+        };
+        source
+            .check_host_at_ingest(policy, HOST_LOOKUP_TIMEOUT)
             .await?;
         Ok(req)
     }

@@ -20,6 +20,12 @@ pub struct ResultLabels {
 pub use crate::ingest::CategoryLabels;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// What was read: `service`, `apiserver` or `nodes`.
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub phase: &'static str,
 }
@@ -38,6 +44,10 @@ pub struct ControllerMetrics {
     pub ingest: IngestMetrics,
     pub event_publish_failures: Counter,
     pub leader: Gauge,
+    /// Failed reads of the cluster's addresses for the camera host policy.
+    pub cluster_learning_failures: Family<SourceLabels, Counter>,
+    /// Cluster addresses the camera host policy refuses, as last learned.
+    pub cluster_addresses: Gauge,
     ready: AtomicBool,
     kafka: std::sync::OnceLock<std::sync::Arc<crate::kafka::KafkaHealth>>,
 }
@@ -58,6 +68,8 @@ impl ControllerMetrics {
             ingest: Default::default(),
             event_publish_failures: Default::default(),
             leader: Default::default(),
+            cluster_learning_failures: Default::default(),
+            cluster_addresses: Default::default(),
             ready: AtomicBool::new(false),
             kafka: Default::default(),
         };
@@ -123,6 +135,16 @@ impl ControllerMetrics {
             "leader",
             "1 while this replica holds the leader Lease",
             metrics.leader.clone(),
+        );
+        r.register(
+            "cluster_learning_failures",
+            "Failed reads of the cluster's own addresses (the kubernetes Service, the API server's endpoints, the nodes) for the camera host policy, by source",
+            metrics.cluster_learning_failures.clone(),
+        );
+        r.register(
+            "cluster_addresses",
+            "Cluster addresses (with their ports) the camera host policy refuses, as last learned",
+            metrics.cluster_addresses.clone(),
         );
         (metrics, registry)
     }

@@ -10,6 +10,7 @@
 //! holder of the leader Lease ([`leader`]) ingests and reconciles.
 
 pub use crate::scenario::admission;
+pub mod cluster;
 pub mod crd;
 pub mod events;
 pub mod ingest;
@@ -168,9 +169,23 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     metrics.watch_kafka(kafka_context.health.clone());
     let probe = crate::kafka::probe(&producer, &kafka_context);
 
-    let camera_policy = args
+    let mut camera_policy = args
         .camera_policy
         .policy(crate::host_policy::Mode::Kubernetes);
+    camera_policy.add_pod_addresses(
+        std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
+        None,
+    );
+    let (cluster, learner) = if args.camera_learn_cluster {
+        let every = Duration::from_secs(args.cluster_refresh_secs.max(1));
+        let (rx, task) = cluster::Learner::new(calls.clone(), metrics.clone())
+            .start(every)
+            .await;
+        (rx, Some(task))
+    } else {
+        tracing::info!("CAMERA_LEARN_CLUSTER=false: the cluster's own addresses are not learned");
+        (watch::channel(Vec::new()).1, None)
+    };
     let template = WorkerTemplate {
         runner_name: args.runner_name.clone(),
         image: args.worker_image.clone(),
@@ -287,6 +302,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
             },
         ),
         metrics: metrics.clone(),
+        cluster: cluster.clone(),
         phases: events::PhasePublisher::new(producer.clone(), &args.events_topic, metrics.clone()),
         failures: Default::default(),
     });
@@ -330,6 +346,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
             dlq_topic: args.dlq_topic.clone(),
             video_file_root: args.worker.video_file_root.clone(),
             camera_policy,
+            cluster: Some(cluster),
             max_clock_skew: std::time::Duration::from_secs(args.max_clock_skew_secs),
         },
         metrics: metrics.ingest.clone(),
@@ -383,6 +400,9 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     server.abort();
     probe.abort();
     queue.abort();
+    if let Some(learner) = learner {
+        learner.abort();
+    }
     result
 }
 

@@ -10,6 +10,7 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use super::crd::Scenario;
+use crate::host_policy::{ClusterAddress, List};
 
 pub const LABEL_NAME: &str = "app.kubernetes.io/name";
 pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
@@ -49,6 +50,12 @@ pub fn finite_source(scenario: &Scenario) -> bool {
         _ => crate::scenario::source::is_finite(&scenario.spec.camera_url),
     }
 }
+
+/// The worker's setting with the cluster addresses its camera host policy refuses.
+pub const CLUSTER_ADDRESSES_ENV: &str = "CAMERA_CLUSTER_ADDRESSES";
+
+/// The worker's setting with its node's address (the downward API's `status.hostIP`).
+pub const NODE_IP_ENV: &str = "NODE_IP";
 
 /// Port of the worker's /metrics, /healthz and /readyz.
 pub const WORKER_HTTP_PORT: u16 = 8080;
@@ -292,8 +299,17 @@ pub fn runner_selector(runner: &str) -> String {
     )
 }
 
-/// The worker Pod for `scenario`.
+/// The worker Pod for `scenario`, with no learned cluster address.
 pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
+    build_learned(scenario, t, &[])
+}
+
+/// The worker Pod for `scenario`. Its camera host policy refuses the
+/// cluster addresses the controller `learned` (in `CAMERA_CLUSTER_ADDRESSES`,
+/// beside the configured ones) and its own node's address on the kubelet's
+/// ports (`NODE_IP`, from the downward API). Only new Pods get a newer
+/// list: the controller never compares a running Pod's spec with this one.
+pub fn build_learned(scenario: &Scenario, t: &WorkerTemplate, learned: &[ClusterAddress]) -> Pod {
     let spec = &scenario.spec;
     let name = pod_name(&spec.scenario_uuid);
     let owner = scenario.controller_owner_ref(&());
@@ -317,12 +333,25 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
     }
     let (kafka_env, mut volumes, mut mounts) = t.kafka.pod_parts();
     env.extend(kafka_env);
+    let mut cluster = List(learned.to_vec()).to_string();
     for (name, value) in t.camera_policy_env.iter().chain(&t.tuning_env) {
         if *name == "CAMERA_CA_FILE" && t.camera_ca.is_some() {
             continue; // the mounted ConfigMap's file instead
         }
+        if *name == CLUSTER_ADDRESSES_ENV {
+            cluster = [value.as_str(), &cluster]
+                .into_iter()
+                .filter(|v| !v.is_empty())
+                .collect::<Vec<_>>()
+                .join(",");
+            continue;
+        }
         env.push(json!({"name": name, "value": value}));
     }
+    env.push(json!({"name": CLUSTER_ADDRESSES_ENV, "value": cluster}));
+    env.push(
+        json!({"name": NODE_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}),
+    );
     if let Some((config_map, key)) = &t.camera_ca {
         volumes.push(json!({"name": "camera-ca", "configMap": {
             "name": config_map, "items": [{"key": key, "path": "ca.crt"}]}}));
@@ -608,5 +637,51 @@ mod tests {
             "bundle.pem"
         );
         assert_eq!(container["volumeMounts"][0]["mountPath"], CAMERA_CA_DIR);
+    }
+
+    #[test]
+    fn worker_pods_refuse_the_learned_cluster_addresses_and_their_node() {
+        let t = WorkerTemplate {
+            camera_policy_env: vec![
+                ("CAMERA_ALLOW_LOOPBACK", "false".into()),
+                (CLUSTER_ADDRESSES_ENV, "10.0.0.9:8080".into()),
+            ],
+            ..WorkerTemplate::default()
+        };
+        let learned: List<ClusterAddress> = "service=10.96.0.1,kubelet=172.18.0.3:10250"
+            .parse()
+            .unwrap();
+        let pod = serde_json::to_value(build_learned(&scenario(), &t, &learned.0)).unwrap();
+        let env = pod["spec"]["containers"][0]["env"].as_array().unwrap();
+        let of = |name: &str| -> Vec<&Value> { env.iter().filter(|e| e["name"] == name).collect() };
+        let cluster = of(CLUSTER_ADDRESSES_ENV);
+        assert_eq!(cluster.len(), 1);
+        assert_eq!(
+            cluster[0]["value"],
+            "10.0.0.9:8080,service=10.96.0.1,kubelet=172.18.0.3:10250"
+        );
+        let node = of(NODE_IP_ENV);
+        assert_eq!(node.len(), 1);
+        assert_eq!(
+            node[0]["valueFrom"]["fieldRef"]["fieldPath"],
+            "status.hostIP"
+        );
+        // The worker reads them back as its policy does.
+        assert_eq!(
+            cluster[0]["value"]
+                .as_str()
+                .unwrap()
+                .parse::<List<ClusterAddress>>()
+                .unwrap()
+                .0
+                .len(),
+            3
+        );
+        let plain = serde_json::to_value(build(&scenario(), &WorkerTemplate::default())).unwrap();
+        let env = plain["spec"]["containers"][0]["env"].as_array().unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e["name"] == CLUSTER_ADDRESSES_ENV && e["value"] == "")
+        );
     }
 }

@@ -140,6 +140,9 @@ pub struct Context {
     pub leadership: Leadership,
     pub recorder: Recorder,
     pub metrics: Arc<ControllerMetrics>,
+    /// The cluster's own addresses as last learned, for new worker Pods
+    /// (running ones keep the list they started with).
+    pub cluster: tokio::sync::watch::Receiver<Vec<crate::host_policy::ClusterAddress>>,
     pub phases: PhasePublisher,
     /// Consecutive reconcile failures per Scenario, for exponential backoff.
     pub failures: std::sync::Mutex<HashMap<String, u32>>,
@@ -428,7 +431,10 @@ async fn create_pod(
     if !ctx.leadership.holds() {
         return Err(ReconcileError::NotLeader);
     }
-    let pod = pod::build(scenario, &ctx.template);
+    let pod = {
+        let learned = ctx.cluster.borrow();
+        pod::build_learned(scenario, &ctx.template, &learned)
+    };
     let pod_name = pod.name_any();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let params = PostParams {

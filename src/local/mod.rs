@@ -279,6 +279,7 @@ async fn run(
                     dlq_topic: args.dlq_topic.clone(),
                     video_file_root: file_root.clone(),
                     camera_policy,
+                    cluster: None,
                     max_clock_skew: std::time::Duration::from_secs(args.max_clock_skew_secs),
                 },
                 metrics: metrics.ingest.clone(),

@@ -120,18 +120,51 @@ impl CameraTls {
 
     /// Makes a TLS handshake with an `https://` or `rtsps://` camera and
     /// checks its certificate and host name; `Ok` for other sources.
-    pub fn check(&self, source: &CameraSource, timeout: Duration) -> Result<(), String> {
+    pub fn check(&self, source: &CameraSource, timeout: Duration) -> Result<(), TlsCheckError> {
         let (CameraTls::Verify { config, .. }, CameraSource::Network(url)) = (self, source) else {
             return Ok(());
         };
         if !matches!(url.scheme(), "https" | "rtsps") {
             return Ok(());
         }
-        handshake(url, config.clone(), timeout).map_err(|why| {
-            format!(
-                "the camera's TLS certificate is not trusted ({why}); give the CA that signed it as CAMERA_CA_FILE, or, for cameras with self-signed certificates, set CAMERA_TLS_VERIFY=false"
-            )
-        })
+        handshake(url, config.clone(), timeout)
+    }
+}
+
+/// Why a camera's TLS handshake failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsCheckError {
+    /// The camera could not be reached, or what answered did not complete a
+    /// TLS handshake (refused, timed out, reset, not TLS): the cause, which
+    /// only `CAMERA_ERROR_DETAIL=true` shows.
+    Unreachable(String),
+    /// The camera answered with a certificate that is not trusted or does
+    /// not name it: the whole error, with the fix.
+    Untrusted(String),
+}
+
+impl TlsCheckError {
+    fn untrusted(why: impl std::fmt::Display) -> TlsCheckError {
+        TlsCheckError::Untrusted(format!(
+            "the camera's TLS certificate is not trusted ({why}); give the CA that signed it as CAMERA_CA_FILE, or, for cameras with self-signed certificates, set CAMERA_TLS_VERIFY=false"
+        ))
+    }
+
+    /// A failed handshake step: only a refused certificate is a TLS
+    /// failure; anything else is a camera that cannot be reached or does
+    /// not speak TLS.
+    fn of_io(e: &std::io::Error) -> TlsCheckError {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(
+                tls @ (rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::InvalidCertRevocationList(_)),
+            ) => TlsCheckError::untrusted(tls),
+            _ => TlsCheckError::Unreachable(e.to_string()),
+        }
     }
 }
 
@@ -139,26 +172,28 @@ fn handshake(
     url: &Url,
     config: Arc<rustls::ClientConfig>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), TlsCheckError> {
+    let unreachable = TlsCheckError::Unreachable;
     let host = url.host_str().unwrap_or_default();
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = url
-        .port_or_known_default()
-        .unwrap_or(if url.scheme() == "rtsps" { 322 } else { 443 });
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|e| format!("{host} is not a host name TLS can check: {e}"))?;
+    let port = crate::host_policy::url_port(url).unwrap_or(443);
+    let name = ServerName::try_from(host.to_string()).map_err(|e| {
+        TlsCheckError::untrusted(format!("{host} is not a host name TLS can check: {e}"))
+    })?;
     let addr = (host, port)
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .map_err(|e| unreachable(format!("cannot resolve {host}: {e}")))?
         .next()
-        .ok_or_else(|| format!("{host} has no address"))?;
+        .ok_or_else(|| unreachable(format!("{host} has no address")))?;
     let mut sock = TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+        .map_err(|e| unreachable(format!("cannot connect to {host}:{port}: {e}")))?;
     sock.set_read_timeout(Some(timeout)).ok();
     sock.set_write_timeout(Some(timeout)).ok();
-    let mut conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+    let mut conn = rustls::ClientConnection::new(config, name)
+        .map_err(|e| TlsCheckError::untrusted(e.to_string()))?;
     while conn.is_handshaking() {
-        conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
+        conn.complete_io(&mut sock)
+            .map_err(|e| TlsCheckError::of_io(&e))?;
     }
     conn.send_close_notify();
     let _ = conn.complete_io(&mut sock);
@@ -208,6 +243,52 @@ mod tests {
         assert!(
             err.contains("CAMERA_CA_FILE") && err.contains("cannot read"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn only_a_refused_certificate_is_a_tls_failure() {
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        );
+        // Nothing listens on a port just freed: refused, not untrusted.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let url = Url::parse(&format!("rtsps://127.0.0.1:{port}/a")).unwrap();
+        assert!(matches!(
+            handshake(&url, config.clone(), Duration::from_secs(2)),
+            Err(TlsCheckError::Unreachable(_))
+        ));
+        // A server that is not TLS: unreachable or not a video, not untrusted.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = plain.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut s, _) = plain.accept().unwrap();
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"RTSP/1.0 400 Bad Request\r\n\r\n");
+        });
+        let url = Url::parse(&format!("rtsps://{addr}/a")).unwrap();
+        assert!(matches!(
+            handshake(&url, config, Duration::from_secs(2)),
+            Err(TlsCheckError::Unreachable(_))
+        ));
+        server.join().unwrap();
+        let words = TlsCheckError::of_io(&std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        assert!(
+            matches!(&words, TlsCheckError::Untrusted(w) if w.contains("not trusted") && w.contains("CAMERA_CA_FILE")),
+            "{words:?}"
         );
     }
 }

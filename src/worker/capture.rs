@@ -15,6 +15,7 @@ use crate::backoff::Backoff;
 use crate::camera_url::{CameraSource, RtspTransport};
 use crate::cli::RtspTransportMode;
 use crate::sampler::{MonotonicClock, Sampler};
+use crate::worker::camera_tls::TlsCheckError;
 use crate::worker::handoff::Handoff;
 use crate::worker::metrics::{DropLabels, WorkerMetrics};
 use crate::worker::transport;
@@ -43,6 +44,10 @@ pub struct CaptureSettings {
     pub rtsp_transport: RtspTransportMode,
     /// FFmpeg's decoding threads.
     pub decode_threads: u32,
+    /// `CAMERA_ERROR_DETAIL`: say why a camera did not open (refused, timed
+    /// out, not a video) and fail as soon as it is known; off, every such
+    /// failure reads the same and takes OPEN_TIMEOUT_MS.
+    pub error_detail: bool,
 }
 
 /// How reading ended without an error.
@@ -319,21 +324,47 @@ fn open(settings: &CaptureSettings) -> Result<VideoCapture, String> {
         i32::try_from(settings.decode_threads).unwrap_or(1),
     ]);
     settings.source.recheck_host()?;
-    super::camera_tls::installed().check(&settings.source, settings.open_timeout)?;
+    let started = Instant::now();
+    let not_opened = |detail: &str| {
+        even_out(started, settings);
+        settings.source.not_opened(detail, settings.error_detail)
+    };
+    match super::camera_tls::installed().check(&settings.source, settings.open_timeout) {
+        Ok(()) => {}
+        Err(TlsCheckError::Untrusted(words)) => return Err(words),
+        Err(TlsCheckError::Unreachable(detail)) => return Err(not_opened(&detail)),
+    }
     let target = settings.source.backend_target();
     let capture = VideoCapture::from_file_with_params(&target, videoio::CAP_FFMPEG, &params)
-        .map_err(|e| redact_backend_error(&e.to_string(), &target, &settings.source))?;
+        .map_err(|e| {
+            not_opened(&redact_backend_error(
+                &e.to_string(),
+                &target,
+                &settings.source,
+            ))
+        })?;
     match capture.is_opened() {
         Ok(true) => Ok(capture),
-        Ok(false) => {
-            Err("FFmpeg could not open it (unreachable, refused, timed out, or not a video)".into())
-        }
-        Err(e) => Err(redact_backend_error(
+        Ok(false) => Err(not_opened(
+            "FFmpeg could not open it: refused, timed out, reset, or not a video",
+        )),
+        Err(e) => Err(not_opened(&redact_backend_error(
             &e.to_string(),
             &target,
             &settings.source,
-        )),
+        ))),
     }
+}
+
+/// Without `CAMERA_ERROR_DETAIL`, a network camera's failed open ends no
+/// sooner than OPEN_TIMEOUT_MS after it began: a refused connection then
+/// takes as long as one never answered, so the time a failure takes tells
+/// no more than its words.
+fn even_out(started: Instant, settings: &CaptureSettings) {
+    if settings.error_detail || !settings.source.is_live() {
+        return;
+    }
+    std::thread::sleep(settings.open_timeout.saturating_sub(started.elapsed()));
 }
 
 /// OpenCV errors may quote the URL they were given; never let credentials out.

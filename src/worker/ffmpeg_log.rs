@@ -30,21 +30,70 @@ pub struct StderrRelay {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// FFmpeg's contexts that report on network connections.
+const NETWORK_CONTEXTS: &[&str] = &[
+    "tcp", "udp", "tls", "http", "https", "rtsp", "rtp", "hls", "crypto",
+];
+
+/// Words of a connection's fate, wherever a line has them.
+const CONNECTION_WORDS: &[&str] = &[
+    "refused",
+    "timed out",
+    "timeout",
+    "reset by peer",
+    "no route to host",
+    "unreachable",
+    "invalid data found",
+    "immediate exit requested",
+    "end of file",
+    "broken pipe",
+    "server returned",
+];
+
+/// OpenCV's own warnings about opening a capture: when one is written
+/// tells how long the open took, and so how it failed.
+const OPENCV_OPEN_WARNINGS: &[&str] = &["global cap.cpp:", "global cap_ffmpeg_impl.hpp:"];
+
+/// Whether a line of FFmpeg's or OpenCV's says how a network connection or
+/// an open went (refused, timed out, reset, what the server answered):
+/// without `CAMERA_ERROR_DETAIL` such lines are not relayed, since they
+/// (and when they come) would tell whoever reads the log (`runner local`
+/// relays it) what listens on a port.
+pub fn tells_connection_fate(text: &str) -> bool {
+    if OPENCV_OPEN_WARNINGS.iter().any(|w| text.contains(w)) {
+        return true;
+    }
+    let context = text
+        .trim_start()
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once(" @ "))
+        .map(|(name, _)| name);
+    if context.is_some_and(|c| NETWORK_CONTEXTS.contains(&c)) {
+        return true;
+    }
+    let lower = text.to_ascii_lowercase();
+    CONNECTION_WORDS.iter().any(|w| lower.contains(w))
+}
+
 /// What the relay logs for one line of native output: `None` for a blank
-/// line.
-pub fn relayed_line(source: &CameraSource, raw: &[u8]) -> Option<String> {
+/// line, and without `detail` (`CAMERA_ERROR_DETAIL`) for a line that says
+/// how a network connection went.
+pub fn relayed_line(source: &CameraSource, raw: &[u8], detail: bool) -> Option<String> {
     if raw.len() > MAX_LINE {
         return Some(too_long(raw.len()));
     }
     let text = String::from_utf8_lossy(raw);
     let text = text.trim_end_matches(['\n', '\r']);
-    (!text.trim().is_empty()).then(|| source.scrub(text))
+    if text.trim().is_empty() || (!detail && tells_connection_fate(text)) {
+        return None;
+    }
+    Some(source.scrub(text))
 }
 
 impl StderrRelay {
     /// Moves standard error to a new descriptor (where the log goes from now
     /// on) and points descriptor 2 at the relay's pipe.
-    pub fn start(source: CameraSource) -> std::io::Result<StderrRelay> {
+    pub fn start(source: CameraSource, detail: bool) -> std::io::Result<StderrRelay> {
         let mut fds = [0; 2];
         // SAFETY: pipe2(2) fills the array with two new descriptors.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -62,7 +111,7 @@ impl StderrRelay {
         crate::telemetry::log_to(original.as_raw_fd());
         let thread = std::thread::Builder::new()
             .name("ffmpeg-log".into())
-            .spawn(move || relay(File::from(read), &source))?;
+            .spawn(move || relay(File::from(read), &source, detail))?;
         // SAFETY: dup2(2) points descriptor 2 at the pipe; `write` stays
         // owned and is closed when this function returns.
         if unsafe { libc::dup2(write.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
@@ -90,7 +139,7 @@ impl Drop for StderrRelay {
     }
 }
 
-fn relay(pipe: File, source: &CameraSource) {
+fn relay(pipe: File, source: &CameraSource, detail: bool) {
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::new();
     loop {
@@ -111,7 +160,7 @@ fn relay(pipe: File, source: &CameraSource) {
         let shown = if length > MAX_LINE {
             Some(too_long(length))
         } else {
-            relayed_line(source, &line)
+            relayed_line(source, &line, detail)
         };
         if let Some(text) = shown {
             tracing::warn!(target: "ffmpeg", "{text}");
@@ -152,14 +201,45 @@ mod tests {
             CameraSource::parse("http://admin:pw@cam.example/live/index.m3u8", None).unwrap();
         let line = b"[hls @ 0x55d0c0a1b2c0] Error when loading first segment 'http://admin:pw@cam.example/live/seg0.ts'\n";
         assert_eq!(
-            relayed_line(&source, line).as_deref(),
+            relayed_line(&source, line, true).as_deref(),
             Some(
                 "[hls @ 0x55d0c0a1b2c0] Error when loading first segment 'http://***@cam.example/live/seg0.ts'"
             )
         );
-        assert_eq!(relayed_line(&source, b"  \r\n"), None);
+        assert_eq!(relayed_line(&source, b"  \r\n", true), None);
         let long = vec![b'a'; MAX_LINE + 1];
-        let note = relayed_line(&source, &long).unwrap();
+        let note = relayed_line(&source, &long, false).unwrap();
         assert!(note.contains("not shown"), "{note}");
+    }
+
+    #[test]
+    fn lines_on_a_connections_fate_need_camera_error_detail() {
+        let source = CameraSource::parse("rtsp://admin:pw@10.1.2.3:8554/a", None).unwrap();
+        for line in [
+            "[tcp @ 0x5581] Connection to tcp://10.1.2.3:8554?timeout=0 failed: Connection refused",
+            "[tcp @ 0x5581] Connection to tcp://10.1.2.3:8554 failed: Connection timed out",
+            "[rtsp @ 0x5581] method DESCRIBE failed: 404 Not Found",
+            "[http @ 0x5581] HTTP error 403 Forbidden",
+            "[tls @ 0x5581] Error in the pull function.",
+            "rtsp://admin:pw@10.1.2.3:8554/a: Invalid data found when processing input",
+            "[ WARN:0@5.001] global cap_ffmpeg_impl.hpp:453 _opencv_ffmpeg_interrupt_callback Stream timeout triggered after 5000 ms",
+            "[ WARN:0@0.070] global cap.cpp:204 open VIDEOIO(FFMPEG): backend is generally available but can't be used to capture by name",
+            "[http @ 0x7f7b50002080] Stream ends prematurely at 27, should be 18446744073709551615",
+        ] {
+            assert!(tells_connection_fate(line), "{line}");
+            assert_eq!(
+                relayed_line(&source, line.as_bytes(), false),
+                None,
+                "{line}"
+            );
+            let shown = relayed_line(&source, line.as_bytes(), true).unwrap();
+            assert!(!shown.contains("admin:pw"), "{shown}");
+        }
+        let decoding = "[h264 @ 0x5581] error while decoding MB 3 7, bytestream -5";
+        assert!(!tells_connection_fate(decoding));
+        assert_eq!(
+            relayed_line(&source, decoding.as_bytes(), false).as_deref(),
+            Some(decoding)
+        );
     }
 }

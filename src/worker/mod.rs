@@ -72,9 +72,13 @@ pub enum WorkerError {
 pub fn main(args: WorkerArgs) -> Result<CaptureEnd, WorkerError> {
     let root = args.settings.video_file_root.as_deref();
     let source = CameraSource::parse(&args.camera_url.0, root)?.resolve(root)?;
-    let policy = args
+    let mut policy = args
         .camera_policy
         .policy(crate::host_policy::Mode::detect());
+    policy.add_pod_addresses(
+        std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
+        args.node_ip.as_deref(),
+    );
     source.check_host(&policy)?;
     crate::host_policy::install(policy);
     let tls = camera_tls::CameraTls::new(
@@ -88,7 +92,8 @@ pub fn main(args: WorkerArgs) -> Result<CaptureEnd, WorkerError> {
     unsafe { transport::apply(&source, transport::initial(args.settings.rtsp_transport)) };
     // FFmpeg's own lines quote URLs with the camera's credentials: from here
     // on they reach standard error only scrubbed, as log events.
-    let _relay = ffmpeg_log::StderrRelay::start(source.clone()).map_err(WorkerError::Relay)?;
+    let _relay = ffmpeg_log::StderrRelay::start(source.clone(), args.settings.camera_error_detail)
+        .map_err(WorkerError::Relay)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -154,6 +159,7 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, Worke
         reconnect_max: args.settings.stream.reconnect_max_ms.0,
         rtsp_transport: args.settings.rtsp_transport,
         decode_threads: args.decode_threads.0,
+        error_detail: args.settings.camera_error_detail,
     };
 
     let capture = {

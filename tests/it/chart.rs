@@ -350,14 +350,17 @@ type Grant = (String, String, String, String);
 #[test]
 fn rbac_is_namespaced_exact_and_has_no_wildcards() {
     let docs = template("vap", "video", ALL_FEATURES);
-    for kind in ["ClusterRole", "ClusterRoleBinding"] {
-        assert!(
-            of_kind(&docs, kind).is_empty(),
-            "the chart must grant nothing cluster-wide, but renders a {kind}"
-        );
-    }
-    let role = one(&docs, "Role");
-    assert_eq!(role["metadata"]["namespace"], "video");
+    cluster_policy_grants_only_reads_of_nodes_and_the_kubernetes_service(&docs);
+    let in_release = |kind: &str| -> Vec<Value> {
+        of_kind(&docs, kind)
+            .into_iter()
+            .filter(|d| d["metadata"]["namespace"] == "video")
+            .cloned()
+            .collect()
+    };
+    let roles = in_release("Role");
+    assert_eq!(roles.len(), 1, "{roles:?}");
+    let role = &roles[0];
     let mut grants: BTreeSet<Grant> = BTreeSet::new();
     for rule in role["rules"].as_array().expect("rules") {
         let list = |key: &str| -> Vec<String> {
@@ -428,7 +431,9 @@ fn rbac_is_namespaced_exact_and_has_no_wildcards() {
         "the Role must grant exactly what the controller uses"
     );
 
-    let binding = one(&docs, "RoleBinding");
+    let bindings = in_release("RoleBinding");
+    assert_eq!(bindings.len(), 1, "{bindings:?}");
+    let binding = &bindings[0];
     assert_eq!(binding["roleRef"]["kind"], "Role");
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
     let deployment = one(&docs, "Deployment");
@@ -446,6 +451,58 @@ fn rbac_is_namespaced_exact_and_has_no_wildcards() {
         .expect("the workers' ServiceAccount");
     assert_eq!(worker_sa["automountServiceAccountToken"], false);
     assert_eq!(worker_sa["imagePullSecrets"], json!([{"name": "registry"}]));
+}
+
+/// What the camera host policy's learning of the cluster is granted
+/// (rbac-cluster-policy.yaml): get, list and watch on nodes cluster-wide,
+/// and get on the Service, Endpoints and EndpointSlice `kubernetes` in
+/// `default`; nothing when `cameraPolicy.learnCluster` is false.
+fn cluster_policy_grants_only_reads_of_nodes_and_the_kubernetes_service(docs: &[Value]) {
+    let cluster_role = one(docs, "ClusterRole");
+    assert_eq!(
+        cluster_role["rules"],
+        json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}])
+    );
+    let cluster_binding = one(docs, "ClusterRoleBinding");
+    assert_eq!(
+        cluster_binding["roleRef"]["name"],
+        cluster_role["metadata"]["name"]
+    );
+    assert_eq!(cluster_binding["subjects"][0]["namespace"], "video");
+    let in_default: Vec<&Value> = of_kind(docs, "Role")
+        .into_iter()
+        .filter(|r| r["metadata"]["namespace"] == "default")
+        .collect();
+    assert_eq!(in_default.len(), 1);
+    assert_eq!(
+        in_default[0]["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["services", "endpoints"],
+             "resourceNames": ["kubernetes"], "verbs": ["get"]},
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+             "resourceNames": ["kubernetes"], "verbs": ["get"]}
+        ])
+    );
+    let off = template(
+        "vap",
+        "video",
+        &["--set", "cameraPolicy.learnCluster=false"],
+    );
+    for kind in ["ClusterRole", "ClusterRoleBinding"] {
+        assert!(
+            of_kind(&off, kind).is_empty(),
+            "{kind} without learnCluster"
+        );
+    }
+    assert!(
+        of_kind(&off, "Role")
+            .iter()
+            .all(|r| r["metadata"]["namespace"] != "default")
+    );
+    assert_eq!(
+        env_value(&env_of(one(&off, "Deployment")), "CAMERA_LEARN_CLUSTER"),
+        "false"
+    );
 }
 
 #[test]
@@ -717,7 +774,14 @@ fn several_releases_have_separate_names_groups_and_leases() {
     assert_eq!(env_value(&env_a, "CONSUMER_GROUP"), "team-a-vap-runner");
     assert_eq!(env_value(&env_b, "CONSUMER_GROUP"), "runner-group");
     // Each release's Role reaches only its own Lease.
-    let lease_names = |docs: &[Value]| one(docs, "Role")["rules"].to_string();
+    // (The other Role, in `default`, reads the `kubernetes` Service.)
+    let lease_names = |docs: &[Value]| {
+        of_kind(docs, "Role")
+            .into_iter()
+            .find(|r| r["metadata"]["namespace"] != "default")
+            .expect("the release's Role")["rules"]
+            .to_string()
+    };
     assert!(lease_names(&a).contains("team-a-vap-runner-leader"));
     assert!(!lease_names(&a).contains("team-b"));
 }
@@ -818,8 +882,15 @@ fn the_admission_policy_lease_and_namespace_are_rendered_as_asked() {
     );
     let namespace = one(&created, "Namespace");
     assert_eq!(namespace["metadata"]["name"], "video");
+    // (Besides what reads the `kubernetes` Service in `default` and the
+    // nodes, for the camera host policy.)
+    let cluster_policy = |doc: &Value| {
+        doc["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n.ends_with("-cluster-policy"))
+    };
     for doc in &created {
-        if doc["kind"] != "Namespace" {
+        if doc["kind"] != "Namespace" && !cluster_policy(doc) {
             assert_eq!(doc["metadata"]["namespace"], "video", "{doc}");
         }
     }
@@ -977,6 +1048,14 @@ async fn the_controllers_account_creates_only_worker_pods_of_the_expected_shape(
         (
             "envFrom a Secret",
             Box::new(|p| c(p)["envFrom"] = json!([{"secretRef": {"name": "kafka-admin"}}])),
+        ),
+        (
+            "a downward API field other than the node's address",
+            Box::new(|p| {
+                let env = c(p)["env"].as_array_mut().unwrap();
+                let node = env.iter_mut().find(|e| e["name"] == "NODE_IP").unwrap();
+                node["valueFrom"]["fieldRef"]["fieldPath"] = json!("spec.serviceAccountName");
+            }),
         ),
         (
             // (the apiserver itself refuses privileged without escalation)

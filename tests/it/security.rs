@@ -829,3 +829,180 @@ fn camera_policy_values_become_the_controllers_settings() {
             .is_ok()
     );
 }
+
+// ------------------------------------------------ the cluster's own addresses
+
+/// The address of node `kwok-node-0` (the bed's fake node) and its Service
+/// `kubernetes`'s ClusterIP.
+async fn cluster_of_the_bed(client: &Client) -> (String, String) {
+    use k8s_openapi::api::core::v1::{Node, Service};
+    let node = Api::<Node>::all(client.clone())
+        .get("kwok-node-0")
+        .await
+        .expect("the bed's node");
+    let node_ip = node
+        .status
+        .and_then(|s| s.addresses)
+        .into_iter()
+        .flatten()
+        .find(|a| a.type_ == "InternalIP")
+        .expect("the node's InternalIP")
+        .address;
+    let service = Api::<Service>::namespaced(client.clone(), "default")
+        .get("kubernetes")
+        .await
+        .expect("the kubernetes Service");
+    let cluster_ip = service.spec.and_then(|s| s.cluster_ip).expect("ClusterIP");
+    (node_ip, cluster_ip)
+}
+
+/// The API server's address in the EndpointSlice `kubernetes` (the bed's
+/// API server keeps none, since it listens on loopback: this one stands in
+/// for a cluster's).
+const API_SERVER_ENDPOINT: (&str, u16) = ("192.0.2.10", 6443);
+
+async fn give_the_api_server_an_endpoint(client: &Client) {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::{Patch, PatchParams};
+    let (addr, port) = API_SERVER_ENDPOINT;
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {
+            "kubernetes.io/service-name": "kubernetes",
+            "endpointslice.kubernetes.io/managed-by": "vap-runner-tests"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [addr], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}]
+    }))
+    .unwrap();
+    Api::<EndpointSlice>::namespaced(client.clone(), "default")
+        .patch(
+            "kubernetes",
+            &PatchParams::apply("vap-runner-tests").force(),
+            &Patch::Apply(&slice),
+        )
+        .await
+        .expect("the EndpointSlice kubernetes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_refuses_the_clusters_own_addresses_but_not_cameras_on_a_node() {
+    let bed = Bed::new("sec-cluster").await;
+    give_the_api_server_an_endpoint(&bed.client).await;
+    let (node_ip, cluster_ip) = cluster_of_the_bed(&bed.client).await;
+    // The bed's node has a loopback address: loopback is allowed, so only
+    // the cluster rules decide.
+    let controller = bed.start_controller(&[("CAMERA_ALLOW_LOOPBACK", "true")]);
+    let (api_addr, api_port) = API_SERVER_ENDPOINT;
+    let refused = [
+        (
+            format!("rtsp://{cluster_ip}:8554/stream"),
+            "`kubernetes` Service",
+        ),
+        (
+            format!("https://{cluster_ip}/api/v1/secrets"),
+            "`kubernetes` Service",
+        ),
+        (
+            format!("https://{api_addr}:{api_port}/api/v1/secrets"),
+            "endpoint of the Kubernetes API server",
+        ),
+        (
+            format!("http://{node_ip}:10250/pods"),
+            "kubelet port of a cluster node",
+        ),
+        (
+            format!("http://{node_ip}:10255/pods"),
+            "kubelet port of a cluster node",
+        ),
+    ];
+    for (camera, _) in &refused {
+        bed.deploy(&uuid(), camera).await;
+    }
+    // A camera on the node's address at another port, and one on the API
+    // server's address at another port, are cameras like any other.
+    let on_node = uuid();
+    bed.deploy(&on_node, &format!("rtsp://{node_ip}:8554/stream"))
+        .await;
+    let beside_api = uuid();
+    bed.deploy(&beside_api, &format!("rtsp://{api_addr}:554/stream"))
+        .await;
+
+    let dlq = bed.read_topic(&bed.dlq, refused.len()).await;
+    for (camera, words) in &refused {
+        let letter = dlq
+            .iter()
+            .find(|r| String::from_utf8_lossy(&r.payload).contains(&format!("\"{camera}\"")))
+            .unwrap_or_else(|| panic!("{camera} was not refused\n{}", controller.log_tail()));
+        assert_eq!(letter.header("reason"), "camera_url", "{camera}");
+        let error = letter.header("error");
+        assert!(
+            error.contains("camera host policy") && error.contains(words),
+            "{camera}: {error}"
+        );
+    }
+    for scenario in [&on_node, &beside_api] {
+        bed.wait_phase(scenario, Phase::Running).await;
+    }
+    // Its worker refuses the same addresses: the learned list and its own
+    // node's address reach the Pod.
+    let pod = bed
+        .pods()
+        .get(&vap_runner::controller::pod::pod_name(&on_node))
+        .await
+        .expect("the worker Pod");
+    let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+    let learned = env
+        .iter()
+        .find(|e| e.name == "CAMERA_CLUSTER_ADDRESSES")
+        .and_then(|e| e.value.clone())
+        .expect("CAMERA_CLUSTER_ADDRESSES");
+    for entry in [
+        format!("service={cluster_ip}"),
+        format!("apiserver={api_addr}:{api_port}"),
+        format!("kubelet={node_ip}:10250"),
+    ] {
+        assert!(learned.split(',').any(|e| e == entry), "{entry}: {learned}");
+    }
+    let node = env.iter().find(|e| e.name == "NODE_IP").expect("NODE_IP");
+    assert_eq!(
+        node.value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("status.hostIP")
+    );
+    assert!(controller.metric("vap_controller_cluster_addresses").await >= 4.0);
+}
+
+#[test]
+fn the_worker_refuses_its_pods_cluster_addresses() {
+    for (camera, extra, expected) in [
+        (
+            "rtsp://10.96.0.1:8554/a",
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            "`kubernetes` Service",
+        ),
+        (
+            "http://127.0.0.1:10250/pods",
+            ("NODE_IP", "127.0.0.1"),
+            "kubelet port of a cluster node",
+        ),
+        (
+            "https://192.0.2.10:6443/api",
+            ("CAMERA_CLUSTER_ADDRESSES", "apiserver=192.0.2.10:6443"),
+            "endpoint of the Kubernetes API server",
+        ),
+    ] {
+        let mut cmd = common::worker("550e8400-e29b-41d4-a716-446655440000", camera);
+        cmd.args(["--sink", "stdout"])
+            .env("CAMERA_ALLOW_LOOPBACK", "true")
+            .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+            .env(extra.0, extra.1);
+        let out = cmd.output().expect("run the worker");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{camera} was opened:\n{stderr}");
+        assert!(stderr.contains(expected), "{camera}:\n{stderr}");
+    }
+}

@@ -401,9 +401,11 @@ impl Drop for Supervisor {
 // ------------------------------------------------------- item: FFmpeg's own log
 
 /// Runs `runner worker` once on `camera` (it cannot be opened: its segments
-/// are missing) and returns its standard error.
+/// are missing) and returns its standard error. FFmpeg's lines on how its
+/// connections went are logged only with CAMERA_ERROR_DETAIL.
 fn worker_stderr(camera: &str, log_format: &str) -> String {
     let out = common::worker(A, camera)
+        .env("CAMERA_ERROR_DETAIL", "true")
         .env("LOG_FORMAT", log_format)
         .env("CAMERA_ALLOW_LOOPBACK", "true")
         .env("MAX_RECONNECTS", "0")
@@ -458,6 +460,7 @@ fn ffmpeg_log_lines_never_show_camera_credentials() {
     let out = local_on_file(&base.path().join("state"), &file)
         .env("RESTART_BUDGET", "0")
         .env("MAX_RECONNECTS", "0")
+        .env("CAMERA_ERROR_DETAIL", "true")
         .args(["--exit-when-done", "--", "--sink", "stdout"])
         .output()
         .expect("runner local");
@@ -580,4 +583,195 @@ esac
     );
     assert_eq!(decoded, url);
     assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "uid-a");
+}
+
+// ------------------------------------- item: a camera that does not open
+
+/// Three cameras that do not open for different reasons: nothing listens
+/// (refused), a server that accepts and never answers (the time-out of a
+/// black hole), and one that answers something other than video.
+struct DeadCameras {
+    refused: String,
+    silent: String,
+    not_video: String,
+    _servers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl DeadCameras {
+    fn start() -> DeadCameras {
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let refused = format!(
+            "http://127.0.0.1:{}/cam",
+            closed.local_addr().unwrap().port()
+        );
+        drop(closed);
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_url = format!(
+            "http://127.0.0.1:{}/cam",
+            silent.local_addr().unwrap().port()
+        );
+        let garbage = TcpListener::bind("127.0.0.1:0").unwrap();
+        let not_video = format!(
+            "http://127.0.0.1:{}/cam",
+            garbage.local_addr().unwrap().port()
+        );
+        let servers = vec![
+            std::thread::spawn(move || {
+                // Holds every connection open, unanswered, until the test ends.
+                let mut held = Vec::new();
+                for conn in silent.incoming().flatten() {
+                    held.push(conn);
+                }
+            }),
+            std::thread::spawn(move || {
+                for mut conn in garbage.incoming().flatten() {
+                    let mut request = [0u8; 1024];
+                    let _ = std::io::Read::read(&mut conn, &mut request);
+                    let _ = conn.write_all(
+                        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nthis is not a video at all\n",
+                    );
+                }
+            }),
+        ];
+        DeadCameras {
+            refused,
+            silent: silent_url,
+            not_video,
+            _servers: servers,
+        }
+    }
+
+    fn all(&self) -> [&str; 3] {
+        [&self.refused, &self.silent, &self.not_video]
+    }
+}
+
+/// What tells a refused connection from a timed-out or reset one, or from
+/// a server that is not a camera.
+const CONNECTION_WORDS: &[&str] = &[
+    "refused",
+    "timed out",
+    "timeout",
+    "reset",
+    "Invalid data",
+    "End of file",
+    "Connection to",
+    "prematurely",
+    // OpenCV's warning on a failed open: when it comes tells how it failed.
+    "capture by name",
+];
+
+/// `text` with `camera`'s host:port replaced by `<camera>`.
+fn without_endpoint(text: &str, camera: &str) -> String {
+    let endpoint = camera
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap();
+    text.replace(endpoint, "<camera>")
+}
+
+/// The worker's last ERROR line about `camera`, and how long it ran.
+fn failed_worker(camera: &str, detail: bool) -> (String, String, Duration) {
+    let started = Instant::now();
+    let out = common::worker(A, camera)
+        .env("CAMERA_ALLOW_LOOPBACK", "true")
+        .env("CAMERA_ERROR_DETAIL", detail.to_string())
+        .env("MAX_RECONNECTS", "0")
+        .env("OPEN_TIMEOUT_MS", "2000")
+        .args(["--sink", "stdout"])
+        .output()
+        .expect("runner worker");
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let error = stderr
+        .lines()
+        .rfind(|l| l.contains("ERROR"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    let error = error.split_once("ERROR").unwrap().1.to_string();
+    (without_endpoint(&error, camera), stderr, took)
+}
+
+#[test]
+fn a_camera_that_does_not_open_reads_the_same_whatever_the_cause() {
+    let cameras = DeadCameras::start();
+    let mut errors = std::collections::BTreeSet::new();
+    for camera in cameras.all() {
+        let (error, stderr, took) = failed_worker(camera, false);
+        assert!(
+            error.contains("camera unreachable or not a video at <camera>"),
+            "{camera}: {error}"
+        );
+        for word in CONNECTION_WORDS {
+            assert!(
+                !stderr.contains(word),
+                "{camera}: the log tells what answered ({word}):\n{stderr}"
+            );
+        }
+        // Each failure takes OPEN_TIMEOUT_MS, a refused connection too.
+        assert!(
+            took >= Duration::from_secs(2),
+            "{camera} failed in {took:?}"
+        );
+        errors.insert(error);
+    }
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+
+    // With CAMERA_ERROR_DETAIL the cause is said, and at once.
+    let (error, _, took) = failed_worker(&cameras.refused, true);
+    assert!(error.contains("refused"), "{error}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    // What `runner local` relays and records reads the same for each.
+    let base = tempfile::tempdir().unwrap();
+    let file = base.path().join("scenarios.yaml");
+    let uuids = [A, B, "550e8400-e29b-41d4-a716-44665544a003"];
+    let entries: String = uuids
+        .iter()
+        .zip(cameras.all())
+        .map(|(uuid, camera)| entry(uuid, camera))
+        .collect();
+    std::fs::write(&file, entries).unwrap();
+    let state = base.path().join("state");
+    let out = local_on_file(&state, &file)
+        .env("RESTART_BUDGET", "0")
+        .env("MAX_RECONNECTS", "0")
+        .env("OPEN_TIMEOUT_MS", "2000")
+        .args(["--exit-when-done", "--", "--sink", "stdout"])
+        .output()
+        .expect("runner local");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut words = std::collections::BTreeSet::new();
+    for (uuid, camera) in uuids.iter().zip(cameras.all()) {
+        let lines: Vec<String> = stderr
+            .lines()
+            .filter(|l| l.contains(uuid))
+            .map(|l| without_endpoint(l, camera))
+            .collect();
+        for word in CONNECTION_WORDS {
+            assert!(
+                !lines.iter().any(|l| l.contains(word)),
+                "{camera}: runner local relays what answered ({word}):\n{lines:#?}"
+            );
+        }
+        let error = lines
+            .iter()
+            .find_map(|l| {
+                l.split_once("camera unreachable")
+                    .map(|(_, rest)| rest.to_string())
+            })
+            .unwrap_or_else(|| panic!("{camera}: no error relayed:\n{lines:#?}"));
+        words.insert(error);
+    }
+    assert_eq!(words.len(), 1, "{words:#?}");
+    let rows = common::local::parse_list(&common::run_ok(
+        common::runner()
+            .args(["local", "list"])
+            .env("STATE_DIR", &state),
+        "the runner binary is built by cargo test",
+    ));
+    for uuid in uuids {
+        assert_eq!(rows[uuid].phase, "Failed", "{rows:?}");
+    }
 }
