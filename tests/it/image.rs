@@ -619,3 +619,133 @@ fn runtime_stage_runs_the_worker_and_the_crd_as_its_non_root_user() {
             .expect("crds/scenario.yaml");
     assert_eq!(crd, expected, "`runner crd` inside the runtime root");
 }
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = run("sha256sum", &[path.to_str().unwrap()]);
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+/// scripts/opencv's cache key names the architecture, so an arm64 build
+/// never finds amd64 libraries under its key (nor the other way round).
+#[test]
+fn video_stack_key_names_the_architecture() {
+    let opencv = |args: &[&str]| {
+        common::run_ok(
+            Command::new(repo_path("scripts/opencv")).args(args),
+            "scripts/opencv is the project's recipe",
+        )
+        .trim()
+        .to_string()
+    };
+    let amd64 = opencv(&["key", "amd64"]);
+    let arm64 = opencv(&["key", "arm64"]);
+    assert_ne!(
+        amd64, arm64,
+        "amd64 and arm64 builds must not share a cache key"
+    );
+    assert!(
+        amd64.contains("-amd64-"),
+        "the key names the architecture: {amd64}"
+    );
+    assert!(
+        arm64.contains("-arm64-"),
+        "the key names the architecture: {arm64}"
+    );
+    let here = opencv(&["arch"]);
+    assert_eq!(
+        opencv(&["key"]),
+        opencv(&["key", &here]),
+        "without an argument the key is this machine's ({here})"
+    );
+    assert!(
+        std::process::Command::new(repo_path("scripts/opencv"))
+            .args(["key", "../x"])
+            .output()
+            .is_ok_and(|o| !o.status.success()),
+        "an architecture name cannot be a path"
+    );
+}
+
+/// A source is taken from the first URL that serves a file with the pinned
+/// SHA-256: a missing file or one with other bytes sends scripts/opencv on to
+/// the next URL, and when none matches nothing is kept.
+#[test]
+fn video_stack_sources_fall_back_until_the_hash_matches() {
+    let work = tempfile::tempdir().expect("temporary directory");
+    let good = work.path().join("good.tar.xz");
+    let bad = work.path().join("bad.tar.xz");
+    std::fs::write(&good, b"the release tarball").unwrap();
+    std::fs::write(&bad, b"something else").unwrap();
+    let sum = sha256_of(&good);
+    let cache = work.path().join("cache");
+    let url = |p: &Path| format!("file://{}", p.display());
+    let missing = format!("file://{}/missing.tar.xz", work.path().display());
+    let fetch = |urls: &[String]| {
+        Command::new(repo_path("scripts/opencv"))
+            .arg("fetch")
+            .arg("ffmpeg_test.orig.tar.xz")
+            .arg(&sum)
+            .args(urls)
+            .env("VAP_CACHE", &cache)
+            .output()
+            .expect("scripts/opencv")
+    };
+
+    let none = fetch(&[missing.clone(), url(&bad)]);
+    assert!(
+        !none.status.success(),
+        "no URL has the pinned file: scripts/opencv must fail"
+    );
+    let said = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        said.contains("checksum mismatch") && said.contains("no source of ffmpeg_test.orig.tar.xz"),
+        "scripts/opencv says why: {said}"
+    );
+    let kept: Vec<_> = std::fs::read_dir(cache.join("src")).unwrap().collect();
+    assert!(kept.is_empty(), "nothing unverified is kept: {kept:?}");
+
+    let found = fetch(&[missing.clone(), url(&bad), url(&good)]);
+    assert!(
+        found.status.success(),
+        "the third URL has the pinned file: {}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&found.stdout).trim());
+    assert_eq!(path, cache.join("src/ffmpeg_test.orig.tar.xz"));
+    assert_eq!(std::fs::read(&path).unwrap(), b"the release tarball");
+
+    // A verified file in the cache is used without asking any URL.
+    let cached = fetch(std::slice::from_ref(&missing));
+    assert!(cached.status.success(), "the cached file is used");
+
+    // FFmpeg's tarball has sources beyond Debian's pool, all with one pin.
+    let sources = common::run_ok(
+        Command::new(repo_path("scripts/opencv")).arg("sources"),
+        "scripts/opencv is the project's recipe",
+    );
+    let ffmpeg: Vec<Vec<&str>> = sources
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.first() == Some(&"ffmpeg"))
+        .collect();
+    let hosts: BTreeSet<&str> = ffmpeg
+        .iter()
+        .filter_map(|w| w.get(3)?.split('/').nth(2))
+        .collect();
+    assert!(
+        hosts.contains("deb.debian.org")
+            && hosts.contains("snapshot.debian.org")
+            && ffmpeg.len() >= 3,
+        "FFmpeg's tarball needs fallbacks beyond Debian's pool: {sources}"
+    );
+    let pins: BTreeSet<&str> = ffmpeg.iter().filter_map(|w| w.get(2).copied()).collect();
+    assert_eq!(
+        pins.len(),
+        1,
+        "every source of one file has the same pin: {sources}"
+    );
+}
