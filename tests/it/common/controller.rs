@@ -492,7 +492,16 @@ impl ControllerProcess {
 }
 
 impl Drop for ControllerProcess {
+    /// Stops the controller; when a test fails, shows its log's tail beside
+    /// the failure (the test harness prints what a failed test wrote).
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of the controller's log {} ---\n{}",
+                self.log_path.display(),
+                self.log_tail()
+            );
+        }
         self.kill9();
     }
 }
