@@ -128,7 +128,7 @@ pub struct WorkerSettings {
     #[arg(long, env = "CAMERA_ERROR_DETAIL", value_name = "CAMERA_ERROR_DETAIL", default_value_t = false, action = clap::ArgAction::Set)]
     pub camera_error_detail: bool,
 
-    /// Serve /preview.jpg on METRICS_ADDR: the latest processed frame, at most 640 pixels on its longer side, with its detections drawn, encoded only when asked. Off by default: the picture is camera content and that port has no login (docs/security.md, "Preview").
+    /// Serve /preview.jpg on each worker's METRICS_ADDR (and show it on runner local's scenarios page): the latest processed frame, at most 640 pixels on its longer side, with its detections drawn, encoded only when asked. Off by default: the picture is camera content and that port has no login (docs/security.md, "Preview").
     #[arg(long, env = "PREVIEW", value_name = "PREVIEW", default_value_t = false, action = clap::ArgAction::Set)]
     pub preview: bool,
 
