@@ -128,6 +128,10 @@ pub struct WorkerSettings {
     #[arg(long, env = "CAMERA_ERROR_DETAIL", value_name = "CAMERA_ERROR_DETAIL", default_value_t = false, action = clap::ArgAction::Set)]
     pub camera_error_detail: bool,
 
+    /// Serve /preview.jpg on each worker's METRICS_ADDR (and show it on runner local's scenarios page): the latest processed frame, at most 640 pixels on its longer side, with its detections drawn, encoded only when asked. Off by default: the picture is camera content and that port has no login (docs/security.md, "Preview").
+    #[arg(long, env = "PREVIEW", value_name = "PREVIEW", default_value_t = false, action = clap::ArgAction::Set)]
+    pub preview: bool,
+
     /// How RTSP carries the video: tcp, udp, or auto (TCP, and UDP when the server refuses TCP).
     #[arg(long, env = "RTSP_TRANSPORT", value_enum, default_value_t = RtspTransportMode::Auto)]
     pub rtsp_transport: RtspTransportMode,
@@ -153,6 +157,7 @@ impl WorkerSettings {
         let mut env = vec![
             ("CAMERA_TLS_VERIFY", self.camera_tls_verify.to_string()),
             ("CAMERA_ERROR_DETAIL", self.camera_error_detail.to_string()),
+            ("PREVIEW", self.preview.to_string()),
             ("RTSP_TRANSPORT", transport),
             ("MODEL_DIR", d.model_dir.display().to_string()),
             ("CONFIDENCE_THRESHOLD", d.confidence_threshold.to_string()),

@@ -1,5 +1,6 @@
 //! The operational HTTP endpoints every long-running subcommand serves:
-//! `/metrics` (Prometheus text format), `/healthz` and `/readyz`.
+//! `/metrics` (Prometheus text format), `/healthz` and `/readyz`, and
+//! whatever routes a subcommand adds ([`bind_with`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +33,17 @@ pub async fn bind(
     registry: Registry,
     probes: Arc<dyn Probes>,
 ) -> std::io::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
+    bind_with(addr, registry, probes, Router::new()).await
+}
+
+/// [`bind`], also serving the routes of `more` (a worker's `/preview.jpg`,
+/// `runner local`'s page).
+pub async fn bind_with(
+    addr: SocketAddr,
+    registry: Registry,
+    probes: Arc<dyn Probes>,
+    more: Router,
+) -> std::io::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let state = Arc::new(AppState { registry, probes });
@@ -39,7 +51,8 @@ pub async fn bind(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(state);
+        .with_state(state)
+        .merge(more);
     Ok((bound, async move { axum::serve(listener, app).await }))
 }
 

@@ -12,6 +12,7 @@ pub mod commands;
 pub mod events;
 pub mod list;
 pub mod metrics;
+pub mod page;
 pub mod process;
 pub mod scenarios_file;
 pub mod state;
@@ -106,13 +107,18 @@ async fn run(
 
     let (metrics, registry) = LocalMetrics::new();
     let metrics = Arc::new(metrics);
-    let (bound, server) = crate::http::bind(args.http.metrics_addr, registry, metrics.clone())
-        .await
-        .map_err(|source| LocalError::Metrics {
-            addr: args.http.metrics_addr,
-            source,
-        })?;
-    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    let page = page::Page::new(state.clone(), args.worker.preview).routes();
+    let (bound, server) =
+        crate::http::bind_with(args.http.metrics_addr, registry, metrics.clone(), page)
+            .await
+            .map_err(|source| LocalError::Metrics {
+                addr: args.http.metrics_addr,
+                source,
+            })?;
+    tracing::info!(addr = %bound, page = %format!("http://{bound}/"), "serving /metrics, /healthz and /readyz, and the scenarios page");
+    if args.worker.preview && !bound.ip().is_loopback() {
+        tracing::warn!(addr = %bound, "PREVIEW=true: camera pictures are served without a login on METRICS_ADDR; bind it to 127.0.0.1 unless every host that reaches it may see them");
+    }
     let server = tokio::spawn(server);
 
     let (stop_tx, stop_rx) = watch::channel(false);

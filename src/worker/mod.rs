@@ -11,6 +11,7 @@ pub mod capture;
 pub mod ffmpeg_log;
 pub mod handoff;
 pub mod metrics;
+pub mod preview;
 pub mod sink;
 pub mod transport;
 
@@ -106,15 +107,23 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, Worke
     let scenario = args.scenario_uuid;
     tracing::info!(%scenario, camera = %source, fps = %args.video_fps, model = ?args.settings.model, sink = ?args.sink, "worker starting");
 
-    let (metrics, registry) =
+    let (metrics, mut registry) =
         WorkerMetrics::new(Duration::from_secs(args.settings.stream.watchdog_secs));
     let metrics = Arc::new(metrics);
-    let (bound, server) = crate::http::bind(args.http.metrics_addr, registry, metrics.clone())
-        .await
-        .map_err(|source| WorkerError::Metrics {
-            addr: args.http.metrics_addr,
-            source,
-        })?;
+    let preview = args
+        .settings
+        .preview
+        .then(|| Arc::new(preview::Preview::new(&mut registry)));
+    let routes = preview
+        .clone()
+        .map_or_else(preview::disabled_routes, preview::Preview::routes);
+    let (bound, server) =
+        crate::http::bind_with(args.http.metrics_addr, registry, metrics.clone(), routes)
+            .await
+            .map_err(|source| WorkerError::Metrics {
+                addr: args.http.metrics_addr,
+                source,
+            })?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     let server = tokio::spawn(server);
 
@@ -173,7 +182,10 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, Worke
         let (handoff, metrics, sink) = (handoff.clone(), metrics.clone(), sink.clone());
         std::thread::Builder::new()
             .name("detect".into())
-            .spawn(move || detect_loop(scenario, detector, &handoff, &metrics, sink.as_ref()))
+            .spawn(move || {
+                let (sink, preview) = (sink.as_ref(), preview.as_deref());
+                detect_loop(scenario, detector, &handoff, &metrics, sink, preview)
+            })
             .map_err(|e| WorkerError::Thread(e.to_string()))?
     };
 
@@ -243,7 +255,8 @@ fn detector_config(args: &WorkerArgs) -> DetectorConfig {
     }
 }
 
-/// Takes sampled frames until the hand-off closes; one result per frame.
+/// Takes sampled frames until the hand-off closes; one result per frame to
+/// the sink and, with PREVIEW on, the frame itself to the preview.
 /// Returns the number of frames processed.
 fn detect_loop(
     scenario: Uuid,
@@ -251,6 +264,7 @@ fn detect_loop(
     handoff: &Handoff<Frame>,
     metrics: &WorkerMetrics,
     sink: &dyn ResultSink,
+    preview: Option<&preview::Preview>,
 ) -> u64 {
     let mut frame_number = 0;
     while let Some(frame) = handoff.take() {
@@ -278,6 +292,9 @@ fn detect_loop(
         );
         metrics.frames_processed.inc();
         metrics.detections.inc_by(detections.len() as u64);
+        if let Some(preview) = preview {
+            preview.keep(frame.image, &detections);
+        }
         let result = ResultMessage {
             scenario_uuid: scenario,
             frame_number,

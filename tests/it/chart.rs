@@ -2302,3 +2302,315 @@ async fn admitted_dry_run(pods: &Api<Pod>, pod: &Pod, automount: Option<bool>) -
         .await
         .unwrap_or_else(|e| panic!("dry-run create of a copy of {}: {e}", pod.name_any()))
 }
+
+/// The dashboard as the chart ships it.
+fn dashboard() -> Value {
+    let path = repo().join("charts/vap-runner/dashboards/vap-runner.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+const WITH_RULES: &[&str] = &[
+    "--set",
+    "metrics.prometheusRule.enabled=true",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PrometheusRule",
+];
+
+#[test]
+fn the_dashboard_and_alert_rules_are_off_by_default_and_gated_on_the_operator() {
+    let docs = template("vap", "video", WITH_MONITORING);
+    assert!(of_kind(&docs, "PrometheusRule").is_empty());
+    assert!(
+        of_kind(&docs, "ConfigMap").is_empty(),
+        "no dashboard unless asked"
+    );
+    assert_eq!(
+        env_value(&env_of(one(&docs, "Deployment")), "PREVIEW"),
+        "false",
+        "previews are off unless asked"
+    );
+
+    // Asked, but the cluster serves no PrometheusRule: skipped, and said.
+    let asked = ["--set", "metrics.prometheusRule.enabled=true"];
+    assert!(of_kind(&template("vap", "video", &asked), "PrometheusRule").is_empty());
+    let said = notes(&asked);
+    assert!(
+        said.contains("NOT CREATED: the PrometheusRule")
+            && said.contains("does not serve monitoring.coreos.com/v1 PrometheusRule"),
+        "{said}"
+    );
+    assert!(!notes(WITH_RULES).contains("NOT CREATED"));
+
+    let on = template(
+        "vap",
+        "video",
+        &[
+            WITH_RULES,
+            &[
+                "--set",
+                "grafanaDashboard.enabled=true",
+                "--set",
+                "worker.preview=true",
+            ],
+        ]
+        .concat(),
+    );
+    let rule = one(&on, "PrometheusRule");
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["alert"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            "VapRunnerCameraDark",
+            "VapRunnerWorkerBehind",
+            "VapRunnerQueueGrowing",
+            "VapRunnerDeadLetters"
+        ]
+    );
+    let map = one(&on, "ConfigMap");
+    assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(map["metadata"]["namespace"], "video");
+    let shipped: Value =
+        serde_json::from_str(map["data"]["vap-runner.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        shipped,
+        dashboard(),
+        "the ConfigMap carries the dashboard file"
+    );
+    assert_eq!(
+        env_value(&env_of(one(&on, "Deployment")), "PREVIEW"),
+        "true"
+    );
+    // Per-scenario series need the scenario's Pod label on the worker's metrics.
+    let pod_monitor = one(
+        &template(
+            "vap",
+            "video",
+            &[
+                WITH_MONITORING,
+                &["--set", "metrics.podMonitor.enabled=true"],
+            ]
+            .concat(),
+        ),
+        "PodMonitor",
+    )
+    .clone();
+    assert_eq!(
+        pod_monitor["spec"]["podTargetLabels"],
+        json!([worker_pod::LABEL_SCENARIO])
+    );
+}
+
+/// The metric names a PromQL expression reads: identifiers outside label
+/// matchers, ranges, strings and grouping clauses that are not functions,
+/// keywords or Grafana variables. `label_values(metric, label)` reads `metric`.
+fn promql_metrics(expr: &str) -> BTreeSet<String> {
+    let expr = match expr.strip_prefix("label_values(") {
+        Some(rest) => rest.rsplit_once(',').map_or(rest, |(m, _)| m),
+        None => expr,
+    };
+    // Drop "strings", {matchers} and [ranges].
+    let mut plain = String::new();
+    let mut close = None;
+    for c in expr.chars() {
+        match (close, c) {
+            (None, '"') => close = Some('"'),
+            (None, '{') => close = Some('}'),
+            (None, '[') => close = Some(']'),
+            (Some(end), c) if c == end => close = None,
+            (None, c) => plain.push(c),
+            _ => {}
+        }
+    }
+    // Drop the label lists of by (…), without (…), on (…), ignoring (…).
+    let mut text = plain;
+    for clause in [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ] {
+        while let Some(at) = find_word(&text, clause) {
+            let rest = &text[at + clause.len()..];
+            let open = rest.len() - rest.trim_start().len();
+            let end = if rest.trim_start().starts_with('(') {
+                at + clause.len() + rest.find(')').map_or(rest.len(), |i| i + 1)
+            } else {
+                at + clause.len() + open
+            };
+            text.replace_range(at..end, " ");
+        }
+    }
+    let keywords = ["and", "or", "unless", "bool", "offset"];
+    let mut names = BTreeSet::new();
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_ascii_alphabetic() || c == '_' || c == ':' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || "_:".contains(chars[i])) {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let next = chars[i..].iter().find(|c| !c.is_whitespace());
+            let variable = start > 0 && chars[start - 1] == '$';
+            let number = start > 0 && chars[start - 1].is_ascii_digit();
+            if next != Some(&'(') && !variable && !number && !keywords.contains(&word.as_str()) {
+                names.insert(word);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+/// Where `word` stands alone in `text`.
+fn find_word(text: &str, word: &str) -> Option<usize> {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    text.match_indices(word).map(|(i, _)| i).find(|&i| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+    })
+}
+
+#[test]
+fn promql_metric_names_are_found_outside_labels_ranges_and_clauses() {
+    let names = |e: &str| promql_metrics(e).into_iter().collect::<Vec<_>>();
+    assert_eq!(
+        names(
+            r#"histogram_quantile(0.95, sum by (scenario, le) (rate(a_bucket{namespace=~"$ns", x="y{"}[$__rate_interval])))"#
+        ),
+        ["a_bucket"]
+    );
+    assert_eq!(
+        names("min by (namespace) (q{n=\"v\"}) > 0 and deriv(q[15m]) > 1e3"),
+        ["q"]
+    );
+    assert_eq!(
+        names("sum(rate(b_total[5m])) * 60 / on (pod) group_left c"),
+        ["b_total", "c"]
+    );
+    assert_eq!(
+        names(r#"label_values(m_total{namespace=~"$namespace"}, runner_vap_io_scenario)"#),
+        ["m_total"]
+    );
+}
+
+/// The metric names a `/metrics` page exports, counting families that have
+/// no series yet (a counter family `x` exports `x_total`, a histogram `x`
+/// exports `x_bucket`, `x_sum` and `x_count`).
+fn exported(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        } else if !line.starts_with('#') {
+            if let Some(name) = line.split(['{', ' ']).next().filter(|n| !n.is_empty()) {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// Every query of the dashboard (panels and variables) and of the alert
+/// rules names metrics that a live worker's or a live controller's
+/// `/metrics` really exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_alerts_query_only_metrics_the_runner_exports() {
+    // A live worker.
+    let (worker, addr) = common::spawn_clip_worker(&common::scenario::uuid(), "vtest.avi", &[]);
+    let worker_metrics = common::wait_metrics(&addr, "a frame processed and one dropped", |text| {
+        common::metric_value(text, "vap_worker_frames_processed_total").is_some_and(|n| n > 0.0)
+            && text.contains("vap_worker_frames_dropped_total{")
+    })
+    .await;
+    common::terminate(worker, "the worker");
+
+    // A live controller.
+    let bed = Bed::new("dashboard").await;
+    let controller = bed.start_controller(&[]);
+    // A deploy (phase changes) and a dead letter, so that the families
+    // that show only once counted are on the page.
+    bed.deploy(&common::scenario::uuid(), &common::media("vtest.avi"))
+        .await;
+    bed.send(&bed.deploy, Some("not-a-uuid"), b"not JSON").await;
+    let controller_metrics = wait_for(
+        "a phase change and a dead letter counted",
+        Duration::from_secs(60),
+        || async {
+            let text = controller.metrics().await;
+            (text.contains("vap_controller_phase_changes_total{")
+                && text.contains("vap_controller_dead_lettered_total{"))
+            .then_some(text)
+        },
+    )
+    .await;
+
+    let mut known = exported(&worker_metrics);
+    known.extend(exported(&controller_metrics));
+    assert!(
+        known.contains("vap_worker_frames_processed_total"),
+        "{known:?}"
+    );
+    assert!(known.contains("vap_controller_queue_length"), "{known:?}");
+
+    let board = dashboard();
+    let mut queries: Vec<(String, String)> = Vec::new();
+    for panel in board["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push((
+                format!("panel {:?}", panel["title"]),
+                target["expr"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    for var in board["templating"]["list"].as_array().unwrap() {
+        if var["type"] == "query" {
+            queries.push((
+                format!("variable {:?}", var["name"]),
+                var["query"]["query"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    let rules = template("vap", "video", WITH_RULES);
+    for rule in one(&rules, "PrometheusRule")["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+    {
+        queries.push((
+            format!("alert {:?}", rule["alert"]),
+            rule["expr"].as_str().unwrap().to_string(),
+        ));
+    }
+    assert!(queries.len() >= 20, "{queries:?}");
+    for (what, expr) in &queries {
+        let names = promql_metrics(expr);
+        assert!(!names.is_empty(), "{what} names no metric: {expr}");
+        for name in names {
+            assert!(
+                known.contains(&name),
+                "{what} reads {name}, which neither a worker nor the controller exports: {expr}"
+            );
+        }
+    }
+}

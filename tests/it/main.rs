@@ -19,6 +19,7 @@ mod image;
 mod kafka_security;
 mod local;
 mod local_file;
+mod local_page;
 mod local_recovery;
 mod real_node;
 mod real_node_life;

@@ -144,6 +144,48 @@ pub fn worker(scenario: &str, camera: &str) -> std::process::Command {
     cmd
 }
 
+/// `runner worker` for `scenario` on the sample clip `clip`, paced at its own
+/// frame rate, results on stdout (discarded), `/metrics` on a free port;
+/// `env` adds settings. Returns the process and its HTTP address.
+pub fn spawn_clip_worker(
+    scenario: &str,
+    clip: &str,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String) {
+    let [port] = free_ports::<1>();
+    let addr = format!("127.0.0.1:{port}");
+    let child = worker(scenario, &media(clip))
+        .env("METRICS_ADDR", &addr)
+        .env("VIDEO_FILE_ROOT", MEDIA_DIR)
+        .env("SINK", "stdout")
+        .env("REALTIME", "true")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the worker");
+    (child, addr)
+}
+
+/// Waits until the server at `addr` answers `/metrics` with a page that
+/// `ready` accepts; returns that page.
+pub async fn wait_metrics(addr: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    wait_for(what, Duration::from_secs(60), || async {
+        tokio::net::TcpStream::connect(addr).await.ok()?;
+        let (_, text) = http_get(addr, "/metrics").await;
+        ready(&text).then_some(text)
+    })
+    .await
+}
+
+/// Sends SIGTERM to `child` and waits for it to exit.
+pub fn terminate(mut child: std::process::Child, what: &str) -> std::process::ExitStatus {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    wait_exit(&mut child, Duration::from_secs(30), what, String::new)
+}
+
 /// Runs a command to completion and returns its standard output. Panics
 /// with `missing` when it cannot be started, and with its standard error
 /// when it fails.
@@ -445,6 +487,12 @@ impl Drop for TempTopics {
 /// A plain HTTP/1.1 GET to `addr` (`host:port`); returns the status code and
 /// the body. Fails after 10 s without an answer.
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let (status, body) = http_get_bytes(addr, path).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// [`http_get`] for a binary body (an image).
+pub async fn http_get_bytes(addr: &str, path: &str) -> (u16, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
@@ -454,24 +502,29 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
                     .as_bytes(),
             )
             .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
         Ok::<_, std::io::Error>(response)
     };
     let response = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
         .unwrap_or_else(|_| panic!("GET http://{addr}{path}: no answer within 10 s"))
         .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET http://{addr}{path}: not an HTTP response: {response}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let not_http = || {
+        format!(
+            "GET http://{addr}{path}: not an HTTP response: {}",
+            String::from_utf8_lossy(&response)
+        )
+    };
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("{}", not_http()));
+    let status = std::str::from_utf8(&response[..head_end])
+        .ok()
+        .and_then(|head| head.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("{}", not_http()));
+    (status, response[head_end + 4..].to_vec())
 }
 
 /// The value of one series in Prometheus text format, `None` when absent.
