@@ -381,6 +381,13 @@ fn store_error(e: kube::Error) -> StoreError {
     }
 }
 
+fn being_deleted(name: &str) -> StoreError {
+    StoreError::Transient(format!(
+        "Scenario {name} is being deleted (its TTL ran out, or it was deleted by hand); \
+         the deploy is applied once it is gone"
+    ))
+}
+
 fn conflicted(name: &str) -> StoreError {
     StoreError::Transient(format!(
         "Scenario {name} kept changing while it was written; retrying"
@@ -430,6 +437,12 @@ impl CommandStore for ScenarioStore {
             if let Some(owner) = other_runner(&existing, &self.runner_name) {
                 ignored_for(owner, &req.scenario_uuid);
                 return Ok(Effect::Deploy(DeployDecision::Ignore(Stale::Replay)));
+            }
+            if existing.metadata.deletion_timestamp.is_some() {
+                // Written into, it would go with the object: the deploy is
+                // kept (not committed) and creates the Scenario anew once
+                // the delete, which waits for its Pod and Secrets, is done.
+                return Err(being_deleted(&name));
             }
             let decision =
                 ordering::on_deploy(Some(current(&existing, &wanted, &req.camera_url)), at);

@@ -516,6 +516,80 @@ async fn status_is_clean_and_an_unchanged_scenario_is_not_rewritten() {
     controller.assert_running();
 }
 
+/// A deploy that arrives while its Scenario is being deleted (here held by
+/// a finalizer, as a TTL delete is held by its Pod and Secrets) is not
+/// written into the object on its way out: it waits, uncommitted, and once
+/// the object is gone it creates the Scenario anew, which runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_into_a_scenario_being_deleted_runs_once_it_is_gone() {
+    const HOLD: &str = "tests.vap.io/hold";
+    const OTHER: &str = "rtsp://camera.example/other";
+    let bed = Bed::new("ctl-deleting").await;
+    let controller = bed.start_controller(&[]);
+    let id = uuid();
+    bed.deploy(&id, LIVE).await;
+    let old = bed.wait_phase(&id, Phase::Running).await;
+    bed.wait_committed(&bed.deploy, 1, SCENARIO_WITHIN).await;
+    let name = scenario_name(&id);
+    bed.scenarios()
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": [HOLD]}})),
+        )
+        .await
+        .expect("hold the Scenario with a finalizer");
+    bed.scenarios()
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete the Scenario");
+
+    let retries_before = controller
+        .metric("vap_controller_kubernetes_retries_total")
+        .await;
+    bed.deploy(&id, OTHER).await;
+    controller
+        .wait_metric(
+            "vap_controller_kubernetes_retries_total",
+            SCENARIO_WITHIN,
+            |n| n > retries_before,
+        )
+        .await;
+    let held = bed.scenarios().get(&name).await.unwrap();
+    assert_eq!(held.uid(), old.uid());
+    assert_eq!(
+        held.spec.camera_url, LIVE,
+        "the deploy was written into a Scenario being deleted"
+    );
+    assert_eq!(
+        bed.committed(&bed.deploy),
+        1,
+        "the waiting deploy was committed"
+    );
+
+    bed.scenarios()
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("release the Scenario");
+    let new = bed
+        .wait_scenario(&id, "created anew and running", |s| {
+            s.uid() != old.uid() && phase(s) == Some(Phase::Running)
+        })
+        .await;
+    assert_eq!(new.spec.camera_url, OTHER);
+    let pod = wait_running_pod(&bed, &id).await;
+    assert_eq!(
+        pod.owner_references()[0].uid,
+        new.uid().unwrap(),
+        "the worker Pod is the new Scenario's"
+    );
+    bed.wait_committed(&bed.deploy, 2, SCENARIO_WITHIN).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_and_its_standby_never_act_at_once() {
     let bed = Bed::new("ctl-leader").await;
