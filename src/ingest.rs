@@ -86,10 +86,20 @@ pub enum StoreError {
          refused. Undeploy scenarios, or raise MAX_WORKERS or MAX_QUEUED"
     )]
     QueueFull { max_queued: usize },
+    /// A write the namespace's ResourceQuota refused: the message goes to
+    /// the dead-letter topic as [`QUOTA_EXCEEDED`], and ingest goes on.
+    #[error(
+        "{0}; the command is refused. Raise the namespace's ResourceQuota, or remove finished \
+         Scenarios (FINISHED_TTL_SECS), then send it again"
+    )]
+    Quota(String),
 }
 
 /// The dead-letter reason of a deploy refused because the queue is full.
 pub const QUEUE_FULL: &str = "queue_full";
+
+/// The dead-letter reason of a command whose write a ResourceQuota refused.
+pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
 
 /// Where commands become durable. Each call returns once the effect is stored.
 pub trait CommandStore: Send + Sync {
@@ -432,6 +442,10 @@ impl<S: CommandStore> Ingest<S> {
             Ok(effect) => Some(effect.label()),
             Err(full @ StoreError::QueueFull { .. }) => {
                 self.dead_letter(msg, QUEUE_FULL, &full, shutdown).await
+            }
+            Err(quota @ StoreError::Quota(_)) => {
+                self.dead_letter(msg, QUOTA_EXCEEDED, &quota, shutdown)
+                    .await
             }
             Err(rejected) => {
                 let category = self.store.rejected_category();

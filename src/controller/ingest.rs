@@ -33,6 +33,7 @@ use super::pod::{
     LABEL_SCENARIO, label_value,
 };
 use super::reconcile::FIELD_MANAGER;
+use super::refusal::{self, Refusal};
 use super::secret;
 use crate::ingest::{CommandStore, Effect, StoreError};
 use crate::messages::{DeployRequest, UndeployRequest};
@@ -220,9 +221,14 @@ impl ScenarioStore {
         scenario: &Scenario,
         camera_url: &str,
     ) -> Result<(), StoreError> {
+        // The Scenario is written already: a quota on Secrets is waited out
+        // rather than dead-lettering a deploy whose Scenario exists.
         secret::store(&self.secrets, scenario, camera_url)
             .await
-            .map_err(store_error)
+            .map_err(|e| match store_error(e) {
+                StoreError::Quota(message) => StoreError::Transient(message),
+                other => other,
+            })
     }
 
     /// Writes `scenario` back if nobody changed it since it was read;
@@ -369,15 +375,23 @@ pub fn deployed(
     existing
 }
 
-/// Sorts an API error into what ingest does with it: 400 and 422 are the API
-/// server refusing the object for good, anything else is worth retrying.
+/// Sorts an API error into what ingest does with it (see [`refusal`]): an
+/// invalid or denied Scenario and a used-up quota are dead-lettered, so that
+/// one refused command never holds up the others; anything else, an RBAC
+/// denial included, is retried.
 fn store_error(e: kube::Error) -> StoreError {
-    match e {
-        kube::Error::Api(e) if e.code == 400 || e.code == 422 => StoreError::Rejected(format!(
-            "the Kubernetes API refused the Scenario: {}",
-            e.message
+    let message = match &e {
+        kube::Error::Api(status) => status.message.clone(),
+        e => e.to_string(),
+    };
+    match refusal::classify(&e) {
+        Refusal::Invalid => StoreError::Rejected(format!(
+            "the Kubernetes API refused the Scenario: {message}"
         )),
-        e => StoreError::Transient(e.to_string()),
+        Refusal::Quota => StoreError::Quota(format!(
+            "the namespace's ResourceQuota refused the Scenario: {message}"
+        )),
+        Refusal::Unauthorized | Refusal::Retry => StoreError::Transient(e.to_string()),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod plan;
 pub mod pod;
 pub mod reconcile;
+pub mod refusal;
 pub mod secret;
 
 use std::sync::Arc;

@@ -6,7 +6,9 @@
 use crate::common;
 use std::time::Duration;
 
-use crate::common::controller::{Bed, PodWatch, SCENARIO_WITHIN, controller_rules, holds_slot};
+use crate::common::controller::{
+    Bed, PodWatch, SCENARIO_WITHIN, controller_rules, dead_lettered, holds_slot, sample,
+};
 use crate::common::scenario::{now_ms, phase, pod_name, scenario_name, uuid};
 use crate::common::wait_for;
 use futures::StreamExt;
@@ -514,6 +516,87 @@ async fn status_is_clean_and_an_unchanged_scenario_is_not_rewritten() {
         .wait_metric(WRITES, SCENARIO_WITHIN, |n| n > writes)
         .await;
     controller.assert_running();
+}
+
+/// A namespace's ResourceQuota is met the same way wherever it bites: a
+/// worker Pod it refuses waits, queued, and runs once another Pod is gone;
+/// a Scenario it refuses is dead-lettered as `quota_exceeded`, and the
+/// commands after it, an undeploy included, go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_quota_queues_a_pod_and_dead_letters_a_scenario_and_ingest_goes_on() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let bed = Bed::new("ctl-quota").await;
+    let quotas: Api<ResourceQuota> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "workers"},
+        "spec": {"hard": {"pods": "1", "count/scenarios.runner.vap.io": "2"}}
+    }))
+    .unwrap();
+    quotas
+        .create(&PostParams::default(), &quota)
+        .await
+        .expect("create the ResourceQuota");
+    // The quota admits nothing until the quota controller has counted.
+    wait_for("the quota counted", SCENARIO_WITHIN, || async {
+        let q = quotas.get("workers").await.ok()?;
+        q.status?.used.is_some().then_some(())
+    })
+    .await;
+    let controller = bed.start_controller(&[("MAX_WORKERS", "3")]);
+    let (a, b, c) = (uuid(), uuid(), uuid());
+    bed.deploy(&a, LIVE).await;
+    bed.wait_phase(&a, Phase::Running).await;
+    bed.deploy(&b, LIVE).await;
+    let waiting = bed
+        .wait_scenario(&b, "queued by the quota", |s| {
+            phase(s) == Some(Phase::Queued)
+                && ready(s).is_some_and(|(_, reason)| reason == "QuotaExceeded")
+        })
+        .await;
+    let message = &waiting
+        .status
+        .as_ref()
+        .unwrap()
+        .condition("Admitted")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains("ResourceQuota") && message.contains("exceeded quota"),
+        "{message}"
+    );
+    assert_eq!(waiting.status.as_ref().unwrap().last_error, None);
+
+    bed.deploy(&c, LIVE).await;
+    let letters = bed.read_topic(&bed.dlq, 1).await;
+    assert_eq!(letters[0].header("reason"), "quota_exceeded", "{letters:?}");
+    let error = letters[0].header("error");
+    assert!(
+        error.contains("ResourceQuota") && error.contains("count/scenarios.runner.vap.io"),
+        "{error}"
+    );
+    assert!(
+        bed.scenarios()
+            .get_opt(&scenario_name(&c))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // The undeploy after the refused deploy is applied: its Pod goes, and
+    // the queued scenario's Pod fits.
+    bed.undeploy_at(&a, now_ms()).await;
+    bed.wait_phase(&a, Phase::Stopped).await;
+    bed.wait_phase(&b, Phase::Running).await;
+    bed.wait_committed(&bed.deploy, 3, SCENARIO_WITHIN).await;
+    bed.wait_committed(&bed.undeploy, 1, SCENARIO_WITHIN).await;
+    let metrics = controller.metrics().await;
+    assert_eq!(sample(&metrics, &dead_lettered("quota_exceeded")), 1.0);
+    assert!(
+        sample(
+            &metrics,
+            "vap_controller_reconcile_errors_total{category=\"quota_exceeded\"}"
+        ) >= 1.0
+    );
 }
 
 /// A deploy that arrives while its Scenario is being deleted (here held by
