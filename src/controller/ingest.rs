@@ -53,6 +53,9 @@ pub struct ScenarioStore {
     pub queue: QueueRoom,
     /// The runner's key for camera digests (see [`secret::DigestKey`]).
     pub digest_key: secret::DigestKey,
+    /// How long a finished Scenario, and with it what its commands were, is
+    /// kept (FINISHED_TTL_SECS); `None` keeps them for ever.
+    pub replay_horizon: Option<std::time::Duration>,
 }
 
 /// How many scenarios wait for a worker, as the reconciler's caches show it
@@ -226,7 +229,7 @@ impl ScenarioStore {
         secret::store(&self.secrets, scenario, camera_url)
             .await
             .map_err(|e| match store_error(e) {
-                StoreError::Quota(message) => StoreError::Transient(message),
+                StoreError::Refused { message, .. } => StoreError::Transient(message),
                 other => other,
             })
     }
@@ -388,10 +391,32 @@ fn store_error(e: kube::Error) -> StoreError {
         Refusal::Invalid => StoreError::Rejected(format!(
             "the Kubernetes API refused the Scenario: {message}"
         )),
-        Refusal::Quota => StoreError::Quota(format!(
-            "the namespace's ResourceQuota refused the Scenario: {message}"
-        )),
+        Refusal::Quota => StoreError::Refused {
+            reason: crate::ingest::QUOTA_EXCEEDED,
+            message: format!(
+                "the namespace's ResourceQuota refused the Scenario: {message}; the command is \
+                 refused. Raise the quota, or lower FINISHED_TTL_SECS so finished Scenarios go \
+                 sooner, then send it again"
+            ),
+        },
         Refusal::Unauthorized | Refusal::Retry => StoreError::Transient(e.to_string()),
+    }
+}
+
+/// A deploy older than the replay horizon for a scenario that is not known
+/// (see [`ordering::beyond_horizon`]).
+fn stale(req: &DeployRequest, at: Stamp, horizon: std::time::Duration) -> StoreError {
+    let stamp = chrono::DateTime::from_timestamp_millis(at.timestamp_ms)
+        .map_or_else(|| at.timestamp_ms.to_string(), |t| t.to_rfc3339());
+    StoreError::Refused {
+        reason: crate::ingest::STALE,
+        message: format!(
+            "the deploy of scenario {} is stamped {stamp}, more than FINISHED_TTL_SECS={} ago, \
+             and the scenario is not known: a replay of a run that finished and was removed \
+             looks the same, so it is not run. Send a new deploy to run it",
+            req.scenario_uuid,
+            horizon.as_secs()
+        ),
     }
 }
 
@@ -426,6 +451,17 @@ impl CommandStore for ScenarioStore {
             read_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
         );
         let name = wanted.name_any();
+        if let Some(horizon) = self.replay_horizon
+            && ordering::beyond_horizon(at, chrono::Utc::now().timestamp_millis(), horizon)
+            && self
+                .scenarios
+                .get_opt(&name)
+                .await
+                .map_err(store_error)?
+                .is_none()
+        {
+            return Err(stale(req, at, horizon));
+        }
         // Most deploys are for new scenarios: try to create first (one call),
         // and read-decide-write only when the Scenario exists.
         let create = ordering::on_deploy(None, at);

@@ -340,6 +340,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
                 sup.max_queued,
             ),
             digest_key,
+            replay_horizon: ctx.rules.finished_ttl,
         },
         config: IngestConfig {
             deploy_topic: args.deploy_topic.clone(),

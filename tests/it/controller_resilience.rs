@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::common::controller::{
     Bed, PodWatch, SCENARIO_WITHIN, controller_rules, dead_lettered, holds_slot, sample,
+    worker_exited,
 };
 use crate::common::scenario::{now_ms, phase, pod_name, scenario_name, uuid};
 use crate::common::wait_for;
@@ -516,6 +517,60 @@ async fn status_is_clean_and_an_unchanged_scenario_is_not_rewritten() {
         .wait_metric(WRITES, SCENARIO_WITHIN, |n| n > writes)
         .await;
     controller.assert_running();
+}
+
+/// A finished scenario is removed after FINISHED_TTL_SECS, and with it what
+/// its commands were: its deploy read again after that (a rewound consumer
+/// group, a new CONSUMER_GROUP reading from the start) is older than the
+/// TTL for a scenario the runner does not know, and is dead-lettered as
+/// `stale` instead of running the clip a second time. A new deploy runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_replayed_after_its_scenario_was_removed_is_dead_lettered_as_stale() {
+    let bed = Bed::new("ctl-stale").await;
+    let controller = bed.start_controller(&[("FINISHED_TTL_SECS", "3")]);
+    let clip = common::media("vtest.avi");
+    let id = uuid();
+    let t0 = now_ms();
+    bed.deploy_at(&id, &clip, t0).await;
+    wait_running_pod(&bed, &id).await;
+    bed.set_pod_status(&pod_name(&id), worker_exited(0)).await;
+    bed.wait_phase(&id, Phase::Succeeded).await;
+    wait_for(
+        "the finished Scenario removed after its TTL",
+        SCENARIO_WITHIN,
+        || async {
+            let gone = bed.scenarios().get_opt(&scenario_name(&id)).await.ok()?;
+            gone.is_none().then_some(())
+        },
+    )
+    .await;
+
+    // The same record again, as a replay reads it: same payload, same stamp.
+    bed.deploy_at(&id, &clip, t0).await;
+    let letters = bed.read_topic(&bed.dlq, 1).await;
+    assert_eq!(letters[0].header("reason"), "stale", "{letters:?}");
+    let error = letters[0].header("error");
+    assert!(
+        error.contains(&id) && error.contains("FINISHED_TTL_SECS=3"),
+        "{error}"
+    );
+    bed.wait_committed(&bed.deploy, 2, SCENARIO_WITHIN).await;
+    assert!(
+        bed.scenarios()
+            .get_opt(&scenario_name(&id))
+            .await
+            .unwrap()
+            .is_none(),
+        "the replay ran the clip again"
+    );
+    assert_eq!(
+        sample(&controller.metrics().await, &dead_lettered("stale")),
+        1.0
+    );
+
+    // A deploy sent now is no replay: it runs the clip again.
+    bed.deploy_at(&id, &clip, now_ms()).await;
+    bed.wait_phase(&id, Phase::Running).await;
 }
 
 /// A namespace's ResourceQuota is met the same way wherever it bites: a
