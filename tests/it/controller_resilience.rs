@@ -946,6 +946,15 @@ async fn a_leader_stopped_with_sigterm_releases_its_lease() {
     })
     .await;
     let mut standby = bed.start_controller(&[("POD_NAME", "replica-b")]);
+    // A standby is ready (a rolling update waits for that) and says it
+    // does not lead.
+    wait_for("the standby to be ready", SCENARIO_WITHIN, || async {
+        let addr = standby.metrics_addr().await;
+        (common::http_get(&addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(standby.metric("vap_controller_leader").await, 0.0);
+    assert_eq!(leader.metric("vap_controller_leader").await, 1.0);
     assert!(leader.terminate().success(), "a clean exit on SIGTERM");
     wait_for("replica-b to lead", SCENARIO_WITHIN, || async {
         (holder().await.as_deref() == Some("replica-b")).then_some(())
