@@ -487,7 +487,9 @@ pub struct ControllerArgs {
     pub worker_restart_limit: u32,
 
     /// Seconds a finished Scenario (Succeeded, Failed or Stopped) is kept before
-    /// it and its Pod are deleted; 0 keeps them.
+    /// it and its Pod are deleted; 0 keeps them. A deploy stamped longer ago for a
+    /// scenario the runner does not know is dead-lettered (stale): it cannot be
+    /// told from a replay of a run already removed.
     #[arg(
         long,
         env = "FINISHED_TTL_SECS",

@@ -86,10 +86,25 @@ pub enum StoreError {
          refused. Undeploy scenarios, or raise MAX_WORKERS or MAX_QUEUED"
     )]
     QueueFull { max_queued: usize },
+    /// A command the store will not take, for a `reason` of its own (such
+    /// as [`QUOTA_EXCEEDED`] or [`STALE`]): the message goes to the
+    /// dead-letter topic with that reason, and ingest goes on.
+    #[error("{message}")]
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// The dead-letter reason of a deploy refused because the queue is full.
 pub const QUEUE_FULL: &str = "queue_full";
+
+/// The dead-letter reason of a command whose write a ResourceQuota refused.
+pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
+
+/// The dead-letter reason of a deploy older than anything the runner still
+/// remembers, for a scenario it does not know: possibly a replay.
+pub const STALE: &str = "stale";
 
 /// Where commands become durable. Each call returns once the effect is stored.
 pub trait CommandStore: Send + Sync {
@@ -432,6 +447,9 @@ impl<S: CommandStore> Ingest<S> {
             Ok(effect) => Some(effect.label()),
             Err(full @ StoreError::QueueFull { .. }) => {
                 self.dead_letter(msg, QUEUE_FULL, &full, shutdown).await
+            }
+            Err(StoreError::Refused { reason, message }) => {
+                self.dead_letter(msg, reason, &message, shutdown).await
             }
             Err(rejected) => {
                 let category = self.store.rejected_category();

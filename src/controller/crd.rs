@@ -169,6 +169,21 @@ pub(crate) fn example_spec(camera: &str) -> ScenarioSpec {
     }
 }
 
+/// The owner reference a worker Pod and a camera Secret carry: `scenario` is
+/// their controller, and a foreground delete of it (the TTL's) waits until
+/// they are gone (`blockOwnerDeletion`), so a Scenario created again under
+/// the same name never meets a Pod or a Secret of the one before. `None`
+/// when `scenario` has no UID yet.
+pub fn owner_reference(
+    scenario: &Scenario,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+    use kube::Resource;
+    scenario.controller_owner_ref(&()).map(|mut owner| {
+        owner.block_owner_deletion = Some(true);
+        owner
+    })
+}
+
 /// The CRD as YAML, as `runner crd` prints it and `crds/` holds it.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&Scenario::crd())

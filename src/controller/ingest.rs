@@ -33,6 +33,7 @@ use super::pod::{
     LABEL_SCENARIO, label_value,
 };
 use super::reconcile::FIELD_MANAGER;
+use super::refusal::{self, Refusal};
 use super::secret;
 use crate::ingest::{CommandStore, Effect, StoreError};
 use crate::messages::{DeployRequest, UndeployRequest};
@@ -52,6 +53,9 @@ pub struct ScenarioStore {
     pub queue: QueueRoom,
     /// The runner's key for camera digests (see [`secret::DigestKey`]).
     pub digest_key: secret::DigestKey,
+    /// How long a finished Scenario, and with it what its commands were, is
+    /// kept (FINISHED_TTL_SECS); `None` keeps them for ever.
+    pub replay_horizon: Option<std::time::Duration>,
 }
 
 /// How many scenarios wait for a worker, as the reconciler's caches show it
@@ -220,9 +224,14 @@ impl ScenarioStore {
         scenario: &Scenario,
         camera_url: &str,
     ) -> Result<(), StoreError> {
+        // The Scenario is written already: a quota on Secrets is waited out
+        // rather than dead-lettering a deploy whose Scenario exists.
         secret::store(&self.secrets, scenario, camera_url)
             .await
-            .map_err(store_error)
+            .map_err(|e| match store_error(e) {
+                StoreError::Refused { message, .. } => StoreError::Transient(message),
+                other => other,
+            })
     }
 
     /// Writes `scenario` back if nobody changed it since it was read;
@@ -369,16 +378,53 @@ pub fn deployed(
     existing
 }
 
-/// Sorts an API error into what ingest does with it: 400 and 422 are the API
-/// server refusing the object for good, anything else is worth retrying.
+/// Sorts an API error into what ingest does with it (see [`refusal`]): an
+/// invalid or denied Scenario and a used-up quota are dead-lettered, so that
+/// one refused command never holds up the others; anything else, an RBAC
+/// denial included, is retried.
 fn store_error(e: kube::Error) -> StoreError {
-    match e {
-        kube::Error::Api(e) if e.code == 400 || e.code == 422 => StoreError::Rejected(format!(
-            "the Kubernetes API refused the Scenario: {}",
-            e.message
+    let message = match &e {
+        kube::Error::Api(status) => status.message.clone(),
+        e => e.to_string(),
+    };
+    match refusal::classify(&e) {
+        Refusal::Invalid => StoreError::Rejected(format!(
+            "the Kubernetes API refused the Scenario: {message}"
         )),
-        e => StoreError::Transient(e.to_string()),
+        Refusal::Quota => StoreError::Refused {
+            reason: crate::ingest::QUOTA_EXCEEDED,
+            message: format!(
+                "the namespace's ResourceQuota refused the Scenario: {message}; the command is \
+                 refused. Raise the quota, or lower FINISHED_TTL_SECS so finished Scenarios go \
+                 sooner, then send it again"
+            ),
+        },
+        Refusal::Unauthorized | Refusal::Retry => StoreError::Transient(e.to_string()),
     }
+}
+
+/// A deploy older than the replay horizon for a scenario that is not known
+/// (see [`ordering::beyond_horizon`]).
+fn stale(req: &DeployRequest, at: Stamp, horizon: std::time::Duration) -> StoreError {
+    let stamp = chrono::DateTime::from_timestamp_millis(at.timestamp_ms)
+        .map_or_else(|| at.timestamp_ms.to_string(), |t| t.to_rfc3339());
+    StoreError::Refused {
+        reason: crate::ingest::STALE,
+        message: format!(
+            "the deploy of scenario {} is stamped {stamp}, more than FINISHED_TTL_SECS={} ago, \
+             and the scenario is not known: a replay of a run that finished and was removed \
+             looks the same, so it is not run. Send a new deploy to run it",
+            req.scenario_uuid,
+            horizon.as_secs()
+        ),
+    }
+}
+
+fn being_deleted(name: &str) -> StoreError {
+    StoreError::Transient(format!(
+        "Scenario {name} is being deleted (its TTL ran out, or it was deleted by hand); \
+         the deploy is applied once it is gone"
+    ))
 }
 
 fn conflicted(name: &str) -> StoreError {
@@ -405,6 +451,17 @@ impl CommandStore for ScenarioStore {
             read_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
         );
         let name = wanted.name_any();
+        if let Some(horizon) = self.replay_horizon
+            && ordering::beyond_horizon(at, chrono::Utc::now().timestamp_millis(), horizon)
+            && self
+                .scenarios
+                .get_opt(&name)
+                .await
+                .map_err(store_error)?
+                .is_none()
+        {
+            return Err(stale(req, at, horizon));
+        }
         // Most deploys are for new scenarios: try to create first (one call),
         // and read-decide-write only when the Scenario exists.
         let create = ordering::on_deploy(None, at);
@@ -430,6 +487,12 @@ impl CommandStore for ScenarioStore {
             if let Some(owner) = other_runner(&existing, &self.runner_name) {
                 ignored_for(owner, &req.scenario_uuid);
                 return Ok(Effect::Deploy(DeployDecision::Ignore(Stale::Replay)));
+            }
+            if existing.metadata.deletion_timestamp.is_some() {
+                // Written into, it would go with the object: the deploy is
+                // kept (not committed) and creates the Scenario anew once
+                // the delete, which waits for its Pod and Secrets, is done.
+                return Err(being_deleted(&name));
             }
             let decision =
                 ordering::on_deploy(Some(current(&existing, &wanted, &req.camera_url)), at);

@@ -171,7 +171,7 @@ impl Probes for ControllerMetrics {
         if self.ready.load(Ordering::Relaxed) {
             Ok(())
         } else {
-            Err("waiting for leadership and caches".into())
+            Err("checking the Scenario CRD".into())
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod plan;
 pub mod pod;
 pub mod reconcile;
+pub mod refusal;
 pub mod secret;
 
 use std::sync::Arc;
@@ -136,6 +137,11 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         }
     });
 
+    // Ready from here on, leading or not: a standby is a healthy replica
+    // (so a rolling update and `helm install --wait` with two replicas go
+    // through); who leads is the `leader` gauge and the Lease. Once leading,
+    // /readyz fails while the Kafka clients report a problem.
+    metrics.set_ready();
     let (mut leadership, holds, lease_keeper) = if args.leader_election {
         let identity = args.identity.clone().unwrap_or_else(default_identity);
         let leases: Api<Lease> = Api::namespaced(lease_client, &namespace);
@@ -339,6 +345,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
                 sup.max_queued,
             ),
             digest_key,
+            replay_horizon: ctx.rules.finished_ttl,
         },
         config: IngestConfig {
             deploy_topic: args.deploy_topic.clone(),
@@ -362,7 +369,6 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         })
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
-    metrics.set_ready();
     tracing::info!(namespace = %namespace, runner = %runner, max_workers = sup.max_workers.0, max_queued = sup.max_queued, "controller running");
 
     let lost = async {

@@ -638,6 +638,28 @@ pub fn pod_rejected(
     generation: Option<i64>,
     now: DateTime<Utc>,
 ) -> ScenarioStatus {
+    let message = format!("the worker Pod was refused: {reason}");
+    let mut status = without_pod(
+        status,
+        Phase::Failed,
+        "PodRejected",
+        &message,
+        generation,
+        now,
+    );
+    status.last_error = Some(message);
+    status
+}
+
+/// `status` with no Pod, in `phase`, and both conditions false for `reason`.
+fn without_pod(
+    status: ScenarioStatus,
+    phase: Phase,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> ScenarioStatus {
     let mut d = Draft {
         status,
         steps: Vec::new(),
@@ -645,12 +667,32 @@ pub fn pod_rejected(
         generation,
     };
     d.status.pod_name = None;
-    d.phase(Phase::Failed);
-    let message = format!("the worker Pod was refused: {reason}");
-    d.status.last_error = Some(message.clone());
-    d.ready(false, "PodRejected", &message);
-    d.admitted(false, "PodRejected", &message);
+    d.phase(phase);
+    d.ready(false, reason, message);
+    d.admitted(false, reason, message);
     d.status
+}
+
+/// `status` after a ResourceQuota refused the worker Pod of the run: the
+/// Scenario waits, queued, and its Pod is tried again (the run is not over,
+/// and no restart is counted).
+pub fn quota_wait(
+    status: ScenarioStatus,
+    reason: &str,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> ScenarioStatus {
+    let message = format!(
+        "the namespace's ResourceQuota refused the worker Pod: {reason}; tried again until it fits"
+    );
+    without_pod(
+        status,
+        Phase::Queued,
+        "QuotaExceeded",
+        &message,
+        generation,
+        now,
+    )
 }
 
 fn give_up(d: &mut Draft, pod: &Pod, restarts: u32, words: &str) {
@@ -1291,15 +1333,20 @@ mod tests {
         );
     }
 
+    /// The status of a run whose worker Pod is being created.
+    fn starting() -> ScenarioStatus {
+        ScenarioStatus {
+            phase: Some(Phase::Starting),
+            pod_name: Some(format!("worker-{UUID}")),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn a_refused_pod_fails_the_run_and_says_why() {
         let status = pod_rejected(
-            ScenarioStatus {
-                phase: Some(Phase::Starting),
-                pod_name: Some(format!("worker-{UUID}")),
-                ..Default::default()
-            },
-            "forbidden: exceeded quota",
+            starting(),
+            "denied request: a worker Pod runs the runner's image",
             Some(3),
             now(),
         );
@@ -1310,14 +1357,37 @@ mod tests {
             status
                 .last_error
                 .as_deref()
-                .is_some_and(|e| e.contains("exceeded quota")),
+                .is_some_and(|e| e.contains("denied request")),
             "{status:?}"
         );
         for type_ in [READY, ADMITTED] {
             let c = status.condition(type_).expect("the condition");
             assert_eq!(c.status, "False", "{type_}");
-            assert!(c.message.contains("exceeded quota"), "{type_}");
+            assert!(c.message.contains("denied request"), "{type_}");
             assert_eq!(c.observed_generation, Some(3), "{type_}");
+        }
+    }
+
+    #[test]
+    fn a_pod_a_quota_refuses_waits_queued_without_failing_the_run() {
+        let status = quota_wait(
+            starting(),
+            "exceeded quota: pods, requested: pods=1, used: pods=1, limited: pods=1",
+            Some(2),
+            now(),
+        );
+        assert_eq!(status.phase, Some(Phase::Queued));
+        assert_eq!(status.pod_name, None);
+        assert_eq!(status.finish_time, None);
+        assert_eq!(status.last_error, None);
+        assert_eq!(status.restart_count, 0);
+        for type_ in [READY, ADMITTED] {
+            let c = status.condition(type_).expect("the condition");
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", "QuotaExceeded")
+            );
+            assert!(c.message.contains("limited: pods=1"), "{type_}");
         }
     }
 

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::Resource;
 use kube::ResourceExt;
 use serde_json::json;
 
@@ -312,7 +311,7 @@ pub fn build(scenario: &Scenario, t: &WorkerTemplate) -> Pod {
 pub fn build_learned(scenario: &Scenario, t: &WorkerTemplate, learned: &[ClusterAddress]) -> Pod {
     let spec = &scenario.spec;
     let name = pod_name(&spec.scenario_uuid);
-    let owner = scenario.controller_owner_ref(&());
+    let owner = super::crd::owner_reference(scenario);
     let fps = spec.fps.unwrap_or(t.default_fps);
     let model = spec
         .model
@@ -482,6 +481,11 @@ mod tests {
         let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(owner.kind, "Scenario");
         assert_eq!(owner.controller, Some(true));
+        assert_eq!(
+            owner.block_owner_deletion,
+            Some(true),
+            "a foreground delete waits for it"
+        );
         let labels = pod.metadata.labels.as_ref().unwrap();
         assert_eq!(
             labels[LABEL_WORKER_ID],

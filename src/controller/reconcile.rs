@@ -47,6 +47,7 @@ use super::leader::Leadership;
 use super::metrics::{CategoryLabels, ControllerMetrics, PhaseLabels, ResultLabels};
 use super::plan::{self, Plan, Rules, Slot, Step};
 use super::pod::{self, WorkerTemplate};
+use super::refusal::{self, Refusal};
 use crate::backoff::Backoff;
 
 pub const FIELD_MANAGER: &str = "vap-runner";
@@ -89,15 +90,21 @@ impl ReconcileError {
     }
 }
 
+/// The API server's own words for a refusal.
+fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(e) => e.message.clone(),
+        e => e.to_string(),
+    }
+}
+
 fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> ReconcileError {
     move |source| ReconcileError::Kube { action, source }
 }
 
-/// An API answer that repeating the same request will not change: the Pod
-/// is refused for good (invalid, or denied by an admission webhook or policy).
-fn is_permanent(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(e) if matches!(e.code, 400 | 403 | 422))
-}
+/// How long a worker Pod a ResourceQuota refused waits before it is tried
+/// again (a Pod that ends frees quota sooner: that event reconciles too).
+const QUOTA_RETRY: Duration = Duration::from_secs(30);
 
 /// What this process did that its caches may not show yet.
 #[derive(Default)]
@@ -447,30 +454,33 @@ async fn create_pod(
             tracing::info!(pod = %pod_name, "worker Pod created");
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) if is_permanent(&e) => {
-            let reason = match &e {
-                kube::Error::Api(e) => e.message.clone(),
-                e => e.to_string(),
+        Err(e) => {
+            let refused = refusal::classify(&e);
+            let category = match refused {
+                Refusal::Invalid => "pod_rejected",
+                Refusal::Quota => "quota_exceeded",
+                Refusal::Unauthorized | Refusal::Retry => {
+                    return Err(kube_err("creating a worker Pod")(e));
+                }
             };
-            tracing::warn!(pod = %pod_name, error = %reason, "the worker Pod was refused; the Scenario fails and the queue goes on");
             ctx.metrics
                 .reconcile_errors
-                .get_or_create(&CategoryLabels {
-                    category: "pod_rejected",
-                })
+                .get_or_create(&CategoryLabels { category })
                 .inc();
-            plan.status = plan::pod_rejected(
-                plan.status,
-                &reason,
-                scenario.metadata.generation,
-                Utc::now(),
-            );
+            let (reason, generation) = (api_message(&e), scenario.metadata.generation);
             plan.steps.clear();
-            plan.requeue = None;
-            ctx.queue_changed.notify_one();
+            if refused == Refusal::Quota {
+                tracing::warn!(pod = %pod_name, error = %reason, "a ResourceQuota refused the worker Pod; the Scenario stays queued and is tried again");
+                plan.status = plan::quota_wait(plan.status, &reason, generation, Utc::now());
+                plan.requeue = Some(QUOTA_RETRY);
+            } else {
+                tracing::warn!(pod = %pod_name, error = %reason, "the worker Pod was refused; the Scenario fails and the queue goes on");
+                plan.status = plan::pod_rejected(plan.status, &reason, generation, Utc::now());
+                plan.requeue = None;
+                ctx.queue_changed.notify_one();
+            }
             return Ok(plan);
         }
-        Err(e) => return Err(kube_err("creating a worker Pod")(e)),
     }
     adm.pending.insert(pod_name, Instant::now());
     // The gauges count the new Pod now, not only at the next decision

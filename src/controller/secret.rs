@@ -6,7 +6,7 @@
 
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, Secret, SecretKeySelector};
 use kube::api::PostParams;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 
 use super::crd::Scenario;
 use super::pod::{
@@ -212,7 +212,7 @@ pub fn build(scenario: &Scenario, camera_url: &str) -> Secret {
     secret.metadata.name = Some(secret_name(&scenario.spec.scenario_uuid, scenario.spec.run));
     secret.metadata.namespace = scenario.namespace();
     secret.metadata.labels = Some(labels);
-    secret.metadata.owner_references = scenario.controller_owner_ref(&()).map(|o| vec![o]);
+    secret.metadata.owner_references = super::crd::owner_reference(scenario).map(|o| vec![o]);
     secret
 }
 
@@ -296,6 +296,11 @@ mod tests {
             ("Scenario", "uid-1")
         );
         assert_eq!(owner.controller, Some(true));
+        assert_eq!(
+            owner.block_owner_deletion,
+            Some(true),
+            "a foreground delete waits for it"
+        );
         assert_eq!(
             secret.string_data.as_ref().unwrap()[CAMERA_URL_KEY],
             "rtsp://admin:hunter2@cam/stream"

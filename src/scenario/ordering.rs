@@ -184,6 +184,15 @@ pub fn too_far_ahead(stamp_ms: i64, now_ms: i64, max_ahead_ms: i64) -> Option<i6
     (ahead > max_ahead_ms).then_some(ahead)
 }
 
+/// Whether a command stamped `at` is older than `horizon`, the time the
+/// runner keeps a finished scenario and its applied stamps (FINISHED_TTL_SECS).
+/// Past it, a scenario that is not known may have run and been removed: a
+/// deploy for it cannot be told from a replay, so it is not taken.
+pub fn beyond_horizon(at: Stamp, now_ms: i64, horizon: std::time::Duration) -> bool {
+    let horizon_ms = i64::try_from(horizon.as_millis()).unwrap_or(i64::MAX);
+    now_ms.saturating_sub(at.timestamp_ms) > horizon_ms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,5 +451,26 @@ mod tests {
             "a stamp in 2100"
         );
         assert_eq!(too_far_ahead(i64::MAX, i64::MIN, 0), Some(i64::MAX));
+    }
+
+    #[test]
+    fn a_command_older_than_the_finished_ttl_is_beyond_the_horizon() {
+        let now = 1_700_000_000_000;
+        let hour = std::time::Duration::from_secs(3600);
+        assert!(!beyond_horizon(s(now, 0), now, hour), "just sent");
+        assert!(
+            !beyond_horizon(s(now - 3_600_000, 0), now, hour),
+            "at the horizon"
+        );
+        assert!(beyond_horizon(s(now - 3_600_001, 0), now, hour));
+        assert!(
+            !beyond_horizon(s(now + 60_000, 0), now, hour),
+            "ahead is not old"
+        );
+        assert!(beyond_horizon(s(i64::MIN, 0), now, hour));
+        assert!(
+            !beyond_horizon(s(0, 0), now, std::time::Duration::MAX),
+            "no TTL"
+        );
     }
 }

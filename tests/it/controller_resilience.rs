@@ -6,7 +6,10 @@
 use crate::common;
 use std::time::Duration;
 
-use crate::common::controller::{Bed, PodWatch, SCENARIO_WITHIN, controller_rules, holds_slot};
+use crate::common::controller::{
+    Bed, PodWatch, SCENARIO_WITHIN, controller_rules, dead_lettered, holds_slot, sample,
+    worker_exited,
+};
 use crate::common::scenario::{now_ms, phase, pod_name, scenario_name, uuid};
 use crate::common::wait_for;
 use futures::StreamExt;
@@ -516,6 +519,215 @@ async fn status_is_clean_and_an_unchanged_scenario_is_not_rewritten() {
     controller.assert_running();
 }
 
+/// A finished scenario is removed after FINISHED_TTL_SECS, and with it what
+/// its commands were: its deploy read again after that (a rewound consumer
+/// group, a new CONSUMER_GROUP reading from the start) is older than the
+/// TTL for a scenario the runner does not know, and is dead-lettered as
+/// `stale` instead of running the clip a second time. A new deploy runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_replayed_after_its_scenario_was_removed_is_dead_lettered_as_stale() {
+    let bed = Bed::new("ctl-stale").await;
+    let controller = bed.start_controller(&[("FINISHED_TTL_SECS", "3")]);
+    let clip = common::media("vtest.avi");
+    let id = uuid();
+    let t0 = now_ms();
+    bed.deploy_at(&id, &clip, t0).await;
+    wait_running_pod(&bed, &id).await;
+    bed.set_pod_status(&pod_name(&id), worker_exited(0)).await;
+    bed.wait_phase(&id, Phase::Succeeded).await;
+    wait_for(
+        "the finished Scenario removed after its TTL",
+        SCENARIO_WITHIN,
+        || async {
+            let gone = bed.scenarios().get_opt(&scenario_name(&id)).await.ok()?;
+            gone.is_none().then_some(())
+        },
+    )
+    .await;
+
+    // The same record again, as a replay reads it: same payload, same stamp.
+    bed.deploy_at(&id, &clip, t0).await;
+    let letters = bed.read_topic(&bed.dlq, 1).await;
+    assert_eq!(letters[0].header("reason"), "stale", "{letters:?}");
+    let error = letters[0].header("error");
+    assert!(
+        error.contains(&id) && error.contains("FINISHED_TTL_SECS=3"),
+        "{error}"
+    );
+    bed.wait_committed(&bed.deploy, 2, SCENARIO_WITHIN).await;
+    assert!(
+        bed.scenarios()
+            .get_opt(&scenario_name(&id))
+            .await
+            .unwrap()
+            .is_none(),
+        "the replay ran the clip again"
+    );
+    assert_eq!(
+        sample(&controller.metrics().await, &dead_lettered("stale")),
+        1.0
+    );
+
+    // A deploy sent now is no replay: it runs the clip again.
+    bed.deploy_at(&id, &clip, now_ms()).await;
+    bed.wait_phase(&id, Phase::Running).await;
+}
+
+/// A namespace's ResourceQuota is met the same way wherever it bites: a
+/// worker Pod it refuses waits, queued, and runs once another Pod is gone;
+/// a Scenario it refuses is dead-lettered as `quota_exceeded`, and the
+/// commands after it, an undeploy included, go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_quota_queues_a_pod_and_dead_letters_a_scenario_and_ingest_goes_on() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let bed = Bed::new("ctl-quota").await;
+    let quotas: Api<ResourceQuota> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "workers"},
+        "spec": {"hard": {"pods": "1", "count/scenarios.runner.vap.io": "2"}}
+    }))
+    .unwrap();
+    quotas
+        .create(&PostParams::default(), &quota)
+        .await
+        .expect("create the ResourceQuota");
+    // The quota admits nothing until the quota controller has counted.
+    wait_for("the quota counted", SCENARIO_WITHIN, || async {
+        let q = quotas.get("workers").await.ok()?;
+        q.status?.used.is_some().then_some(())
+    })
+    .await;
+    let controller = bed.start_controller(&[("MAX_WORKERS", "3")]);
+    let (a, b, c) = (uuid(), uuid(), uuid());
+    bed.deploy(&a, LIVE).await;
+    bed.wait_phase(&a, Phase::Running).await;
+    bed.deploy(&b, LIVE).await;
+    let waiting = bed
+        .wait_scenario(&b, "queued by the quota", |s| {
+            phase(s) == Some(Phase::Queued)
+                && ready(s).is_some_and(|(_, reason)| reason == "QuotaExceeded")
+        })
+        .await;
+    let message = &waiting
+        .status
+        .as_ref()
+        .unwrap()
+        .condition("Admitted")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains("ResourceQuota") && message.contains("exceeded quota"),
+        "{message}"
+    );
+    assert_eq!(waiting.status.as_ref().unwrap().last_error, None);
+
+    bed.deploy(&c, LIVE).await;
+    let letters = bed.read_topic(&bed.dlq, 1).await;
+    assert_eq!(letters[0].header("reason"), "quota_exceeded", "{letters:?}");
+    let error = letters[0].header("error");
+    assert!(
+        error.contains("ResourceQuota") && error.contains("count/scenarios.runner.vap.io"),
+        "{error}"
+    );
+    assert!(
+        bed.scenarios()
+            .get_opt(&scenario_name(&c))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // The undeploy after the refused deploy is applied: its Pod goes, and
+    // the queued scenario's Pod fits.
+    bed.undeploy_at(&a, now_ms()).await;
+    bed.wait_phase(&a, Phase::Stopped).await;
+    bed.wait_phase(&b, Phase::Running).await;
+    bed.wait_committed(&bed.deploy, 3, SCENARIO_WITHIN).await;
+    bed.wait_committed(&bed.undeploy, 1, SCENARIO_WITHIN).await;
+    let metrics = controller.metrics().await;
+    assert_eq!(sample(&metrics, &dead_lettered("quota_exceeded")), 1.0);
+    assert!(
+        sample(
+            &metrics,
+            "vap_controller_reconcile_errors_total{category=\"quota_exceeded\"}"
+        ) >= 1.0
+    );
+}
+
+/// A deploy that arrives while its Scenario is being deleted (here held by
+/// a finalizer, as a TTL delete is held by its Pod and Secrets) is not
+/// written into the object on its way out: it waits, uncommitted, and once
+/// the object is gone it creates the Scenario anew, which runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_into_a_scenario_being_deleted_runs_once_it_is_gone() {
+    const HOLD: &str = "tests.vap.io/hold";
+    const OTHER: &str = "rtsp://camera.example/other";
+    let bed = Bed::new("ctl-deleting").await;
+    let controller = bed.start_controller(&[]);
+    let id = uuid();
+    bed.deploy(&id, LIVE).await;
+    let old = bed.wait_phase(&id, Phase::Running).await;
+    bed.wait_committed(&bed.deploy, 1, SCENARIO_WITHIN).await;
+    let name = scenario_name(&id);
+    bed.scenarios()
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": [HOLD]}})),
+        )
+        .await
+        .expect("hold the Scenario with a finalizer");
+    bed.scenarios()
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete the Scenario");
+
+    let retries_before = controller
+        .metric("vap_controller_kubernetes_retries_total")
+        .await;
+    bed.deploy(&id, OTHER).await;
+    controller
+        .wait_metric(
+            "vap_controller_kubernetes_retries_total",
+            SCENARIO_WITHIN,
+            |n| n > retries_before,
+        )
+        .await;
+    let held = bed.scenarios().get(&name).await.unwrap();
+    assert_eq!(held.uid(), old.uid());
+    assert_eq!(
+        held.spec.camera_url, LIVE,
+        "the deploy was written into a Scenario being deleted"
+    );
+    assert_eq!(
+        bed.committed(&bed.deploy),
+        1,
+        "the waiting deploy was committed"
+    );
+
+    bed.scenarios()
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("release the Scenario");
+    let new = bed
+        .wait_scenario(&id, "created anew and running", |s| {
+            s.uid() != old.uid() && phase(s) == Some(Phase::Running)
+        })
+        .await;
+    assert_eq!(new.spec.camera_url, OTHER);
+    let pod = wait_running_pod(&bed, &id).await;
+    assert_eq!(
+        pod.owner_references()[0].uid,
+        new.uid().unwrap(),
+        "the worker Pod is the new Scenario's"
+    );
+    bed.wait_committed(&bed.deploy, 2, SCENARIO_WITHIN).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_and_its_standby_never_act_at_once() {
     let bed = Bed::new("ctl-leader").await;
@@ -734,6 +946,15 @@ async fn a_leader_stopped_with_sigterm_releases_its_lease() {
     })
     .await;
     let mut standby = bed.start_controller(&[("POD_NAME", "replica-b")]);
+    // A standby is ready (a rolling update waits for that) and says it
+    // does not lead.
+    wait_for("the standby to be ready", SCENARIO_WITHIN, || async {
+        let addr = standby.metrics_addr().await;
+        (common::http_get(&addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(standby.metric("vap_controller_leader").await, 0.0);
+    assert_eq!(leader.metric("vap_controller_leader").await, 1.0);
     assert!(leader.terminate().success(), "a clean exit on SIGTERM");
     wait_for("replica-b to lead", SCENARIO_WITHIN, || async {
         (holder().await.as_deref() == Some("replica-b")).then_some(())

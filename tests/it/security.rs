@@ -886,6 +886,15 @@ async fn give_the_api_server_an_endpoint(client: &Client) {
         .expect("the EndpointSlice kubernetes");
 }
 
+/// Removes the stand-in EndpointSlice, so the bed is left as it was found.
+async fn take_the_api_server_endpoint_back(client: &Client) {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    Api::<EndpointSlice>::namespaced(client.clone(), "default")
+        .delete("kubernetes", &Default::default())
+        .await
+        .expect("delete the stand-in EndpointSlice kubernetes");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_refuses_the_clusters_own_addresses_but_not_cameras_on_a_node() {
     let bed = Bed::new("sec-cluster").await;
@@ -974,6 +983,7 @@ async fn ingest_refuses_the_clusters_own_addresses_but_not_cameras_on_a_node() {
         Some("status.hostIP")
     );
     assert!(controller.metric("vap_controller_cluster_addresses").await >= 4.0);
+    take_the_api_server_endpoint_back(&bed.client).await;
 }
 
 #[test]

@@ -769,6 +769,7 @@ pub fn controller_rules(denied: &[(&str, &str)]) -> serde_json::Value {
             &["get", "list", "watch", "create", "update", "delete"][..],
         ),
         ("runner.vap.io", "scenarios/status", &["patch"][..]),
+        ("runner.vap.io", "scenarios/finalizers", &["update"][..]),
         (
             "",
             "pods",
