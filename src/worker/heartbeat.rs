@@ -241,12 +241,18 @@ fn send(beat: &Heartbeat, metrics: &WorkerMetrics, outputs: &Outputs) {
     }
 }
 
+/// Replaces `path` with `beat` (private to the owner, like the state directory).
 fn write_file(path: &std::path::Path, beat: &Heartbeat) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(beat).map_err(std::io::Error::other)?,
-    )?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&serde_json::to_vec(beat).map_err(std::io::Error::other)?)?;
     std::fs::rename(tmp, path)
 }
 
