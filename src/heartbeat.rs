@@ -7,6 +7,7 @@
 //! beat is judged against a scenario's declared target is
 //! [`crate::scenario::health`].
 
+use chrono::{DateTime, Utc};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -110,6 +111,21 @@ pub struct Heartbeat {
     /// 95th percentile of the detector's time per frame, in milliseconds;
     /// `null` when none was processed.
     pub inference_p95_ms: Option<f64>,
+}
+
+impl Heartbeat {
+    /// When the beat was made (`None` when its timestamp does not parse).
+    pub fn time(&self) -> Option<DateTime<Utc>> {
+        DateTime::parse_from_rfc3339(&self.timestamp)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// When the camera last delivered a frame.
+    pub fn last_frame_time(&self) -> Option<DateTime<Utc>> {
+        let age = chrono::Duration::milliseconds(self.last_frame_age_ms? as i64);
+        Some(self.time()? - age)
+    }
 }
 
 /// The 95th percentile (nearest rank) of `samples`, reordering them; `None`

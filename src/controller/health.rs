@@ -78,22 +78,16 @@ pub struct Seen<'a> {
 }
 
 fn stream_of(beat: &Heartbeat) -> StreamStatus {
-    let at = DateTime::parse_from_rfc3339(&beat.timestamp)
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_else(|_| Utc::now());
-    let age = beat.last_frame_age_ms.map(|ms| ms as f64 / 1000.0);
     StreamStatus {
         state: beat.state.as_str().into(),
         fps: beat.fps,
         camera_fps: beat.camera_fps,
-        lag_seconds: age,
-        last_frame_time: beat
-            .last_frame_age_ms
-            .map(|ms| at - chrono::Duration::milliseconds(ms as i64)),
+        lag_seconds: beat.last_frame_age_ms.map(|ms| ms as f64 / 1000.0),
+        last_frame_time: beat.last_frame_time(),
         frames_dropped: beat.frames_dropped,
         decode_p95_ms: beat.decode_p95_ms,
         inference_p95_ms: beat.inference_p95_ms,
-        heartbeat_time: at,
+        heartbeat_time: beat.time().unwrap_or_else(Utc::now),
     }
 }
 

@@ -1,11 +1,9 @@
 //! Stream health in local mode: each worker replaces its own heartbeat file
 //! (`HEARTBEAT_FILE`, set by the supervisor) under `STATE_DIR/heartbeats/`,
-//! and `runner local list` reads them for its FPS and LAST FRAME columns.
+//! and `runner local list` reads them for its STATE, FPS and LAST FRAME columns.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-use chrono::{DateTime, Utc};
 
 use crate::heartbeat::Heartbeat;
 
@@ -33,13 +31,6 @@ pub fn read_all(state_dir: &Path) -> HashMap<String, Heartbeat> {
         .collect()
 }
 
-/// When the camera last delivered a frame, by `beat`.
-pub fn last_frame_time(beat: &Heartbeat) -> Option<DateTime<Utc>> {
-    let at = DateTime::parse_from_rfc3339(&beat.timestamp).ok()?;
-    let age = chrono::Duration::milliseconds(beat.last_frame_age_ms? as i64);
-    Some(at.with_timezone(&Utc) - age)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,7 +52,7 @@ mod tests {
         let beats = read_all(state.path());
         assert_eq!(beats.len(), 1);
         assert_eq!(
-            last_frame_time(&beats[uuid]).unwrap().to_rfc3339(),
+            beats[uuid].last_frame_time().unwrap().to_rfc3339(),
             "2026-01-11T12:30:05+00:00"
         );
     }

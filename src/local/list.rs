@@ -45,7 +45,7 @@ pub fn table(records: &[Record], beats: &HashMap<String, Heartbeat>, now: DateTi
             r.restarts.to_string(),
             beat.map_or("-".to_string(), |b| b.state.as_str().to_string()),
             beat.map_or("-".to_string(), |b| b.fps.to_string()),
-            beat.and_then(super::health::last_frame_time)
+            beat.and_then(Heartbeat::last_frame_time)
                 .map_or("-".to_string(), |t| age(now - t)),
             age(now - r.created_at),
             r.queue_position
