@@ -8,12 +8,22 @@
 //! (d) 1000 Queued scenarios with MAX_WORKERS=1: the apiserver's request rate
 //!     for Scenarios, Pods and Leases (watches excluded) over 30 s while the
 //!     queue sits idle. The apiserver counts every client, so with other
-//!     clients at work the figure is an upper bound for the controller's.
+//!     clients at work the figure is an upper bound for the controller's;
+//! (e) 1000 Running scenarios (MAX_WORKERS=1001) whose workers the benchmark
+//!     plays: Scenario status writes per second (counted on a watch of the
+//!     namespace's Scenarios) over 60 s without heartbeats (the baseline,
+//!     once every Scenario has been marked HeartbeatsMissing), then
+//!     with a heartbeat per scenario every 10 s: while every Scenario gets its
+//!     first `status.stream` (changes, capped at STREAM_STATUS_WRITES=20/s),
+//!     and in the steady state after (refreshes every STREAM_STATUS_SECS=60 s:
+//!     1000 / 60 ≈ 17/s expected).
 //!
 //! Targets: p99 ≤ 1 s, burst ≤ 60 s, RSS ≤ 40 MB steady (600 Scenarios) and
-//! ≤ 64 MB in the burst, idle queue ≤ 1 request/s.
-//! `BENCH_RATE`, `BENCH_SECONDS`, `BENCH_BURST` and `BENCH_QUEUED` scale the
-//! runs down for a quick look.
+//! ≤ 64 MB in the burst, idle queue ≤ 1 request/s, stream health ≤ 20 status
+//! writes/s.
+//! `BENCH_RATE`, `BENCH_SECONDS`, `BENCH_BURST`, `BENCH_QUEUED` and
+//! `BENCH_STREAMING` scale the runs down for a quick look; `BENCH_ONLY=e` runs
+//! only (e).
 //!
 //! Over a secured listener: `BENCH_CONTROLLER_BOOTSTRAP` is the address the
 //! controller connects to, and the controller gets the `KAFKA_SECURITY_*`,
@@ -95,6 +105,7 @@ fn start_controller(bootstrap: &str, namespace: &str, max_workers: u64) -> Contr
         .env("EVENTS_TOPIC", format!("{namespace}.events"))
         .env("MAX_WORKERS", max_workers.to_string())
         .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("HEARTBEAT_TOPIC", format!("{namespace}.heartbeats"))
         .env("LOG_LEVEL", "WARNING")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -144,7 +155,7 @@ impl Bed {
             .set("bootstrap.servers", bootstrap)
             .create()
             .unwrap();
-        let topics: Vec<String> = ["to_deploy", "to_undeploy", "dlq", "events"]
+        let topics: Vec<String> = ["to_deploy", "to_undeploy", "dlq", "events", "heartbeats"]
             .iter()
             .map(|t| format!("{namespace}.{t}"))
             .collect();
@@ -209,13 +220,8 @@ async fn idle_queue(client: &Client, bootstrap: &str, count: usize) -> f64 {
     }
     let bed = Bed::new(client, bootstrap, "queued").await;
     let _controller = start_controller(bootstrap, &bed.namespace, 1);
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
-    let ids: Vec<String> = (0..count)
-        .map(|_| uuid::Uuid::new_v4().to_string())
-        .collect();
+    let producer = producer(bootstrap, "5");
+    let ids = new_ids(count);
     let (sent, _) = mpsc::unbounded_channel();
     send_all(&producer, &bed.topics[0], &ids, 0, &sent).await;
     let scenarios: Api<vap_runner::controller::crd::Scenario> =
@@ -248,6 +254,22 @@ async fn idle_queue(client: &Client, bootstrap: &str, count: usize) -> f64 {
     let after = apiserver_requests();
     bed.remove(client).await;
     (after - before) / window.as_secs_f64()
+}
+
+/// A producer for the benchmark's own messages.
+fn producer(bootstrap: &str, linger_ms: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", linger_ms)
+        .create()
+        .unwrap()
+}
+
+/// `count` fresh scenario UUIDs.
+fn new_ids(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect()
 }
 
 /// Sends `ids` at `rate` per second (0 = as fast as possible), recording send times.
@@ -294,14 +316,8 @@ async fn run(
     let bed = Bed::new(client, bootstrap, label).await;
     let ns = bed.namespace.clone();
     let controller = start_controller(bootstrap, &ns, max_workers);
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "0")
-        .create()
-        .unwrap();
-    let ids: Vec<String> = (0..count)
-        .map(|_| uuid::Uuid::new_v4().to_string())
-        .collect();
+    let producer = producer(bootstrap, "0");
+    let ids = new_ids(count);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(String, Instant)>();
     let watch = tokio::spawn(async move {
@@ -374,6 +390,116 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Scenario watch events (status writes, once all exist) per second over `window`.
+async fn writes_per_second(
+    changes: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+    window: Duration,
+) -> (f64, u64) {
+    use std::sync::atomic::Ordering;
+    let started = changes.load(Ordering::Relaxed);
+    let mut peak = 0;
+    let mut last = started;
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = changes.load(Ordering::Relaxed);
+        peak = peak.max(now - last);
+        last = now;
+    }
+    ((last - started) as f64 / window.as_secs_f64(), peak)
+}
+
+/// (e): `count` Running scenarios; status writes per second without
+/// heartbeats, then with them (first folds, then steady).
+async fn streaming(client: &Client, bootstrap: &str, count: usize) -> [(f64, u64); 3] {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let bed = Bed::new(client, bootstrap, "streaming").await;
+    let ns = bed.namespace.clone();
+    let _controller = start_controller(bootstrap, &ns, count as u64 + 1);
+    let producer = producer(bootstrap, "20");
+    let ids = new_ids(count);
+    let (sent, _) = mpsc::unbounded_channel();
+    send_all(&producer, &format!("{ns}.to_deploy"), &ids, 0, &sent).await;
+    let scenarios: Api<vap_runner::controller::crd::Scenario> =
+        Api::namespaced(client.clone(), &ns);
+    // All Running, and (no worker beats yet) each marked HeartbeatsMissing
+    // once: from then on nothing changes without heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let list = scenarios.list(&Default::default()).await.expect("list");
+        let settled = list
+            .items
+            .iter()
+            .filter(|s| {
+                s.status.as_ref().is_some_and(|st| {
+                    st.phase == Some(vap_runner::controller::crd::Phase::Running)
+                        && st.condition("Streaming").is_some()
+                })
+            })
+            .count();
+        if settled >= count {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {settled} of {count} scenarios Running and marked silent within 900 s"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    // Every change of a Scenario the watch sees from here on.
+    let changes = Arc::new(AtomicU64::new(0));
+    let watch = tokio::spawn({
+        let changes = changes.clone();
+        let scenarios = scenarios.clone();
+        async move {
+            let mut stream = watcher(scenarios, watcher::Config::default()).boxed();
+            while let Some(Ok(event)) = stream.next().await {
+                if let watcher::Event::Apply(_) = event {
+                    changes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let baseline = writes_per_second(&changes, Duration::from_secs(60)).await;
+    // The benchmark plays the workers: one beat per scenario every 10 s,
+    // spread over the interval.
+    let beats = tokio::spawn({
+        let topic = format!("{ns}.heartbeats");
+        let ids = ids.clone();
+        async move {
+            let interval = Duration::from_secs(10);
+            let mut seq = 0u64;
+            loop {
+                seq += 1;
+                let round = Instant::now();
+                for (i, id) in ids.iter().enumerate() {
+                    let due = round + interval.mul_f64(i as f64 / ids.len() as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                    let beat = serde_json::json!({
+                        "scenario_uuid": id,
+                        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                        "state": "streaming", "seq": seq, "interval_secs": 10,
+                        "fps": 2.0, "camera_fps": 25.0, "frames": 20, "frame_number": seq * 20,
+                        "last_frame_age_ms": 40, "frames_dropped": 0,
+                        "decode_p95_ms": 5.0, "inference_p95_ms": 30.0
+                    })
+                    .to_string();
+                    let _ = producer.send_result(FutureRecord::to(&topic).key(id).payload(&beat));
+                }
+                tokio::time::sleep_until((round + interval).into()).await;
+            }
+        }
+    });
+    let first = writes_per_second(&changes, Duration::from_secs(60)).await;
+    let steady = writes_per_second(&changes, Duration::from_secs(120)).await;
+    beats.abort();
+    watch.abort();
+    bed.remove(client).await;
+    [baseline, first, steady]
+}
+
 #[tokio::main]
 async fn main() {
     let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
@@ -382,6 +508,22 @@ async fn main() {
         .await
         .expect("KUBECONFIG for the test bed");
 
+    if std::env::var("BENCH_ONLY").as_deref() != Ok("e") {
+        others(&client, &bootstrap).await;
+    }
+    let count = env_or("BENCH_STREAMING", 1000) as usize;
+    let [
+        (base, base_peak),
+        (first, first_peak),
+        (steady, steady_peak),
+    ] = streaming(&client, &bootstrap, count).await;
+    println!(
+        "(e) {count} Running scenarios, Scenario status writes/s (peak in one second): no heartbeats {base:.2} ({base_peak}); heartbeats every 10 s, first 60 s {first:.2} ({first_peak}); steady 120 s after {steady:.2} ({steady_peak})   (cap STREAM_STATUS_WRITES=20/s; steady {count}/60 s expected)"
+    );
+}
+
+async fn others(client: &Client, bootstrap: &str) {
+    let (client, bootstrap) = (client.clone(), bootstrap.to_string());
     let rate = env_or("BENCH_RATE", 10);
     let seconds = env_or("BENCH_SECONDS", 60);
     let burst = env_or("BENCH_BURST", 1000) as usize;

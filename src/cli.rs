@@ -141,6 +141,9 @@ pub struct WorkerSettings {
 
     #[command(flatten)]
     pub stream: StreamTuning,
+
+    #[command(flatten)]
+    pub heartbeat: crate::heartbeat::HeartbeatSettings,
 }
 
 impl WorkerSettings {
@@ -170,6 +173,7 @@ impl WorkerSettings {
             env.push(("CAMERA_CA_FILE", ca.display().to_string()));
         }
         env.extend(self.stream.env());
+        env.extend(self.heartbeat.env());
         env
     }
 }
@@ -349,6 +353,9 @@ pub struct ControllerArgs {
 
     #[command(flatten)]
     pub worker: WorkerSettings,
+
+    #[command(flatten)]
+    pub stream_status: crate::controller::health::StreamStatusArgs,
 
     #[command(flatten)]
     pub http: HttpArgs,
@@ -922,6 +929,10 @@ pub struct WorkerArgs {
     /// Pace files at their own frame rate instead of as fast as the CPU allows.
     #[arg(long, env = "REALTIME")]
     pub realtime: bool,
+
+    /// File each heartbeat replaces (`runner local` sets it for `runner local list`).
+    #[arg(long, env = "HEARTBEAT_FILE", value_name = "HEARTBEAT_FILE")]
+    pub heartbeat_file: Option<PathBuf>,
 
     /// Milliseconds to wait for pending results on shutdown.
     #[arg(

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod detector;
+pub mod heartbeat;
 pub mod host_policy;
 pub mod http;
 pub mod ingest;

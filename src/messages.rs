@@ -62,11 +62,13 @@ pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
 /// A valid `to_deploy` message. Its `Debug` form shows the camera URL
 /// redacted, like everything else that prints one.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq)]
 pub struct DeployRequest {
     pub worker_id: Uuid,
     pub scenario_uuid: Uuid,
     pub camera_url: String,
+    /// The optional `target_fps` and `max_frame_age_secs`.
+    pub target: crate::scenario::health::StreamTarget,
 }
 
 impl std::fmt::Debug for DeployRequest {
@@ -75,6 +77,7 @@ impl std::fmt::Debug for DeployRequest {
             .field("worker_id", &self.worker_id)
             .field("scenario_uuid", &self.scenario_uuid)
             .field("camera_url", &crate::camera_url::redact(&self.camera_url))
+            .field("target", &self.target)
             .finish()
     }
 }
@@ -108,6 +111,8 @@ pub enum RequestError {
     BadUuid { field: &'static str, value: String },
     #[error("field \"camera_url\" is refused: {0}")]
     CameraUrl(#[from] crate::camera_url::CameraUrlError),
+    #[error("{0}")]
+    BadTarget(String),
 }
 
 impl RequestError {
@@ -121,6 +126,7 @@ impl RequestError {
             RequestError::WrongType { .. } => "wrong_type",
             RequestError::BadUuid { .. } => "bad_uuid",
             RequestError::CameraUrl(_) => "camera_url",
+            RequestError::BadTarget(_) => "bad_target",
         }
     }
 }
@@ -196,6 +202,27 @@ fn shown_uuid(raw: &str) -> String {
     }
 }
 
+/// An optional positive number of at most `max` (`null` counts as absent).
+fn target_field(
+    map: &serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+    max: f64,
+) -> Result<Option<f64>, RequestError> {
+    match map.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) => {
+            let value = n.as_f64().unwrap_or(f64::NAN);
+            crate::scenario::health::check_target_value(field, value, max)
+                .map(Some)
+                .map_err(RequestError::BadTarget)
+        }
+        Some(other) => Err(RequestError::BadTarget(format!(
+            "field {field:?} must be a number, got {}",
+            json_type(other)
+        ))),
+    }
+}
+
 impl DeployRequest {
     /// Validates a `to_deploy` value, including the camera URL policy.
     pub fn parse(
@@ -207,10 +234,16 @@ impl DeployRequest {
         let scenario_uuid = uuid_field(&map, "scenario_uuid")?;
         let camera_url = string_field(&map, "camera_url")?;
         crate::camera_url::CameraSource::parse(camera_url, file_root)?;
+        use crate::scenario::health::{MAX_FRAME_AGE_SECS, MAX_TARGET_FPS, StreamTarget};
+        let target = StreamTarget {
+            fps: target_field(&map, "target_fps", MAX_TARGET_FPS)?,
+            max_frame_age_seconds: target_field(&map, "max_frame_age_secs", MAX_FRAME_AGE_SECS)?,
+        };
         Ok(DeployRequest {
             worker_id,
             scenario_uuid,
             camera_url: camera_url.to_string(),
+            target,
         })
     }
 }
@@ -277,6 +310,10 @@ mod request_tests {
             (format!("{{{ok_w},\"scenario_uuid\":\"550e8400e29b41d4a716446655440000\",\"camera_url\":\"rtsp://h/a\"}}").into_bytes(), "bad_uuid"),
             (format!("{{{ok_w},{ok_s},\"camera_url\":\"ftp://h/a.mp4\"}}").into_bytes(), "camera_url"),
             (format!("{{{ok_w},{ok_s},\"camera_url\":\"/etc/a.mp4\"}}").into_bytes(), "camera_url"),
+            (format!("{{{ok_w},{ok_s},\"camera_url\":\"rtsp://h/a\",\"target_fps\":0}}").into_bytes(), "bad_target"),
+            (format!("{{{ok_w},{ok_s},\"camera_url\":\"rtsp://h/a\",\"target_fps\":\"2\"}}").into_bytes(), "bad_target"),
+            (format!("{{{ok_w},{ok_s},\"camera_url\":\"rtsp://h/a\",\"max_frame_age_secs\":-5}}").into_bytes(), "bad_target"),
+            (format!("{{{ok_w},{ok_s},\"camera_url\":\"rtsp://h/a\",\"max_frame_age_secs\":1e9}}").into_bytes(), "bad_target"),
         ];
         for (raw, category) in cases {
             let err = DeployRequest::parse(Some(&raw), root()).unwrap_err();
@@ -290,6 +327,24 @@ mod request_tests {
         assert_eq!(
             DeployRequest::parse(None, root()).unwrap_err().category(),
             "empty"
+        );
+    }
+
+    #[test]
+    fn a_declared_target_is_read() {
+        let raw = br#"{"worker_id": "11223344-5566-7788-99aa-bbccddeeeff0",
+            "scenario_uuid": "550e8400-e29b-41d4-a716-446655440000",
+            "camera_url": "rtsp://example.com/stream", "target_fps": 2, "max_frame_age_secs": 2.5}"#;
+        let req = DeployRequest::parse(Some(raw), root()).unwrap();
+        assert_eq!(req.target.fps, Some(2.0));
+        assert_eq!(req.target.max_frame_age_seconds, Some(2.5));
+        let raw = br#"{"worker_id": "11223344-5566-7788-99aa-bbccddeeeff0",
+            "scenario_uuid": "550e8400-e29b-41d4-a716-446655440000",
+            "camera_url": "rtsp://example.com/stream", "target_fps": 0.0}"#;
+        let err = DeployRequest::parse(Some(raw), root()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "field \"target_fps\" is 0; give a number greater than 0 and at most 240, or leave it out"
         );
     }
 

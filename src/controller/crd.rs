@@ -35,6 +35,9 @@ pub const MODELS: &[&str] = &["mock", "hog", "yolo"];
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"FPS","type":"number","jsonPath":".status.stream.fps"}"#,
+    printcolumn = r#"{"name":"Last Frame","type":"date","jsonPath":".status.stream.lastFrameTime"}"#,
+    printcolumn = r#"{"name":"Streaming","type":"string","jsonPath":".status.conditions[?(@.type==\"Streaming\")].reason","priority":1}"#,
     printcolumn = r#"{"name":"Pod","type":"string","jsonPath":".status.podName","priority":1}"#,
     printcolumn = r#"{"name":"Worker","type":"string","jsonPath":".spec.workerId","priority":1}"#,
     printcolumn = r#"{"name":"Restarts","type":"integer","jsonPath":".status.restartCount","priority":1}"#,
@@ -62,6 +65,11 @@ pub struct ScenarioSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("enum" = ["mock", "hog", "yolo"]))]
     pub model: Option<String>,
+    /// What the scenario needs (`target_fps`, `max_frame_age_secs` of its
+    /// deploy): the `Streaming` condition says when the worker falls short,
+    /// and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<crate::scenario::health::StreamTarget>,
     /// Stops the scenario by hand (`kubectl patch`), whatever the commands say.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopped: bool,
@@ -134,6 +142,39 @@ pub struct ScenarioStatus {
     /// The last error, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The camera as the worker's latest heartbeat told it (refreshed every
+    /// STREAM_STATUS_SECS at most while nothing changes; at once when the
+    /// state or the `Streaming` condition changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamStatus>,
+}
+
+/// The camera's health, from the worker's heartbeats.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamStatus {
+    /// `streaming`, `reconnecting`, `camera_dark` or `ended`.
+    pub state: String,
+    /// Frames processed per second.
+    pub fps: f64,
+    /// Frames the camera delivered per second.
+    pub camera_fps: f64,
+    /// Seconds since the camera's last frame, as of `heartbeatTime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+    /// When the camera last delivered a frame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_frame_time: Option<DateTime<Utc>>,
+    /// Frames lost in the heartbeat's interval.
+    pub frames_dropped: u64,
+    /// Read-and-decode CPU time per frame, 95th percentile, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_p95_ms: Option<f64>,
+    /// Detector time per frame, 95th percentile, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_p95_ms: Option<f64>,
+    /// When the worker made the heartbeat shown.
+    pub heartbeat_time: DateTime<Utc>,
 }
 
 fn is_zero(n: &i32) -> bool {
@@ -157,6 +198,7 @@ pub(crate) fn example_spec(camera: &str) -> ScenarioSpec {
         camera_url: camera.into(),
         fps: None,
         model: None,
+        target: None,
         stopped: false,
         applied: Applied {
             deploy: Some(Stamp {
@@ -211,7 +253,17 @@ mod tests {
             .iter()
             .map(|c| c.name.as_str())
             .collect();
-        for expected in ["UUID", "Phase", "Ready", "Reason", "Pod", "Worker", "Age"] {
+        for expected in [
+            "UUID",
+            "Phase",
+            "Ready",
+            "Reason",
+            "FPS",
+            "Last Frame",
+            "Pod",
+            "Worker",
+            "Age",
+        ] {
             assert!(columns.contains(&expected), "{columns:?}");
         }
     }

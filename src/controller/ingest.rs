@@ -192,6 +192,7 @@ impl ScenarioStore {
                 camera_url: String::new(),
                 fps: None,
                 model: None,
+                target: None,
                 stopped: false,
                 applied: Applied::default(),
                 run: 0,
@@ -264,6 +265,7 @@ fn requested(req: &DeployRequest, runner_name: &str, key: &secret::DigestKey) ->
             camera_url: secret::shown_url(&req.camera_url),
             fps: None,
             model: None,
+            target: (!req.target.is_empty()).then(|| req.target.clone()),
             stopped: false,
             applied: Applied::default(),
             run: 1,
@@ -352,6 +354,10 @@ pub fn deployed(
     at: Stamp,
 ) -> Scenario {
     existing.spec.applied = ordering::after_deploy(existing.spec.applied, decision, at);
+    if !matches!(decision, DeployDecision::Ignore(_)) {
+        // The newest deploy's target holds (changing it restarts nothing).
+        existing.spec.target = wanted.spec.target.clone();
+    }
     if matches!(decision, DeployDecision::Rerun | DeployDecision::Replace) {
         existing.spec.camera_url = wanted.spec.camera_url.clone();
         existing.spec.worker_id = wanted.spec.worker_id.clone();
@@ -581,6 +587,7 @@ mod tests {
             scenario_uuid: spec.scenario_uuid.parse().unwrap(),
             worker_id: spec.worker_id.parse().unwrap(),
             camera_url: camera.into(),
+            target: Default::default(),
         };
         requested(&req, "vap-runner", &secret::DigestKey::new(&[7u8; 32]))
     }

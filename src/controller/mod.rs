@@ -13,6 +13,7 @@ pub use crate::scenario::admission;
 pub mod cluster;
 pub mod crd;
 pub mod events;
+pub mod health;
 pub mod ingest;
 pub mod leader;
 pub mod metrics;
@@ -108,8 +109,10 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     let namespace = args.namespace.clone();
     let runner = label_value(&args.runner_name);
 
-    let (metrics, registry) = ControllerMetrics::new();
+    let (metrics, mut registry) = ControllerMetrics::new();
     let metrics = Arc::new(metrics);
+    let health_metrics = Arc::new(health::HealthMetrics::default());
+    health_metrics.register(&mut registry);
     let (bound, server) = crate::http::bind(args.http.metrics_addr, registry, metrics.clone())
         .await
         .map_err(|source| ControllerError::Metrics {
@@ -172,6 +175,15 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         crate::ingest::consumer_config(kafka.client_config(), &sup.consumer_group)
             .create_with_context(kafka_context.clone())
             .map_err(kafka_err)?;
+    // Partitions are assigned, not subscribed: the group is never joined
+    // and nothing is committed (librdkafka wants a name all the same).
+    let beats_consumer: StreamConsumer<KafkaContext> = kafka
+        .client_config()
+        .set("group.id", format!("{}.heartbeats", sup.consumer_group))
+        .set("enable.auto.commit", "false")
+        .set("queued.max.messages.kbytes", "4096")
+        .create_with_context(kafka_context.clone())
+        .map_err(kafka_err)?;
     metrics.watch_kafka(kafka_context.health.clone());
     let probe = crate::kafka::probe(&producer, &kafka_context);
 
@@ -311,7 +323,24 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         cluster: cluster.clone(),
         phases: events::PhasePublisher::new(producer.clone(), &args.events_topic, metrics.clone()),
         failures: Default::default(),
+        health: Arc::new(health::Health::new(
+            &args.stream_status,
+            args.worker.heartbeat.heartbeat_secs,
+            health_metrics,
+        )),
     });
+    let heartbeats = tokio::spawn(health::consume(
+        beats_consumer,
+        args.worker.heartbeat.heartbeat_topic.clone(),
+        ctx.health.clone(),
+    ));
+    let pacer = tokio::spawn(health::pace(
+        ctx.health.clone(),
+        ctx.scenarios.clone(),
+        namespace.clone(),
+        ctx.wake.clone(),
+        args.stream_status.stream_status_writes,
+    ));
     let queue = tokio::spawn({
         let ctx = ctx.clone();
         async move {
@@ -406,6 +435,8 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     server.abort();
     probe.abort();
     queue.abort();
+    heartbeats.abort();
+    pacer.abort();
     if let Some(learner) = learner {
         learner.abort();
     }
@@ -450,6 +481,7 @@ async fn check_crd(scenarios: &Api<Scenario>) -> Result<(), ControllerError> {
             camera_url: String::new(),
             fps: None,
             model: None,
+            target: None,
             stopped: true,
             applied: crate::scenario::ordering::Applied {
                 deploy: None,

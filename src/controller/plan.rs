@@ -282,7 +282,7 @@ fn observe(pod: &Pod) -> Worker {
 }
 
 /// Sets a condition; its transition time moves only when its status changes.
-fn set_condition(
+pub(crate) fn set_condition(
     status: &mut ScenarioStatus,
     type_: &str,
     value: bool,

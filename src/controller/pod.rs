@@ -460,6 +460,7 @@ mod tests {
                 camera_url: "rtsp://user:pw@cam/stream".into(),
                 fps: None,
                 model: Some("hog".into()),
+                target: None,
                 stopped: false,
                 applied: Default::default(),
                 run: 3,

@@ -153,6 +153,8 @@ pub struct Context {
     pub phases: PhasePublisher,
     /// Consecutive reconcile failures per Scenario, for exponential backoff.
     pub failures: std::sync::Mutex<HashMap<String, u32>>,
+    /// The workers' newest heartbeats, folded into the status written.
+    pub health: Arc<super::health::Health>,
 }
 
 /// How long a created Pod counts as live without showing up in the cache.
@@ -343,6 +345,9 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         ctx.admission.lock().await.note_end(scenario, &plan.status);
         plan
     };
+
+    let mut plan = plan;
+    ctx.health.fold_into(&mut plan.status, scenario, Utc::now());
 
     // The verdict first: the status the plan decided is written, guarded by
     // the resourceVersion the plan was made from, before any Pod it implies

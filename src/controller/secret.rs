@@ -265,6 +265,7 @@ mod tests {
                 camera_url: shown_url("rtsp://admin:hunter2@cam/stream"),
                 fps: None,
                 model: None,
+                target: None,
                 stopped: false,
                 applied: Default::default(),
                 run: 1,

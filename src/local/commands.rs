@@ -286,6 +286,7 @@ mod tests {
             scenario_uuid: uuid::Uuid::from_u128(n),
             worker_id: uuid::Uuid::from_u128(0),
             camera_url: format!("rtsp://cam/{n}"),
+            target: Default::default(),
         }
     }
 

@@ -10,6 +10,7 @@
 
 pub mod commands;
 pub mod events;
+pub mod health;
 pub mod list;
 pub mod metrics;
 pub mod page;
@@ -69,7 +70,8 @@ pub enum LocalError {
 pub fn main(args: LocalArgs, log_level: LogLevel, log_format: LogFormat) -> Result<(), LocalError> {
     if let Some(LocalAction::List) = args.action {
         let store = StateStore::open_read_only(&args.state_dir)?;
-        print!("{}", list::table(&store.all()?, chrono::Utc::now()));
+        let beats = health::read_all(&args.state_dir);
+        print!("{}", list::table(&store.all()?, &beats, chrono::Utc::now()));
         return Ok(());
     }
     tokio::runtime::Builder::new_multi_thread()

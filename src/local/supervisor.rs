@@ -332,11 +332,23 @@ impl Supervisor {
             .model
             .clone()
             .unwrap_or_else(|| self.settings.default_model.clone());
+        let beats = super::health::file(&self.settings.state_dir, &record.uuid);
+        // Private like the rest of the state directory.
+        if let Some(dir) = beats.parent()
+            && let Err(e) = std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the heartbeat folder; `runner local list` shows no stream health");
+        }
         let env = [
             ("SCENARIO_UUID", record.uuid.clone()),
             ("CAMERA_URL", record.camera_url.clone()),
             ("VIDEO_FPS", fps),
             ("MODEL", model),
+            ("HEARTBEAT_FILE", beats.display().to_string()),
         ];
         let launch = Launch {
             env: &env,

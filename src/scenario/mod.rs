@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod events;
+pub mod health;
 pub mod lifecycle;
 pub mod ordering;
 pub mod phase;

@@ -403,6 +403,7 @@ fn read_stream(
             return StreamEnd::Shutdown;
         }
         metrics.health().capture_progress();
+        let cpu = super::heartbeat::thread_cpu_time();
         if !capture.grab().unwrap_or(false) {
             return StreamEnd::Ended {
                 frames,
@@ -443,6 +444,9 @@ fn read_stream(
         let Some(frame) = retrieve(capture, metrics) else {
             continue;
         };
+        metrics
+            .beats
+            .decoded(super::heartbeat::thread_cpu_time().saturating_sub(cpu));
         decoded += 1;
         match pace {
             Pace::File { .. } => {

@@ -33,6 +33,10 @@ pub struct WorkerMetrics {
     pub inference_seconds: Histogram,
     pub publish_seconds: Histogram,
     pub seconds_since_last_frame: Gauge<f64, AtomicU64>,
+    pub heartbeats_published: Counter,
+    pub heartbeat_failures: Counter,
+    /// Per-frame figures for the next heartbeat.
+    pub beats: crate::worker::heartbeat::Samples,
     health: HealthClock,
     kafka: std::sync::OnceLock<std::sync::Arc<crate::kafka::KafkaHealth>>,
 }
@@ -52,6 +56,9 @@ impl WorkerMetrics {
             inference_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
             publish_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             seconds_since_last_frame: Default::default(),
+            heartbeats_published: Default::default(),
+            heartbeat_failures: Default::default(),
+            beats: Default::default(),
             kafka: Default::default(),
             health: HealthClock::new(watchdog),
         };
@@ -112,6 +119,16 @@ impl WorkerMetrics {
             "seconds_since_last_frame",
             "Seconds since the camera last delivered a frame",
             metrics.seconds_since_last_frame.clone(),
+        );
+        r.register(
+            "heartbeats_published",
+            "Heartbeats acknowledged by Kafka",
+            metrics.heartbeats_published.clone(),
+        );
+        r.register(
+            "heartbeat_failures",
+            "Heartbeats that could not be published or written",
+            metrics.heartbeat_failures.clone(),
         );
         (metrics, registry)
     }
@@ -204,6 +221,11 @@ impl HealthClock {
     pub fn since_last_frame(&self) -> Duration {
         let last = Duration::from_millis(self.last_frame_ms.load(Ordering::Relaxed));
         self.started.elapsed().saturating_sub(last)
+    }
+
+    /// Whether the camera has delivered a frame yet.
+    pub fn has_frame(&self) -> bool {
+        self.last_frame_ms.load(Ordering::Relaxed) > 0
     }
 
     pub fn is_ready(&self) -> bool {

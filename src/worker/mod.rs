@@ -10,6 +10,7 @@ pub mod camera_tls;
 pub mod capture;
 pub mod ffmpeg_log;
 pub mod handoff;
+pub mod heartbeat;
 pub mod metrics;
 pub mod preview;
 pub mod sink;
@@ -147,10 +148,12 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, Worke
                 .open_timeout_ms
                 .0
                 .max(Duration::from_secs(10));
+            let beats = args.settings.heartbeat.heartbeat_topic.clone();
             Arc::new(
                 tokio::task::spawn_blocking(move || KafkaSink::connect(&kafka, &topic, m, timeout))
                     .await
-                    .map_err(|e| WorkerError::Thread(e.to_string()))??,
+                    .map_err(|e| WorkerError::Thread(e.to_string()))??
+                    .with_heartbeats(&beats),
             )
         }
     };
@@ -189,6 +192,15 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, Worke
             .map_err(|e| WorkerError::Thread(e.to_string()))?
     };
 
+    let beats = heartbeat::Heartbeats::start(
+        scenario,
+        Duration::from_secs(args.settings.heartbeat.heartbeat_secs),
+        metrics.clone(),
+        heartbeat::Outputs {
+            sink: sink.clone(),
+            file: args.heartbeat_file.clone(),
+        },
+    );
     let stop_signal = tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -208,6 +220,7 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, Worke
     let (captured, processed) = captured;
     let processed = processed.map_err(|_| WorkerError::Thread("detection panicked".into()))?;
     let outcome = captured.map_err(|_| WorkerError::Thread("capture panicked".into()))?;
+    beats.finish();
 
     let flush_timeout = args.flush_timeout_ms.0;
     let flushed = {
@@ -283,6 +296,7 @@ fn detect_loop(
         let inference = started.elapsed();
         metrics.inference_seconds.observe(inference.as_secs_f64());
         frame_number += 1;
+        metrics.beats.processed(inference, frame_number);
         tracing::debug!(
             %scenario,
             frame_number,

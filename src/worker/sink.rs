@@ -10,6 +10,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 
+use crate::heartbeat::Heartbeat;
 use crate::kafka::{KafkaContext, KafkaSettings};
 use crate::messages::ResultMessage;
 use crate::worker::metrics::WorkerMetrics;
@@ -36,6 +37,18 @@ pub trait ResultSink: Send + Sync {
     fn publish(&self, result: &ResultMessage) -> Result<(), SinkError>;
     /// Waits up to `timeout` for everything handed over to be delivered.
     fn flush(&self, timeout: Duration) -> Result<(), SinkError>;
+    /// Hands one heartbeat over; never waits (a beat that finds no room is
+    /// an error: the next one follows). Standard output carries results
+    /// only, so by default beats go nowhere.
+    fn heartbeat(&self, _beat: &Heartbeat) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// What a delivery report is about.
+pub struct Sent {
+    at: Instant,
+    heartbeat: bool,
 }
 
 /// Writes results to standard output.
@@ -82,17 +95,25 @@ impl ClientContext for DeliveryReport {
 }
 
 impl ProducerContext for DeliveryReport {
-    type DeliveryOpaque = Box<Instant>;
+    type DeliveryOpaque = Box<Sent>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, sent_at: Self::DeliveryOpaque) {
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Self::DeliveryOpaque) {
         match result {
+            Ok(_) if sent.heartbeat => {
+                self.kafka.health.connected();
+                self.metrics.heartbeats_published.inc();
+            }
+            Err((err, msg)) if sent.heartbeat => {
+                self.metrics.heartbeat_failures.inc();
+                tracing::warn!(topic = msg.topic(), error = %err, "heartbeat could not be delivered to Kafka");
+            }
             Ok(_) => {
                 // A delivery is the producer's proof that it can write.
                 self.kafka.health.connected();
                 self.metrics.results_published.inc();
                 self.metrics
                     .publish_seconds
-                    .observe(sent_at.elapsed().as_secs_f64());
+                    .observe(sent.at.elapsed().as_secs_f64());
             }
             Err((err, msg)) => {
                 self.metrics.publish_failures.inc();
@@ -113,6 +134,7 @@ impl ProducerContext for DeliveryReport {
 pub struct KafkaSink {
     producer: ThreadedProducer<DeliveryReport>,
     topic: String,
+    heartbeat_topic: Option<String>,
 }
 
 impl KafkaSink {
@@ -154,7 +176,14 @@ impl KafkaSink {
         Ok(KafkaSink {
             producer,
             topic: topic.to_string(),
+            heartbeat_topic: None,
         })
+    }
+
+    /// Publishes heartbeats to `topic` too.
+    pub fn with_heartbeats(mut self, topic: &str) -> Self {
+        self.heartbeat_topic = Some(topic.to_string());
+        self
     }
 }
 
@@ -162,7 +191,11 @@ impl ResultSink for KafkaSink {
     fn publish(&self, result: &ResultMessage) -> Result<(), SinkError> {
         let payload = serde_json::to_vec(result).map_err(std::io::Error::other)?;
         let key = result.scenario_uuid.to_string();
-        let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(Instant::now()))
+        let sent = Box::new(Sent {
+            at: Instant::now(),
+            heartbeat: false,
+        });
+        let mut record = BaseRecord::with_opaque_to(&self.topic, sent)
             .key(&key)
             .payload(&payload);
         loop {
@@ -182,6 +215,27 @@ impl ResultSink for KafkaSink {
                 }
             }
         }
+    }
+
+    fn heartbeat(&self, beat: &Heartbeat) -> Result<(), SinkError> {
+        let Some(topic) = &self.heartbeat_topic else {
+            return Ok(());
+        };
+        let payload = serde_json::to_vec(beat).map_err(std::io::Error::other)?;
+        let key = beat.scenario_uuid.to_string();
+        let sent = Box::new(Sent {
+            at: Instant::now(),
+            heartbeat: true,
+        });
+        let record = BaseRecord::with_opaque_to(topic, sent)
+            .key(&key)
+            .payload(&payload);
+        self.producer.send(record).map_err(|(err, _)| {
+            SinkError::Config(format!(
+                "Kafka refused heartbeat {} for topic {topic}: {err}",
+                beat.seq
+            ))
+        })
     }
 
     fn flush(&self, timeout: Duration) -> Result<(), SinkError> {

@@ -231,6 +231,7 @@ async fn malformed_messages_go_to_the_dlq_and_valid_ones_go_on() {
             camera_url: String::new(),
             fps: None,
             model: None,
+            target: None,
             stopped: false,
             applied: Default::default(),
             run: 1,

@@ -15,6 +15,7 @@ mod controller;
 mod controller_admission;
 mod controller_resilience;
 mod fuzz_corpus;
+mod health;
 mod image;
 mod kafka_security;
 mod local;

@@ -255,6 +255,7 @@ fn worker_security() -> (Value, Value) {
             camera_url: "http://127.0.0.1/clip.mp4".into(),
             fps: None,
             model: None,
+            target: None,
             stopped: false,
             applied: Default::default(),
             run: 0,

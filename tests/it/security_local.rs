@@ -138,7 +138,11 @@ fn a_state_dir_open_to_others_is_refused_and_a_new_one_is_private() {
     );
     assert_eq!(mode_of(&state), 0o700);
     assert_eq!(mode_of(&state.join("state.db")), 0o600);
-    for entry in std::fs::read_dir(&state).unwrap() {
+    let beats = state.join("heartbeats");
+    let entries = std::fs::read_dir(&state)
+        .unwrap()
+        .chain(std::fs::read_dir(&beats).expect("the workers' heartbeat files"));
+    for entry in entries {
         let path = entry.unwrap().path();
         assert_eq!(
             mode_of(&path) & 0o077,

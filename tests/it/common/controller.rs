@@ -75,6 +75,7 @@ pub struct Bed {
     pub dlq: String,
     pub events: String,
     pub results: String,
+    pub heartbeats: String,
     pub group: String,
     pub logs: tempfile::TempDir,
     producer: FutureProducer,
@@ -111,13 +112,14 @@ impl Bed {
             || async { accounts.get_opt("default").await.ok()?.map(|_| ()) },
         )
         .await;
-        let [deploy, undeploy, dlq, events, results] = super::bed_topics(&namespace);
+        let [deploy, undeploy, dlq, events, results, heartbeats] = super::bed_topics(&namespace);
         let bed = Bed {
             deploy,
             undeploy,
             dlq,
             events,
             results,
+            heartbeats,
             group: format!("{namespace}-group"),
             producer: super::test_producer(&bootstrap),
             logs: tempfile::tempdir().expect("log dir"),
@@ -134,6 +136,7 @@ impl Bed {
                 &bed.dlq,
                 &bed.events,
                 &bed.results,
+                &bed.heartbeats,
             ],
         )
         .await;
@@ -177,6 +180,7 @@ impl Bed {
         env.insert("DLQ_TOPIC", self.dlq.clone());
         env.insert("EVENTS_TOPIC", self.events.clone());
         env.insert("RESULTS_TOPIC", self.results.clone());
+        env.insert("HEARTBEAT_TOPIC", self.heartbeats.clone());
         env.insert("VIDEO_FILE_ROOT", super::MEDIA_DIR.to_string());
         env.insert("WORKER_IMAGE", "vap-runner:test".to_string());
         env.insert("LOG_LEVEL", "debug".to_string());
@@ -416,6 +420,7 @@ impl Drop for Bed {
             self.dlq.clone(),
             self.events.clone(),
             self.results.clone(),
+            self.heartbeats.clone(),
         ];
         cleanup(move || async move {
             if let Ok(client) = Client::try_default().await {

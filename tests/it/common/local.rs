@@ -26,6 +26,7 @@ pub struct LocalBed {
     pub dlq: String,
     pub events: String,
     pub results: String,
+    pub heartbeats: String,
     pub group: String,
     pub state: tempfile::TempDir,
     pub logs: tempfile::TempDir,
@@ -41,13 +42,14 @@ impl LocalBed {
     /// clients may use without logging in).
     pub async fn on(bootstrap: String, prefix: &str) -> LocalBed {
         let name = unique_name(prefix);
-        let [deploy, undeploy, dlq, events, results] = super::bed_topics(&name);
+        let [deploy, undeploy, dlq, events, results, heartbeats] = super::bed_topics(&name);
         let bed = LocalBed {
             deploy,
             undeploy,
             dlq,
             events,
             results,
+            heartbeats,
             group: format!("{name}-group"),
             producer: super::test_producer(&bootstrap),
             // The supervisor refuses a state directory other users may open.
@@ -62,13 +64,14 @@ impl LocalBed {
         bed
     }
 
-    fn topics(&self) -> [&String; 5] {
+    fn topics(&self) -> [&String; 6] {
         [
             &self.deploy,
             &self.undeploy,
             &self.dlq,
             &self.events,
             &self.results,
+            &self.heartbeats,
         ]
     }
 
@@ -92,6 +95,7 @@ impl LocalBed {
         env.insert("DLQ_TOPIC", self.dlq.clone());
         env.insert("EVENTS_TOPIC", self.events.clone());
         env.insert("RESULTS_TOPIC", self.results.clone());
+        env.insert("HEARTBEAT_TOPIC", self.heartbeats.clone());
         env.insert("VIDEO_FILE_ROOT", super::MEDIA_DIR.to_string());
         env.insert("STATE_DIR", self.state.path().display().to_string());
         env.insert("STOP_GRACE_MS", "5000".to_string());
@@ -220,31 +224,53 @@ pub struct ListRow {
     pub pid: Option<u32>,
     pub restarts: u32,
     pub queue: Option<u32>,
+    /// The worker's stream state (`-` without a running worker's heartbeat).
+    pub state: String,
+    pub fps: Option<f64>,
+    /// Age of the camera's last frame, as kubectl shows ages.
+    pub last_frame: String,
 }
 
 pub fn parse_list(text: &str) -> HashMap<String, ListRow> {
     let mut lines = text.lines();
+    // Columns are apart by runs of spaces; a header may hold one space.
     let header: Vec<&str> = lines
         .next()
         .unwrap_or_default()
-        .split_whitespace()
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
         .collect();
     assert_eq!(
         header,
-        ["UUID", "PHASE", "PID", "WORKER", "RESTARTS", "AGE", "QUEUE"],
+        [
+            "UUID",
+            "PHASE",
+            "PID",
+            "WORKER",
+            "RESTARTS",
+            "STATE",
+            "FPS",
+            "LAST FRAME",
+            "AGE",
+            "QUEUE"
+        ],
         "list header: {text}"
     );
     lines
         .map(|l| {
             let c: Vec<&str> = l.split_whitespace().collect();
-            assert_eq!(c.len(), 7, "list line: {l}");
+            assert_eq!(c.len(), 10, "list line: {l}");
             (
                 c[0].to_string(),
                 ListRow {
                     phase: c[1].to_string(),
                     pid: c[2].parse().ok(),
                     restarts: c[4].parse().expect("restarts"),
-                    queue: c[6].parse().ok(),
+                    state: c[5].to_string(),
+                    fps: c[6].parse().ok(),
+                    last_frame: c[7].to_string(),
+                    queue: c[9].parse().ok(),
                 },
             )
         })

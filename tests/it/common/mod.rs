@@ -89,14 +89,15 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 /// A test bed's own topic names under `prefix`: to_deploy, to_undeploy, the
-/// dead-letter topic, scenario_events and results.
-pub fn bed_topics(prefix: &str) -> [String; 5] {
+/// dead-letter topic, scenario_events, results and scenario_heartbeats.
+pub fn bed_topics(prefix: &str) -> [String; 6] {
     [
         "to_deploy",
         "to_undeploy",
         "to_deploy.dlq",
         "scenario_events",
         "results",
+        "scenario_heartbeats",
     ]
     .map(|topic| format!("{prefix}.{topic}"))
 }
