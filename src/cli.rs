@@ -388,7 +388,7 @@ pub struct ControllerArgs {
         long,
         env = "WORKER_RESOURCES",
         value_name = "WORKER_RESOURCES",
-        default_value = r#"{"requests":{"cpu":"250m","memory":"128Mi"},"limits":{"cpu":"1","memory":"256Mi"}}"#
+        default_value = r#"{"requests":{"cpu":"100m","memory":"96Mi"},"limits":{"cpu":"1","memory":"384Mi"}}"#
     )]
     pub worker_resources: WorkerResources,
 
