@@ -400,7 +400,7 @@ pub struct ControllerArgs {
         long,
         env = "WORKER_RESOURCES",
         value_name = "WORKER_RESOURCES",
-        default_value = r#"{"requests":{"cpu":"250m","memory":"128Mi"},"limits":{"cpu":"1","memory":"256Mi"}}"#
+        default_value = r#"{"requests":{"cpu":"100m","memory":"96Mi"},"limits":{"cpu":"1","memory":"384Mi"}}"#
     )]
     pub worker_resources: WorkerResources,
 
@@ -925,6 +925,14 @@ pub struct WorkerArgs {
         default_value = "1"
     )]
     pub decode_threads: Threads,
+
+    /// Frames the decoder leaves out when VIDEO_FPS needs fewer than the camera sends; a sample then lands on the first decoded frame at or after its time (docs/detectors-and-cameras.md states how far it may move).
+    #[arg(long, env = "DECODE_SKIP", value_enum, default_value_t = crate::worker::decode_skip::DecodeSkip::Auto)]
+    pub decode_skip: crate::worker::decode_skip::DecodeSkip,
+
+    /// Run the detector only on frames that differ from the last one it ran on (a motion test on a small grey image, and at least every 10 s); other frames repeat its detections and their results carry "unchanged": true.
+    #[arg(long, env = "DETECT_ON_CHANGE", value_name = "DETECT_ON_CHANGE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub detect_on_change: bool,
 
     /// Pace files at their own frame rate instead of as fast as the CPU allows.
     #[arg(long, env = "REALTIME")]

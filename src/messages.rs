@@ -23,6 +23,11 @@ pub struct ResultMessage {
     pub detections: Vec<Detection>,
     /// UTC, RFC 3339, millisecond precision, `Z` suffix.
     pub timestamp: String,
+    /// `DETECT_ON_CHANGE`: true when the frame did not differ from the last
+    /// one the detector ran on and `detections` repeats that frame's; the
+    /// field is left out otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 /// The wire form of a timestamp: `2026-01-11T12:30:05.123Z`.
@@ -48,11 +53,25 @@ mod tests {
                 bbox: [10, 20, 100, 150],
             }],
             timestamp: wire_timestamp(at),
+            unchanged: false,
         };
         let json = serde_json::to_string(&msg).unwrap();
         assert_eq!(
             json,
             r#"{"scenario_uuid":"550e8400-e29b-41d4-a716-446655440000","frame_number":1,"detections":[{"class":"person","confidence":0.95,"bbox":[10,20,100,150]}],"timestamp":"2026-01-11T12:30:05.123Z"}"#
+        );
+        let repeated = ResultMessage {
+            unchanged: true,
+            ..msg
+        };
+        let json = serde_json::to_string(&repeated).unwrap();
+        assert!(
+            json.ends_with(r#""timestamp":"2026-01-11T12:30:05.123Z","unchanged":true}"#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<ResultMessage>(&json).unwrap(),
+            repeated
         );
     }
 }

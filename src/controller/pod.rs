@@ -101,8 +101,8 @@ impl Default for WorkerTemplate {
             video_file_root: None,
             log_level: "INFO".into(),
             resources: ResourceRequirements {
-                requests: Some(quantities(&[("cpu", "250m"), ("memory", "128Mi")])),
-                limits: Some(quantities(&[("cpu", "1"), ("memory", "256Mi")])),
+                requests: Some(quantities(&[("cpu", "100m"), ("memory", "96Mi")])),
+                limits: Some(quantities(&[("cpu", "1"), ("memory", "384Mi")])),
                 ..Default::default()
             },
             node_selector: BTreeMap::new(),

@@ -16,6 +16,7 @@ use crate::camera_url::{CameraSource, RtspTransport};
 use crate::cli::RtspTransportMode;
 use crate::sampler::{MonotonicClock, Sampler};
 use crate::worker::camera_tls::TlsCheckError;
+use crate::worker::decode_skip::{self, DecodeSkip, Discard};
 use crate::worker::handoff::Handoff;
 use crate::worker::metrics::{DropLabels, WorkerMetrics};
 use crate::worker::transport;
@@ -44,6 +45,8 @@ pub struct CaptureSettings {
     pub rtsp_transport: RtspTransportMode,
     /// FFmpeg's decoding threads.
     pub decode_threads: u32,
+    /// `DECODE_SKIP`: which frames the decoder may leave out.
+    pub decode_skip: DecodeSkip,
     /// `CAMERA_ERROR_DETAIL`: say why a camera did not open (refused, timed
     /// out, not a video) and fail as soon as it is known; off, every such
     /// failure reads the same and takes OPEN_TIMEOUT_MS.
@@ -143,6 +146,7 @@ fn read_with_reconnects(
     let mut backoff = Backoff::new(settings.reconnect_base, settings.reconnect_max);
     let mut sampler = Sampler::new(settings.period);
     let mut transport_worked: Option<RtspTransport> = None;
+    let mut discard: Option<Discard> = None;
     let started = Instant::now();
 
     loop {
@@ -150,7 +154,16 @@ fn read_with_reconnects(
         if shutdown.load(Ordering::Relaxed) {
             return Ok(CaptureEnd::Shutdown);
         }
-        let failure = match open_with_transports(settings, &mut transport_worked, metrics) {
+        let opened = open_with_transports(settings, &mut transport_worked, metrics, discard)
+            .and_then(|(capture, tried)| match discard {
+                Some(_) => Ok(capture),
+                None => decide_discard(settings, capture, tried, &mut transport_worked, metrics)
+                    .map(|(capture, decided)| {
+                        discard = Some(decided);
+                        capture
+                    }),
+            });
+        let failure = match opened {
             Ok(mut capture) => {
                 metrics.health().camera_opened();
                 let frame_count = capture.get(videoio::CAP_PROP_FRAME_COUNT).unwrap_or(0.0);
@@ -266,22 +279,108 @@ fn read_mode(source: &CameraSource, frame_count: f64) -> ReadMode {
     }
 }
 
-/// Opens the source; an RTSP source tries the transports RTSP_TRANSPORT
-/// allows in turn and remembers the one that worked.
+/// Once the first capture is open, decides what its decoder leaves out
+/// (`DECODE_SKIP`, from the stream's frame rate and, for a local file, its
+/// keyframes) and reopens the source when that differs from what `tried`
+/// asked for. Returns the capture to read and the decision, which holds for
+/// every later reconnect.
+fn decide_discard(
+    settings: &CaptureSettings,
+    capture: VideoCapture,
+    tried: Discard,
+    worked: &mut Option<RtspTransport>,
+    metrics: &WorkerMetrics,
+) -> Result<(VideoCapture, Discard), String> {
+    let fps = capture.get(videoio::CAP_PROP_FPS).unwrap_or(0.0);
+    let period = settings.period.as_secs_f64();
+    let cover = match &settings.source {
+        CameraSource::File(_) if settings.decode_skip.wants_probe(fps, period) => {
+            probe_keyframes(settings, period, metrics)
+        }
+        _ => None,
+    };
+    let decided = settings.decode_skip.decide(fps, period, cover);
+    tracing::info!(
+        camera = %settings.source,
+        stream_fps = fps,
+        keyframes_cover = cover,
+        decode_skip = decided.as_str(),
+        "decoding {}",
+        match decided {
+            Discard::Nothing => "every frame",
+            Discard::NonReference => "all but non-reference frames",
+            Discard::NonKey => "keyframes only",
+        }
+    );
+    if decided == tried {
+        return Ok((capture, decided));
+    }
+    drop(capture);
+    open_with_transports(settings, worked, metrics, Some(decided))
+        .map(|(capture, _)| (capture, decided))
+}
+
+/// Packets a keyframe probe reads at most (about 5.5 hours at 25 fps);
+/// a longer file is judged by its beginning.
+const PROBE_PACKETS: u64 = 500_000;
+
+/// Reads a local file's packets without decoding them (OpenCV's demux-only
+/// mode) and says whether every sampling period that holds a frame holds a
+/// keyframe; `None` when the file cannot be read that way.
+fn probe_keyframes(
+    settings: &CaptureSettings,
+    period: f64,
+    metrics: &WorkerMetrics,
+) -> Option<bool> {
+    let params = Vector::<i32>::from_slice(&[videoio::CAP_PROP_FORMAT, -1]);
+    let target = settings.source.backend_target();
+    let mut capture =
+        VideoCapture::from_file_with_params(&target, videoio::CAP_FFMPEG, &params).ok()?;
+    if !capture.is_opened().unwrap_or(false) {
+        return None;
+    }
+    let mut packets = 0;
+    let frames = std::iter::from_fn(|| {
+        packets += 1;
+        metrics.health().capture_progress();
+        if packets > PROBE_PACKETS || !capture.grab().unwrap_or(false) {
+            return None;
+        }
+        let at = capture.get(videoio::CAP_PROP_POS_MSEC).ok()? / 1000.0;
+        let key = capture.get(videoio::CAP_PROP_LRF_HAS_KEY_FRAME).ok()? != 0.0;
+        Some((at, key))
+    });
+    Some(decode_skip::keyframes_cover(frames, period))
+}
+
+/// Opens the source, its decoder leaving out `discard` (before that is
+/// decided, what DECODE_SKIP guesses first); an RTSP source tries the
+/// transports RTSP_TRANSPORT allows in turn and remembers the one that
+/// worked. Returns the capture and what its decoder leaves out.
 fn open_with_transports(
     settings: &CaptureSettings,
     worked: &mut Option<RtspTransport>,
     metrics: &WorkerMetrics,
-) -> Result<VideoCapture, String> {
+    discard: Option<Discard>,
+) -> Result<(VideoCapture, Discard), String> {
+    let discard = discard.unwrap_or(settings.decode_skip.first_guess());
     if !settings.source.is_rtsp() {
-        return open(settings);
+        // SAFETY: as below.
+        unsafe {
+            transport::apply(
+                &settings.source,
+                transport::initial(settings.rtsp_transport),
+                discard,
+            )
+        };
+        return open(settings).map(|capture| (capture, discard));
     }
     let mut failures = Vec::new();
     for rtsp in transport::attempt_order(settings.rtsp_transport, *worked) {
         metrics.health().capture_progress();
         // SAFETY: `worker::main` set the variable before any thread started,
         // and only this (the capture) thread opens captures.
-        unsafe { transport::apply(&settings.source, rtsp) };
+        unsafe { transport::apply(&settings.source, rtsp, discard) };
         match open(settings) {
             Ok(capture) => {
                 if *worked != Some(rtsp) && !failures.is_empty() {
@@ -294,7 +393,7 @@ fn open_with_transports(
                     );
                 }
                 *worked = Some(rtsp);
-                return Ok(capture);
+                return Ok((capture, discard));
             }
             Err(reason) => {
                 failures.push(format!("over {}: {reason}", rtsp.as_str().to_uppercase()))
@@ -421,7 +520,15 @@ fn read_stream(
                 paced_from,
                 realtime,
             } => {
-                let reported = capture.get(videoio::CAP_PROP_POS_MSEC).unwrap_or(f64::NAN) / 1000.0;
+                // A file starts at 0. OpenCV reports a frame whose timestamp
+                // is 0 by the stamp of the packet that completed it instead,
+                // which for the first keyframe of a decoder that skips frames
+                // (DECODE_SKIP) is up to a keyframe interval later.
+                let reported = if frames == 1 {
+                    0.0
+                } else {
+                    capture.get(videoio::CAP_PROP_POS_MSEC).unwrap_or(f64::NAN) / 1000.0
+                };
                 let at = clock.observe(reported);
                 let due = *paced_from + Duration::from_secs_f64(at);
                 if *realtime

@@ -8,10 +8,12 @@
 
 pub mod camera_tls;
 pub mod capture;
+pub mod decode_skip;
 pub mod ffmpeg_log;
 pub mod handoff;
 pub mod heartbeat;
 pub mod metrics;
+pub mod motion;
 pub mod preview;
 pub mod sink;
 pub mod transport;
@@ -91,7 +93,13 @@ pub fn main(args: WorkerArgs) -> Result<CaptureEnd, WorkerError> {
     camera_tls::install(tls);
     // SAFETY: no other thread exists yet; the relay and the async runtime
     // start below.
-    unsafe { transport::apply(&source, transport::initial(args.settings.rtsp_transport)) };
+    unsafe {
+        transport::apply(
+            &source,
+            transport::initial(args.settings.rtsp_transport),
+            args.decode_skip.first_guess(),
+        )
+    };
     // FFmpeg's own lines quote URLs with the camera's credentials: from here
     // on they reach standard error only scrubbed, as log events.
     let _relay = ffmpeg_log::StderrRelay::start(source.clone(), args.settings.camera_error_detail)
@@ -171,6 +179,7 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, Worke
         reconnect_max: args.settings.stream.reconnect_max_ms.0,
         rtsp_transport: args.settings.rtsp_transport,
         decode_threads: args.decode_threads.0,
+        decode_skip: args.decode_skip,
         error_detail: args.settings.camera_error_detail,
     };
 
@@ -181,13 +190,18 @@ async fn run(args: WorkerArgs, source: CameraSource) -> Result<CaptureEnd, Worke
             .spawn(move || capture::run(&settings, &handoff, &metrics, &shutdown))
             .map_err(|e| WorkerError::Thread(e.to_string()))?
     };
+    let change = args.detect_on_change.then(|| {
+        motion::ChangeTest::new((CHANGE_REFRESH_SECS * args.video_fps.get()).ceil() as u32)
+    });
     let detection = {
         let (handoff, metrics, sink) = (handoff.clone(), metrics.clone(), sink.clone());
         std::thread::Builder::new()
             .name("detect".into())
             .spawn(move || {
                 let (sink, preview) = (sink.as_ref(), preview.as_deref());
-                detect_loop(scenario, detector, &handoff, &metrics, sink, preview)
+                detect_loop(
+                    scenario, detector, change, &handoff, &metrics, sink, preview,
+                )
             })
             .map_err(|e| WorkerError::Thread(e.to_string()))?
     };
@@ -268,23 +282,47 @@ fn detector_config(args: &WorkerArgs) -> DetectorConfig {
     }
 }
 
+/// With `DETECT_ON_CHANGE`, the detector runs at least once in this many
+/// seconds of sampled frames, however still the scene.
+const CHANGE_REFRESH_SECS: f64 = 10.0;
+
 /// Takes sampled frames until the hand-off closes; one result per frame to
-/// the sink and, with PREVIEW on, the frame itself to the preview.
-/// Returns the number of frames processed.
+/// the sink and, with PREVIEW on, the frame itself to the preview. With a
+/// change test, a frame that does not differ from the last one the detector
+/// ran on repeats its detections, marked unchanged. Returns the number of
+/// frames processed.
 fn detect_loop(
     scenario: Uuid,
     mut detector: Box<dyn Detector>,
+    mut change: Option<motion::ChangeTest>,
     handoff: &Handoff<Frame>,
     metrics: &WorkerMetrics,
     sink: &dyn ResultSink,
     preview: Option<&preview::Preview>,
 ) -> u64 {
     let mut frame_number = 0;
+    let mut last: Option<Vec<crate::messages::Detection>> = None;
     while let Some(frame) = handoff.take() {
         let started = Instant::now();
-        metrics.health().detect_started();
-        let detected = detector.detect(&frame.image);
-        metrics.health().detect_finished();
+        let must_detect = change
+            .as_mut()
+            .is_none_or(|test| test.must_detect(&frame.image));
+        let repeated = if must_detect { None } else { last.clone() };
+        let unchanged = repeated.is_some();
+        let detected = match repeated {
+            Some(detections) => Ok(detections),
+            None => {
+                metrics.health().detect_started();
+                let detected = detector.detect(&frame.image);
+                metrics.health().detect_finished();
+                if detected.is_ok() {
+                    metrics
+                        .inference_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                detected
+            }
+        };
         let detections = match detected {
             Ok(d) => d,
             Err(e) => {
@@ -294,7 +332,6 @@ fn detect_loop(
             }
         };
         let inference = started.elapsed();
-        metrics.inference_seconds.observe(inference.as_secs_f64());
         frame_number += 1;
         metrics.beats.processed(inference, frame_number);
         tracing::debug!(
@@ -302,10 +339,14 @@ fn detect_loop(
             frame_number,
             detections = detections.len(),
             inference_ms = inference.as_secs_f64() * 1000.0,
+            unchanged,
             "frame processed"
         );
         metrics.frames_processed.inc();
         metrics.detections.inc_by(detections.len() as u64);
+        if change.is_some() {
+            last = Some(detections.clone());
+        }
         if let Some(preview) = preview {
             preview.keep(frame.image, &detections);
         }
@@ -314,6 +355,7 @@ fn detect_loop(
             frame_number,
             detections,
             timestamp: wire_timestamp(frame.captured_at),
+            unchanged,
         };
         if let Err(e) = sink.publish(&result) {
             metrics.publish_failures.inc();

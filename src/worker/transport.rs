@@ -1,9 +1,11 @@
 //! Which RTSP transport each open tries (`RTSP_TRANSPORT`), and handing the
-//! choice to FFmpeg through OpenCV's `OPENCV_FFMPEG_CAPTURE_OPTIONS`, the
-//! only way OpenCV 4.6 passes options to FFmpeg.
+//! choice (with the frames the decoder skips, `DECODE_SKIP`) to FFmpeg
+//! through OpenCV's `OPENCV_FFMPEG_CAPTURE_OPTIONS`, the only way OpenCV
+//! passes options to FFmpeg.
 
 use crate::camera_url::{CameraSource, RtspTransport};
 use crate::cli::RtspTransportMode;
+use crate::worker::decode_skip::Discard;
 
 /// The transports to try, in order, for one open. `auto` starts with the one
 /// that worked last (TCP before any worked) and falls back to the other, so a
@@ -31,7 +33,8 @@ pub fn initial(mode: RtspTransportMode) -> RtspTransport {
 
 const OPTIONS_VAR: &str = "OPENCV_FFMPEG_CAPTURE_OPTIONS";
 
-/// Sets the FFmpeg options for `source` with transport `rtsp`.
+/// Sets the FFmpeg options for `source` with transport `rtsp`, its decoder
+/// leaving out `discard`.
 ///
 /// # Safety
 ///
@@ -42,9 +45,11 @@ const OPTIONS_VAR: &str = "OPENCV_FFMPEG_CAPTURE_OPTIONS";
 /// alive, so a `getenv` racing in another thread reads the old or the new
 /// value, never freed memory; OpenCV reads the variable only when opening a
 /// capture, which happens on the calling thread.
-pub unsafe fn apply(source: &CameraSource, rtsp: RtspTransport) {
+pub unsafe fn apply(source: &CameraSource, rtsp: RtspTransport, discard: Discard) {
     let options = source.ffmpeg_capture_options(rtsp)
-        + &super::camera_tls::installed().ffmpeg_options(source);
+        + &super::camera_tls::installed().ffmpeg_options(source)
+        + "|avdiscard;"
+        + discard.avdiscard();
     if std::env::var(OPTIONS_VAR).ok().as_deref() != Some(options.as_str()) {
         // SAFETY: the caller upholds the contract above.
         unsafe { std::env::set_var(OPTIONS_VAR, options) };

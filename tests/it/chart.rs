@@ -577,7 +577,7 @@ fn controller_environment_is_complete_and_read_by_the_binary() {
     };
     assert_eq!(
         json_env("WORKER_RESOURCES"),
-        json!({"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}})
+        json!({"requests": {"cpu": "100m", "memory": "96Mi"}, "limits": {"cpu": "1", "memory": "384Mi"}})
     );
     assert_eq!(json_env("WORKER_NODE_SELECTOR"), json!({"gpu": "yes"}));
     assert_eq!(

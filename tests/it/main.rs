@@ -28,6 +28,7 @@ mod security;
 mod security_local;
 mod testbed_kafka;
 mod testbed_kube;
+mod worker_decoding;
 mod worker_files;
 mod worker_live;
 mod worker_yolo;

