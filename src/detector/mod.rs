@@ -31,6 +31,8 @@ pub enum DetectError {
         problem: String,
         fix: &'static str,
     },
+    #[error("ONNX Runtime failed while detecting: {0}")]
+    Runtime(String),
     #[error(
         "DETECT_CLASSES names {class:?}, which the model does not know; known classes are {known}"
     )]
@@ -48,7 +50,7 @@ pub struct DetectorConfig {
     pub model: Model,
     pub mock_seed: Option<u64>,
     pub yolo: YoloConfig,
-    /// OpenCV's worker threads for inference (process-wide).
+    /// Inference threads: OpenCV's (process-wide, HOG) and ONNX Runtime's (YOLO).
     pub threads: u32,
 }
 
@@ -59,7 +61,7 @@ pub fn build(config: &DetectorConfig) -> Result<Box<dyn Detector>, DetectError> 
     Ok(match config.model {
         Model::Mock => Box::new(MockDetector::new(config.mock_seed)),
         Model::Hog => Box::new(HogDetector::new()?),
-        Model::Yolo => Box::new(YoloDetector::load(&config.yolo)?),
+        Model::Yolo => Box::new(YoloDetector::load(&config.yolo, config.threads)?),
     })
 }
 

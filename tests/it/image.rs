@@ -582,8 +582,9 @@ fn the_binary_carries_its_video_stack_inside() {
 
 /// The runtime stage's filesystem, built without a container engine by
 /// scripts/runtime-rootfs from a minimal Debian root and the Dockerfile's
-/// package list, runs the worker on vtest.avi and prints the CRD as the
-/// image's non-root user.
+/// package list and scripts/fetch-model's files, runs the worker on vtest.avi
+/// (HOG, and YOLO through the ONNX Runtime library the image carries) and
+/// prints the CRD as the image's non-root user.
 #[test]
 fn runtime_stage_runs_the_worker_and_the_crd_as_its_non_root_user() {
     assert!(
@@ -596,7 +597,8 @@ fn runtime_stage_runs_the_worker_and_the_crd_as_its_non_root_user() {
     let report = common::run_ok(
         Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/runtime-rootfs"))
             .arg(&root)
-            .arg(binary()),
+            .arg(binary())
+            .arg(crate::worker_yolo::model_dir()),
         "scripts/runtime-rootfs needs debootstrap (scripts/deps)",
     );
     eprintln!("{}", report.trim());
@@ -613,37 +615,54 @@ fn runtime_stage_runs_the_worker_and_the_crd_as_its_non_root_user() {
             .env("PATH", "/usr/bin:/bin");
         common::run_ok(&mut cmd, "chroot comes with coreutils")
     };
-    let results = in_root(&[
-        "worker",
-        "--scenario-uuid",
-        "550e8400-e29b-41d4-a716-446655440000",
-        "--camera-url",
-        "/data/vtest.avi",
-        "--video-file-root",
-        "/data",
-        "--sink",
-        "stdout",
-        "--model",
-        "hog",
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ]);
-    let lines: Vec<serde_json::Value> = results
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    assert_eq!(
-        lines.len(),
-        159,
-        "vtest.avi at VIDEO_FPS=2 gives 159 results"
-    );
-    let with_person = lines
+    // One worker run on vtest.avi: its results, checked for count and JSON.
+    let run_worker = |model: &str| -> Vec<serde_json::Value> {
+        let results = in_root(&[
+            "worker",
+            "--scenario-uuid",
+            "550e8400-e29b-41d4-a716-446655440000",
+            "--camera-url",
+            "/data/vtest.avi",
+            "--video-file-root",
+            "/data",
+            "--sink",
+            "stdout",
+            "--model",
+            model,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]);
+        let lines: Vec<serde_json::Value> = results
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            159,
+            "{model}: vtest.avi at VIDEO_FPS=2 gives 159 results"
+        );
+        lines
+    };
+    let with_person = run_worker("hog")
         .iter()
         .filter(|r| r["detections"].as_array().is_some_and(|d| !d.is_empty()))
         .count();
     assert!(
         with_person > 100,
         "HOG finds people in most frames inside the runtime root, found them in {with_person}"
+    );
+    // MODEL_DIR's default is where the image keeps the model and ONNX Runtime.
+    let people: usize = run_worker("yolo")
+        .iter()
+        .map(|r| {
+            r["detections"]
+                .as_array()
+                .map_or(0, |d| d.iter().filter(|d| d["class"] == "person").count())
+        })
+        .sum();
+    assert!(
+        people > 3 * 159,
+        "YOLO finds the people of vtest.avi inside the runtime root: {people} in 159 frames"
     );
 
     let crd = in_root(&["crd"]);

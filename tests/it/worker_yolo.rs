@@ -1,4 +1,4 @@
-//! `runner worker --model yolo`: YOLOv4-tiny through OpenCV's DNN module on
+//! `runner worker --model yolo`: YOLOv4-tiny (int8, ONNX Runtime) on
 //! Debian's sample clip vtest.avi (an outdoor scene with people walking),
 //! with results published to the real Kafka broker. The model comes from
 //! scripts/fetch-model (pinned by SHA-256; scripts/test fetches it first).
@@ -52,6 +52,7 @@ async fn yolo_finds_the_people_walking_in_vtest_and_publishes_to_kafka() {
     let results = common::read_results(&bootstrap, &topic, SCENARIO, 159).await;
     let mut counts = Vec::new();
     let mut rightmost = 0;
+    let (mut upright, mut person_boxes) = (0, 0);
     for (i, v) in results.iter().enumerate() {
         common::assert_result_schema(v, SCENARIO, i as u64 + 1, 768, 576);
         for d in v["detections"].as_array().unwrap() {
@@ -63,6 +64,14 @@ async fn yolo_finds_the_people_walking_in_vtest_and_publishes_to_kafka() {
                 "{d}"
             );
             rightmost = rightmost.max(b[2].as_i64().unwrap());
+            if d["class"] == "person" {
+                let (w, h) = (
+                    b[2].as_i64().unwrap() - b[0].as_i64().unwrap(),
+                    b[3].as_i64().unwrap() - b[1].as_i64().unwrap(),
+                );
+                person_boxes += 1;
+                upright += usize::from(h > w);
+            }
         }
         counts.push(people(v));
     }
@@ -71,6 +80,13 @@ async fn yolo_finds_the_people_walking_in_vtest_and_publishes_to_kafka() {
     assert!(
         rightmost > 600,
         "the rightmost box edge is at x={rightmost}; people reach x≈760 in the 768-px frame"
+    );
+    // Decoded boxes have the people's shape: taller than wide (a box
+    // decoded with width and height or the grid's rows and columns swapped
+    // would not).
+    assert!(
+        upright * 10 >= person_boxes * 9,
+        "{upright} of {person_boxes} person boxes are taller than wide"
     );
     let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
     let most = counts.iter().copied().max().unwrap_or(0);
@@ -139,16 +155,16 @@ fn a_missing_model_or_an_unknown_class_stops_start_up_naming_it() {
         "{stderr}"
     );
 
-    // A truncated weights file is refused, not run.
+    // A truncated model file is refused, not run.
     let truncated = tempfile::tempdir().expect("temp dir");
     let dir = model_dir();
-    for name in ["yolov4-tiny.cfg", "coco.names"] {
+    for name in ["yolov4-tiny.cfg", "coco.names", "libonnxruntime.so.1.22.1"] {
         std::fs::copy(format!("{dir}/{name}"), truncated.path().join(name)).unwrap();
     }
-    let weights = std::fs::read(format!("{dir}/yolov4-tiny.weights")).unwrap();
+    let model = std::fs::read(format!("{dir}/yolov4-tiny-int8.onnx")).unwrap();
     std::fs::write(
-        truncated.path().join("yolov4-tiny.weights"),
-        &weights[..weights.len() / 2],
+        truncated.path().join("yolov4-tiny-int8.onnx"),
+        &model[..model.len() / 2],
     )
     .unwrap();
     let output = yolo_worker(&common::media("vtest.avi"))
@@ -158,8 +174,16 @@ fn a_missing_model_or_an_unknown_class_stops_start_up_naming_it() {
         .expect("run worker");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
+    assert!(output.stdout.is_empty(), "no results without a model");
     assert!(
-        stderr.contains("yolov4-tiny.weights") && stderr.contains("truncated"),
+        stderr.contains(
+            &truncated
+                .path()
+                .join("yolov4-tiny-int8.onnx")
+                .display()
+                .to_string()
+        ) && stderr.contains("cannot be loaded")
+            && stderr.contains("scripts/fetch-model"),
         "{stderr}"
     );
 
