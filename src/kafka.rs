@@ -34,6 +34,25 @@ use crate::config::BootstrapServers;
 /// The variable that carries the SASL password (environment only).
 pub const PASSWORD_VARIABLE: &str = "KAFKA_SASL_PASSWORD";
 
+/// Every variable that says how a client connects. A worker of `runner
+/// local` gets these from [`KafkaSettings::worker_env`] only, never as
+/// inherited from the supervisor's environment (where, say, a user name
+/// file would clash with the user name resolved from it).
+pub const CONNECTION_VARIABLES: &[&str] = &[
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_USERNAME_FILE",
+    PASSWORD_VARIABLE,
+    "KAFKA_SASL_PASSWORD_FILE",
+    "KAFKA_SSL_CA_LOCATION",
+    "KAFKA_SSL_CERTIFICATE_LOCATION",
+    "KAFKA_SSL_KEY_LOCATION",
+    "KAFKA_PROPERTIES_FILE",
+    "KAFKA_PROPERTIES",
+];
+
 /// librdkafka properties whose values are secrets: they may come from a
 /// file or the environment, never from `--kafka-property`.
 const SECRET_PROPERTIES: &[&str] = &[
@@ -927,6 +946,20 @@ mod tests {
             "KAFKA_PROPERTIES".into(),
             "socket.keepalive.enable=true".into()
         )));
+    }
+
+    #[test]
+    fn every_setting_is_a_connection_variable() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let named: Vec<String> = cli
+            .get_arguments()
+            .filter_map(|a| a.get_env()?.to_str().map(str::to_string))
+            .collect();
+        assert!(named.len() > 5, "{named:?}");
+        for var in named.iter().map(String::as_str).chain([PASSWORD_VARIABLE]) {
+            assert!(CONNECTION_VARIABLES.contains(&var), "{var}");
+        }
     }
 
     #[test]

@@ -151,6 +151,7 @@ async fn run(
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
         &crate::cli::worker_variables(),
     );
+    env.retain(|(k, _)| !crate::kafka::CONNECTION_VARIABLES.contains(&k.as_str()));
     env.extend(kafka.worker_env());
     if let (Some(user), Some(password)) = (
         &args.worker_kafka_sasl_username,

@@ -80,6 +80,11 @@ impl SecureKafka {
         format!("127.0.0.1:{}", self.ports[2])
     }
 
+    /// The SASL_PLAINTEXT listener (SCRAM and PLAIN, no TLS).
+    pub fn sasl_plaintext(&self) -> String {
+        format!("127.0.0.1:{}", self.ports[4])
+    }
+
     /// The SSL listener, which requires a client certificate.
     pub fn mutual_tls(&self) -> String {
         format!("127.0.0.1:{}", self.ports[3])
