@@ -157,6 +157,12 @@ async fn run(
         &args.worker_kafka_sasl_username,
         &args.worker_kafka_sasl_password_file,
     ) {
+        if kafka.effective_mechanism().as_deref() == Some("OAUTHBEARER") {
+            return Err(crate::kafka::KafkaSettingError(
+                "WORKER_KAFKA_SASL_USERNAME is set but KAFKA_SASL_MECHANISM=OAUTHBEARER: workers log in with the supervisor's OIDC client; unset WORKER_KAFKA_SASL_USERNAME and WORKER_KAFKA_SASL_PASSWORD_FILE".into(),
+            )
+            .into());
+        }
         // Workers log in as themselves: none of the supervisor's credentials.
         env.retain(|(k, _)| {
             !k.starts_with("KAFKA_SASL_USERNAME") && !k.starts_with("KAFKA_SASL_PASSWORD")
