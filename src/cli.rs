@@ -525,7 +525,7 @@ pub struct ControllerArgs {
 /// write on `results` only.
 #[derive(Debug, Clone, Args)]
 pub struct WorkerKafkaArgs {
-    /// Secret with the worker Pods' SASL user name and password (needed when KAFKA_SECURITY_PROTOCOL uses SASL).
+    /// Secret with the worker Pods' SASL user name and password, or with OAUTHBEARER their OIDC client id and secret (needed when KAFKA_SECURITY_PROTOCOL uses SASL).
     #[arg(
         long,
         env = "WORKER_KAFKA_SASL_SECRET",
@@ -548,6 +548,22 @@ pub struct WorkerKafkaArgs {
         default_value = "password"
     )]
     pub worker_kafka_sasl_password_key: String,
+
+    /// With OAUTHBEARER: key of the worker Pods' OIDC client id in WORKER_KAFKA_SASL_SECRET.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_CLIENT_ID_KEY",
+        default_value = "client-id"
+    )]
+    pub worker_kafka_sasl_client_id_key: String,
+
+    /// With OAUTHBEARER: key of the worker Pods' OIDC client secret in WORKER_KAFKA_SASL_SECRET.
+    #[arg(
+        long,
+        env = "WORKER_KAFKA_SASL_CLIENT_SECRET_KEY",
+        default_value = "client-secret"
+    )]
+    pub worker_kafka_sasl_client_secret_key: String,
 
     /// Secret holding the CA bundle that signs the brokers' certificates, for worker Pods.
     #[arg(

@@ -34,6 +34,30 @@ use crate::config::BootstrapServers;
 /// The variable that carries the SASL password (environment only).
 pub const PASSWORD_VARIABLE: &str = "KAFKA_SASL_PASSWORD";
 
+/// Every variable that says how a client connects. A worker of `runner
+/// local` gets these from [`KafkaSettings::worker_env`] only, never as
+/// inherited from the supervisor's environment (where, say, a user name
+/// file would clash with the user name resolved from it).
+pub const CONNECTION_VARIABLES: &[&str] = &[
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_USERNAME_FILE",
+    PASSWORD_VARIABLE,
+    "KAFKA_SASL_PASSWORD_FILE",
+    "KAFKA_SSL_CA_LOCATION",
+    "KAFKA_SSL_CERTIFICATE_LOCATION",
+    "KAFKA_SSL_KEY_LOCATION",
+    "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+    "KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+    "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+    "KAFKA_SASL_OAUTHBEARER_SCOPE",
+    "KAFKA_SASL_OAUTHBEARER_EXTENSIONS",
+    "KAFKA_PROPERTIES_FILE",
+    "KAFKA_PROPERTIES",
+];
+
 /// librdkafka properties whose values are secrets: they may come from a
 /// file or the environment, never from `--kafka-property`.
 const SECRET_PROPERTIES: &[&str] = &[
@@ -199,7 +223,7 @@ pub struct KafkaArgs {
     )]
     pub kafka_security_protocol: Option<SecurityProtocol>,
 
-    /// SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (OAUTHBEARER is not in this build and is refused at start-up).
+    /// SASL mechanism: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, or OAUTHBEARER (OIDC client credentials: see KAFKA_SASL_OAUTHBEARER_*).
     #[arg(
         long,
         env = "KAFKA_SASL_MECHANISM",
@@ -226,6 +250,46 @@ pub struct KafkaArgs {
         value_name = "KAFKA_SASL_PASSWORD_FILE"
     )]
     pub kafka_sasl_password_file: Option<PathBuf>,
+
+    /// OAUTHBEARER: the OIDC provider's token endpoint (https://…), where the client credentials buy a token.
+    #[arg(
+        long,
+        env = "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+        value_name = "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"
+    )]
+    pub kafka_sasl_oauthbearer_token_endpoint_url: Option<String>,
+
+    /// OAUTHBEARER: the OIDC client id.
+    #[arg(
+        long,
+        env = "KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+        value_name = "KAFKA_SASL_OAUTHBEARER_CLIENT_ID"
+    )]
+    pub kafka_sasl_oauthbearer_client_id: Option<String>,
+
+    /// OAUTHBEARER: file holding the OIDC client secret (a mounted Secret key); there is no flag for the secret itself.
+    #[arg(
+        long,
+        env = "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+        value_name = "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE"
+    )]
+    pub kafka_sasl_oauthbearer_client_secret_file: Option<PathBuf>,
+
+    /// OAUTHBEARER: the scope to ask the token endpoint for (optional).
+    #[arg(
+        long,
+        env = "KAFKA_SASL_OAUTHBEARER_SCOPE",
+        value_name = "KAFKA_SASL_OAUTHBEARER_SCOPE"
+    )]
+    pub kafka_sasl_oauthbearer_scope: Option<String>,
+
+    /// OAUTHBEARER: SASL extensions for the brokers, key=value,key=value (optional; some managed clusters want logicalCluster and identityPoolId).
+    #[arg(
+        long,
+        env = "KAFKA_SASL_OAUTHBEARER_EXTENSIONS",
+        value_name = "KAFKA_SASL_OAUTHBEARER_EXTENSIONS"
+    )]
+    pub kafka_sasl_oauthbearer_extensions: Option<String>,
 
     /// PEM file of the CA certificates that sign the brokers' certificates (default: the system's store).
     #[arg(
@@ -281,6 +345,145 @@ enum PasswordSource {
     File(PathBuf),
 }
 
+/// OAUTHBEARER with OIDC client credentials. `Debug` shows no secret.
+#[derive(Clone, Default)]
+pub struct Oidc {
+    pub token_endpoint_url: Option<String>,
+    pub client_id: Option<String>,
+    /// The client secret and the file it came from.
+    client_secret: Option<(String, PathBuf)>,
+    pub scope: Option<String>,
+    pub extensions: Option<String>,
+}
+
+impl fmt::Debug for Oidc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Oidc")
+            .field("token_endpoint_url", &self.token_endpoint_url)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret_file",
+                &self.client_secret.as_ref().map(|(_, p)| p),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Oidc {
+    fn resolve(args: &KafkaArgs) -> Result<Oidc, KafkaSettingError> {
+        let client_secret = match &args.kafka_sasl_oauthbearer_client_secret_file {
+            Some(path) => Some((
+                strip_newline(read_setting_file(
+                    "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+                    path,
+                )?),
+                path.clone(),
+            )),
+            None => None,
+        };
+        let trimmed = |v: &Option<String>| v.as_ref().map(|v| v.trim().to_string());
+        Ok(Oidc {
+            token_endpoint_url: trimmed(&args.kafka_sasl_oauthbearer_token_endpoint_url),
+            client_id: trimmed(&args.kafka_sasl_oauthbearer_client_id),
+            client_secret,
+            scope: trimmed(&args.kafka_sasl_oauthbearer_scope),
+            extensions: trimmed(&args.kafka_sasl_oauthbearer_extensions),
+        })
+    }
+
+    /// The settings given, by variable name.
+    fn given(&self) -> Vec<&'static str> {
+        [
+            (
+                "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                self.token_endpoint_url.is_some(),
+            ),
+            ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID", self.client_id.is_some()),
+            (
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+                self.client_secret.is_some(),
+            ),
+            ("KAFKA_SASL_OAUTHBEARER_SCOPE", self.scope.is_some()),
+            (
+                "KAFKA_SASL_OAUTHBEARER_EXTENSIONS",
+                self.extensions.is_some(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(var, set)| set.then_some(var))
+        .collect()
+    }
+
+    /// librdkafka's properties for these settings.
+    fn properties(&self) -> Vec<(&'static str, String)> {
+        if self.given().is_empty() {
+            return Vec::new();
+        }
+        let mut out = vec![("sasl.oauthbearer.method", "oidc".to_string())];
+        for (key, value) in [
+            (
+                "sasl.oauthbearer.token.endpoint.url",
+                &self.token_endpoint_url,
+            ),
+            ("sasl.oauthbearer.client.id", &self.client_id),
+            ("sasl.oauthbearer.scope", &self.scope),
+            ("sasl.oauthbearer.extensions", &self.extensions),
+        ] {
+            if let Some(v) = value {
+                out.push((key, v.clone()));
+            }
+        }
+        if let Some((secret, _)) = &self.client_secret {
+            out.push(("sasl.oauthbearer.client.secret", secret.clone()));
+        }
+        out
+    }
+
+    /// The variables without a secret or its file (a worker Pod's, beside
+    /// its own client id and secret).
+    pub fn public_env(&self) -> Vec<(String, String)> {
+        [
+            (
+                "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                &self.token_endpoint_url,
+            ),
+            ("KAFKA_SASL_OAUTHBEARER_SCOPE", &self.scope),
+            ("KAFKA_SASL_OAUTHBEARER_EXTENSIONS", &self.extensions),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), v.clone()?)))
+        .collect()
+    }
+
+    /// The variables a worker process gets: the secret as its file.
+    fn worker_env(&self) -> Vec<(&'static str, String)> {
+        [
+            (
+                "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                self.token_endpoint_url.clone(),
+            ),
+            ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID", self.client_id.clone()),
+            (
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+                self.client_secret
+                    .as_ref()
+                    .map(|(_, p)| p.display().to_string()),
+            ),
+            ("KAFKA_SASL_OAUTHBEARER_SCOPE", self.scope.clone()),
+            ("KAFKA_SASL_OAUTHBEARER_EXTENSIONS", self.extensions.clone()),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect()
+    }
+}
+
+/// A secret file's content without the newline a Secret's file may end with.
+fn strip_newline(text: String) -> String {
+    let p = text.strip_suffix('\n').unwrap_or(&text);
+    p.strip_suffix('\r').unwrap_or(p).to_string()
+}
+
 /// The Kafka settings resolved: files read, the combination checked.
 /// `Debug` shows no secret.
 #[derive(Clone)]
@@ -290,6 +493,7 @@ pub struct KafkaSettings {
     pub mechanism: Option<SaslMechanism>,
     pub username: Option<String>,
     password: Option<(String, PasswordSource)>,
+    pub oidc: Oidc,
     pub ca_location: Option<PathBuf>,
     pub certificate_location: Option<PathBuf>,
     pub key_location: Option<PathBuf>,
@@ -377,10 +581,8 @@ impl KafkaSettings {
             }
             (Some(p), None) => Some((p, PasswordSource::Environment)),
             (None, Some(path)) => {
-                let text = read_setting_file("KAFKA_SASL_PASSWORD_FILE", path)?;
                 // A Secret's file may end with a newline the password does not have.
-                let p = text.strip_suffix('\n').unwrap_or(&text);
-                let p = p.strip_suffix('\r').unwrap_or(p).to_string();
+                let p = strip_newline(read_setting_file("KAFKA_SASL_PASSWORD_FILE", path)?);
                 Some((p, PasswordSource::File(path.clone())))
             }
             (None, None) => None,
@@ -413,6 +615,7 @@ impl KafkaSettings {
             mechanism: args.kafka_sasl_mechanism,
             username,
             password,
+            oidc: Oidc::resolve(args)?,
             ca_location: args.kafka_ssl_ca_location.clone(),
             certificate_location: args.kafka_ssl_certificate_location.clone(),
             key_location: args.kafka_ssl_key_location.clone(),
@@ -440,6 +643,9 @@ impl KafkaSettings {
         }
         if let Some((p, _)) = &self.password {
             map.insert("sasl.password".into(), p.clone());
+        }
+        for (key, value) in self.oidc.properties() {
+            map.insert(key.into(), value);
         }
         for (key, path) in [
             ("ssl.ca.location", &self.ca_location),
@@ -478,7 +684,8 @@ impl KafkaSettings {
                 ("KAFKA_SASL_PASSWORD", self.password.is_some()),
             ]
             .iter()
-            .find_map(|(var, set)| set.then_some(var))
+            .find_map(|(var, set)| set.then_some(*var))
+            .or(self.oidc.given().first().copied())
             {
                 return err(format!(
                     "{var} is set but KAFKA_SECURITY_PROTOCOL={} uses no SASL; use sasl_ssl (or sasl_plaintext)",
@@ -494,11 +701,57 @@ impl KafkaSettings {
                     ));
                 }
                 Some(SaslMechanism::OauthBearer) => {
-                    return err(
-                        "KAFKA_SASL_MECHANISM=OAUTHBEARER is not available in this build: its OIDC token flow needs librdkafka built with libcurl; use SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN".into(),
-                    );
+                    if let Some(var) = [
+                        ("KAFKA_SASL_USERNAME", self.username.is_some()),
+                        ("KAFKA_SASL_PASSWORD", self.password.is_some()),
+                    ]
+                    .iter()
+                    .find_map(|(var, set)| set.then_some(var))
+                    {
+                        return err(format!(
+                            "{var} is set but KAFKA_SASL_MECHANISM=OAUTHBEARER logs in with OIDC client credentials; unset it and set KAFKA_SASL_OAUTHBEARER_CLIENT_ID and KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE"
+                        ));
+                    }
+                    if map.get("sasl.oauthbearer.method").map(String::as_str) != Some("oidc") {
+                        return err(
+                            "KAFKA_SASL_MECHANISM=OAUTHBEARER needs the OIDC client-credentials settings; set KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL, KAFKA_SASL_OAUTHBEARER_CLIENT_ID and KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE".into(),
+                        );
+                    }
+                    for (key, var) in [
+                        (
+                            "sasl.oauthbearer.token.endpoint.url",
+                            "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                        ),
+                        (
+                            "sasl.oauthbearer.client.id",
+                            "KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+                        ),
+                        (
+                            "sasl.oauthbearer.client.secret",
+                            "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+                        ),
+                    ] {
+                        if map.get(key).is_none_or(|v| v.is_empty()) {
+                            return err(format!("KAFKA_SASL_MECHANISM=OAUTHBEARER needs {var}"));
+                        }
+                    }
+                    if let Some(url) = map.get("sasl.oauthbearer.token.endpoint.url") {
+                        match url::Url::parse(url) {
+                            Ok(u) if matches!(u.scheme(), "https" | "http") => {}
+                            _ => {
+                                return err(format!(
+                                    "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL={url:?} is not an http(s) URL; use the OIDC provider's token endpoint, such as https://idp.example/oauth2/token"
+                                ));
+                            }
+                        }
+                    }
                 }
                 Some(m) => {
+                    if let Some(var) = self.oidc.given().first() {
+                        return err(format!(
+                            "{var} is set but KAFKA_SASL_MECHANISM={m}; use OAUTHBEARER, or unset it"
+                        ));
+                    }
                     if !map.contains_key("sasl.username") {
                         return err(format!(
                             "KAFKA_SASL_MECHANISM={m} needs a user name; set KAFKA_SASL_USERNAME or KAFKA_SASL_USERNAME_FILE"
@@ -590,6 +843,8 @@ impl KafkaSettings {
         for key in [
             "sasl.mechanism",
             "sasl.username",
+            "sasl.oauthbearer.client.id",
+            "sasl.oauthbearer.token.endpoint.url",
             "ssl.ca.location",
             "ssl.certificate.location",
         ] {
@@ -605,6 +860,16 @@ impl KafkaSettings {
 
     /// What a user should check when the brokers refuse the login.
     fn login_hint(&self) -> String {
+        let map = self.properties_map();
+        if map.get("sasl.mechanism").map(String::as_str) == Some("OAUTHBEARER") {
+            let client = map
+                .get("sasl.oauthbearer.client.id")
+                .map(|c| format!(" of KAFKA_SASL_OAUTHBEARER_CLIENT_ID={c:?}"))
+                .unwrap_or_default();
+            return format!(
+                "Kafka's OAUTHBEARER login{client} failed: check KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE, KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL and KAFKA_SASL_OAUTHBEARER_SCOPE (the token endpoint must accept the client, and the brokers its token)"
+            );
+        }
         let user = self
             .properties_map()
             .get("sasl.username")
@@ -643,6 +908,9 @@ impl KafkaSettings {
             }
             Some((p, PasswordSource::Environment)) => add(PASSWORD_VARIABLE, Some(p.clone())),
             None => {}
+        }
+        for (k, v) in self.oidc.worker_env() {
+            add(k, Some(v));
         }
         for (k, v) in [
             ("KAFKA_SSL_CA_LOCATION", &self.ca_location),
@@ -927,6 +1195,120 @@ mod tests {
             "KAFKA_PROPERTIES".into(),
             "socket.keepalive.enable=true".into()
         )));
+    }
+
+    #[test]
+    fn oauthbearer_takes_oidc_client_credentials_with_the_secret_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("client-secret");
+        std::fs::write(&file, "Cl1ent-s3cret\n").unwrap();
+        let secret = file.to_str().unwrap();
+        let oidc = [
+            "--kafka-security-protocol",
+            "sasl_ssl",
+            "--kafka-sasl-mechanism",
+            "OAUTHBEARER",
+            "--kafka-sasl-oauthbearer-token-endpoint-url",
+            "https://idp.example/oauth2/token",
+            "--kafka-sasl-oauthbearer-client-id",
+            "runner",
+            "--kafka-sasl-oauthbearer-client-secret-file",
+            secret,
+            "--kafka-sasl-oauthbearer-scope",
+            "kafka",
+            "--kafka-sasl-oauthbearer-extensions",
+            "logicalCluster=lkc-1,identityPoolId=pool-2",
+        ];
+        let s = resolve(&oidc, None).unwrap();
+        let config = s.client_config();
+        for (key, value) in [
+            ("sasl.mechanism", "OAUTHBEARER"),
+            ("sasl.oauthbearer.method", "oidc"),
+            (
+                "sasl.oauthbearer.token.endpoint.url",
+                "https://idp.example/oauth2/token",
+            ),
+            ("sasl.oauthbearer.client.id", "runner"),
+            ("sasl.oauthbearer.client.secret", "Cl1ent-s3cret"),
+            ("sasl.oauthbearer.scope", "kafka"),
+            (
+                "sasl.oauthbearer.extensions",
+                "logicalCluster=lkc-1,identityPoolId=pool-2",
+            ),
+        ] {
+            assert_eq!(config.get(key), Some(value), "{key}");
+        }
+        let shown = format!("{} {s:?} {:?}", s.summary(), s.worker_env());
+        assert!(!shown.contains("Cl1ent-s3cret"), "{shown}");
+        assert!(
+            shown.contains("sasl.oauthbearer.client.id=runner"),
+            "{shown}"
+        );
+        assert!(s.worker_env().contains(&(
+            "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE".into(),
+            secret.into()
+        )));
+        let health = s.context().health;
+        let (_, line) = health
+            .explain(Some(RDKafkaErrorCode::Authentication), "401")
+            .unwrap();
+        assert!(
+            line.contains("KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE")
+                && line.contains("\"runner\""),
+            "{line}"
+        );
+
+        // Each missing or misplaced piece is named.
+        for (drop, var) in [
+            (
+                "--kafka-sasl-oauthbearer-client-secret-file",
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+            ),
+            (
+                "--kafka-sasl-oauthbearer-client-id",
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+            ),
+            (
+                "--kafka-sasl-oauthbearer-token-endpoint-url",
+                "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+            ),
+        ] {
+            let i = oidc.iter().position(|f| *f == drop).unwrap();
+            let flags: Vec<&str> = oidc[..i].iter().chain(&oidc[i + 2..]).copied().collect();
+            let err = resolve(&flags, None).unwrap_err();
+            assert!(err.contains(var) && !err.contains('\n'), "{err}");
+        }
+        let mut scram = oidc.to_vec();
+        scram[3] = "SCRAM-SHA-512";
+        let err = resolve(&scram, None).unwrap_err();
+        assert!(
+            err.contains("KAFKA_SASL_OAUTHBEARER_") && err.contains("SCRAM"),
+            "{err}"
+        );
+        let mut bad_url = oidc.to_vec();
+        bad_url[5] = "idp.example/token";
+        let err = resolve(&bad_url, None).unwrap_err();
+        assert!(
+            err.contains("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"),
+            "{err}"
+        );
+        let err =
+            resolve(&[&oidc[..], &["--kafka-sasl-username", "u"]].concat(), None).unwrap_err();
+        assert!(err.contains("KAFKA_SASL_USERNAME"), "{err}");
+    }
+
+    #[test]
+    fn every_setting_is_a_connection_variable() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let named: Vec<String> = cli
+            .get_arguments()
+            .filter_map(|a| a.get_env()?.to_str().map(str::to_string))
+            .collect();
+        assert!(named.len() > 5, "{named:?}");
+        for var in named.iter().map(String::as_str).chain([PASSWORD_VARIABLE]) {
+            assert!(CONNECTION_VARIABLES.contains(&var), "{var}");
+        }
     }
 
     #[test]

@@ -100,7 +100,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     let kafka = KafkaSettings::resolve(&sup.kafka, |name| std::env::var(name).ok())?;
     if kafka.uses_sasl() && args.worker_kafka.worker_kafka_sasl_secret.is_none() {
         return Err(crate::kafka::KafkaSettingError(format!(
-            "KAFKA_SECURITY_PROTOCOL={} needs WORKER_KAFKA_SASL_SECRET: worker Pods log in to Kafka with the user name and password of that Secret",
+            "KAFKA_SECURITY_PROTOCOL={} needs WORKER_KAFKA_SASL_SECRET: worker Pods log in to Kafka with the user name and password (or, with OAUTHBEARER, the OIDC client id and secret) of that Secret",
             kafka.effective_protocol().as_str()
         ))
         .into());

@@ -145,8 +145,11 @@ pub struct WorkerKafka {
     pub mechanism: Option<String>,
     /// `KAFKA_PROPERTIES`: one `key=value` a line.
     pub properties: String,
-    /// Secret name, user name key, password key.
+    /// Secret name, user name key, password key (with OAUTHBEARER: the
+    /// OIDC client id key and client secret key).
     pub sasl: Option<(String, String, String)>,
+    /// With OAUTHBEARER: the OIDC settings without secrets, as variables.
+    pub oidc: Vec<(String, String)>,
     pub ca: Option<KafkaCa>,
     /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`) for mutual TLS.
     pub client_cert: Option<String>,
@@ -159,6 +162,7 @@ impl WorkerKafka {
         args: &crate::cli::WorkerKafkaArgs,
     ) -> WorkerKafka {
         let protocol = kafka.effective_protocol();
+        let oauth = kafka.effective_mechanism().as_deref() == Some("OAUTHBEARER");
         let ca = match (
             &args.worker_kafka_ca_secret,
             &args.worker_kafka_ca_configmap,
@@ -179,15 +183,32 @@ impl WorkerKafka {
             mechanism: kafka.effective_mechanism(),
             properties: kafka.properties_text(),
             sasl: args.worker_kafka_sasl_secret.clone().map(|name| {
-                (
-                    name,
-                    args.worker_kafka_sasl_username_key.clone(),
-                    args.worker_kafka_sasl_password_key.clone(),
-                )
+                if oauth {
+                    (
+                        name,
+                        args.worker_kafka_sasl_client_id_key.clone(),
+                        args.worker_kafka_sasl_client_secret_key.clone(),
+                    )
+                } else {
+                    (
+                        name,
+                        args.worker_kafka_sasl_username_key.clone(),
+                        args.worker_kafka_sasl_password_key.clone(),
+                    )
+                }
             }),
+            oidc: if oauth {
+                kafka.oidc.public_env()
+            } else {
+                Vec::new()
+            },
             ca,
             client_cert: args.worker_kafka_client_cert_secret.clone(),
         }
+    }
+
+    fn oauth(&self) -> bool {
+        self.mechanism.as_deref() == Some("OAUTHBEARER")
     }
 
     /// Environment variables, volumes and volume mounts of the worker container.
@@ -218,7 +239,23 @@ impl WorkerKafka {
             mounts.push(json!({"name": name, "mountPath": dir, "readOnly": true}));
             dir
         };
-        if let Some((secret, user_key, password_key)) = &self.sasl {
+        for (name, value) in &self.oidc {
+            env.push(json!({"name": name, "value": value}));
+        }
+        if let Some((secret, id_key, secret_key)) = self.sasl.as_ref().filter(|_| self.oauth()) {
+            let dir = mount(
+                "kafka-sasl",
+                json!({"secret": {"secretName": secret, "defaultMode": 0o444, "items": [
+                    {"key": secret_key, "path": "client-secret"},
+                ]}}),
+            );
+            env.push(
+                json!({"name": "KAFKA_SASL_OAUTHBEARER_CLIENT_ID", "valueFrom":
+                {"secretKeyRef": {"name": secret, "key": id_key}}}),
+            );
+            env.push(json!({"name": "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+                "value": format!("{dir}/client-secret")}));
+        } else if let Some((secret, user_key, password_key)) = &self.sasl {
             let dir = mount(
                 "kafka-sasl",
                 json!({"secret": {"secretName": secret, "defaultMode": 0o444, "items": [
@@ -577,6 +614,7 @@ mod tests {
                     key: "ca.pem".into(),
                 }),
                 client_cert: Some("worker-tls".into()),
+                oidc: Vec::new(),
             },
             ..WorkerTemplate::default()
         };
@@ -614,6 +652,46 @@ mod tests {
         // Without secured Kafka, nothing is added.
         let plain = serde_json::to_value(build(&scenario(), &WorkerTemplate::default())).unwrap();
         assert!(plain["spec"].get("volumes").is_none());
+    }
+
+    #[test]
+    fn worker_pods_with_oauthbearer_get_their_client_id_and_secret_by_reference_only() {
+        let t = WorkerTemplate {
+            kafka: WorkerKafka {
+                protocol: Some("sasl_ssl".into()),
+                mechanism: Some("OAUTHBEARER".into()),
+                sasl: Some(("worker-oidc".into(), "id".into(), "secret".into())),
+                oidc: vec![(
+                    "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL".into(),
+                    "https://idp.example/token".into(),
+                )],
+                ..WorkerKafka::default()
+            },
+            ..WorkerTemplate::default()
+        };
+        let pod = serde_json::to_value(build(&scenario(), &t)).unwrap();
+        let container = &pod["spec"]["containers"][0];
+        let env = container["env"].as_array().unwrap();
+        let var = |name: &str| env.iter().find(|e| e["name"] == name).cloned();
+        assert_eq!(
+            var("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL").unwrap()["value"],
+            "https://idp.example/token"
+        );
+        assert_eq!(
+            var("KAFKA_SASL_OAUTHBEARER_CLIENT_ID").unwrap()["valueFrom"]["secretKeyRef"],
+            serde_json::json!({"name": "worker-oidc", "key": "id"})
+        );
+        assert_eq!(
+            var("KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE").unwrap()["value"],
+            "/etc/vap-runner/kafka/sasl/client-secret"
+        );
+        assert!(var("KAFKA_SASL_USERNAME_FILE").is_none());
+        let volume = &pod["spec"]["volumes"][0]["secret"];
+        assert_eq!(volume["secretName"], "worker-oidc");
+        assert_eq!(
+            volume["items"],
+            serde_json::json!([{"key": "secret", "path": "client-secret"}])
+        );
     }
 
     #[test]

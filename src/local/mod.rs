@@ -159,11 +159,18 @@ async fn run(
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
         &crate::cli::worker_variables(),
     );
+    env.retain(|(k, _)| !crate::kafka::CONNECTION_VARIABLES.contains(&k.as_str()));
     env.extend(kafka.worker_env());
     if let (Some(user), Some(password)) = (
         &args.worker_kafka_sasl_username,
         &args.worker_kafka_sasl_password_file,
     ) {
+        if kafka.effective_mechanism().as_deref() == Some("OAUTHBEARER") {
+            return Err(crate::kafka::KafkaSettingError(
+                "WORKER_KAFKA_SASL_USERNAME is set but KAFKA_SASL_MECHANISM=OAUTHBEARER: workers log in with the supervisor's OIDC client; unset WORKER_KAFKA_SASL_USERNAME and WORKER_KAFKA_SASL_PASSWORD_FILE".into(),
+            )
+            .into());
+        }
         // Workers log in as themselves: none of the supervisor's credentials.
         env.retain(|(k, _)| {
             !k.starts_with("KAFKA_SASL_USERNAME") && !k.starts_with("KAFKA_SASL_PASSWORD")

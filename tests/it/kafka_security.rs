@@ -11,6 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::common::controller::Bed as ControllerBed;
 use crate::common::local::{LocalBed, LocalProcess, TopicLog};
+use crate::common::oidc::Oidc;
 use crate::common::secure_kafka::SecureKafka;
 use crate::common::{self, http_get, unique_name, wait_for};
 
@@ -77,16 +78,23 @@ async fn wait_done(
     events: &TopicLog,
     scenario: &str,
 ) -> usize {
-    wait_for(
-        "the scenario Succeeded on scenario_events",
-        Duration::from_secs(120),
-        || {
+    let succeeded = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
             local.assert_running();
-            let done = events.phases(scenario).last().map(String::as_str) == Some("Succeeded");
-            async move { done.then_some(()) }
-        },
-    )
+            if events.phases(scenario).last().map(String::as_str) == Some("Succeeded") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
     .await;
+    if succeeded.is_err() {
+        panic!(
+            "timed out waiting for the scenario Succeeded on scenario_events; phases {:?}\n{}",
+            events.phases(scenario),
+            local.log_tail()
+        );
+    }
     let n = wait_for(
         "results on the results topic",
         Duration::from_secs(30),
@@ -110,6 +118,54 @@ fn read_proc(pid: u32, file: &str) -> String {
     std::fs::read(format!("/proc/{pid}/{file}"))
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
         .unwrap_or_default()
+}
+
+/// Waits for `local`'s first worker and checks that no secret of `secrets`
+/// is on the command line of the supervisor or the worker; returns the
+/// worker's environment.
+async fn worker_environment(bed: &LocalBed, local: &mut LocalProcess, secrets: &[&str]) -> String {
+    let (worker, _) = wait_for("a worker process", Duration::from_secs(60), || {
+        local.assert_running();
+        let first = bed.workers().first().cloned();
+        async move { first }
+    })
+    .await;
+    for pid in [local.pid(), worker] {
+        let cmdline = read_proc(pid, "cmdline");
+        assert!(
+            secrets.iter().all(|s| !cmdline.contains(s)),
+            "a secret on the command line of {pid}: {cmdline}"
+        );
+    }
+    read_proc(worker, "environ")
+}
+
+/// Waits until `scenario` is done with results, checks `/readyz`, stops
+/// `local` and checks that its log (its workers' included) says `says` and
+/// holds none of `secrets`.
+async fn finish_clean(
+    bed: &LocalBed,
+    local: &mut LocalProcess,
+    (results, events): (&TopicLog, &TopicLog),
+    scenario: &str,
+    says: &[&str],
+    secrets: &[&str],
+) {
+    let produced = wait_done(bed, local, results, events, scenario).await;
+    assert!(produced > 0);
+    let (status, body) = readyz(local).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(local.terminate().success(), "{}", local.log_tail());
+    let log = local.log() + &local.stdout();
+    assert!(
+        says.iter().all(|s| log.contains(s)),
+        "the log says how the runner connects ({says:?}):\n{}",
+        local.log_tail()
+    );
+    assert!(
+        secrets.iter().all(|s| !log.contains(s)),
+        "a secret in the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,20 +201,7 @@ async fn local_over_sasl_ssl_runs_a_scenario_with_the_secrets_kept_out_of_sight(
 
     // While the worker runs: no password on any command line, and the
     // worker holds no credential of the supervisor's.
-    let (worker, _) = wait_for("a worker process", Duration::from_secs(60), || {
-        local.assert_running();
-        let first = bed.workers().first().cloned();
-        async move { first }
-    })
-    .await;
-    for pid in [local.pid(), worker] {
-        let cmdline = read_proc(pid, "cmdline");
-        assert!(
-            !cmdline.contains(&runner_pw) && !cmdline.contains(&worker_pw),
-            "a password on the command line of {pid}: {cmdline}"
-        );
-    }
-    let environ = read_proc(worker, "environ");
+    let environ = worker_environment(&bed, &mut local, &[&runner_pw, &worker_pw]).await;
     assert!(
         environ.contains("KAFKA_SASL_USERNAME=worker")
             && !environ.contains(&runner_file)
@@ -166,20 +209,15 @@ async fn local_over_sasl_ssl_runs_a_scenario_with_the_secrets_kept_out_of_sight(
         "the worker's environment: {environ}"
     );
 
-    let produced = wait_done(&bed, &mut local, &results, &events, &scenario).await;
-    assert!(produced > 0);
-    let (status, body) = readyz(&local).await;
-    assert_eq!(status, 200, "{body}");
-    assert!(local.terminate().success(), "{}", local.log_tail());
-    let log = local.log() + &local.stdout();
-    assert!(
-        log.contains("security.protocol=sasl_ssl") && log.contains("sasl.username=runner"),
-        "the log says how the runner connects:\n{}",
-        local.log_tail()
-    );
-    for pw in [&runner_pw, &worker_pw] {
-        assert!(!log.contains(pw.as_str()), "a password in the log");
-    }
+    finish_clean(
+        &bed,
+        &mut local,
+        (&results, &events),
+        &scenario,
+        &["security.protocol=sasl_ssl", "sasl.username=runner"],
+        &[&runner_pw, &worker_pw],
+    )
+    .await;
 
     // --help shows no secret, whatever the environment holds.
     for command in ["local", "worker", "controller"] {
@@ -242,6 +280,55 @@ async fn local_over_sasl_ssl_runs_a_scenario_with_the_secrets_kept_out_of_sight(
         offsets.is_err(),
         "the worker's principal reads to_deploy's offsets: {offsets:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_over_sasl_plaintext_with_plain_runs_a_scenario_with_the_password_out_of_sight() {
+    let runner_pw = password("plain-runner");
+    let kafka = SecureKafka::start(&[("runner", &runner_pw)]);
+    // The user's SCRAM password differs from its PLAIN one: only a PLAIN
+    // login gets in.
+    kafka.set_password("runner", &password("scram-only"));
+    let bed = LocalBed::on(kafka.bootstrap(), "ksec-plain").await;
+    // The workers log in as the supervisor does.
+    kafka.grant_runner("runner", "runner", &(&bed).into());
+    let secrets = tempfile::tempdir().expect("secrets dir");
+    let user_file = secret_file(&secrets, "username", "runner");
+    let results = TopicLog::start(&bed.bootstrap, &bed.results);
+    let events = TopicLog::start(&bed.bootstrap, &bed.events);
+    let sasl_plaintext = kafka.sasl_plaintext();
+    let mut local = bed.start(&[
+        ("KAFKA_BOOTSTRAP_SERVERS", &sasl_plaintext),
+        ("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+        ("KAFKA_SASL_MECHANISM", "PLAIN"),
+        ("KAFKA_SASL_USERNAME_FILE", &user_file),
+        ("KAFKA_SASL_PASSWORD", &runner_pw),
+        ("REALTIME", "true"),
+    ]);
+    wait_readyz(&mut local, 200, "ok", Duration::from_secs(60)).await;
+    let scenario = uuid::Uuid::new_v4().to_string();
+    bed.deploy(&scenario, &common::media("Megamind.avi")).await;
+
+    let environ = worker_environment(&bed, &mut local, &[&runner_pw]).await;
+    assert!(
+        environ.contains("KAFKA_SECURITY_PROTOCOL=sasl_plaintext")
+            && environ.contains("KAFKA_SASL_MECHANISM=PLAIN")
+            && environ.contains("KAFKA_SASL_USERNAME=runner"),
+        "the worker logs in as its supervisor: {environ}"
+    );
+    finish_clean(
+        &bed,
+        &mut local,
+        (&results, &events),
+        &scenario,
+        &[
+            "security.protocol=sasl_plaintext",
+            "sasl.mechanism=PLAIN",
+            "sasl.username=runner",
+        ],
+        &[&runner_pw],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -467,4 +554,130 @@ async fn controller_and_its_worker_pod_run_over_sasl_ssl_with_their_own_principa
         !refused.status.success() && err.contains("WORKER_KAFKA_SASL_SECRET"),
         "{err}"
     );
+}
+
+/// `runner local`'s settings for OAUTHBEARER over SASL_SSL with `oidc`'s
+/// client `vap-runner` and the client secret in `secret_file`.
+fn oauth_settings(kafka: &SecureKafka, oidc: &Oidc, secret_file: &str) -> Vec<(String, String)> {
+    [
+        ("KAFKA_BOOTSTRAP_SERVERS", kafka.sasl_ssl()),
+        ("KAFKA_SECURITY_PROTOCOL", "sasl_ssl".into()),
+        ("KAFKA_SASL_MECHANISM", "OAUTHBEARER".into()),
+        (
+            "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+            oidc.token_endpoint(),
+        ),
+        ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID", "vap-runner".into()),
+        (
+            "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+            secret_file.into(),
+        ),
+        ("KAFKA_SASL_OAUTHBEARER_SCOPE", "kafka".into()),
+        ("KAFKA_SSL_CA_LOCATION", kafka.ca().display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn as_env(settings: &[(String, String)]) -> Vec<(&str, &str)> {
+    settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_over_sasl_ssl_with_oauthbearer_runs_a_scenario_as_the_token_subject() {
+    let client_secret = password("oidc-client");
+    let oidc = Oidc::start(&[("vap-runner", &client_secret, "runner-oidc")]).await;
+    let kafka = SecureKafka::start_with_oauth(&[("admin", &password("admin"))], &oidc.jwks_url());
+    let bed = LocalBed::on(kafka.bootstrap(), "ksec-oauth").await;
+    // The principal is the token's `sub`; it alone has the ACLs.
+    kafka.grant_runner("runner-oidc", "runner-oidc", &(&bed).into());
+    let secrets = tempfile::tempdir().expect("secrets dir");
+    let secret_path = secret_file(&secrets, "client-secret", &client_secret);
+    let results = TopicLog::start(&bed.bootstrap, &bed.results);
+    let events = TopicLog::start(&bed.bootstrap, &bed.events);
+    let mut settings = oauth_settings(&kafka, &oidc, &secret_path);
+    settings.push(("REALTIME".into(), "true".into()));
+    let mut local = bed.start(&as_env(&settings));
+    wait_readyz(&mut local, 200, "ok", Duration::from_secs(60)).await;
+    let scenario = uuid::Uuid::new_v4().to_string();
+    bed.deploy(&scenario, &common::media("Megamind.avi")).await;
+
+    let environ = worker_environment(&bed, &mut local, &[&client_secret]).await;
+    assert!(
+        environ.contains("KAFKA_SASL_MECHANISM=OAUTHBEARER")
+            && environ.contains(&format!(
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE={secret_path}"
+            ))
+            && !environ.contains(&client_secret),
+        "the worker gets the secret's file, not the secret: {environ}"
+    );
+    finish_clean(
+        &bed,
+        &mut local,
+        (&results, &events),
+        &scenario,
+        &[
+            "sasl.mechanism=OAUTHBEARER",
+            "sasl.oauthbearer.client.id=vap-runner",
+        ],
+        &[&client_secret],
+    )
+    .await;
+    let (issued, refused) = oidc.counts();
+    assert!(
+        issued >= 2 && refused == 0,
+        "tokens for the supervisor and its worker: {issued} issued, {refused} refused"
+    );
+    assert_eq!(oidc.last_scope().as_deref(), Some("kafka"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_secret_fails_readyz_in_one_line_naming_the_settings_and_loses_nothing() {
+    let wrong_secret = password("wrong-client");
+    let oidc = Oidc::start(&[("vap-runner", &password("right-client"), "runner-oidc")]).await;
+    let kafka = SecureKafka::start_with_oauth(&[("admin", &password("admin"))], &oidc.jwks_url());
+    let bed = LocalBed::on(kafka.bootstrap(), "ksec-oauth-refused").await;
+    kafka.grant_runner("runner-oidc", "runner-oidc", &(&bed).into());
+    let secrets = tempfile::tempdir().expect("secrets dir");
+    let secret_path = secret_file(&secrets, "client-secret", &wrong_secret);
+    let results = TopicLog::start(&bed.bootstrap, &bed.results);
+    let events = TopicLog::start(&bed.bootstrap, &bed.events);
+    let scenario = uuid::Uuid::new_v4().to_string();
+    bed.deploy(&scenario, &common::media("Megamind.avi")).await;
+
+    let mut local = bed.start(&as_env(&oauth_settings(&kafka, &oidc, &secret_path)));
+    let body = wait_readyz(&mut local, 503, "Kafka", Duration::from_secs(60)).await;
+    assert!(
+        body.contains("OAUTHBEARER login")
+            && body.contains("KAFKA_SASL_OAUTHBEARER_CLIENT_ID=\"vap-runner\"")
+            && body.contains("KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE")
+            && body.contains("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")
+            && !body.contains(&wrong_secret),
+        "{body}"
+    );
+    wait_for("refused token requests", Duration::from_secs(30), || {
+        let refused = oidc.counts().1;
+        async move { (refused >= 2).then_some(()) }
+    })
+    .await;
+    let log = local.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("OAUTHBEARER login"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line while it lasts:\n{log}");
+    assert!(!log.contains(&wrong_secret), "the client secret in the log");
+    assert!(bed.list().is_empty(), "nothing ingested without a login");
+
+    // The provider now accepts the secret the runner has: it logs in, and
+    // the deploy that waited runs.
+    oidc.set_secret("vap-runner", &wrong_secret);
+    wait_readyz(&mut local, 200, "ok", Duration::from_secs(90)).await;
+    wait_done(&bed, &mut local, &results, &events, &scenario).await;
+    assert!(local.log().contains("Kafka answers again"));
+    assert!(local.terminate().success(), "{}", local.log_tail());
 }

@@ -5,6 +5,7 @@
 
 pub mod controller;
 pub mod local;
+pub mod oidc;
 pub mod scenario;
 pub mod secure_kafka;
 

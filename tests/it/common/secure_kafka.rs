@@ -15,11 +15,23 @@ pub struct SecureKafka {
     ports: [u16; 5],
     /// `name=password` of every SASL user the broker knows.
     users: Vec<(String, String)>,
+    /// The JWKS whose tokens the SASL listeners accept (OAUTHBEARER), if any.
+    oauth_jwks: Option<String>,
 }
 
 impl SecureKafka {
     /// Starts a broker with SASL users `users` (name, password).
     pub fn start(users: &[(&str, &str)]) -> SecureKafka {
+        Self::start_with(users, None)
+    }
+
+    /// Starts a broker whose SASL listeners also take OAUTHBEARER tokens
+    /// signed by a key of `jwks_url` for the audience [`super::oidc::AUDIENCE`].
+    pub fn start_with_oauth(users: &[(&str, &str)], jwks_url: &str) -> SecureKafka {
+        Self::start_with(users, Some(jwks_url.to_string()))
+    }
+
+    fn start_with(users: &[(&str, &str)], oauth_jwks: Option<String>) -> SecureKafka {
         let kafka = SecureKafka {
             run: tempfile::tempdir().expect("temp dir"),
             ports: free_ports::<5>(),
@@ -27,6 +39,7 @@ impl SecureKafka {
                 .iter()
                 .map(|(u, p)| (u.to_string(), p.to_string()))
                 .collect(),
+            oauth_jwks,
         };
         let out = kafka.script(&["up"]);
         assert!(
@@ -41,24 +54,30 @@ impl SecureKafka {
     fn script(&self, args: &[&str]) -> Output {
         let users: Vec<String> = self.users.iter().map(|(u, p)| format!("{u}={p}")).collect();
         let [port, controller, sasl_ssl, ssl, sasl_plaintext] = self.ports;
-        std::process::Command::new(concat!(
+        let mut command = std::process::Command::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/scripts/infra.d/kafka"
-        ))
-        .args(args)
-        .env("VAP_RUN", self.run.path())
-        .env("VAP_KAFKA_PORT", port.to_string())
-        .env("VAP_KAFKA_CONTROLLER_PORT", controller.to_string())
-        // No listener on the machine's own address: loopback only.
-        .env("VAP_KAFKA_POD_ADDRESS", "off")
-        .env("VAP_KAFKA_SECURE", "1")
-        .env("VAP_KAFKA_SASL_SSL_PORT", sasl_ssl.to_string())
-        .env("VAP_KAFKA_SSL_PORT", ssl.to_string())
-        .env("VAP_KAFKA_SASL_PLAINTEXT_PORT", sasl_plaintext.to_string())
-        .env("VAP_KAFKA_USERS", users.join(","))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run scripts/infra.d/kafka {args:?}: {e}"))
+        ));
+        if let Some(jwks) = &self.oauth_jwks {
+            command
+                .env("VAP_KAFKA_OAUTH_JWKS_URL", jwks)
+                .env("VAP_KAFKA_OAUTH_AUDIENCE", super::oidc::AUDIENCE);
+        }
+        command
+            .args(args)
+            .env("VAP_RUN", self.run.path())
+            .env("VAP_KAFKA_PORT", port.to_string())
+            .env("VAP_KAFKA_CONTROLLER_PORT", controller.to_string())
+            // No listener on the machine's own address: loopback only.
+            .env("VAP_KAFKA_POD_ADDRESS", "off")
+            .env("VAP_KAFKA_SECURE", "1")
+            .env("VAP_KAFKA_SASL_SSL_PORT", sasl_ssl.to_string())
+            .env("VAP_KAFKA_SSL_PORT", ssl.to_string())
+            .env("VAP_KAFKA_SASL_PLAINTEXT_PORT", sasl_plaintext.to_string())
+            .env("VAP_KAFKA_USERS", users.join(","))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run scripts/infra.d/kafka {args:?}: {e}"))
     }
 
     fn admin(&self, args: &[&str]) {
@@ -78,6 +97,11 @@ impl SecureKafka {
 
     pub fn sasl_ssl(&self) -> String {
         format!("127.0.0.1:{}", self.ports[2])
+    }
+
+    /// The SASL_PLAINTEXT listener (SCRAM and PLAIN, no TLS).
+    pub fn sasl_plaintext(&self) -> String {
+        format!("127.0.0.1:{}", self.ports[4])
     }
 
     /// The SSL listener, which requires a client certificate.
