@@ -49,7 +49,7 @@ pub struct StreamStatusArgs {
     )]
     pub stream_status_secs: u64,
 
-    /// Most Scenario status writes per second that heartbeats cause, over all Scenarios (changes go first).
+    /// Most Scenario status writes that heartbeats cause in any one second, over all Scenarios (changes go first; a write a verdict makes anyway carries the newest heartbeat without counting).
     #[arg(
         long,
         env = "STREAM_STATUS_WRITES",
@@ -226,6 +226,10 @@ pub struct Health {
     started: Instant,
     pub timing: Timing,
     pub metrics: Arc<HealthMetrics>,
+    /// When the status writes heartbeats caused in the last second were let
+    /// through (at most STREAM_STATUS_WRITES of them).
+    writes: Mutex<VecDeque<Instant>>,
+    writes_per_second: u32,
 }
 
 impl Health {
@@ -238,7 +242,17 @@ impl Health {
                 default_interval: Duration::from_secs(heartbeat_secs),
             },
             metrics,
+            writes: Mutex::new(VecDeque::new()),
+            writes_per_second: args.stream_status_writes,
         }
+    }
+
+    /// Lets one status write that only heartbeats cause go ahead, if fewer
+    /// than STREAM_STATUS_WRITES went ahead in the last second; a refused
+    /// one is written when the sweep wakes its Scenario again.
+    pub fn take_write(&self) -> bool {
+        let mut writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        admit(&mut writes, Instant::now(), self.writes_per_second)
     }
 
     fn record(&self, beat: Heartbeat) {
@@ -299,6 +313,23 @@ impl Health {
             scenario.metadata.generation,
         )
     }
+}
+
+/// Whether one more event at `now` keeps `window` (the times of the events
+/// let through, oldest first) within `per_second` in every second; records
+/// it when it does.
+fn admit(window: &mut VecDeque<Instant>, now: Instant, per_second: u32) -> bool {
+    while window
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+    {
+        window.pop_front();
+    }
+    if window.len() >= per_second as usize {
+        return false;
+    }
+    window.push_back(now);
+    true
 }
 
 /// The consumer of HEARTBEAT_TOPIC: assigns every partition from its end and
@@ -454,6 +485,30 @@ pub async fn pace(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_second_lets_more_writes_through_than_the_cap() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut window = VecDeque::new();
+        let admitted: Vec<u64> = (0..4000)
+            .step_by(10)
+            .filter(|ms| admit(&mut window, at(*ms), 20))
+            .collect();
+        // Every one-second span, wherever it starts, holds at most 20.
+        for (i, first) in admitted.iter().enumerate() {
+            let within = admitted[i..]
+                .iter()
+                .take_while(|t| **t < first + 1000)
+                .count();
+            assert!(
+                within <= 20,
+                "{within} writes in the second from {first} ms"
+            );
+        }
+        // And the cap is used: 20 in each of the four seconds.
+        assert_eq!(admitted.len(), 80);
+    }
     use crate::heartbeat::StreamState;
     use crate::scenario::Phase;
 

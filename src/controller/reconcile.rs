@@ -346,8 +346,15 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         plan
     };
 
+    // The newest heartbeat goes into the status: free when the status is
+    // written anyway, otherwise within STREAM_STATUS_WRITES a second.
     let mut plan = plan;
-    ctx.health.fold_into(&mut plan.status, scenario, Utc::now());
+    let mut folded = plan.status.clone();
+    ctx.health.fold_into(&mut folded, scenario, Utc::now());
+    let written_anyway = scenario.status.as_ref() != Some(&plan.status);
+    if folded != plan.status && (written_anyway || ctx.health.take_write()) {
+        plan.status = folded;
+    }
 
     // The verdict first: the status the plan decided is written, guarded by
     // the resourceVersion the plan was made from, before any Pod it implies

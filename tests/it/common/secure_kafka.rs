@@ -134,9 +134,10 @@ impl SecureKafka {
         self.admin(&args);
     }
 
-    /// What the runner needs on its topics, as the README lists it:
-    /// the supervisor (`supervisor`) reads commands with its group and writes
-    /// the dead-letter and events topics; the worker (`worker`) writes results.
+    /// What the runner needs on its topics, as docs/security.md lists it:
+    /// the supervisor (`supervisor`) reads commands with its group, writes
+    /// the dead-letter and events topics and reads heartbeats; the worker
+    /// (`worker`) writes results and heartbeats.
     pub fn grant_runner(&self, supervisor: &str, worker: &str, topics: &RunnerTopics<'_>) {
         let sup = format!("User:{supervisor}");
         for topic in [topics.deploy, topics.undeploy] {
@@ -146,11 +147,14 @@ impl SecureKafka {
         for topic in [topics.dlq, topics.events] {
             self.allow(&sup, &["Write", "Describe"], &["--topic", topic]);
         }
-        self.allow(
-            &format!("User:{worker}"),
-            &["Write", "Describe"],
-            &["--topic", topics.results],
-        );
+        self.allow(&sup, &["Read", "Describe"], &["--topic", topics.heartbeats]);
+        for topic in [topics.results, topics.heartbeats] {
+            self.allow(
+                &format!("User:{worker}"),
+                &["Write", "Describe"],
+                &["--topic", topic],
+            );
+        }
     }
 
     /// Sets `user`'s SCRAM-SHA-512 password.
@@ -199,6 +203,7 @@ pub struct RunnerTopics<'a> {
     pub dlq: &'a str,
     pub events: &'a str,
     pub results: &'a str,
+    pub heartbeats: &'a str,
     pub group: &'a str,
 }
 
@@ -213,6 +218,7 @@ macro_rules! runner_topics_of {
                     dlq: &bed.dlq,
                     events: &bed.events,
                     results: &bed.results,
+                    heartbeats: &bed.heartbeats,
                     group: &bed.group,
                 }
             }
