@@ -40,21 +40,17 @@ async fn every_message_a_worker_publishes_matches_its_schema_and_beats_count_eve
         topics: vec![results.clone(), beats.clone()],
         groups: Vec::new(),
     };
-    let output = common::worker(SCENARIO, &common::media("vtest.avi"))
-        .env("VIDEO_FILE_ROOT", common::MEDIA_DIR)
-        .env("VIDEO_FPS", "2")
-        .env("KAFKA_BOOTSTRAP_SERVERS", &bootstrap)
-        .env("RESULTS_TOPIC", &results)
-        .env("HEARTBEAT_TOPIC", &beats)
-        .env("HEARTBEAT_SECS", "1")
-        .env("MODEL", "hog")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run worker");
-    assert!(
-        output.status.success(),
-        "worker failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    common::run_ok(
+        common::worker(SCENARIO, &common::media("vtest.avi"))
+            .env("VIDEO_FILE_ROOT", common::MEDIA_DIR)
+            .env("VIDEO_FPS", "2")
+            .env("KAFKA_BOOTSTRAP_SERVERS", &bootstrap)
+            .env("RESULTS_TOPIC", &results)
+            .env("HEARTBEAT_TOPIC", &beats)
+            .env("HEARTBEAT_SECS", "1")
+            .env("MODEL", "hog")
+            .stdin(Stdio::null()),
+        "the worker is built with the tests",
     );
 
     let result_schema = schema("result.schema.json");
