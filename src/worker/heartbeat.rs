@@ -55,8 +55,13 @@ impl Samples {
     }
 
     /// The detector took `inference` for result `frame_number`.
-    pub fn processed(&self, inference: Duration, frame_number: u64) {
-        push(&self.inference_ms, inference);
+    /// `inference` is `None` for a frame the detector did not run on (detect
+    /// on change repeated the last detections): it says nothing of the
+    /// detector's speed.
+    pub fn processed(&self, inference: Option<Duration>, frame_number: u64) {
+        if let Some(inference) = inference {
+            push(&self.inference_ms, inference);
+        }
         self.frame_number.store(frame_number, Ordering::Relaxed);
     }
 }

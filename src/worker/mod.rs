@@ -333,7 +333,9 @@ fn detect_loop(
         };
         let inference = started.elapsed();
         frame_number += 1;
-        metrics.beats.processed(inference, frame_number);
+        metrics
+            .beats
+            .processed((!unchanged).then_some(inference), frame_number);
         tracing::debug!(
             %scenario,
             frame_number,
