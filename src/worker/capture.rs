@@ -309,6 +309,7 @@ fn decide_discard(
         match decided {
             Discard::Nothing => "every frame",
             Discard::NonReference => "all but non-reference frames",
+            Discard::Bidirectional => "all but B-frames",
             Discard::NonKey => "keyframes only",
         }
     );

@@ -14,6 +14,12 @@
 //!   25 fps, by default) without it; never for streams without B-frames.
 //! - Keyframes only (`keyframes`): a sample lands on the first keyframe at or
 //!   after its due time, at most one keyframe interval minus one frame later.
+//! - Every B-frame (`bidir`, opt-in): also the B-frames other frames are
+//!   predicted from (x264's B-pyramid), the cheapest decode short of
+//!   keyframes only. A sample moves by at most the longest run of B-frames,
+//!   and it changes pixels: a frame predicted from a skipped B-frame decodes
+//!   with small errors that last until the next keyframe, so detections
+//!   agree with a full decode within a tolerance, not exactly.
 //!
 //! `auto` (the default) skips non-reference frames when each sampling period
 //! spans at least [`MIN_FRAMES_PER_SAMPLE`] frames (so every period holds a
@@ -33,6 +39,8 @@ pub enum DecodeSkip {
     Nonref,
     /// Decode keyframes only: a sample moves to the next keyframe, and a stream with fewer keyframes than VIDEO_FPS gives one result per keyframe.
     Keyframes,
+    /// Skip every B-frame, also those other frames are predicted from: cheaper than nonref, but frames predicted from a skipped one decode with small errors until the next keyframe (docs/performance.md measures what it does to detections).
+    Bidir,
 }
 
 /// What the decoder is told to leave out when a capture opens.
@@ -40,6 +48,7 @@ pub enum DecodeSkip {
 pub enum Discard {
     Nothing,
     NonReference,
+    Bidirectional,
     NonKey,
 }
 
@@ -49,6 +58,7 @@ impl Discard {
         match self {
             Discard::Nothing => "none",
             Discard::NonReference => "nonref",
+            Discard::Bidirectional => "bidir",
             Discard::NonKey => "nonkey",
         }
     }
@@ -58,6 +68,7 @@ impl Discard {
         match self {
             Discard::Nothing => "off",
             Discard::NonReference => "nonref",
+            Discard::Bidirectional => "bidir",
             Discard::NonKey => "keyframes",
         }
     }
@@ -78,6 +89,7 @@ impl DecodeSkip {
             DecodeSkip::Auto | DecodeSkip::Nonref => Discard::NonReference,
             DecodeSkip::Off => Discard::Nothing,
             DecodeSkip::Keyframes => Discard::NonKey,
+            DecodeSkip::Bidir => Discard::Bidirectional,
         }
     }
 
@@ -96,6 +108,7 @@ impl DecodeSkip {
             DecodeSkip::Off => Discard::Nothing,
             DecodeSkip::Nonref => Discard::NonReference,
             DecodeSkip::Keyframes => Discard::NonKey,
+            DecodeSkip::Bidir => Discard::Bidirectional,
             DecodeSkip::Auto if !skips_non_reference(stream_fps, period) => Discard::Nothing,
             DecodeSkip::Auto if keyframes_cover == Some(true) => Discard::NonKey,
             DecodeSkip::Auto => Discard::NonReference,
@@ -200,12 +213,23 @@ mod tests {
                 DecodeSkip::Keyframes.decide(fps, period, Some(false)),
                 Discard::NonKey
             );
+            assert_eq!(
+                DecodeSkip::Bidir.decide(fps, period, Some(true)),
+                Discard::Bidirectional,
+                "never chosen by auto, always by bidir"
+            );
         }
-        for mode in [DecodeSkip::Off, DecodeSkip::Nonref, DecodeSkip::Keyframes] {
+        for mode in [
+            DecodeSkip::Off,
+            DecodeSkip::Nonref,
+            DecodeSkip::Keyframes,
+            DecodeSkip::Bidir,
+        ] {
             assert_eq!(mode.first_guess(), mode.decide(25.0, 0.5, None));
         }
         assert_eq!(DecodeSkip::Auto.first_guess(), Discard::NonReference);
         assert_eq!(Discard::NonKey.avdiscard(), "nonkey");
+        assert_eq!(Discard::Bidirectional.avdiscard(), "bidir");
     }
 
     /// Frames at `fps` for `seconds`, a keyframe every `gop` frames.
