@@ -517,6 +517,15 @@ pub struct ControllerArgs {
         default_value = "300"
     )]
     pub cluster_refresh_secs: u64,
+
+    /// Seconds one reconcile, or one attempt to store a command, may run before /healthz fails and Kubernetes restarts the controller (a hung loop). Waiting for a message or out a backoff delay never counts, so an outage of Kafka or the API server does not trip it.
+    #[arg(
+        long,
+        env = "CONTROLLER_WATCHDOG_SECS",
+        value_name = "CONTROLLER_WATCHDOG_SECS",
+        default_value = "300"
+    )]
+    pub controller_watchdog_secs: u64,
 }
 
 /// How worker Pods log in to a secured Kafka: references to Secrets the

@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -43,6 +44,7 @@ use crate::host_policy::{ClusterAddress, HostPolicy};
 use crate::kafka::{KafkaContext, KafkaProducer};
 use crate::messages::{DeployRequest, RequestError, UndeployRequest};
 use crate::scenario::ordering::{DeployDecision, Stale, Stamp, UndeployDecision, too_far_ahead};
+use crate::watchdog::Watchdog;
 
 /// What a store did with a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,6 +259,8 @@ pub struct Ingest<S> {
     pub store: S,
     pub config: IngestConfig,
     pub metrics: IngestMetrics,
+    /// Each attempt to store a command is a step of liveness.
+    pub watchdog: Arc<Watchdog>,
 }
 
 /// A message ready to be applied.
@@ -534,7 +538,9 @@ impl<S: CommandStore> Ingest<S> {
     {
         retrying(what, Some(&self.metrics.store_retries), shutdown, || {
             let fut = call();
+            let step = self.watchdog.step("storing a command");
             async move {
+                let _step = step;
                 match fut.await {
                     Err(StoreError::Transient(e)) => Err(e),
                     other => Ok(other),

@@ -21,4 +21,5 @@ pub mod scenario;
 pub mod settings_doc;
 pub mod signals;
 pub mod telemetry;
+pub mod watchdog;
 pub mod worker;

@@ -50,6 +50,8 @@ pub struct ControllerMetrics {
     pub cluster_addresses: Gauge,
     ready: AtomicBool,
     kafka: std::sync::OnceLock<std::sync::Arc<crate::kafka::KafkaHealth>>,
+    /// Steps in flight, judged by /healthz.
+    watchdog: std::sync::OnceLock<std::sync::Arc<crate::watchdog::Watchdog>>,
 }
 
 impl ControllerMetrics {
@@ -72,6 +74,7 @@ impl ControllerMetrics {
             cluster_addresses: Default::default(),
             ready: AtomicBool::new(false),
             kafka: Default::default(),
+            watchdog: Default::default(),
         };
         let mut registry = Registry::with_prefix("vap_controller");
         let r = &mut registry;
@@ -157,11 +160,20 @@ impl ControllerMetrics {
     pub fn watch_kafka(&self, health: std::sync::Arc<crate::kafka::KafkaHealth>) {
         let _ = self.kafka.set(health);
     }
+
+    /// /healthz fails while one of `watchdog`'s steps runs too long.
+    pub fn watch_steps(&self, watchdog: std::sync::Arc<crate::watchdog::Watchdog>) {
+        let _ = self.watchdog.set(watchdog);
+    }
+
+    fn steps_healthy(&self) -> Result<(), String> {
+        self.watchdog.get().map_or(Ok(()), |w| w.check())
+    }
 }
 
 impl Probes for ControllerMetrics {
     fn healthy(&self) -> Result<(), String> {
-        Ok(())
+        self.steps_healthy()
     }
 
     fn ready(&self) -> Result<(), String> {

@@ -39,6 +39,7 @@ use crate::cli::ControllerArgs;
 use crate::config::LogLevel;
 use crate::ingest::{Ingest, IngestConfig};
 use crate::kafka::{KafkaContext, KafkaProducer, KafkaSettings};
+use crate::watchdog::Watchdog;
 use crd::Scenario;
 use ingest::ScenarioStore;
 use leader::{LeaderElector, Leadership, Timing};
@@ -280,6 +281,11 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     });
     let _ = pod_store.wait_until_ready().await;
 
+    let watchdog = Arc::new(Watchdog::new(
+        Duration::from_secs(args.controller_watchdog_secs),
+        Some("CONTROLLER_WATCHDOG_SECS"),
+    ));
+    metrics.watch_steps(watchdog.clone());
     let (wake, wakes) = futures::channel::mpsc::unbounded();
     // The Scenario cache keeps no field-ownership bookkeeping either.
     let (scenario_store, scenario_writer) = reflector::store();
@@ -328,6 +334,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
             args.worker.heartbeat.heartbeat_secs,
             health_metrics,
         )),
+        watchdog: watchdog.clone(),
     });
     let heartbeats = tokio::spawn(health::consume(
         beats_consumer,
@@ -386,6 +393,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
             max_clock_skew: std::time::Duration::from_secs(args.max_clock_skew_secs),
         },
         metrics: metrics.ingest.clone(),
+        watchdog,
     };
     let mut ingest = tokio::spawn(ingest.run(stop_rx.clone()));
 
@@ -464,12 +472,44 @@ async fn kube_client(timeout: Option<Duration>) -> Result<Client, ControllerErro
 
 /// Checks that the installed Scenario CRD is the one this controller was built
 /// for: a server-side dry run of a Scenario with the newest fields must keep
-/// them (an older CRD prunes them).
+/// them (an older CRD prunes them). An answer that says nothing about the CRD
+/// (the API server or an admission webhook unreachable, a timeout, a 5xx) is
+/// retried with backoff meanwhile `/readyz` says the check is under way.
 async fn check_crd(scenarios: &Api<Scenario>) -> Result<(), ControllerError> {
-    scenarios
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        match check_crd_once(scenarios).await {
+            Err(CrdCheck::Verdict(e)) => return Err(e),
+            Err(CrdCheck::Unanswered(e)) => {
+                let delay = backoff.next_delay(rand::random::<f64>());
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot check the Scenario CRD yet; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Ok(()) => return Ok(()),
+        }
+    }
+}
+
+enum CrdCheck {
+    Verdict(ControllerError),
+    /// No answer about the CRD; worth asking again.
+    Unanswered(kube::Error),
+}
+
+async fn check_crd_once(scenarios: &Api<Scenario>) -> Result<(), CrdCheck> {
+    let unanswered =
+        |e: &kube::Error| refusal::classify(e) == refusal::Refusal::Retry && !is_not_found(e);
+    if let Err(e) = scenarios
         .list(&kube::api::ListParams::default().limit(1))
         .await
-        .map_err(ControllerError::CrdMissing)?;
+    {
+        return Err(if unanswered(&e) {
+            CrdCheck::Unanswered(e)
+        } else {
+            CrdCheck::Verdict(ControllerError::CrdMissing(e))
+        });
+    }
     let mut probe = Scenario::new(
         &format!(
             "scn-crd-check-{}",
@@ -502,15 +542,20 @@ async fn check_crd(scenarios: &Api<Scenario>) -> Result<(), ControllerError> {
     let kept = match scenarios.create(&dry, &probe).await {
         Ok(back) => back.spec.run == 1 && back.spec.applied == probe.spec.applied,
         Err(kube::Error::Api(e)) if e.code == 403 => return Ok(()), // cannot tell; go on
-        Err(e) => return Err(ControllerError::CrdStale(e.to_string())),
+        Err(e) if unanswered(&e) => return Err(CrdCheck::Unanswered(e)),
+        Err(e) => return Err(CrdCheck::Verdict(ControllerError::CrdStale(e.to_string()))),
     };
     if kept {
         Ok(())
     } else {
-        Err(ControllerError::CrdStale(
+        Err(CrdCheck::Verdict(ControllerError::CrdStale(
             "it drops spec.applied and spec.run".into(),
-        ))
+        )))
     }
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.code == 404)
 }
 
 fn default_identity() -> String {

@@ -155,6 +155,8 @@ pub struct Context {
     pub failures: std::sync::Mutex<HashMap<String, u32>>,
     /// The workers' newest heartbeats, folded into the status written.
     pub health: Arc<super::health::Health>,
+    /// Each reconcile is a step of liveness (/healthz).
+    pub watchdog: Arc<crate::watchdog::Watchdog>,
 }
 
 /// How long a created Pod counts as live without showing up in the cache.
@@ -249,6 +251,7 @@ fn decide(ctx: &Context, adm: &mut Admission) -> (admission::Decision<String>, u
 
 /// Wakes the Scenarios that may start now (at most the free slots).
 pub async fn wake_queue(ctx: &Context) {
+    let _step = ctx.watchdog.step("waking the queue");
     let mut adm = ctx.admission.lock().await;
     let (decision, _) = decide(ctx, &mut adm);
     for name in decision.start {
@@ -279,7 +282,9 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
     let started = Instant::now();
+    let step = ctx.watchdog.step("a reconcile");
     let result = reconcile_inner(&scenario, &ctx).await;
+    drop(step);
     ctx.metrics
         .reconcile_seconds
         .observe(started.elapsed().as_secs_f64());

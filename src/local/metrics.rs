@@ -36,6 +36,8 @@ pub struct LocalMetrics {
     pub scenarios_file_errors: Family<ReasonLabels, Counter>,
     ready: AtomicBool,
     kafka: std::sync::OnceLock<std::sync::Arc<crate::kafka::KafkaHealth>>,
+    /// Steps in flight, judged by /healthz.
+    watchdog: std::sync::OnceLock<std::sync::Arc<crate::watchdog::Watchdog>>,
     /// When the supervision loop last went round (Unix seconds; 0: not yet).
     loop_seen: AtomicI64,
 }
@@ -112,10 +114,20 @@ impl LocalMetrics {
     pub fn watch_kafka(&self, health: std::sync::Arc<crate::kafka::KafkaHealth>) {
         let _ = self.kafka.set(health);
     }
+
+    /// /healthz fails while one of `watchdog`'s steps runs too long.
+    pub fn watch_steps(&self, watchdog: std::sync::Arc<crate::watchdog::Watchdog>) {
+        let _ = self.watchdog.set(watchdog);
+    }
+
+    fn steps_healthy(&self) -> Result<(), String> {
+        self.watchdog.get().map_or(Ok(()), |w| w.check())
+    }
 }
 
 impl Probes for LocalMetrics {
     fn healthy(&self) -> Result<(), String> {
+        self.steps_healthy()?;
         let seen = self.loop_seen.load(Ordering::Relaxed);
         let idle = chrono::Utc::now().timestamp() - seen;
         if seen > 0 && idle > LOOP_STALL_SECS {

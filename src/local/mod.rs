@@ -21,6 +21,7 @@ pub mod supervisor;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::consumer::StreamConsumer;
 use tokio::sync::{Notify, watch};
@@ -32,6 +33,7 @@ use crate::ingest::{Ingest, IngestConfig};
 use crate::kafka::{KafkaContext, KafkaProducer, KafkaSettings};
 use crate::scenario::lifecycle::RestartPolicy;
 use crate::scenario::ordering::Stamp;
+use crate::watchdog::Watchdog;
 use commands::LocalCommands;
 use metrics::{LocalMetrics, ReasonLabels};
 use process::WorkerCommand;
@@ -279,6 +281,10 @@ async fn run(
                     .map_err(kafka_err)?;
             metrics.watch_kafka(kafka_context.health.clone());
             probe = Some(crate::kafka::probe(&producer, &kafka_context));
+            // Storing a command writes the local state file: a step that
+            // takes a minute is a hang.
+            let watchdog = Arc::new(Watchdog::new(Duration::from_secs(60), None));
+            metrics.watch_steps(watchdog.clone());
             let ingest = Ingest {
                 consumer,
                 producer,
@@ -298,6 +304,7 @@ async fn run(
                     max_clock_skew: std::time::Duration::from_secs(args.max_clock_skew_secs),
                 },
                 metrics: metrics.ingest.clone(),
+                watchdog,
             };
             Some(tokio::spawn(ingest.run(stop_rx.clone())))
         }

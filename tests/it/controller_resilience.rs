@@ -7,8 +7,8 @@ use crate::common;
 use std::time::Duration;
 
 use crate::common::controller::{
-    Bed, PodWatch, SCENARIO_WITHIN, controller_rules, dead_lettered, holds_slot, sample,
-    worker_exited,
+    Bed, HangingWebhook, PodWatch, SCENARIO_WITHIN, controller_rules, dead_lettered, holds_slot,
+    sample, worker_exited,
 };
 use crate::common::scenario::{now_ms, phase, pod_name, scenario_name, uuid};
 use crate::common::wait_for;
@@ -1004,5 +1004,88 @@ async fn a_leader_stopped_with_sigterm_releases_its_lease() {
             .iter()
             .any(|l| l.holder_identity.as_deref() == Some("replica-a")),
         "replica-a held it before: {versions:?}"
+    );
+}
+
+/// Waits until the controller's `/healthz` answers `code` with a body that
+/// contains `says`, and returns the body.
+async fn wait_healthz(
+    controller: &common::controller::ControllerProcess,
+    code: u16,
+    says: &str,
+) -> String {
+    wait_probe(controller, "/healthz", code, says).await
+}
+
+/// Waits until the controller's probe at `path` answers `code` with a body
+/// that contains `says`, and returns the body.
+async fn wait_probe(
+    controller: &common::controller::ControllerProcess,
+    path: &str,
+    code: u16,
+    says: &str,
+) -> String {
+    let addr = controller.metrics_addr().await;
+    wait_for(
+        &format!("{path} to answer {code} with {says:?}"),
+        SCENARIO_WITHIN,
+        || {
+            let addr = addr.clone();
+            async move {
+                let (status, body) = common::http_get(&addr, path).await;
+                (status == code && body.contains(says)).then_some(body)
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_while_ingest_or_a_reconcile_is_stuck_and_recovers() {
+    let bed = Bed::new("ctl-stuck").await;
+    let id = uuid();
+    // A webhook that never answers holds every write of a Scenario, also the
+    // dry run that checks the CRD at start-up: the controller waits, not ready.
+    let webhook = HangingWebhook::new(&bed, ("runner.vap.io", "scenarios")).await;
+    let mut controller = bed.start_controller(&[("CONTROLLER_WATCHDOG_SECS", "5")]);
+    wait_probe(&controller, "/readyz", 503, "checking the Scenario CRD").await;
+    wait_for("the CRD check to be retried", SCENARIO_WITHIN, || {
+        let log = controller.log_tail();
+        async move {
+            log.contains("cannot check the Scenario CRD yet")
+                .then_some(())
+        }
+    })
+    .await;
+    controller.assert_running();
+    drop(webhook);
+    wait_probe(&controller, "/readyz", 200, "ok").await;
+
+    // Ingest's write of a Scenario held.
+    let webhook = HangingWebhook::new(&bed, ("runner.vap.io", "scenarios")).await;
+    bed.deploy(&id, LIVE).await;
+    let body = wait_healthz(&controller, 503, "storing a command has been running").await;
+    assert!(
+        body.contains("(CONTROLLER_WATCHDOG_SECS)"),
+        "the probe names the setting: {body}"
+    );
+    drop(webhook);
+    wait_healthz(&controller, 200, "ok").await;
+    bed.wait_phase(&id, Phase::Starting).await;
+
+    // Now one on Pods holds the reconcile that creates the worker.
+    let other = uuid();
+    let webhook = HangingWebhook::new(&bed, ("", "pods")).await;
+    bed.deploy(&other, LIVE).await;
+    wait_healthz(&controller, 503, "a reconcile has been running").await;
+    drop(webhook);
+    wait_healthz(&controller, 200, "ok").await;
+    // Nothing was lost: both scenarios get their worker.
+    for id in [&id, &other] {
+        bed.wait_phase(id, Phase::Running).await;
+    }
+    common::controller::assert_nothing_counted(
+        &controller.metrics().await,
+        "vap_controller_dead_lettered_total",
     );
 }

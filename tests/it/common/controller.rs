@@ -1038,6 +1038,74 @@ impl Drop for DenyPolicy {
     }
 }
 
+/// A validating webhook that never answers, for writes of `resource` in one
+/// namespace: each such write waits out the webhook's 30 s timeout and then
+/// fails, as behind a hung admission webhook. Removed, and its listener
+/// closed, when dropped.
+pub struct HangingWebhook {
+    name: String,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl HangingWebhook {
+    pub async fn new(bed: &Bed, (group, resource): (&str, &str)) -> HangingWebhook {
+        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts every connection and holds it without a byte in reply.
+        let listener = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        // Any well-formed CA will do: no TLS handshake ever completes.
+        let ca = kube::config::Kubeconfig::read()
+            .expect("read the kubeconfig")
+            .clusters
+            .into_iter()
+            .find_map(|c| c.cluster?.certificate_authority_data)
+            .expect("the test bed's kubeconfig carries its CA");
+        let name = unique_name("vap-runner-test-hang");
+        let config: ValidatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "webhooks": [{
+                "name": "hang.vap-runner.test",
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}/"), "caBundle": ca},
+                "rules": [{"apiGroups": [group], "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"], "resources": [resource]}],
+                "namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": bed.namespace}},
+                "failurePolicy": "Fail",
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": 30
+            }]
+        }))
+        .unwrap();
+        Api::<ValidatingWebhookConfiguration>::all(bed.client.clone())
+            .create(&PostParams::default(), &config)
+            .await
+            .expect("create ValidatingWebhookConfiguration");
+        HangingWebhook { name, listener }
+    }
+}
+
+impl Drop for HangingWebhook {
+    fn drop(&mut self) {
+        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+        let name = self.name.clone();
+        cleanup(move || async move {
+            if let Ok(client) = Client::try_default().await {
+                let _ = Api::<ValidatingWebhookConfiguration>::all(client)
+                    .delete(&name, &DeleteParams::default())
+                    .await;
+            }
+        });
+        self.listener.abort();
+    }
+}
+
 /// What a watch of Pods reported, in the apiserver's order.
 #[derive(Clone, Debug)]
 pub enum PodChange {
