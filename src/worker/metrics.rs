@@ -71,7 +71,7 @@ impl WorkerMetrics {
         );
         r.register(
             "frames_processed",
-            "Frames run through the detector",
+            "Sampled frames turned into a result (with DETECT_ON_CHANGE also those whose detections were repeated; inference_seconds counts only detector runs)",
             metrics.frames_processed.clone(),
         );
         r.register(
