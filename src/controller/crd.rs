@@ -142,6 +142,11 @@ pub struct ScenarioStatus {
     /// The last error, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// No new worker Pod before this time: the last one was refused by its
+    /// node or, for a live camera, exited, and the next waits out a delay
+    /// that doubles per restart (10 s up to 5 min).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_after: Option<DateTime<Utc>>,
     /// The camera as the worker's latest heartbeat told it (refreshed every
     /// STREAM_STATUS_SECS at most while nothing changes; at once when the
     /// state or the `Streaming` condition changes).

@@ -315,6 +315,8 @@ struct Draft {
     steps: Vec<Step>,
     now: DateTime<Utc>,
     generation: Option<i64>,
+    /// Look again at this time (a delay runs out), sooner than the safety net.
+    wake_at: Option<DateTime<Utc>>,
 }
 
 impl Draft {
@@ -393,6 +395,7 @@ pub fn plan(
         steps: Vec::new(),
         now,
         generation: scenario.metadata.generation,
+        wake_at: None,
     };
     let current_pod = pod.filter(|p| pod_run(p) == spec.run);
 
@@ -438,7 +441,27 @@ pub fn plan(
 
     let Some(p) = current_pod else {
         return match slot {
+            Slot::Free if d.status.replace_after.is_some_and(|t| t > now) => {
+                // Holds its place at the head of the queue meanwhile.
+                let at = d.status.replace_after.unwrap_or(now);
+                d.wake_at = Some(at);
+                d.phase(Phase::Starting);
+                let message = format!(
+                    "starting the next worker at {} (restart {} of at most {})",
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    d.status.restart_count,
+                    rules.restart_limit
+                );
+                d.ready(false, "BackOff", &message);
+                d.admitted(
+                    true,
+                    "BackOff",
+                    "keeps its slot while the replacement delay runs",
+                );
+                finish(d, rules)
+            }
             Slot::Free => {
+                d.status.replace_after = None;
                 d.steps.push(Step::CreatePod);
                 d.status.pod_name = Some(pod::pod_name(&spec.scenario_uuid));
                 d.phase(Phase::Starting);
@@ -555,6 +578,7 @@ pub fn plan(
                     {
                         d.status.reruns += 1;
                         d.status.restart_count += 1;
+                        d.status.replace_after = Some(replace_after(now, d.status.restart_count));
                     }
                     d.delete(p);
                     d.phase(Phase::Starting);
@@ -584,6 +608,7 @@ pub fn plan(
                 if d.status.condition(READY).is_none_or(|c| c.reason != reason) {
                     d.status.reruns += 1;
                     d.status.restart_count += 1;
+                    d.status.replace_after = Some(replace_after(now, d.status.restart_count));
                 }
                 d.delete(p);
                 d.phase(Phase::Starting);
@@ -665,6 +690,7 @@ fn without_pod(
         steps: Vec::new(),
         now,
         generation,
+        wake_at: None,
     };
     d.status.pod_name = None;
     d.phase(phase);
@@ -722,11 +748,29 @@ fn finish(mut d: Draft, rules: Rules) -> Plan {
             requeue = Some(ttl - age + Duration::from_millis(100));
         }
     }
+    if let Some(at) = d.wake_at {
+        let wait = (at - d.now).to_std().unwrap_or_default() + Duration::from_millis(100);
+        requeue = Some(requeue.map_or(wait, |r| r.min(wait)));
+    }
     Plan {
         steps: d.steps,
         status: d.status,
         requeue,
     }
+}
+
+/// First delay before a worker Pod replaces one its node refused or a live
+/// camera's that exited; it doubles per restart up to [`REPLACE_MAX_DELAY`]
+/// (as the kubelet's back-off between container restarts does).
+pub const REPLACE_BASE_DELAY: Duration = Duration::from_secs(10);
+pub const REPLACE_MAX_DELAY: Duration = Duration::from_secs(300);
+
+/// When the replacement for restart number `restart` (1-based) may start.
+fn replace_after(now: DateTime<Utc>, restart: i32) -> DateTime<Utc> {
+    let attempt = u32::try_from(restart.saturating_sub(1)).unwrap_or(0);
+    let delay =
+        crate::backoff::Backoff::new(REPLACE_BASE_DELAY, REPLACE_MAX_DELAY).delay(attempt, 1.0);
+    now + chrono::Duration::from_std(delay).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -1497,21 +1541,43 @@ mod tests {
             "{:?}",
             first.status.last_error
         );
-        // Seen again while it goes: not counted twice.
+        let secs = |n: i64| now() + chrono::Duration::seconds(n);
+        assert_eq!(first.status.replace_after, Some(secs(10)));
+        // Seen again while it goes: not counted twice, the delay kept.
         s.status = Some(first.status.clone());
-        let again = plan(&s, Some(&refused()), Slot::Full, RULES, now());
+        let again = plan(&s, Some(&refused()), Slot::Full, RULES, secs(1));
         assert_eq!(again.status.restart_count, 1);
-        // The next Pod created, then refused too: counted.
-        let created = plan(&s, None, Slot::Free, RULES, now());
+        assert_eq!(again.status.replace_after, Some(secs(10)));
+        // Gone, with a slot: no new Pod before the delay runs out, and a
+        // look again when it does.
+        let waiting = plan(&s, None, Slot::Free, RULES, secs(4));
+        assert!(waiting.steps.is_empty(), "{:?}", waiting.steps);
+        assert_eq!(waiting.status.phase, Some(Phase::Starting));
+        assert_eq!(ready_reason(&waiting), ("False", "BackOff"));
+        assert_eq!(waiting.requeue, Some(Duration::from_millis(6100)));
+        // The next Pod created once it has, then refused too: counted, and
+        // the next delay is twice as long.
+        let created = plan(&s, None, Slot::Free, RULES, secs(10));
+        assert_eq!(created.steps, vec![Step::CreatePod]);
+        assert_eq!(created.status.replace_after, None);
         s.status = Some(created.status);
-        let second = plan(&s, Some(&refused()), Slot::Full, RULES, now());
+        let second = plan(&s, Some(&refused()), Slot::Full, RULES, secs(12));
         assert_eq!(second.status.restart_count, 2);
+        assert_eq!(second.status.replace_after, Some(secs(32)));
         // With the budget spent: Failed, the Pod removed, the slot freed.
         s.status.as_mut().unwrap().restart_count = 5;
         let spent = plan(&s, Some(&refused()), Slot::Full, RULES, now());
         assert_eq!(spent.status.phase, Some(Phase::Failed));
         assert_eq!(ready_reason(&spent), ("False", "RestartLimitReached"));
         assert_eq!(spent.steps, delete());
+    }
+
+    #[test]
+    fn replacement_delays_double_up_to_five_minutes() {
+        let after = |restart| (replace_after(now(), restart) - now()).num_seconds();
+        let delays: Vec<i64> = (1..=7).map(after).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(after(0), 10, "no restart counted yet: the first delay");
     }
 
     #[test]

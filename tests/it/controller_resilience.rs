@@ -265,7 +265,22 @@ async fn evicted_and_disrupted_pods_are_replaced_within_max_workers() {
                "message": "The node was low on resource: memory."}),
     )
     .await;
+    // The replacement waits out a delay, shown in the status; no Pod starts
+    // before it ends.
+    let s = bed
+        .wait_scenario(&a, "a replacement delay", |s| {
+            s.status
+                .as_ref()
+                .is_some_and(|st| st.replace_after.is_some())
+        })
+        .await;
+    let not_before = s.status.unwrap().replace_after.unwrap();
     let second = wait_new_pod(&bed, &a, first.uid().as_deref()).await;
+    let created = second.metadata.creation_timestamp.clone().unwrap().0;
+    assert!(
+        created.as_second() >= not_before.timestamp(),
+        "the new Pod was created at {created}, before its delay ended at {not_before}"
+    );
     let s = bed
         .wait_scenario(&a, "running again", |s| phase(s) == Some(Phase::Running))
         .await;
@@ -1071,7 +1086,8 @@ async fn healthz_fails_while_ingest_or_a_reconcile_is_stuck_and_recovers() {
     );
     drop(webhook);
     wait_healthz(&controller, 200, "ok").await;
-    bed.wait_phase(&id, Phase::Starting).await;
+    bed.wait_scenario(&id, "written once the webhook is gone", |_| true)
+        .await;
 
     // Now one on Pods holds the reconcile that creates the worker.
     let other = uuid();
