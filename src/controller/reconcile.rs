@@ -323,24 +323,52 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         ctx.admission.lock().await.pending.remove(&pod.name_any());
     }
     let plan = if pod.is_none() && wants_worker(scenario) {
-        // Admission and creation in one critical section.
-        let mut adm = ctx.admission.lock().await;
-        let me = scenario.name_any();
-        if adm.ended.get(&me) == Some(&scenario.spec.run) {
-            // This run ended and the cache does not show it yet: the
-            // status change brings it back here.
-            return Ok(Action::await_change());
-        }
-        let (decision, _) = decide(ctx, &mut adm);
-        let slot = if decision.start.contains(&me) {
-            Slot::Free
-        } else {
-            Slot::Full
+        // Admission, and the slot reserved (as a pending Pod) in one
+        // critical section; the Pod is created outside it, so that one slow
+        // API call holds up no other admission.
+        let (plan, reserved) = {
+            let mut adm = ctx.admission.lock().await;
+            let me = scenario.name_any();
+            if adm.ended.get(&me) == Some(&scenario.spec.run) {
+                // This run ended and the cache does not show it yet: the
+                // status change brings it back here.
+                return Ok(Action::await_change());
+            }
+            let (decision, _) = decide(ctx, &mut adm);
+            let slot = if decision.start.contains(&me) {
+                Slot::Free
+            } else {
+                Slot::Full
+            };
+            let plan = plan::plan(scenario, None, slot, ctx.rules, Utc::now());
+            let reserved = plan.steps.contains(&Step::CreatePod).then(|| {
+                let name = pod::pod_name(&scenario.spec.scenario_uuid);
+                adm.pending.insert(name.clone(), Instant::now());
+                name
+            });
+            (plan, reserved)
         };
-        let mut plan = plan::plan(scenario, None, slot, ctx.rules, Utc::now());
-        if plan.steps.contains(&Step::CreatePod) {
-            plan = create_pod(ctx, &mut adm, scenario, plan).await?;
-        }
+        let created = match reserved {
+            Some(_) => create_pod(ctx, scenario, plan).await,
+            None => Ok(plan),
+        };
+        let mut adm = ctx.admission.lock().await;
+        let plan = match (created, reserved) {
+            (Ok(plan), Some(_)) if plan.steps.contains(&Step::CreatePod) => {
+                // The gauges count the new Pod now, not only at the next
+                // decision (after the last Pod of a burst there may be none
+                // for a long time).
+                let _ = decide(ctx, &mut adm);
+                plan
+            }
+            (created, reserved) => {
+                // Not created: the reserved slot is free again.
+                if let Some(name) = reserved {
+                    adm.pending.remove(&name);
+                }
+                created?
+            }
+        };
         // A Pod refused for good ends the run before the queue moves on.
         adm.note_end(scenario, &plan.status);
         plan
@@ -446,9 +474,10 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
 
 /// Creates the worker Pod (inside the admission critical section). A refusal
 /// for good fails this Scenario only, and the queue goes on.
+/// Creates the worker Pod `plan` asks for; a refusal for good turns the
+/// plan into its verdict (no Pod), anything else worth retrying is an error.
 async fn create_pod(
     ctx: &Context,
-    adm: &mut Admission,
     scenario: &Scenario,
     mut plan: Plan,
 ) -> Result<Plan, ReconcileError> {
@@ -499,10 +528,6 @@ async fn create_pod(
             return Ok(plan);
         }
     }
-    adm.pending.insert(pod_name, Instant::now());
-    // The gauges count the new Pod now, not only at the next decision
-    // (after the last Pod of a burst there may be none for a long time).
-    let _ = decide(ctx, adm);
     Ok(plan)
 }
 

@@ -640,3 +640,47 @@ async fn two_runners_in_one_namespace_keep_to_their_own() {
         runner_of(p) == "runner-b"
     });
 }
+
+/// A worker Pod whose create hangs (behind an admission webhook that does
+/// not answer) holds up no other scenario's admission: the other's Pod is
+/// created while the first create is still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_create_that_hangs_holds_up_no_other_admission() {
+    const CAMERA: &str = "rtsp://camera.example/stream";
+    let bed = Bed::new("adm-slow-create").await;
+    let (slow, other) = (uuid(), uuid());
+    let webhook = common::controller::HangingWebhook::for_labels(
+        &bed,
+        ("", "pods"),
+        serde_json::json!({ "runner.vap.io/scenario": slow }),
+    )
+    .await;
+    let mut controller = bed.start_controller(&[("MAX_WORKERS", "2")]);
+    bed.deploy(&slow, CAMERA).await;
+    wait_for(
+        "the first Pod create to be held by the webhook",
+        SCENARIO_WITHIN,
+        || async { (webhook.taken() > 0).then_some(()) },
+    )
+    .await;
+    let ended = webhook.ended();
+    bed.deploy(&other, CAMERA).await;
+    wait_for("the other scenario's Pod", SCENARIO_WITHIN, || async {
+        bed.pods()
+            .get_opt(&pod_name(&other))
+            .await
+            .ok()?
+            .map(|_| ())
+    })
+    .await;
+    assert_eq!(
+        webhook.ended(),
+        ended,
+        "the other Pod waited until the held create ended"
+    );
+    drop(webhook);
+    for id in [&slow, &other] {
+        bed.wait_phase(id, Phase::Running).await;
+    }
+    controller.assert_running();
+}

@@ -2,8 +2,9 @@
 //! and consumer group per test, removed again when the test ends.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
@@ -1038,44 +1039,80 @@ impl Drop for DenyPolicy {
     }
 }
 
-/// A validating webhook that never answers, for writes of `resource` in one
-/// namespace: each such write waits out the webhook's 30 s timeout and then
-/// fails, as behind a hung admission webhook. Removed, and its listener
-/// closed, when dropped.
+/// A validating webhook that takes each call and never answers, for writes
+/// of `resource` in one namespace: the API server completes the TLS
+/// handshake, sends its review and waits out the webhook's 30 s timeout, then
+/// fails the write, as behind a hung admission webhook. Removed, and every
+/// call it holds closed, when dropped.
 pub struct HangingWebhook {
     name: String,
-    listener: tokio::task::JoinHandle<()>,
+    held: Arc<HeldCalls>,
+}
+
+/// The calls a [`HangingWebhook`] has taken and that have ended.
+#[derive(Default)]
+struct HeldCalls {
+    taken: std::sync::atomic::AtomicUsize,
+    ended: std::sync::atomic::AtomicUsize,
+    open: std::sync::Mutex<Vec<std::net::TcpStream>>,
+    stop: std::sync::atomic::AtomicBool,
 }
 
 impl HangingWebhook {
-    pub async fn new(bed: &Bed, (group, resource): (&str, &str)) -> HangingWebhook {
+    pub async fn new(bed: &Bed, resource: (&str, &str)) -> HangingWebhook {
+        Self::with_selector(bed, resource, serde_json::json!({})).await
+    }
+
+    /// Only for objects whose labels match `labels` (an objectSelector's matchLabels).
+    pub async fn for_labels(
+        bed: &Bed,
+        resource: (&str, &str),
+        labels: serde_json::Value,
+    ) -> HangingWebhook {
+        Self::with_selector(bed, resource, serde_json::json!({ "matchLabels": labels })).await
+    }
+
+    async fn with_selector(
+        bed: &Bed,
+        (group, resource): (&str, &str),
+        selector: serde_json::Value,
+    ) -> HangingWebhook {
         use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        // Accepts every connection and holds it without a byte in reply.
-        let listener = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((conn, _)) = listener.accept().await {
-                held.push(conn);
-            }
-        });
-        // Any well-formed CA will do: no TLS handshake ever completes.
-        let ca = kube::config::Kubeconfig::read()
-            .expect("read the kubeconfig")
-            .clusters
-            .into_iter()
-            .find_map(|c| c.cluster?.certificate_authority_data)
-            .expect("the test bed's kubeconfig carries its CA");
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("the tests make the webhook's certificate with the openssl CLI");
+        assert!(made.status.success(), "openssl: {made:?}");
+        let held = Arc::new(HeldCalls::default());
+        let port = hold_calls(&cert, &key, held.clone());
         let name = unique_name("vap-runner-test-hang");
         let config: ValidatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name},
             "webhooks": [{
                 "name": "hang.vap-runner.test",
-                "clientConfig": {"url": format!("https://127.0.0.1:{port}/"), "caBundle": ca},
+                "clientConfig": {
+                    "url": format!("https://127.0.0.1:{port}/"),
+                    "caBundle": super::oidc::base64_bytes(&std::fs::read(&cert).unwrap(), false),
+                },
                 "rules": [{"apiGroups": [group], "apiVersions": ["*"],
                     "operations": ["CREATE", "UPDATE"], "resources": [resource]}],
                 "namespaceSelector": {"matchLabels": {
                     "kubernetes.io/metadata.name": bed.namespace}},
+                "objectSelector": selector,
                 "failurePolicy": "Fail",
                 "sideEffects": "None",
                 "admissionReviewVersions": ["v1"],
@@ -1087,8 +1124,74 @@ impl HangingWebhook {
             .create(&PostParams::default(), &config)
             .await
             .expect("create ValidatingWebhookConfiguration");
-        HangingWebhook { name, listener }
+        HangingWebhook { name, held }
     }
+
+    /// Calls taken so far (the API server's review sent, no answer given).
+    pub fn taken(&self) -> usize {
+        self.held.taken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Calls the API server has given up on.
+    pub fn ended(&self) -> usize {
+        self.held.ended.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Serves TLS on a free port of 127.0.0.1 with `cert` and `key`, taking
+/// every call and answering none; returns the port.
+fn hold_calls(cert: &Path, key: &Path, held: Arc<HeldCalls>) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::Read;
+    use std::sync::atomic::Ordering::SeqCst;
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_file(cert).unwrap()],
+            PrivateKeyDer::from_pem_file(key).unwrap(),
+        )
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            if held.stop.load(SeqCst) {
+                break;
+            }
+            let Ok(mut tcp) = tcp else { continue };
+            if let Ok(handle) = tcp.try_clone() {
+                held.open.lock().unwrap().push(handle);
+            }
+            let (config, held) = (config.clone(), held.clone());
+            std::thread::spawn(move || {
+                let mut tls = rustls::ServerConnection::new(config).unwrap();
+                let mut buf = [0u8; 4096];
+                // The review arrives; no answer goes back. The call ends
+                // when the API server closes it.
+                let mut counted = false;
+                while let Ok(n) = rustls::Stream::new(&mut tls, &mut tcp).read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if !counted {
+                        counted = true;
+                        held.taken.fetch_add(1, SeqCst);
+                    }
+                }
+                if counted {
+                    held.ended.fetch_add(1, SeqCst);
+                }
+            });
+        }
+    });
+    port
 }
 
 impl Drop for HangingWebhook {
@@ -1102,7 +1205,13 @@ impl Drop for HangingWebhook {
                     .await;
             }
         });
-        self.listener.abort();
+        // Ends every held call at once, and the listener with the next one.
+        self.held
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for tcp in self.held.open.lock().unwrap().drain(..) {
+            let _ = tcp.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 

@@ -205,7 +205,7 @@ fn base64(text: &str, url: bool) -> String {
 }
 
 /// Base64: URL-safe without padding (JWT), or standard with padding (HTTP Basic).
-fn base64_bytes(data: &[u8], url: bool) -> String {
+pub fn base64_bytes(data: &[u8], url: bool) -> String {
     let alphabet: &[u8; 64] = if url {
         b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     } else {
