@@ -41,7 +41,8 @@ ENV VAP_CACHE=/opt/vap-cache
 # ---------------------------------------------------------------------------
 # Video stack: FFmpeg and OpenCV built for the job by scripts/opencv (the one
 # place that names their versions and options; static libraries), in a layer
-# of its own that changes only with scripts/opencv. The cache mount keeps
+# of its own that changes only with scripts/opencv (and the FFmpeg patches in
+# scripts/opencv.d, which count in its cache key). The cache mount keeps
 # scripts/opencv's cache between local builds: one per target architecture
 # (the key scripts/opencv builds under names the architecture too, and the
 # build checks that it is the one being built for), locked so that two
@@ -51,6 +52,7 @@ ENV VAP_CACHE=/opt/vap-cache
 FROM toolchain AS video-stack
 ARG TARGETARCH
 COPY scripts/opencv scripts/opencv
+COPY scripts/opencv.d scripts/opencv.d
 RUN --mount=type=cache,id=vap-runner-opencv-${TARGETARCH},target=/root/.cache/vap-runner,sharing=locked \
     arch="$(scripts/opencv arch)" \
  && if [ "$arch" != "${TARGETARCH}" ]; then \

@@ -2,12 +2,17 @@
 //!
 //! By default a worker trusts a camera only if its certificate chains to a
 //! CA of the system's store or of `CAMERA_CA_FILE`, and names the camera's
-//! host. Before each open the worker makes a TLS handshake with the camera
-//! itself and checks both (a refusal is the open's error, so it shows in
-//! the Scenario's status); for `https://` FFmpeg then checks the chain of
-//! its own connection as well (`tls_verify`, `ca_file`). FFmpeg 5.1 cannot
-//! be told to verify the TLS connection RTSP opens, nor any host name:
-//! that is what the worker's own handshake covers.
+//! host. Two checks see to it, one per connection:
+//!
+//! - FFmpeg's, on the connection that carries the video: the worker gives
+//!   it `tls_verify` and `ca_file` for both schemes. The project's FFmpeg
+//!   build (scripts/opencv.d/ffmpeg-tls-verify.patch) checks the host name
+//!   as well as the chain, and takes these options for rtsps, which FFmpeg
+//!   5.1 itself cannot verify at all.
+//! - The worker's own TLS handshake before each open, checking the same:
+//!   FFmpeg's refusal reaches the worker only as "not opened", while this
+//!   one says why (a refusal is the open's error, so it shows in the
+//!   Scenario's status, with the fix).
 //!
 //! `CAMERA_TLS_VERIFY=false` turns all of it off for cameras with
 //! self-signed certificates, for every camera of the runner: give such a
@@ -106,11 +111,12 @@ impl CameraTls {
     }
 
     /// FFmpeg options (for `OPENCV_FFMPEG_CAPTURE_OPTIONS`) that make it check
-    /// the chain of an `https://` camera's connection.
+    /// the certificate (chain and host name) of an `https://` or `rtsps://`
+    /// camera's connection.
     pub fn ffmpeg_options(&self, source: &CameraSource) -> String {
         match (self, source) {
             (CameraTls::Verify { ca_file, .. }, CameraSource::Network(url))
-                if url.scheme() == "https" =>
+                if matches!(url.scheme(), "https" | "rtsps") =>
             {
                 format!("|tls_verify;1|ca_file;{}", ca_file.display())
             }
@@ -218,19 +224,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_https_gets_ffmpeg_options_and_off_gets_none() {
+    fn only_tls_schemes_get_ffmpeg_options_and_off_gets_none() {
         let dir = tempfile::tempdir().unwrap();
         let https = CameraSource::Network(Url::parse("https://cam.example/a.mp4").unwrap());
+        let rtsps = CameraSource::Network(Url::parse("rtsps://cam.example/a").unwrap());
         let rtsp = CameraSource::Network(Url::parse("rtsp://cam.example/a").unwrap());
+        let http = CameraSource::Network(Url::parse("http://cam.example/a.mp4").unwrap());
         assert_eq!(CameraTls::Off.ffmpeg_options(&https), "");
+        assert_eq!(CameraTls::Off.ffmpeg_options(&rtsps), "");
         let Ok(tls) = CameraTls::new(None, true) else {
             return; // no system bundle on this machine: covered by the next test
         };
-        assert!(
-            tls.ffmpeg_options(&https)
-                .starts_with("|tls_verify;1|ca_file;/")
-        );
+        for source in [&https, &rtsps] {
+            assert!(
+                tls.ffmpeg_options(source)
+                    .starts_with("|tls_verify;1|ca_file;/"),
+                "{source}"
+            );
+        }
         assert_eq!(tls.ffmpeg_options(&rtsp), "");
+        assert_eq!(tls.ffmpeg_options(&http), "");
         assert!(tls.check(&rtsp, Duration::from_secs(1)).is_ok());
         let bad = dir.path().join("ca.pem");
         std::fs::write(&bad, "not a certificate").unwrap();

@@ -432,18 +432,35 @@ impl RtspCamera {
 
     /// A server that offers only `transport` (`udp`, `tcp` or `any`).
     async fn start_offering(port: u16, clip: &Path, log: &Path, transport: &str) -> RtspCamera {
+        RtspCamera::start_with(port, clip, log, transport, None).await
+    }
+
+    /// An RTSPS server (rtsps://127.0.0.1:<port>/stream) with `pki`'s
+    /// certificate for 127.0.0.1.
+    async fn start_tls(port: u16, clip: &Path, log: &Path, pki: &TestPki) -> RtspCamera {
+        RtspCamera::start_with(port, clip, log, "any", Some(pki)).await
+    }
+
+    async fn start_with(
+        port: u16,
+        clip: &Path,
+        log: &Path,
+        transport: &str,
+        tls: Option<&TestPki>,
+    ) -> RtspCamera {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rtsp_server.py");
         let mut server = tokio::process::Command::new(SYSTEM_PYTHON);
         server
             .arg(script)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--transport",
-                transport,
-                "--file",
-            ])
-            .arg(clip);
+            .args(["--port", &port.to_string(), "--transport", transport]);
+        if let Some(pki) = tls {
+            server
+                .arg("--tls-cert")
+                .arg(pki.path("server.crt"))
+                .arg("--tls-key")
+                .arg(pki.path("server.key"));
+        }
+        server.arg("--file").arg(clip);
         let (child, url) = start_fixture(server, log, RTSP_HINT).await;
         RtspCamera {
             child,
@@ -548,23 +565,35 @@ fn h264_clip(dir: &Path, name: &str, seconds: u32) -> PathBuf {
 
 // ---------------------------------------------------------------- a TLS front
 
-/// A CA and a server certificate for 127.0.0.1 signed by it, made with openssl.
+/// A CA and a server certificate for 127.0.0.1 signed by it (`ca.crt`,
+/// `server.crt`, `server.key`), made with openssl; more of each on demand.
 struct TestPki {
     dir: tempfile::TempDir,
 }
 
 impl TestPki {
     fn new() -> TestPki {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let run = |args: &[&str]| {
-            common::run_ok(
-                std::process::Command::new("openssl")
-                    .args(args)
-                    .current_dir(dir.path()),
-                "the camera TLS tests need openssl",
-            )
+        let pki = TestPki {
+            dir: tempfile::tempdir().expect("temp dir"),
         };
-        run(&[
+        pki.ca("ca");
+        pki.issue("ca", "server", "IP:127.0.0.1");
+        pki
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        common::run_ok(
+            std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(self.dir.path()),
+            "the camera TLS tests need openssl",
+        );
+    }
+
+    /// A self-signed CA: `<name>.crt` and `<name>.key`.
+    fn ca(&self, name: &str) {
+        let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+        self.openssl(&[
             "req",
             "-x509",
             "-newkey",
@@ -573,13 +602,24 @@ impl TestPki {
             "-days",
             "2",
             "-subj",
-            "/CN=camera test CA",
+            &format!("/CN=camera test CA {name}"),
             "-keyout",
-            "ca.key",
+            &key,
             "-out",
-            "ca.crt",
+            &crt,
         ]);
-        run(&[
+    }
+
+    /// A server certificate signed by CA `ca` for `san` (an openssl
+    /// subjectAltName value): `<name>.crt` and `<name>.key`.
+    fn issue(&self, ca: &str, name: &str, san: &str) {
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        self.openssl(&[
             "req",
             "-newkey",
             "rsa:2048",
@@ -587,37 +627,58 @@ impl TestPki {
             "-subj",
             "/CN=camera",
             "-keyout",
-            "server.key",
+            &key,
             "-out",
-            "server.csr",
+            &csr,
         ]);
         std::fs::write(
-            dir.path().join("server.ext"),
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            self.path(&ext),
+            format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
         )
         .expect("write ext");
-        run(&[
+        self.openssl(&[
             "x509",
             "-req",
             "-in",
-            "server.csr",
+            &csr,
             "-CA",
-            "ca.crt",
+            &format!("{ca}.crt"),
             "-CAkey",
-            "ca.key",
+            &format!("{ca}.key"),
             "-CAcreateserial",
             "-days",
             "2",
             "-extfile",
-            "server.ext",
+            &ext,
             "-out",
-            "server.crt",
+            &crt,
         ]);
-        TestPki { dir }
     }
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// A TLS server configuration with certificate `<name>.crt` and key `<name>.key`.
+    fn server_config(&self, name: &str) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(self.path(&format!("{name}.crt")))
+                .expect("certificate file")
+                .map(|c| c.expect("certificate"))
+                .collect();
+        let key =
+            PrivateKeyDer::from_pem_file(self.path(&format!("{name}.key"))).expect("key file");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+        Arc::new(config)
     }
 }
 
@@ -630,23 +691,7 @@ struct TlsFront {
 
 impl TlsFront {
     fn start(pki: &TestPki, backend: &str) -> TlsFront {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(pki.path("server.crt"))
-                .expect("server.crt")
-                .map(|c| c.expect("certificate"))
-                .collect();
-        let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).expect("server.key");
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("server config");
-        let config = Arc::new(config);
+        let config = pki.server_config("server");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let url_base = format!("https://{}", listener.local_addr().unwrap());
@@ -714,6 +759,50 @@ fn relay_tls(
                 }
             }
         }
+    }
+}
+
+/// A man in the middle before a plain camera (`backend`, host:port): the
+/// first TLS connection, the worker's own certificate check, gets the real
+/// camera's certificate (`pki`'s `server`); every later one, FFmpeg's that
+/// carries the video, gets `pki`'s certificate `later`. Each connection is
+/// relayed both ways. Stops when dropped.
+struct MitmFront {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MitmFront {
+    async fn start(pki: &TestPki, later: &str, backend: &str) -> MitmFront {
+        let first = tokio_rustls::TlsAcceptor::from(pki.server_config("server"));
+        let later = tokio_rustls::TlsAcceptor::from(pki.server_config(later));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        let backend = backend.to_string();
+        let task = tokio::spawn(async move {
+            let mut relays = JoinSet::new();
+            let mut acceptor = &first;
+            while let Ok((client, _)) = listener.accept().await {
+                let (acceptor_now, backend) = (acceptor.clone(), backend.clone());
+                acceptor = &later;
+                relays.spawn(async move {
+                    let Ok(mut tls) = acceptor_now.accept(client).await else {
+                        return; // a refused certificate ends here
+                    };
+                    if let Ok(mut upstream) = TcpStream::connect(&backend).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+                    }
+                });
+            }
+        });
+        MitmFront { addr, task }
+    }
+}
+
+impl Drop for MitmFront {
+    fn drop(&mut self) {
+        // Aborting the task drops its JoinSet, which aborts the relays.
+        self.task.abort();
     }
 }
 
@@ -1640,29 +1729,98 @@ async fn tls_cameras_with_an_untrusted_certificate_are_refused_and_work_with_the
     );
     // A certificate for another host name is refused even with its CA.
     refused_camera(&url.replace("127.0.0.1", "localhost"), Some(&ca)).await;
-    // An rtsps:// camera is checked by the worker's own handshake, since
-    // FFmpeg cannot be told to verify RTSP's TLS connection.
-    refused_camera(&url.replace("https://", "rtsps://"), None).await;
 
     // With the camera's CA given, it is read; so it is with the documented
     // opt-out and no CA.
-    for (var, value) in [
-        ("CAMERA_CA_FILE", ca.display().to_string()),
-        ("CAMERA_TLS_VERIFY", "false".to_string()),
-    ] {
-        let mut worker = Worker::start({
-            let mut cmd = live_worker(&url);
-            cmd.env(var, value);
-            cmd
-        });
-        worker.wait_results(3, Duration::from_secs(30)).await;
-        worker.stop().await;
+    read_camera(&url, &[("CAMERA_CA_FILE", ca.to_str().unwrap())]).await;
+    read_camera(&url, &[("CAMERA_TLS_VERIFY", "false")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtsps_cameras_are_read_only_with_a_trusted_certificate_for_their_host() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clip = h264_clip(dir.path(), "vtest.mp4", 40);
+    let log = dir.path().join("rtsp_server.log");
+    let pki = TestPki::new();
+    let ca = pki.path("ca.crt");
+    let [port] = common::free_ports::<1>();
+    let camera = RtspCamera::start_tls(port, &clip, &log, &pki).await;
+    assert!(
+        camera.url.starts_with("rtsps://127.0.0.1:"),
+        "{}",
+        camera.url
+    );
+
+    // By default the system's store decides, which does not know this CA.
+    let refusal = refused_camera(&camera.url, None).await;
+    assert!(
+        refusal.contains("CAMERA_CA_FILE") && refusal.contains("CAMERA_TLS_VERIFY=false"),
+        "the worker says why and what to set:\n{refusal}"
+    );
+    // A certificate for another host name is refused even with its CA.
+    refused_camera(&camera.url.replace("127.0.0.1", "localhost"), Some(&ca)).await;
+
+    read_camera(&camera.url, &[("CAMERA_CA_FILE", ca.to_str().unwrap())]).await;
+    read_camera(&camera.url, &[("CAMERA_TLS_VERIFY", "false")]).await;
+    camera.kill().await;
+}
+
+/// FFmpeg's own check, on the connection that carries the video: a man in
+/// the middle shows the worker's handshake the camera's real certificate and
+/// FFmpeg another one. The worker's check passes; FFmpeg must refuse a
+/// certificate from another CA (rtsps: FFmpeg 5.1 does not verify it at
+/// all) and one from the camera's CA for another host (https and rtsps:
+/// FFmpeg 5.1 checks no host name), and read through the same relay when it
+/// gets the real certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_verifies_the_certificate_of_the_connection_that_carries_the_video() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clip = h264_clip(dir.path(), "vtest.mp4", 40);
+    let log = dir.path().join("rtsp_server.log");
+    let pki = TestPki::new();
+    pki.ca("other-ca");
+    pki.issue("other-ca", "other-ca-server", "IP:127.0.0.1");
+    pki.issue("ca", "other-host", "DNS:other-camera.invalid");
+    let ca = pki.path("ca.crt");
+    let with_ca = [("CAMERA_CA_FILE", ca.to_str().unwrap())];
+    let [port] = common::free_ports::<1>();
+    let rtsp = RtspCamera::start(port, &clip, &log).await;
+    let rtsp_backend = format!("127.0.0.1:{port}");
+    let mjpeg = MjpegCamera::start(Connection::Endless).await;
+    let mjpeg_backend = mjpeg.url.trim_start_matches("http://");
+    let mjpeg_backend = mjpeg_backend.split('/').next().unwrap();
+    let not_opened = "camera unreachable or not a video";
+
+    for later in ["other-ca-server", "other-host"] {
+        let front = MitmFront::start(&pki, later, &rtsp_backend).await;
+        let url = format!("rtsps://{}/stream", front.addr);
+        unread_camera(&url, Some(&ca), not_opened).await;
     }
+    let front = MitmFront::start(&pki, "other-host", mjpeg_backend).await;
+    unread_camera(
+        &format!("https://{}/stream", front.addr),
+        Some(&ca),
+        not_opened,
+    )
+    .await;
+
+    // The relay itself is sound: with the real certificate both are read.
+    let front = MitmFront::start(&pki, "server", &rtsp_backend).await;
+    read_camera(&format!("rtsps://{}/stream", front.addr), &with_ca).await;
+    let front = MitmFront::start(&pki, "server", mjpeg_backend).await;
+    read_camera(&format!("https://{}/stream", front.addr), &with_ca).await;
+    rtsp.kill().await;
 }
 
 /// Runs a worker on `url` (with `ca` as CAMERA_CA_FILE) that must refuse the
 /// camera's certificate before reading a frame; returns its log.
 async fn refused_camera(url: &str, ca: Option<&Path>) -> String {
+    unread_camera(url, ca, "TLS certificate is not trusted").await
+}
+
+/// Runs a worker on `url` (with `ca` as CAMERA_CA_FILE) that must give up
+/// on the camera without a frame, saying `why`; returns its log.
+async fn unread_camera(url: &str, ca: Option<&Path>, why: &str) -> String {
     let mut cmd = live_worker(url);
     cmd.args(["--max-reconnects", "0", "--open-timeout-ms", "3000"]);
     if let Some(ca) = ca {
@@ -1672,9 +1830,18 @@ async fn refused_camera(url: &str, ca: Option<&Path>) -> String {
     let status = worker.wait_exit(Duration::from_secs(30)).await;
     let log = worker.stderr();
     assert!(
-        !status.success() && log.contains("TLS certificate is not trusted"),
-        "{url} must not be read:\n{log}"
+        !status.success() && log.contains(why),
+        "{url} must not be read ({why}):\n{log}"
     );
     assert!(worker.results.is_empty(), "no frame of an untrusted camera");
     log
+}
+
+/// Runs a worker on `url` with `env` set until it published 3 results.
+async fn read_camera(url: &str, env: &[(&str, &str)]) {
+    let mut cmd = live_worker(url);
+    cmd.envs(env.iter().copied());
+    let mut worker = Worker::start(cmd);
+    worker.wait_results(3, Duration::from_secs(45)).await;
+    worker.stop().await;
 }
