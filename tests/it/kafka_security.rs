@@ -459,86 +459,29 @@ async fn an_untrusted_broker_certificate_fails_readyz_and_mutual_tls_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_and_its_worker_pod_run_over_sasl_ssl_with_their_own_principals() {
-    use k8s_openapi::api::core::v1::Secret;
-    use kube::api::PostParams;
-    use vap_runner::controller::crd::Phase;
-    use vap_runner::controller::pod::pod_name;
-
     let (runner_pw, worker_pw) = (password("runner"), password("worker"));
     let kafka = SecureKafka::start(&[("runner", &runner_pw), ("worker", &worker_pw)]);
     let bed = ControllerBed::on(kafka.bootstrap(), "ksec-ctl").await;
     kafka.grant_runner("runner", "worker", &(&bed).into());
-    let secrets: kube::Api<Secret> = kube::Api::namespaced(bed.client.clone(), &bed.namespace);
-    let ca = std::fs::read_to_string(kafka.ca()).expect("the bed's CA");
-    for secret in [
-        serde_json::json!({"metadata": {"name": "worker-kafka"},
-            "stringData": {"username": "worker", "password": worker_pw}}),
-        serde_json::json!({"metadata": {"name": "kafka-ca"}, "stringData": {"ca.crt": ca}}),
-    ] {
-        secrets
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(secret).unwrap(),
-            )
-            .await
-            .expect("create Secret");
-    }
     let files = tempfile::tempdir().expect("secrets dir");
     let runner_file = secret_file(&files, "runner-password", &runner_pw);
     let (sasl_ssl, ca_path) = (kafka.sasl_ssl(), kafka.ca().display().to_string());
-    let controller = bed.start_controller(&[
-        ("KAFKA_BOOTSTRAP_SERVERS", &sasl_ssl),
-        ("KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
-        ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
-        ("KAFKA_SASL_USERNAME", "runner"),
-        ("KAFKA_SASL_PASSWORD_FILE", &runner_file),
-        ("KAFKA_SSL_CA_LOCATION", &ca_path),
-        ("WORKER_KAFKA_SASL_SECRET", "worker-kafka"),
-        ("WORKER_KAFKA_CA_SECRET", "kafka-ca"),
-        ("VIDEO_FPS", "1"),
-    ]);
-    let scenario = uuid::Uuid::new_v4().to_string();
-    bed.deploy(&scenario, &format!("{}/vtest.avi", common::MEDIA_DIR))
-        .await;
-    bed.wait_phase(&scenario, Phase::Running).await;
-
-    // The worker Pod names its own Secret and the CA; no secret value is in it.
-    let pod = bed.pods().get(&pod_name(&scenario)).await.unwrap();
-    let spec = serde_json::to_string(&pod.spec).unwrap();
-    assert!(
-        !spec.contains(&worker_pw) && !spec.contains(&runner_pw),
-        "a password in the Pod spec"
-    );
-    assert!(
-        spec.contains("\"secretName\":\"worker-kafka\"")
-            && spec.contains("\"secretName\":\"kafka-ca\"")
-            && spec.contains("KAFKA_SASL_PASSWORD_FILE")
-            && spec.contains("\"value\":\"sasl_ssl\""),
-        "the Pod spec: {spec}"
-    );
-    // Run as the kubelet would, with the Secrets mounted: it produces as `worker`.
-    let output = bed
-        .pod_command(&pod)
-        .await
-        .output()
-        .expect("run the Pod's command");
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{log}");
-    assert!(log.contains("sasl.username=worker"), "{log}");
-    assert!(
-        !log.contains(&worker_pw),
-        "the password in the worker's log"
-    );
-    assert_eq!(
-        common::messages_in(&bed.bootstrap, &bed.results),
-        Some(80),
-        "vtest.avi (79.5 s) at VIDEO_FPS=1 gives 80 results"
-    );
-    let controller_log = std::fs::read_to_string(&controller.log_path).unwrap_or_default();
-    assert!(controller_log.contains("security.protocol=sasl_ssl"));
-    assert!(!controller_log.contains(&runner_pw) && !controller_log.contains(&worker_pw));
-    let cmdline = read_proc(controller.pid().expect("controller pid"), "cmdline");
-    assert!(!cmdline.contains(&runner_pw), "{cmdline}");
+    controller_and_worker_pod(
+        &kafka,
+        &bed,
+        &[
+            ("KAFKA_BOOTSTRAP_SERVERS", &sasl_ssl),
+            ("KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+            ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("KAFKA_SASL_USERNAME", "runner"),
+            ("KAFKA_SASL_PASSWORD_FILE", &runner_file),
+            ("KAFKA_SSL_CA_LOCATION", &ca_path),
+        ],
+        serde_json::json!({"username": "worker", "password": worker_pw}),
+        ("KAFKA_SASL_PASSWORD_FILE", "sasl.username=worker"),
+        &[&runner_pw, &worker_pw],
+    )
+    .await;
 
     // Without a Secret for its workers, the controller refuses SASL.
     let refused = common::runner()
@@ -554,6 +497,131 @@ async fn controller_and_its_worker_pod_run_over_sasl_ssl_with_their_own_principa
         !refused.status.success() && err.contains("WORKER_KAFKA_SASL_SECRET"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_and_its_worker_pod_run_over_oauthbearer_as_their_own_subjects() {
+    let (runner_secret, worker_secret) = (password("oidc-runner"), password("oidc-worker"));
+    let oidc = Oidc::start(&[
+        ("vap-runner", &runner_secret, "runner-oidc"),
+        ("vap-worker", &worker_secret, "worker-oidc"),
+    ])
+    .await;
+    let kafka = SecureKafka::start_with_oauth(&[("admin", &password("admin"))], &oidc.jwks_url());
+    let bed = ControllerBed::on(kafka.bootstrap(), "ksec-ctl-oauth").await;
+    // Each principal is its token's `sub`, with its own ACLs.
+    kafka.grant_runner("runner-oidc", "worker-oidc", &(&bed).into());
+    let files = tempfile::tempdir().expect("secrets dir");
+    let runner_file = secret_file(&files, "client-secret", &runner_secret);
+    let settings = oauth_settings(&kafka, &oidc, &runner_file);
+    controller_and_worker_pod(
+        &kafka,
+        &bed,
+        &as_env(&settings),
+        serde_json::json!({"client-id": "vap-worker", "client-secret": worker_secret}),
+        (
+            "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+            "sasl.oauthbearer.client.id=vap-worker",
+        ),
+        &[&runner_secret, &worker_secret],
+    )
+    .await;
+    let (issued, refused) = oidc.counts();
+    assert!(
+        issued >= 2 && refused == 0,
+        "tokens for the controller and its worker: {issued} issued, {refused} refused"
+    );
+}
+
+/// Starts a controller on `bed` with the Kafka `settings`, worker Pods told
+/// to log in with the Secret `worker-kafka` (holding `worker_login`) and
+/// trust the broker's CA from the Secret `kafka-ca`; deploys vtest.avi and
+/// runs its worker Pod's command as the kubelet would, with the Secrets
+/// mounted. Checks that the worker delivers all 80 results, that the Pod
+/// spec names `shown.0` and the worker's log `shown.1`, and that none of
+/// `hidden` is in the Pod spec, either log or the controller's command line.
+async fn controller_and_worker_pod(
+    kafka: &SecureKafka,
+    bed: &ControllerBed,
+    settings: &[(&str, &str)],
+    worker_login: serde_json::Value,
+    shown: (&str, &str),
+    hidden: &[&str],
+) {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::PostParams;
+    use vap_runner::controller::crd::Phase;
+    use vap_runner::controller::pod::pod_name;
+
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(bed.client.clone(), &bed.namespace);
+    let ca = std::fs::read_to_string(kafka.ca()).expect("the bed's CA");
+    for secret in [
+        serde_json::json!({"metadata": {"name": "worker-kafka"}, "stringData": worker_login}),
+        serde_json::json!({"metadata": {"name": "kafka-ca"}, "stringData": {"ca.crt": ca}}),
+    ] {
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(secret).unwrap(),
+            )
+            .await
+            .expect("create Secret");
+    }
+    let mut env = settings.to_vec();
+    env.extend([
+        ("WORKER_KAFKA_SASL_SECRET", "worker-kafka"),
+        ("WORKER_KAFKA_CA_SECRET", "kafka-ca"),
+        ("VIDEO_FPS", "1"),
+    ]);
+    let controller = bed.start_controller(&env);
+    let scenario = uuid::Uuid::new_v4().to_string();
+    bed.deploy(&scenario, &format!("{}/vtest.avi", common::MEDIA_DIR))
+        .await;
+    bed.wait_phase(&scenario, Phase::Running).await;
+
+    // The worker Pod names its own Secret and the CA; no secret value is in it.
+    let pod = bed.pods().get(&pod_name(&scenario)).await.unwrap();
+    let spec = serde_json::to_string(&pod.spec).unwrap();
+    assert!(
+        hidden.iter().all(|secret| !spec.contains(secret)),
+        "a secret in the Pod spec"
+    );
+    assert!(
+        spec.contains("\"secretName\":\"worker-kafka\"")
+            && spec.contains("\"secretName\":\"kafka-ca\"")
+            && spec.contains("\"value\":\"sasl_ssl\"")
+            && spec.contains(shown.0),
+        "the Pod spec: {spec}"
+    );
+    // Run as the kubelet would, with the Secrets mounted: it produces as
+    // its own principal.
+    let output = bed
+        .pod_command(&pod)
+        .await
+        .output()
+        .expect("run the Pod's command");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    assert!(log.contains(shown.1), "{log}");
+    assert!(
+        hidden.iter().all(|secret| !log.contains(secret)),
+        "a secret in the worker's log"
+    );
+    assert_eq!(
+        common::messages_in(&bed.bootstrap, &bed.results),
+        Some(80),
+        "vtest.avi (79.5 s) at VIDEO_FPS=1 gives 80 results"
+    );
+    let controller_log = std::fs::read_to_string(&controller.log_path).unwrap_or_default();
+    assert!(controller_log.contains("security.protocol=sasl_ssl"));
+    let cmdline = read_proc(controller.pid().expect("controller pid"), "cmdline");
+    for secret in hidden {
+        assert!(
+            !controller_log.contains(secret),
+            "a secret in the controller's log"
+        );
+        assert!(!cmdline.contains(secret), "{cmdline}");
+    }
 }
 
 /// `runner local`'s settings for OAUTHBEARER over SASL_SSL with `oidc`'s
