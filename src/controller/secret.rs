@@ -128,11 +128,13 @@ pub enum DigestKeyError {
 }
 
 /// Reads runner `runner_name`'s digest key from its Secret, creating the
-/// Secret with a new random key when there is none (the first start; a
-/// replica that loses the race to create it reads the winner's).
+/// Secret (stamped with the leader's `stamp`) with a new random key when
+/// there is none (the first start; a replica that loses the race to create
+/// it reads the winner's).
 pub async fn digest_key(
     secrets: &Api<Secret>,
     runner_name: &str,
+    stamp: Option<&str>,
 ) -> Result<DigestKey, DigestKeyError> {
     let name = digest_key_secret_name(runner_name);
     loop {
@@ -166,6 +168,7 @@ pub async fn digest_key(
             ]
             .into(),
         );
+        super::fencing::stamp_meta(&mut secret.metadata, stamp);
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
@@ -232,19 +235,23 @@ pub fn camera_url_env(scenario_uuid: &str, run: u32) -> EnvVar {
     }
 }
 
-/// Writes the camera Secret of `scenario` (which must carry its UID) unless
-/// it exists: a replayed deploy never overwrites it, and the controller
-/// never needs to read Secrets (its Role grants `create` only).
+/// Writes the camera Secret of `scenario` (which must carry its UID),
+/// stamped with the leader's `stamp`, unless it exists: a replayed deploy
+/// never overwrites it, and the controller never needs to read Secrets (its
+/// Role grants `create` only).
 pub async fn store(
     secrets: &Api<Secret>,
     scenario: &Scenario,
     camera_url: &str,
+    stamp: Option<&str>,
 ) -> Result<(), kube::Error> {
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
-    match secrets.create(&params, &build(scenario, camera_url)).await {
+    let mut secret = build(scenario, camera_url);
+    super::fencing::stamp_meta(&mut secret.metadata, stamp);
+    match secrets.create(&params, &secret).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e),
