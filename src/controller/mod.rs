@@ -364,7 +364,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     let digest_key = secret::digest_key(
         &Api::namespaced(calls.clone(), &namespace),
         &args.runner_name,
-        ctx.leadership.stamp(),
+        &ctx.leadership,
     )
     .await
     .map_err(|source| ControllerError::DigestKey {

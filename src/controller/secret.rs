@@ -128,13 +128,15 @@ pub enum DigestKeyError {
 }
 
 /// Reads runner `runner_name`'s digest key from its Secret, creating the
-/// Secret (stamped with the leader's `stamp`) with a new random key when
-/// there is none (the first start; a replica that loses the race to create
-/// it reads the winner's).
+/// Secret (stamped by `leadership`) with a new random key when there is none
+/// (the first start; a replica that loses the race to create it reads the
+/// winner's). A creation the fencing policy refuses is tried again while
+/// leadership holds: right after a take-over the policy may not have seen
+/// it yet.
 pub async fn digest_key(
     secrets: &Api<Secret>,
     runner_name: &str,
-    stamp: Option<&str>,
+    leadership: &super::leader::Leadership,
 ) -> Result<DigestKey, DigestKeyError> {
     let name = digest_key_secret_name(runner_name);
     loop {
@@ -168,7 +170,7 @@ pub async fn digest_key(
             ]
             .into(),
         );
-        super::fencing::stamp_meta(&mut secret.metadata, stamp);
+        super::fencing::stamp_meta(&mut secret.metadata, leadership.stamp());
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
@@ -179,6 +181,13 @@ pub async fn digest_key(
                 return Ok(DigestKey::new(&bytes));
             }
             Err(kube::Error::Api(e)) if e.code == 409 => continue, // another replica made it
+            Err(e)
+                if super::refusal::classify(&e) == super::refusal::Refusal::Fenced
+                    && leadership.holds() =>
+            {
+                tracing::debug!(error = %e, "the digest key Secret was refused as fenced; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
             Err(e) => return Err(e.into()),
         }
     }
