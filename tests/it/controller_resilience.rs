@@ -1175,6 +1175,23 @@ async fn the_fencing_policy_admits_only_the_current_holders_stamp() {
     .await;
 }
 
+/// Waits until `controller` has logged a line with `what` about `name`.
+async fn wait_logged(controller: &common::controller::ControllerProcess, what: &str, name: &str) {
+    wait_for(
+        &format!("the log to show {what} {name}"),
+        SCENARIO_WITHIN,
+        || {
+            let log = controller.log();
+            async move {
+                log.lines()
+                    .any(|l| l.contains(what) && l.contains(name))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 /// The Scenario's `status.writer`.
 fn writer(s: &Scenario) -> Option<&str> {
     s.status.as_ref()?.writer.as_deref()
@@ -1260,25 +1277,8 @@ async fn a_paused_and_cut_off_leader_gets_every_write_refused() {
         .unwrap();
     let second = uuid();
     bed.deploy(&second, camera).await;
-    let sent = |what: &str, name: &str| {
-        let (what, name) = (what.to_string(), name.to_string());
-        let log = leader.log();
-        async move {
-            log.lines()
-                .any(|l| l.contains(&what) && l.contains(&name))
-                .then_some(())
-        }
-    };
-    wait_for("the leader to send a Pod creation", SCENARIO_WITHIN, || {
-        sent("creating the worker Pod", &pod_name(&first))
-    })
-    .await;
-    wait_for(
-        "the leader to send a Scenario creation",
-        SCENARIO_WITHIN,
-        || sent("creating the Scenario", &scenario_name(&second)),
-    )
-    .await;
+    wait_logged(&leader, "creating the worker Pod", &pod_name(&first)).await;
+    wait_logged(&leader, "creating the Scenario", &scenario_name(&second)).await;
     leader.signal("STOP");
     // Meanwhile the first scenario is stopped by hand: the next leader
     // wants no Pod for it.
@@ -1459,4 +1459,77 @@ async fn healthz_fails_while_ingest_or_a_reconcile_is_stuck_and_recovers() {
         &controller.metrics().await,
         "vap_controller_dead_lettered_total",
     );
+}
+
+/// SIGTERM while the leader's worker Pod creation hangs (behind an admission
+/// webhook that never answers, until the apiserver gives up on it): the
+/// leader keeps its Lease until that write has ended, then releases it, and
+/// the standby takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_keeps_its_lease_while_a_write_is_in_flight() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let bed = Bed::new("ctl-drain").await;
+    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    let lease = Versions::start(
+        leases,
+        watcher::Config::default().fields(&format!("metadata.name={LEASE}")),
+    )
+    .await;
+    let settings = [("LEASE_DURATION_SECS", "6")];
+    let mut leader = bed.start_controller(&[&settings[..], &[("POD_NAME", "replica-a")]].concat());
+    stamp_when_held_by(&bed, "replica-a").await;
+    let mut standby = bed.start_controller(&[&settings[..], &[("POD_NAME", "replica-b")]].concat());
+
+    let _webhook = HangingWebhook::new(&bed, ("", "pods")).await;
+    // In effect once a Pod creation (a dry run) hangs.
+    let probe: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "hang-probe"},
+        "spec": {"containers": [{"name": "c", "image": "vap-runner:test"}]}
+    }))
+    .unwrap();
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    wait_for(
+        "the webhook to hold Pod creations",
+        SCENARIO_WITHIN,
+        || async {
+            tokio::time::timeout(Duration::from_secs(3), bed.pods().create(&dry, &probe))
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    let id = uuid();
+    bed.deploy(&id, LIVE).await;
+    wait_logged(&leader, "creating the worker Pod", &pod_name(&id)).await;
+    leader.signal("TERM");
+    wait_for("the old leader to exit", SCENARIO_WITHIN, || {
+        let ended = leader.exited();
+        async move { ended }
+    })
+    .await;
+    // The write ended (refused once the apiserver gave up on the webhook)
+    // before the Lease was released.
+    let log = leader.log();
+    let at = |what: &str| {
+        log.find(what)
+            .unwrap_or_else(|| panic!("the leader's log has no {what:?}:\n{}", leader.log_tail()))
+    };
+    assert!(
+        at("failed calling webhook") < at("Lease released"),
+        "the Lease was released while a write was in flight:\n{}",
+        leader.log_tail()
+    );
+    assert!(
+        lease
+            .seen()
+            .iter()
+            .any(|l| l.spec.as_ref().is_some_and(|s| s.holder_identity.is_none())),
+        "released"
+    );
+    stamp_when_held_by(&bed, "replica-b").await;
+    standby.assert_running();
 }
