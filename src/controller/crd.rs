@@ -152,6 +152,11 @@ pub struct ScenarioStatus {
     /// state or the `Streaming` condition changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<StreamStatus>,
+    /// The leader that wrote this status, as `<holderIdentity>/<leaseTransitions>`
+    /// of the leader Lease: with the chart's fencing policy a status write
+    /// stamped by anyone but the current holder is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 /// The camera's health, from the worker's heartbeats.

@@ -28,6 +28,8 @@ use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 
 use super::crd::{Phase, Scenario, ScenarioSpec};
+use super::fencing;
+use super::leader::Leadership;
 use super::pod::{
     self, ANNOTATION_CAMERA_DIGEST, ANNOTATION_ENQUEUED_AT, ANNOTATION_SOURCE, LABEL_RUNNER,
     LABEL_SCENARIO, label_value,
@@ -56,6 +58,10 @@ pub struct ScenarioStore {
     /// How long a finished Scenario, and with it what its commands were, is
     /// kept (FINISHED_TTL_SECS); `None` keeps them for ever.
     pub replay_horizon: Option<std::time::Duration>,
+    /// The stamp every write carries ([`fencing`]).
+    pub leadership: Leadership,
+    /// Writes the fencing policy refused (`fenced_writes`).
+    pub fenced_writes: prometheus_client::metrics::counter::Counter,
 }
 
 /// How many scenarios wait for a worker, as the reconciler's caches show it
@@ -209,12 +215,25 @@ impl ScenarioStore {
         }
     }
 
-    /// Creates `scenario`; `Ok(None)` when another writer created it first.
+    /// Sorts an API error (see [`store_error`]), counting and telling a
+    /// write the fencing policy refused.
+    fn write_error(&self, e: kube::Error) -> StoreError {
+        if refusal::classify(&e) == Refusal::Fenced {
+            self.fenced_writes.inc();
+            tracing::warn!(error = %e, "a write was refused as not the current leader's (fenced): this replica lost the Lease, or the policy has not seen its take-over yet");
+        }
+        store_error(e)
+    }
+
+    /// Creates `scenario`, stamped; `Ok(None)` when another writer created it first.
     async fn create(&self, scenario: &Scenario) -> Result<Option<Scenario>, StoreError> {
-        match self.scenarios.create(&Self::params(), scenario).await {
+        let mut scenario = scenario.clone();
+        fencing::stamp_meta(&mut scenario.metadata, self.leadership.stamp());
+        tracing::debug!(scenario = %scenario.name_any(), "creating the Scenario");
+        match self.scenarios.create(&Self::params(), &scenario).await {
             Ok(written) => Ok(Some(written)),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
-            Err(e) => Err(store_error(e)),
+            Err(e) => Err(self.write_error(e)),
         }
     }
 
@@ -227,9 +246,9 @@ impl ScenarioStore {
     ) -> Result<(), StoreError> {
         // The Scenario is written already: a quota on Secrets is waited out
         // rather than dead-lettering a deploy whose Scenario exists.
-        secret::store(&self.secrets, scenario, camera_url)
+        secret::store(&self.secrets, scenario, camera_url, self.leadership.stamp())
             .await
-            .map_err(|e| match store_error(e) {
+            .map_err(|e| match self.write_error(e) {
                 StoreError::Refused { message, .. } => StoreError::Transient(message),
                 other => other,
             })
@@ -241,6 +260,7 @@ impl ScenarioStore {
         // The server keeps its own record of field managers.
         let mut scenario = scenario.clone();
         scenario.metadata.managed_fields = None;
+        fencing::stamp_meta(&mut scenario.metadata, self.leadership.stamp());
         match self
             .scenarios
             .replace(&scenario.name_any(), &Self::params(), &scenario)
@@ -248,7 +268,7 @@ impl ScenarioStore {
         {
             Ok(written) => Ok(Some(written)),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
-            Err(e) => Err(store_error(e)),
+            Err(e) => Err(self.write_error(e)),
         }
     }
 }
@@ -405,7 +425,11 @@ fn store_error(e: kube::Error) -> StoreError {
                  sooner, then send it again"
             ),
         },
-        Refusal::Unauthorized | Refusal::Retry => StoreError::Transient(e.to_string()),
+        // A fenced write is this replica's, not the command's: it is never
+        // dead-lettered (the leader that took over applies it).
+        Refusal::Unauthorized | Refusal::Fenced | Refusal::Retry => {
+            StoreError::Transient(e.to_string())
+        }
     }
 }
 

@@ -12,7 +12,12 @@
 //!   already over when it resumes, before the standby can have taken over.
 //! - Every Lease call has a timeout (the Lease client's own), shorter than the
 //!   renew interval.
-//! - On SIGTERM the holder releases the Lease, so a standby takes over at once.
+//! - On SIGTERM the holder releases the Lease once its in-flight work has
+//!   stopped, so a standby takes over at once.
+//! - Every change of holder (a take-over of an expired, released or missing
+//!   Lease, also by a new process of the same identity) increases
+//!   `leaseTransitions`: `<holderIdentity>/<leaseTransitions>` names one term
+//!   of one process, the stamp its writes carry ([`super::fencing`]).
 //!
 //! Optimistic concurrency (resourceVersion) makes every take-over a single
 //! winner's write.
@@ -85,6 +90,8 @@ pub struct Leadership {
 }
 
 struct Clock {
+    /// The stamp of this term (see [`super::fencing`]).
+    stamp: String,
     base: Instant,
     /// Nanoseconds after `base` when the last successful renewal started.
     renewed: AtomicU64,
@@ -95,6 +102,11 @@ impl Leadership {
     /// Leadership that always holds (leader election off).
     pub fn always() -> Leadership {
         Leadership { inner: None }
+    }
+
+    /// The stamp this term's writes carry; `None` without leader election.
+    pub fn stamp(&self) -> Option<&str> {
+        self.inner.as_ref().map(|c| c.stamp.as_str())
     }
 
     /// True while the last successful renewal started less than the renew
@@ -116,6 +128,20 @@ pub struct LeaderElector {
     identity: String,
     timing: Timing,
     seen: Option<Seen>,
+    /// `leaseTransitions` of the term this process holds, once it took the
+    /// Lease: a Lease showing another holder or another term is lost.
+    term: Option<i32>,
+}
+
+/// What a replica that held term `term` (if any) makes of a Lease held by
+/// `holder` in term `transitions`: whether it is its own current term.
+pub fn is_own_term(
+    holder: Option<&str>,
+    transitions: i32,
+    identity: &str,
+    term: Option<i32>,
+) -> bool {
+    holder == Some(identity) && term == Some(transitions)
 }
 
 impl LeaderElector {
@@ -126,7 +152,13 @@ impl LeaderElector {
             identity: identity.to_string(),
             timing,
             seen: None,
+            term: None,
         }
+    }
+
+    /// The stamp of the term this process holds, once it took the Lease.
+    pub fn stamp(&self) -> Option<String> {
+        self.term.map(|t| super::fencing::stamp(&self.identity, t))
     }
 
     fn seconds(&self) -> i32 {
@@ -155,7 +187,10 @@ impl LeaderElector {
                     }),
                 };
                 match self.api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => Ok(Attempt::Held),
+                    Ok(_) => {
+                        self.term = Some(0);
+                        Ok(Attempt::Held)
+                    }
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::HeldByOther),
                     Err(kube::Error::Api(e)) if e.code == 403 => {
                         // The chart creates the Lease and grants no create.
@@ -186,23 +221,30 @@ impl LeaderElector {
                 let unchanged_for = seen.at.elapsed();
                 self.seen = Some(seen);
                 let holder = spec.holder_identity.as_deref();
-                if !may_take(
-                    holder,
-                    &self.identity,
-                    unchanged_for,
-                    self.timing.lease_duration,
-                ) {
+                let transitions = spec.lease_transitions.unwrap_or(0);
+                let ours = is_own_term(holder, transitions, &self.identity, self.term);
+                // A term once lost (another holder, or another process of
+                // this identity in a later term) is never taken back.
+                if !ours
+                    && (self.term.is_some()
+                        || !may_take(
+                            holder,
+                            &self.identity,
+                            unchanged_for,
+                            self.timing.lease_duration,
+                        ))
+                {
                     return Ok(Attempt::HeldByOther);
                 }
-                let ours = holder == Some(self.identity.as_str());
                 let mut next = spec.clone();
                 next.holder_identity = Some(self.identity.clone());
                 next.lease_duration_seconds = Some(self.seconds());
                 next.renew_time = Some(MicroTime(now));
                 if !ours {
                     next.acquire_time = Some(MicroTime(now));
-                    next.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                    next.lease_transitions = Some(transitions + 1);
                 }
+                let term = next.lease_transitions.unwrap_or(0);
                 lease.spec = Some(next);
                 // replace carries the resourceVersion we read: a concurrent
                 // writer makes this fail with 409 instead of both winning.
@@ -211,7 +253,10 @@ impl LeaderElector {
                     .replace(&self.name, &PostParams::default(), &lease)
                     .await
                 {
-                    Ok(_) => Ok(Attempt::Held),
+                    Ok(_) => {
+                        self.term = Some(term);
+                        Ok(Attempt::Held)
+                    }
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::HeldByOther),
                     Err(e) => Err(e),
                 }
@@ -227,7 +272,12 @@ impl LeaderElector {
         let Some(spec) = lease.spec.as_mut() else {
             return;
         };
-        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+        if !is_own_term(
+            spec.holder_identity.as_deref(),
+            spec.lease_transitions.unwrap_or(0),
+            &self.identity,
+            self.term,
+        ) {
             return;
         }
         spec.holder_identity = None;
@@ -244,12 +294,13 @@ impl LeaderElector {
     }
 
     /// Waits until this replica holds the Lease, then keeps renewing it in the
-    /// background until `stop` fires (then releases it). The receiver turns
-    /// `false` when leadership is lost; [`Leadership::holds`] turns false at
-    /// the renew deadline even before that task notices.
+    /// background until `release` fires (then releases it): the caller fires
+    /// it once its in-flight work has stopped. The receiver turns `false`
+    /// when leadership is lost; [`Leadership::holds`] turns false at the
+    /// renew deadline even before that task notices.
     pub async fn lead(
         mut self,
-        mut stop: watch::Receiver<bool>,
+        mut release: watch::Receiver<bool>,
     ) -> (
         watch::Receiver<bool>,
         Leadership,
@@ -267,8 +318,9 @@ impl LeaderElector {
             }
             tokio::time::sleep(timing.retry).await;
         };
-        tracing::info!(lease = %self.name, identity = %self.identity, "leading");
+        tracing::info!(lease = %self.name, identity = %self.identity, stamp = %self.stamp().unwrap_or_default(), "leading");
         let clock = Arc::new(Clock {
+            stamp: self.stamp().unwrap_or_default(),
             base: started,
             renewed: AtomicU64::new(0),
             renew_deadline: timing.renew_deadline,
@@ -282,7 +334,7 @@ impl LeaderElector {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(timing.retry) => {}
-                    _ = stop.changed() => {
+                    _ = release.changed() => {
                         self.release().await;
                         return;
                     }
@@ -343,9 +395,21 @@ mod tests {
         assert!(t.retry * 3 <= t.renew_deadline);
     }
 
+    #[test]
+    fn a_term_is_one_holder_in_one_transition() {
+        assert!(is_own_term(Some("a"), 2, "a", Some(2)));
+        // A later term of the same identity (another process) is not ours,
+        // nor is a Lease we never took.
+        assert!(!is_own_term(Some("a"), 3, "a", Some(2)));
+        assert!(!is_own_term(Some("a"), 2, "a", None));
+        assert!(!is_own_term(Some("b"), 2, "a", Some(2)));
+        assert!(!is_own_term(None, 2, "a", Some(2)));
+    }
+
     fn renewed_ago(secs: u64) -> Leadership {
         Leadership {
             inner: Some(Arc::new(Clock {
+                stamp: "a/1".into(),
                 base: Instant::now() - Duration::from_secs(secs),
                 renewed: AtomicU64::new(0),
                 renew_deadline: Duration::from_secs(10),

@@ -39,6 +39,9 @@ pub struct ControllerMetrics {
     pub pods_created: Counter,
     pub status_writes: Counter,
     pub status_conflicts: Counter,
+    /// Writes the fencing policy refused: made by this replica after it
+    /// lost the leader Lease.
+    pub fenced_writes: Counter,
     pub scenarios_expired: Counter,
     pub phase_changes: Family<PhaseLabels, Counter>,
     pub ingest: IngestMetrics,
@@ -65,6 +68,7 @@ impl ControllerMetrics {
             pods_created: Default::default(),
             status_writes: Default::default(),
             status_conflicts: Default::default(),
+            fenced_writes: Default::default(),
             scenarios_expired: Default::default(),
             phase_changes: Default::default(),
             ingest: Default::default(),
@@ -117,6 +121,11 @@ impl ControllerMetrics {
             "status_conflicts",
             "Scenario status writes refused because the Scenario changed since it was read (planned again, nothing acted on)",
             metrics.status_conflicts.clone(),
+        );
+        r.register(
+            "fenced_writes",
+            "Writes the fencing admission policy refused because this replica no longer held the leader Lease (made by a deposed leader; nothing was changed)",
+            metrics.fenced_writes.clone(),
         );
         r.register(
             "scenarios_expired",

@@ -13,6 +13,7 @@ pub use crate::scenario::admission;
 pub mod cluster;
 pub mod crd;
 pub mod events;
+pub mod fencing;
 pub mod health;
 pub mod ingest;
 pub mod leader;
@@ -133,6 +134,8 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     check_crd(&scenarios).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Fired once in-flight work has stopped: the Lease is released only then.
+    let (release_tx, release_rx) = watch::channel(false);
     tokio::spawn({
         let stop_tx = stop_tx.clone();
         async move {
@@ -152,7 +155,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         let elector = LeaderElector::new(leases, &format!("{runner}-leader"), &identity, timing);
         let mut stop = stop_rx.clone();
         tokio::select! {
-            (rx, holds, task) = elector.lead(stop_rx.clone()) => (rx, holds, Some(task)),
+            (rx, holds, task) = elector.lead(release_rx) => (rx, holds, Some(task)),
             _ = stop.changed() => return Ok(()),
         }
     } else {
@@ -361,6 +364,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     let digest_key = secret::digest_key(
         &Api::namespaced(calls.clone(), &namespace),
         &args.runner_name,
+        &ctx.leadership,
     )
     .await
     .map_err(|source| ControllerError::DigestKey {
@@ -382,6 +386,8 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
             ),
             digest_key,
             replay_horizon: ctx.rules.finished_ttl,
+            leadership: ctx.leadership.clone(),
+            fenced_writes: metrics.fenced_writes.clone(),
         },
         config: IngestConfig {
             deploy_topic: args.deploy_topic.clone(),
@@ -406,6 +412,8 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         })
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
+    tokio::pin!(controller);
+    let mut reconciling = true;
     tracing::info!(namespace = %namespace, runner = %runner, max_workers = sup.max_workers.0, max_queued = sup.max_queued, "controller running");
 
     let lost = async {
@@ -418,10 +426,13 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     let mut stopping = stop_rx.clone();
     // Every task runs until shutdown: one that ends early leaves the
     // controller headless, so the process exits non-zero instead.
-    // On SIGTERM the tasks wind down in any order (the Lease is released,
-    // so leadership ends too): whatever ends first then is a clean stop.
+    // On SIGTERM the tasks wind down in any order: whatever ends first then
+    // is a clean stop.
     let result = tokio::select! {
-        _ = controller => if *stopping.borrow_and_update() { Ok(()) } else { Err(ControllerError::TaskEnded("reconcile")) },
+        _ = &mut controller => {
+            reconciling = false;
+            if *stopping.borrow_and_update() { Ok(()) } else { Err(ControllerError::TaskEnded("reconcile")) }
+        },
         _ = lost => if *stopping.borrow_and_update() { Ok(()) } else { Err(ControllerError::LeadershipLost) },
         ended = &mut ingest => match ended {
             Ok(Err(e)) => Err(e.into()),
@@ -431,14 +442,38 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         _ = pod_cache => if *stopping.borrow_and_update() { Ok(()) } else { Err(ControllerError::TaskEnded("the worker Pod watch")) },
     };
     let _ = stop_tx.send(true);
-    if !ingest.is_finished()
-        && let Ok(Err(e)) = ingest.await
-    {
-        return Err(e.into());
-    }
+    // In-flight work stops before the Lease goes: running reconciles finish
+    // (the controller's graceful shutdown) and ingest ends its record, so
+    // nothing of this replica's lands after a standby took over. Work still
+    // running after SHUTDOWN_DRAIN keeps the Lease until it expires.
+    let drained = tokio::time::timeout(SHUTDOWN_DRAIN, async {
+        if reconciling {
+            controller.await;
+        }
+        if ingest.is_finished() {
+            None
+        } else {
+            (&mut ingest).await.ok().and_then(Result::err)
+        }
+    })
+    .await;
     if let Some(keeper) = lease_keeper {
-        // Releases the Lease on a clean stop.
-        let _ = keeper.await;
+        if drained.is_ok() {
+            // Releases the Lease (on a clean stop; after a lost leadership
+            // the keeper has ended already).
+            let _ = release_tx.send(true);
+            let _ = keeper.await;
+        } else {
+            tracing::warn!(
+                "in-flight work did not stop within {}s; the Lease is left to expire",
+                SHUTDOWN_DRAIN.as_secs()
+            );
+            keeper.abort();
+        }
+    }
+    ingest.abort();
+    if let Ok(Some(e)) = drained {
+        return Err(e.into());
     }
     server.abort();
     probe.abort();
@@ -453,6 +488,11 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
 
 /// Timeout of every Kubernetes API call other than watches and the Lease's.
 const API_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a stopping controller waits for its in-flight reconciles and
+/// ingest before it gives up releasing the Lease (within the chart's
+/// terminationGracePeriodSeconds of 30).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(20);
 
 /// A client from the environment; `timeout`, when given, bounds each response.
 async fn kube_client(timeout: Option<Duration>) -> Result<Client, ControllerError> {

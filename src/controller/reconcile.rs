@@ -43,6 +43,7 @@ use tokio::sync::{Mutex, Notify};
 use super::admission::{self, Waiting};
 use super::crd::{Phase, Scenario, ScenarioStatus};
 use super::events::PhasePublisher;
+use super::fencing;
 use super::leader::Leadership;
 use super::metrics::{CategoryLabels, ControllerMetrics, PhaseLabels, ResultLabels};
 use super::plan::{self, Plan, Rules, Slot, Step};
@@ -69,8 +70,17 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
+    /// Whether the fencing policy refused a write: this replica no longer
+    /// holds the leader Lease.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, ReconcileError::Kube { source, .. } if refusal::classify(source) == Refusal::Fenced)
+    }
+
     /// A low-cardinality label for metrics.
     pub fn category(&self) -> &'static str {
+        if self.is_fenced() {
+            return "fenced";
+        }
         match self {
             ReconcileError::Kube {
                 source: kube::Error::Api(e),
@@ -288,6 +298,12 @@ pub async fn reconcile(
     ctx.metrics
         .reconcile_seconds
         .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &result
+        && e.is_fenced()
+    {
+        ctx.metrics.fenced_writes.inc();
+        tracing::warn!(scenario = %scenario.name_any(), error = %e, "a write was refused as not the current leader's (fenced): this replica lost the Lease, or the policy has not seen its take-over yet");
+    }
     let label = if result.is_ok() { "ok" } else { "error" };
     if result.is_ok() {
         ctx.failures
@@ -397,7 +413,10 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
     let old_phase = scenario.status.as_ref().and_then(|s| s.phase);
     if scenario.status.as_ref() != Some(&plan.status) {
         let api: Api<Scenario> = Api::namespaced(ctx.client.clone(), &namespace);
-        let mut patch = status_patch(scenario.status.as_ref(), &plan.status);
+        // Every status write names its writer, for the fencing policy.
+        let mut written = plan.status.clone();
+        written.writer = ctx.leadership.stamp().map(str::to_string);
+        let mut patch = status_patch(scenario.status.as_ref(), &written);
         if let Some(version) = scenario.resource_version() {
             patch["metadata"] = json!({ "resourceVersion": version });
         }
@@ -484,16 +503,18 @@ async fn create_pod(
     if !ctx.leadership.holds() {
         return Err(ReconcileError::NotLeader);
     }
-    let pod = {
+    let mut pod = {
         let learned = ctx.cluster.borrow();
         pod::build_learned(scenario, &ctx.template, &learned)
     };
+    fencing::stamp_meta(&mut pod.metadata, ctx.leadership.stamp());
     let pod_name = pod.name_any();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
+    tracing::debug!(pod = %pod_name, "creating the worker Pod");
     match pods.create(&params, &pod).await {
         Ok(_) => {
             ctx.metrics.pods_created.inc();
@@ -505,7 +526,7 @@ async fn create_pod(
             let category = match refused {
                 Refusal::Invalid => "pod_rejected",
                 Refusal::Quota => "quota_exceeded",
-                Refusal::Unauthorized | Refusal::Retry => {
+                Refusal::Unauthorized | Refusal::Fenced | Refusal::Retry => {
                     return Err(kube_err("creating a worker Pod")(e));
                 }
             };

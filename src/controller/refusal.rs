@@ -15,6 +15,10 @@ pub enum Refusal {
     /// which the same request succeeds. Retried, never taken as a verdict on
     /// the scenario.
     Unauthorized,
+    /// The fencing policy refused a write of a replica that no longer holds
+    /// the leader Lease ([`super::fencing`]): never a verdict on the object;
+    /// that replica stops acting.
+    Fenced,
     /// Anything else (unreachable, timeouts, 5xx, 429, conflicts): retried.
     Retry,
 }
@@ -27,12 +31,20 @@ pub fn classify(e: &kube::Error) -> Refusal {
         return Refusal::Retry;
     };
     match e.code {
+        403 | 422 if is_fenced(&e.message) => Refusal::Fenced,
         400 | 422 => Refusal::Invalid,
         403 if e.message.contains("exceeded quota") => Refusal::Quota,
         403 if is_rbac_denial(&e.message) => Refusal::Unauthorized,
         403 => Refusal::Invalid,
         _ => Refusal::Retry,
     }
+}
+
+/// The fencing policy's refusal: its words, or its name (it names itself when
+/// it cannot read the Lease: "no params found").
+fn is_fenced(message: &str) -> bool {
+    use super::fencing::{POLICY_SUFFIX, REFUSAL_MARKER};
+    message.contains(REFUSAL_MARKER) || message.contains(&format!("{POLICY_SUFFIX}' denied"))
 }
 
 /// RBAC's wording: `pods is forbidden: User "system:serviceaccount:ns:name"
@@ -87,6 +99,25 @@ mod tests {
                     "Scenario.runner.vap.io \"scn-1\" is invalid: spec.fps: Invalid value",
                 ),
                 Refusal::Invalid,
+            ),
+            (
+                api(
+                    403,
+                    "Forbidden",
+                    &format!(
+                        "pods \"worker-1\" is forbidden: ValidatingAdmissionPolicy 'vap-leader-writes' with binding 'vap-leader-writes' denied request: the write is stamped a/1; {} (b/2)",
+                        super::super::fencing::REFUSAL_MARKER
+                    ),
+                ),
+                Refusal::Fenced,
+            ),
+            (
+                api(
+                    422,
+                    "Invalid",
+                    "pods \"worker-1\" is forbidden: ValidatingAdmissionPolicy 'vap.video.leader-writes.runner.vap.io' with binding 'vap.video.leader-writes.runner.vap.io' denied request: failed to configure binding: no params found for policy binding with `Deny` parameterNotFoundAction",
+                ),
+                Refusal::Fenced,
             ),
             (
                 api(400, "BadRequest", "the body cannot be decoded"),

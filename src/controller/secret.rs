@@ -128,11 +128,15 @@ pub enum DigestKeyError {
 }
 
 /// Reads runner `runner_name`'s digest key from its Secret, creating the
-/// Secret with a new random key when there is none (the first start; a
-/// replica that loses the race to create it reads the winner's).
+/// Secret (stamped by `leadership`) with a new random key when there is none
+/// (the first start; a replica that loses the race to create it reads the
+/// winner's). A creation the fencing policy refuses is tried again while
+/// leadership holds: right after a take-over the policy may not have seen
+/// it yet.
 pub async fn digest_key(
     secrets: &Api<Secret>,
     runner_name: &str,
+    leadership: &super::leader::Leadership,
 ) -> Result<DigestKey, DigestKeyError> {
     let name = digest_key_secret_name(runner_name);
     loop {
@@ -166,6 +170,7 @@ pub async fn digest_key(
             ]
             .into(),
         );
+        super::fencing::stamp_meta(&mut secret.metadata, leadership.stamp());
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
@@ -176,6 +181,13 @@ pub async fn digest_key(
                 return Ok(DigestKey::new(&bytes));
             }
             Err(kube::Error::Api(e)) if e.code == 409 => continue, // another replica made it
+            Err(e)
+                if super::refusal::classify(&e) == super::refusal::Refusal::Fenced
+                    && leadership.holds() =>
+            {
+                tracing::debug!(error = %e, "the digest key Secret was refused as fenced; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -232,19 +244,23 @@ pub fn camera_url_env(scenario_uuid: &str, run: u32) -> EnvVar {
     }
 }
 
-/// Writes the camera Secret of `scenario` (which must carry its UID) unless
-/// it exists: a replayed deploy never overwrites it, and the controller
-/// never needs to read Secrets (its Role grants `create` only).
+/// Writes the camera Secret of `scenario` (which must carry its UID),
+/// stamped with the leader's `stamp`, unless it exists: a replayed deploy
+/// never overwrites it, and the controller never needs to read Secrets (its
+/// Role grants `create` only).
 pub async fn store(
     secrets: &Api<Secret>,
     scenario: &Scenario,
     camera_url: &str,
+    stamp: Option<&str>,
 ) -> Result<(), kube::Error> {
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
-    match secrets.create(&params, &build(scenario, camera_url)).await {
+    let mut secret = build(scenario, camera_url);
+    super::fencing::stamp_meta(&mut secret.metadata, stamp);
+    match secrets.create(&params, &secret).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e),

@@ -121,6 +121,14 @@ fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     docs.iter().filter(|d| d["kind"] == kind).collect()
 }
 
+/// The object of `kind` named `name`.
+fn named<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    of_kind(docs, kind)
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
 fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     let found = of_kind(docs, kind);
     assert_eq!(found.len(), 1, "expected one {kind}, found {}", found.len());
@@ -827,9 +835,8 @@ const WITH_ADMISSION_POLICY: &[&str] = &[
 #[test]
 fn the_admission_policy_lease_and_namespace_are_rendered_as_asked() {
     let docs = template("vap", "video", WITH_ADMISSION_POLICY);
-    let policy = one(&docs, "ValidatingAdmissionPolicy");
     let name = "vap-vap-runner.video.worker-pods.runner.vap.io";
-    assert_eq!(policy["metadata"]["name"], name);
+    let policy = named(&docs, "ValidatingAdmissionPolicy", name);
     assert_eq!(
         policy["spec"]["matchConditions"][0]["expression"],
         "request.userInfo.username == \"system:serviceaccount:video:vap-vap-runner\""
@@ -843,7 +850,7 @@ fn the_admission_policy_lease_and_namespace_are_rendered_as_asked() {
     ] {
         assert!(rules.contains(expected), "{expected} in {rules}");
     }
-    let binding = one(&docs, "ValidatingAdmissionPolicyBinding");
+    let binding = named(&docs, "ValidatingAdmissionPolicyBinding", name);
     assert_eq!(binding["spec"]["policyName"], name);
     assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
     assert_eq!(
@@ -851,21 +858,7 @@ fn the_admission_policy_lease_and_namespace_are_rendered_as_asked() {
         json!({"kubernetes.io/metadata.name": "video"})
     );
     // Only where the cluster serves the API, and only when enabled.
-    for docs in [
-        template("vap", "video", &[]),
-        template(
-            "vap",
-            "video",
-            &[
-                WITH_ADMISSION_POLICY,
-                &["--set", "admissionPolicy.enabled=false"],
-            ]
-            .concat(),
-        ),
-    ] {
-        assert!(of_kind(&docs, "ValidatingAdmissionPolicy").is_empty());
-        assert!(of_kind(&docs, "ValidatingAdmissionPolicyBinding").is_empty());
-    }
+    assert_policy_absent(name, &["admissionPolicy.enabled=false"]);
 
     // The chart creates the leader Lease (the Role has no create on Leases).
     let lease = one(&docs, "Lease");
@@ -905,6 +898,88 @@ fn the_admission_policy_lease_and_namespace_are_rendered_as_asked() {
             namespace["metadata"]["labels"][format!("pod-security.kubernetes.io/{mode}")],
             "restricted"
         );
+    }
+}
+
+#[test]
+fn the_fencing_policy_takes_the_release_lease_as_its_parameter() {
+    use vap_runner::controller::fencing::{ANNOTATION_LEADER, POLICY_SUFFIX, REFUSAL_MARKER};
+    let docs = template("vap", "video", WITH_ADMISSION_POLICY);
+    let name = format!("vap-vap-runner.video{POLICY_SUFFIX}");
+    let policy = named(&docs, "ValidatingAdmissionPolicy", &name);
+    assert_eq!(
+        policy["spec"]["paramKind"],
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease"})
+    );
+    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
+    let conditions = policy["spec"]["matchConditions"].to_string();
+    for expected in [
+        "request.userInfo.username == \\\"system:serviceaccount:video:vap-vap-runner\\\"",
+        "'runner.vap.io/runner'].orValue('') == 'vap-vap-runner'",
+    ] {
+        assert!(conditions.contains(expected), "{expected} in {conditions}");
+    }
+    // The stamp the controller writes, compared with the holder's.
+    let text = policy["spec"].to_string();
+    for expected in [
+        ANNOTATION_LEADER,
+        "object.status.writer",
+        "params.spec.holderIdentity",
+        "params.spec.leaseTransitions",
+    ] {
+        assert!(text.contains(expected), "{expected} in {text}");
+    }
+    let validation = &policy["spec"]["validations"][0];
+    for message in ["message", "messageExpression"] {
+        let words = validation[message].as_str().unwrap();
+        assert!(words.contains(REFUSAL_MARKER), "{message}: {words}");
+        assert!(words.contains("video/vap-vap-runner-leader"), "{words}");
+    }
+    let binding = named(&docs, "ValidatingAdmissionPolicyBinding", &name);
+    assert_eq!(binding["spec"]["policyName"], name.as_str());
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert_eq!(
+        binding["spec"]["paramRef"],
+        json!({"name": "vap-vap-runner-leader", "namespace": "video", "parameterNotFoundAction": "Deny"})
+    );
+    assert_eq!(
+        binding["spec"]["matchResources"]["objectSelector"]["matchLabels"],
+        json!({"runner.vap.io/runner": "vap-vap-runner"})
+    );
+    // Only with leader election, where the cluster serves the API, when enabled.
+    assert_policy_absent(
+        &name,
+        &[
+            "leaderElection.enabled=false",
+            "leaderElection.fencing=false",
+        ],
+    );
+}
+
+/// Asserts that the admission policy `name` and its binding are rendered
+/// neither where the cluster does not serve the API nor with any one of
+/// `sets`.
+fn assert_policy_absent(name: &str, sets: &[&str]) {
+    let mut variants = vec![template("vap", "video", &[])];
+    for set in sets {
+        variants.push(template(
+            "vap",
+            "video",
+            &[WITH_ADMISSION_POLICY, &["--set", set]].concat(),
+        ));
+    }
+    for docs in variants {
+        for kind in [
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ] {
+            assert!(
+                !of_kind(&docs, kind)
+                    .iter()
+                    .any(|d| d["metadata"]["name"] == name),
+                "{kind} {name} rendered with one of {sets:?}"
+            );
+        }
     }
 }
 
@@ -965,7 +1040,10 @@ async fn the_controllers_account_creates_only_worker_pods_of_the_expected_shape(
         namespace: ns.clone(),
         delete_namespace: None,
     };
-    install(&release, &ns, &[]);
+    // Without the fencing policy, which refuses every write of the
+    // controller's account while no one holds the chart's Lease (it has
+    // tests of its own, in controller_resilience.rs).
+    install(&release, &ns, &["leaderElection.fencing=false"]);
     let policy = format!("{fullname}.{ns}.worker-pods.runner.vap.io");
     let user = format!("system:serviceaccount:{ns}:{fullname}");
     let dir = tempfile::tempdir().unwrap();
@@ -1181,7 +1259,11 @@ async fn the_controllers_account_creates_only_worker_pods_of_the_expected_shape(
     install(
         &own_release,
         &ns,
-        &["namespace.create=true", &format!("namespace.name={own_ns}")],
+        &[
+            "namespace.create=true",
+            &format!("namespace.name={own_ns}"),
+            "leaderElection.fencing=false",
+        ],
     );
     let created = Api::<Namespace>::all(bed.client.clone())
         .get(&own_ns)

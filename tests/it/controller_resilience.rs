@@ -7,18 +7,17 @@ use crate::common;
 use std::time::Duration;
 
 use crate::common::controller::{
-    Bed, HangingWebhook, PodWatch, SCENARIO_WITHIN, controller_rules, dead_lettered, holds_slot,
-    sample, worker_exited,
+    Bed, HangingWebhook, PodWatch, SCENARIO_WITHIN, Versions, controller_rules, dead_lettered,
+    holds_slot, sample, worker_exited,
 };
 use crate::common::scenario::{now_ms, phase, pod_name, scenario_name, uuid};
 use crate::common::wait_for;
-use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use vap_runner::controller::crd::{Phase, Scenario};
@@ -924,8 +923,7 @@ fn running_and_ready() -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_stopped_with_sigterm_releases_its_lease() {
-    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-    const LEASE: &str = "vap-runner-leader";
+    use k8s_openapi::api::coordination::v1::Lease;
     let bed = Bed::new("ctl-release").await;
     let leases: Api<Lease> = Api::namespaced(bed.client.clone(), &bed.namespace);
     let holder = || async {
@@ -933,30 +931,18 @@ async fn a_leader_stopped_with_sigterm_releases_its_lease() {
         lease.spec?.holder_identity
     };
     // Every version of the Lease, in order, from before the leader starts.
-    let versions = std::sync::Arc::new(std::sync::Mutex::new(Vec::<LeaseSpec>::new()));
-    let (listed, is_listed) = tokio::sync::oneshot::channel();
-    let recorder = tokio::spawn({
-        let versions = versions.clone();
-        let config = watcher::Config::default().fields(&format!("metadata.name={LEASE}"));
-        let mut events = watcher(leases.clone(), config).default_backoff().boxed();
-        async move {
-            let mut listed = Some(listed);
-            while let Some(event) = events.next().await {
-                match event {
-                    Ok(watcher::Event::InitDone) => {
-                        if let Some(listed) = listed.take() {
-                            let _ = listed.send(());
-                        }
-                    }
-                    Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l)) => {
-                        versions.lock().unwrap().push(l.spec.unwrap_or_default());
-                    }
-                    _ => {}
-                }
-            }
-        }
-    });
-    is_listed.await.expect("the Lease watch lists");
+    let recorder = Versions::start(
+        leases.clone(),
+        watcher::Config::default().fields(&format!("metadata.name={LEASE}")),
+    )
+    .await;
+    let versions = || -> Vec<_> {
+        recorder
+            .seen()
+            .into_iter()
+            .map(|l| l.spec.unwrap_or_default())
+            .collect()
+    };
 
     let mut leader = bed.start_controller(&[("POD_NAME", "replica-a")]);
     wait_for("replica-a to lead", SCENARIO_WITHIN, || async {
@@ -984,22 +970,19 @@ async fn a_leader_stopped_with_sigterm_releases_its_lease() {
         "the Lease watch to see replica-b's take-over",
         SCENARIO_WITHIN,
         || {
-            let seen = versions
-                .lock()
-                .unwrap()
+            let seen = versions()
                 .iter()
                 .any(|l| l.holder_identity.as_deref() == Some("replica-b"));
             async move { seen.then_some(()) }
         },
     )
     .await;
-    recorder.abort();
 
     // Released on the way out, so that nobody has to wait for it to expire:
     // replica-a's last write (docs/architecture.md: the holder releases the Lease on
     // SIGTERM) leaves the same Lease with no holder and no renewal, and
     // replica-b takes it from there.
-    let versions = versions.lock().unwrap().clone();
+    let versions = versions();
     let taken = versions
         .iter()
         .position(|l| l.holder_identity.as_deref() == Some("replica-b"))
@@ -1019,6 +1002,378 @@ async fn a_leader_stopped_with_sigterm_releases_its_lease() {
             .iter()
             .any(|l| l.holder_identity.as_deref() == Some("replica-a")),
         "replica-a held it before: {versions:?}"
+    );
+}
+
+/// The leader Lease of the bed's runner as `holder` in term `transitions`
+/// (`None`: released), written as the holder would.
+async fn set_lease(bed: &Bed, holder: Option<&str>, transitions: i32) {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": LEASE},
+        "spec": {"holderIdentity": holder, "leaseTransitions": transitions, "leaseDurationSeconds": 15}
+    }))
+    .unwrap();
+    leases
+        .patch(
+            LEASE,
+            &PatchParams::apply("vap-runner-tests").force(),
+            &Patch::Apply(&lease),
+        )
+        .await
+        .expect("write the Lease");
+}
+
+const LEASE: &str = "vap-runner-leader";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fencing_policy_admits_only_the_current_holders_stamp() {
+    use common::fencing::{Fencing, client_as, stamped_secret};
+    use k8s_openapi::api::core::v1::Secret;
+    let bed = Bed::new("ctl-fence-policy").await;
+    let identity = bed.identity("runner", controller_rules(&[])).await;
+    let _fencing = Fencing::install(&bed, &identity).await;
+    let as_runner = client_as(&identity.kubeconfig).await;
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let secrets: Api<Secret> = Api::namespaced(as_runner.clone(), &bed.namespace);
+    let pods: Api<Pod> = Api::namespaced(as_runner.clone(), &bed.namespace);
+    let pod = |stamp: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "worker-fence", "labels": {"runner.vap.io/runner": "vap-runner"},
+                         "annotations": {"runner.vap.io/leader": stamp}},
+            "spec": {"containers": [{"name": "worker", "image": "vap-runner:test"}]}
+        }))
+        .unwrap()
+    };
+    set_lease(&bed, Some("replica-a"), 3).await;
+    // A Scenario of the runner (written by the test, which is not fenced).
+    let id = uuid();
+    let scenario: Scenario = serde_json::from_value(json!({
+        "metadata": {"name": scenario_name(&id), "labels": {"runner.vap.io/runner": "vap-runner"}},
+        "spec": {"scenarioUuid": id, "workerId": uuid(), "cameraUrl": LIVE, "run": 1}
+    }))
+    .unwrap();
+    // (Refused to everyone until the policy has seen the Lease.)
+    wait_for("the Scenario to be created", SCENARIO_WITHIN, || async {
+        bed.scenarios()
+            .create(&PostParams::default(), &scenario)
+            .await
+            .ok()
+    })
+    .await;
+    let scenarios: Api<Scenario> = Api::namespaced(as_runner, &bed.namespace);
+    let status_write = |stamp: &str| {
+        let scenarios = scenarios.clone();
+        let patch = json!({"status": {"writer": stamp, "observedRun": 1}});
+        let name = scenario_name(&id);
+        async move {
+            scenarios
+                .patch_status(
+                    &name,
+                    &PatchParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &Patch::Merge(patch),
+                )
+                .await
+                .map(|_| ())
+        }
+    };
+    // Every kind of write the runner makes, with a stamp.
+    let writes = |stamp: String| {
+        let (secrets, pods, dry) = (secrets.clone(), pods.clone(), dry.clone());
+        let status = status_write(&stamp);
+        async move {
+            vec![
+                secrets
+                    .create(&dry, &stamped_secret("scn-fence-camera", &stamp))
+                    .await
+                    .map(|_| ()),
+                pods.create(&dry, &pod(&stamp)).await.map(|_| ()),
+                status.await,
+            ]
+        }
+    };
+
+    // The policy reads its parameter from a cache: the first answer that
+    // admits the current stamp shows it has seen this Lease.
+    wait_for("the policy to see replica-a/3", SCENARIO_WITHIN, || async {
+        writes("replica-a/3".into())
+            .await
+            .iter()
+            .all(Result::is_ok)
+            .then_some(())
+    })
+    .await;
+    for (what, refused) in ["secret", "pod", "status"]
+        .iter()
+        .zip(writes("replica-a/2".into()).await)
+    {
+        let e = refused.expect_err(&format!("a {what} write stamped replica-a/2 is refused"));
+        assert!(Fencing::refused(&e), "{what}: {e}");
+        let words = e.to_string();
+        assert!(
+            words.contains("replica-a/2") && words.contains("replica-a/3"),
+            "the refusal names the stamp and the holder: {words}"
+        );
+        assert_eq!(
+            vap_runner::controller::refusal::classify(&e),
+            vap_runner::controller::refusal::Refusal::Fenced,
+            "{words}"
+        );
+    }
+    for (what, refused) in ["secret", "pod", "status"]
+        .iter()
+        .zip(writes(String::new()).await)
+    {
+        assert!(
+            refused.as_ref().is_err_and(Fencing::refused),
+            "an unstamped {what} write is refused: {refused:?}"
+        );
+    }
+    // Not the runner's objects, or not its identity: not fenced.
+    let mut unlabelled = stamped_secret("other-secret", "replica-a/2");
+    unlabelled.metadata.labels = None;
+    secrets
+        .create(&dry, &unlabelled)
+        .await
+        .expect("another object");
+    let admin: Api<Secret> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    admin
+        .create(&dry, &stamped_secret("admin-secret", "replica-a/2"))
+        .await
+        .expect("another user");
+
+    // A take-over: the old term's stamp is refused from then on; released,
+    // every stamp is.
+    set_lease(&bed, Some("replica-b"), 4).await;
+    wait_for("the policy to see replica-b/4", SCENARIO_WITHIN, || async {
+        let old = writes("replica-a/3".into()).await;
+        let new = writes("replica-b/4".into()).await;
+        (old.iter().all(|r| r.as_ref().is_err_and(Fencing::refused))
+            && new.iter().all(Result::is_ok))
+        .then_some(())
+    })
+    .await;
+    set_lease(&bed, None, 4).await;
+    wait_for(
+        "the policy to see the Lease released",
+        SCENARIO_WITHIN,
+        || async {
+            let writes = writes("replica-b/4".into()).await;
+            writes
+                .iter()
+                .all(|r| r.as_ref().is_err_and(Fencing::refused))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Waits until `controller` has logged a line with `what` about `name`.
+async fn wait_logged(controller: &common::controller::ControllerProcess, what: &str, name: &str) {
+    wait_for(
+        &format!("the log to show {what} {name}"),
+        SCENARIO_WITHIN,
+        || {
+            let log = controller.log();
+            async move {
+                log.lines()
+                    .any(|l| l.contains(what) && l.contains(name))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// The Scenario's `status.writer`.
+fn writer(s: &Scenario) -> Option<&str> {
+    s.status.as_ref()?.writer.as_deref()
+}
+
+/// The stamp of the bed's leader Lease's current holder, once `holder` holds it.
+async fn stamp_when_held_by(bed: &Bed, holder: &str) -> String {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    wait_for(
+        &format!("{holder} to hold the Lease"),
+        SCENARIO_WITHIN,
+        || async {
+            let spec = leases.get_opt(LEASE).await.ok()??.spec?;
+            (spec.holder_identity.as_deref() == Some(holder))
+                .then(|| format!("{holder}/{}", spec.lease_transitions.unwrap_or(0)))
+        },
+    )
+    .await
+}
+
+/// A leader cut off from the apiserver (its requests wait in a relay, as in
+/// a partition) and paused (SIGSTOP) past its Lease, with a worker Pod
+/// creation and a Scenario creation in flight: once the standby holds the
+/// Lease, the relay lets them through and the leader resumes. The fencing
+/// policy refuses every write it makes; the new leader goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_and_cut_off_leader_gets_every_write_refused() {
+    use common::fencing::{Fencing, HoldingProxy, stamp_of};
+    let bed = Bed::new("ctl-fenced").await;
+    let identity = bed.identity("runner", controller_rules(&[])).await;
+    let _fencing = Fencing::install(&bed, &identity).await;
+    let proxy = HoldingProxy::start().await;
+    let relayed = proxy.kubeconfig(&identity.kubeconfig);
+    let (kubeconfig, direct) = identity.env();
+    let settings = [("MAX_WORKERS", "1"), ("LEASE_DURATION_SECS", "6")];
+    let mut leader = bed.start_controller(
+        &[
+            &settings[..],
+            &[
+                ("POD_NAME", "replica-a"),
+                (kubeconfig, relayed.to_str().unwrap()),
+            ],
+        ]
+        .concat(),
+    );
+    let old = stamp_when_held_by(&bed, "replica-a").await;
+    let camera = "rtsp://viewer:s3cret@camera.example/stream";
+    let first = uuid();
+    bed.deploy(&first, camera).await;
+    let running = bed.wait_phase(&first, Phase::Running).await;
+    assert_eq!(writer(&running), Some(old.as_str()));
+    let first_pod = wait_running_pod(&bed, &first).await;
+    assert_eq!(stamp_of(&first_pod.metadata), Some(old.as_str()));
+    let mut standby = bed.start_controller(
+        &[
+            &settings[..],
+            &[("POD_NAME", "replica-b"), (kubeconfig, direct)],
+        ]
+        .concat(),
+    );
+    wait_for("the standby to be ready", SCENARIO_WITHIN, || async {
+        let addr = standby.metrics_addr().await;
+        (common::http_get(&addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    let pods = PodWatch::start(bed.pods()).await;
+    let scenarios = Versions::start(bed.scenarios(), watcher::Config::default()).await;
+
+    // Cut off: what the leader sends waits in the relay. Its worker Pod
+    // goes, so it creates another; a deploy arrives, so it creates a
+    // Scenario. Both requests are on their way when it freezes.
+    proxy.hold();
+    bed.pods()
+        .delete(
+            &pod_name(&first),
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let second = uuid();
+    bed.deploy(&second, camera).await;
+    wait_logged(&leader, "creating the worker Pod", &pod_name(&first)).await;
+    wait_logged(&leader, "creating the Scenario", &scenario_name(&second)).await;
+    leader.signal("STOP");
+    // Meanwhile the first scenario is stopped by hand: the next leader
+    // wants no Pod for it.
+    bed.scenarios()
+        .patch(
+            &scenario_name(&first),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"stopped": true}})),
+        )
+        .await
+        .unwrap();
+    let new = stamp_when_held_by(&bed, "replica-b").await;
+    bed.wait_scenario(&first, "written by the new leader", |s| {
+        writer(s) == Some(new.as_str())
+    })
+    .await;
+
+    // The old leader's requests arrive, and it wakes up.
+    proxy.release();
+    leader.signal("CONT");
+    wait_for("the old leader to exit", SCENARIO_WITHIN, || {
+        let ended = leader.exited();
+        async move { ended }
+    })
+    .await;
+
+    // The new leader applies the deploy and runs it: its Scenario, Secret,
+    // Pod and status carry the new leader's stamp.
+    let s = bed
+        .wait_scenario(&second, "running under the new leader", |s| {
+            phase(s) == Some(Phase::Running) && writer(s) == Some(new.as_str())
+        })
+        .await;
+    assert_eq!(stamp_of(&s.metadata), Some(new.as_str()));
+    let pod = bed.pods().get(&pod_name(&second)).await.unwrap();
+    assert_eq!(stamp_of(&pod.metadata), Some(new.as_str()));
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(bed.client.clone(), &bed.namespace);
+    let secret = secrets
+        .get(&vap_runner::controller::secret::secret_name(&second, 1))
+        .await
+        .expect("the camera Secret of the new scenario");
+    assert_eq!(stamp_of(&secret.metadata), Some(new.as_str()));
+    standby.assert_running();
+
+    // Nothing the old leader sent landed: no Pod and no Scenario version
+    // of its stamp appeared after it was cut off, and nothing was dead-lettered.
+    let late_pods: Vec<String> = pods
+        .finish()
+        .await
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            common::controller::PodChange::Applied(p) => Some(p),
+            common::controller::PodChange::Deleted(_) => None,
+        })
+        .filter(|p| p.metadata.uid != first_pod.metadata.uid)
+        .filter(|p| stamp_of(&p.metadata) == Some(old.as_str()))
+        .map(|p| p.name_any())
+        .collect();
+    assert!(late_pods.is_empty(), "the old leader created {late_pods:?}");
+    let versions = scenarios.seen();
+    let old_stamp = |s: &Scenario| {
+        stamp_of(&s.metadata) == Some(old.as_str()) || writer(s) == Some(old.as_str())
+    };
+    let of = |id: &str| -> Vec<&Scenario> {
+        versions
+            .iter()
+            .filter(|s| s.spec.scenario_uuid == id)
+            .collect()
+    };
+    assert!(
+        !of(&second).into_iter().any(old_stamp),
+        "the old leader wrote the new scenario: {:?}",
+        of(&second)
+    );
+    // The first scenario's status, written by the old leader before, never
+    // shows it again once the new leader wrote it.
+    let first_versions = of(&first);
+    let taken = first_versions
+        .iter()
+        .position(|s| writer(s) == Some(new.as_str()))
+        .expect("the new leader's status write was watched");
+    assert!(
+        !first_versions[taken..]
+            .iter()
+            .any(|s| writer(s) == Some(old.as_str())),
+        "the old leader wrote the first scenario's status after the take-over: {first_versions:?}"
+    );
+    assert_eq!(bed.messages_in(&bed.dlq), 0, "nothing is dead-lettered");
+    let log = leader.log();
+    assert!(
+        log.contains("(fenced)") && log.contains(&old) && log.contains(&new),
+        "the old leader logs its refused writes, naming its stamp and the holder's:\n{}",
+        leader.log_tail()
     );
 }
 
@@ -1104,4 +1459,85 @@ async fn healthz_fails_while_ingest_or_a_reconcile_is_stuck_and_recovers() {
         &controller.metrics().await,
         "vap_controller_dead_lettered_total",
     );
+}
+
+/// SIGTERM while the leader's worker Pod creation hangs (behind an admission
+/// webhook that never answers, until the apiserver gives up on it): the
+/// leader keeps its Lease until that write has ended, then releases it, and
+/// the standby takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_keeps_its_lease_while_a_write_is_in_flight() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let bed = Bed::new("ctl-drain").await;
+    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    let lease = Versions::start(
+        leases,
+        watcher::Config::default().fields(&format!("metadata.name={LEASE}")),
+    )
+    .await;
+    let settings = [("LEASE_DURATION_SECS", "6")];
+    let mut leader = bed.start_controller(&[&settings[..], &[("POD_NAME", "replica-a")]].concat());
+    stamp_when_held_by(&bed, "replica-a").await;
+    let mut standby = bed.start_controller(&[&settings[..], &[("POD_NAME", "replica-b")]].concat());
+
+    let _webhook = HangingWebhook::new(&bed, ("", "pods")).await;
+    // In effect once a Pod creation (a dry run) hangs.
+    let probe: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "hang-probe"},
+        "spec": {"containers": [{"name": "c", "image": "vap-runner:test"}]}
+    }))
+    .unwrap();
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    wait_for(
+        "the webhook to hold Pod creations",
+        SCENARIO_WITHIN,
+        || async {
+            tokio::time::timeout(Duration::from_secs(3), bed.pods().create(&dry, &probe))
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    let id = uuid();
+    bed.deploy(&id, LIVE).await;
+    wait_logged(&leader, "creating the worker Pod", &pod_name(&id)).await;
+    leader.signal("TERM");
+    wait_for("the old leader to exit", SCENARIO_WITHIN, || {
+        let ended = leader.exited();
+        async move { ended }
+    })
+    .await;
+    // Released only after the write ended (refused once the apiserver gave
+    // up on the webhook); or, when it outlasts the shutdown's wait, not at
+    // all: the Lease is left to expire.
+    let log = leader.log();
+    let released = lease
+        .seen()
+        .iter()
+        .any(|l| l.spec.as_ref().is_some_and(|s| s.holder_identity.is_none()));
+    match (
+        log.find("failed calling webhook"),
+        log.find("Lease released"),
+    ) {
+        (Some(ended), Some(released_at)) => assert!(
+            ended < released_at && released,
+            "the Lease was released while a write was in flight:\n{}",
+            leader.log_tail()
+        ),
+        (_, None) => assert!(
+            !released && log.contains("the Lease is left to expire"),
+            "{}",
+            leader.log_tail()
+        ),
+        (None, Some(_)) => panic!(
+            "the Lease was released while a write was in flight:\n{}",
+            leader.log_tail()
+        ),
+    }
+    stamp_when_held_by(&bed, "replica-b").await;
+    standby.assert_running();
 }

@@ -651,19 +651,9 @@ async fn the_worker_follows_no_http_redirect() {
 /// The object of `kind` that `helm template` renders with a bootstrap server
 /// and the `sets`.
 fn rendered(kind: &str, sets: &[&str]) -> serde_json::Value {
-    let chart = format!("{}/charts/vap-runner", env!("CARGO_MANIFEST_DIR"));
-    let mut helm = std::process::Command::new("helm");
-    helm.args(["template", "vap", chart.as_str()]);
-    helm.args(["--set", "kafka.bootstrapServers=kafka.example:9092"]);
-    for set in sets {
-        helm.args(["--set", set]);
-    }
-    let text = common::run_ok(
-        &mut helm,
-        &format!("helm is built by the test bed: {}", common::TESTBED_HINT),
-    );
-    text.split("\n---")
-        .filter_map(|doc| serde_yaml::from_str::<serde_json::Value>(doc).ok())
+    let args: Vec<&str> = sets.iter().flat_map(|set| ["--set", set]).collect();
+    common::chart_objects(&args)
+        .into_iter()
         .find(|doc| doc["kind"] == kind)
         .unwrap_or_else(|| panic!("helm template renders no {kind}"))
 }

@@ -481,6 +481,11 @@ impl ControllerProcess {
         })
     }
 
+    /// Everything the process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -1022,20 +1027,85 @@ impl DenyPolicy {
 
 impl Drop for DenyPolicy {
     fn drop(&mut self) {
-        use k8s_openapi::api::admissionregistration::v1::{
-            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
-        };
-        let name = self.name.clone();
-        cleanup(move || async move {
-            if let Ok(client) = Client::try_default().await {
-                let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
-                    .delete(&name, &DeleteParams::default())
-                    .await;
-                let _ = Api::<ValidatingAdmissionPolicy>::all(client)
-                    .delete(&name, &DeleteParams::default())
-                    .await;
+        remove_admission_policy(self.name.clone());
+    }
+}
+
+/// Removes the ValidatingAdmissionPolicy `name` and its binding of the
+/// same name (from a `Drop`).
+pub fn remove_admission_policy(name: String) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    cleanup(move || async move {
+        if let Ok(client) = Client::try_default().await {
+            let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+                .delete(&name, &DeleteParams::default())
+                .await;
+            let _ = Api::<ValidatingAdmissionPolicy>::all(client)
+                .delete(&name, &DeleteParams::default())
+                .await;
+        }
+    });
+}
+
+/// Every version of the objects a watch of `api` (with `config`) shows, in
+/// the apiserver's order, recorded from before the test acts; stops when
+/// dropped.
+pub struct Versions<K> {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<K>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<K> Versions<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    /// Starts recording; returns once the watch has listed what exists.
+    pub async fn start(api: Api<K>, config: kube::runtime::watcher::Config) -> Versions<K> {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (listed, is_listed) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn({
+            let seen = seen.clone();
+            let mut events = watcher(api, config).default_backoff().boxed();
+            async move {
+                let mut listed = Some(listed);
+                while let Some(event) = events.next().await {
+                    match event {
+                        Ok(watcher::Event::InitDone) => {
+                            if let Some(listed) = listed.take() {
+                                let _ = listed.send(());
+                            }
+                        }
+                        Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                            seen.lock().unwrap().push(o);
+                        }
+                        _ => {}
+                    }
+                }
             }
         });
+        is_listed.await.expect("the watch lists");
+        Versions { seen, task }
+    }
+
+    /// The versions seen so far.
+    pub fn seen(&self) -> Vec<K> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl<K> Drop for Versions<K> {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod controller;
+pub mod fencing;
 pub mod local;
 pub mod oidc;
 pub mod scenario;
@@ -207,6 +208,24 @@ pub fn run_ok(cmd: &mut std::process::Command, missing: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every object `helm template` renders of the chart (release `vap`) with a
+/// bootstrap server and the further `args`, as JSON.
+pub fn chart_objects(args: &[&str]) -> Vec<serde_json::Value> {
+    let chart = format!("{}/charts/vap-runner", env!("CARGO_MANIFEST_DIR"));
+    let mut helm = std::process::Command::new("helm");
+    helm.args(["template", "vap", chart.as_str()]);
+    helm.args(["--set", "kafka.bootstrapServers=kafka.example:9092"]);
+    helm.args(args);
+    let text = run_ok(
+        &mut helm,
+        &format!("helm is built by the test bed: {TESTBED_HINT}"),
+    );
+    text.split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<serde_json::Value>(doc).ok())
+        .filter(|doc| doc.is_object())
+        .collect()
 }
 
 /// Debian's OpenCV sample videos (package opencv-doc, installed by scripts/deps).
