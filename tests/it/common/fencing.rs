@@ -75,7 +75,6 @@ impl Fencing {
     /// `identity`, and waits until it acts: a Secret of the runner stamped
     /// by nobody is refused to `identity`.
     pub async fn install(bed: &Bed, identity: &Identity) -> Fencing {
-        keep_lease_params(&bed.client).await;
         let fencing = Fencing::rendered(&bed.namespace, identity);
         Api::<ValidatingAdmissionPolicy>::all(bed.client.clone())
             .create(&PostParams::default(), &fencing.policy)
@@ -109,58 +108,6 @@ impl Fencing {
     pub fn refused(e: &kube::Error) -> bool {
         e.to_string().contains(REFUSAL_MARKER)
     }
-}
-
-/// Keeps the kube-apiserver reading Leases for admission policies for as
-/// long as it runs: a policy with a Lease parameter that acts on nothing,
-/// and its binding, left in place like the CRD. A kube-apiserver stops
-/// reading a built-in parameter kind for good once no binding uses it
-/// (kubernetes/kubernetes#130887), which each test's removal of its
-/// fencing policy would otherwise cause, as on a cluster where the last
-/// release with fencing is uninstalled.
-async fn keep_lease_params(client: &Client) {
-    const NAME: &str = "vap-runner-tests.lease-params";
-    let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": NAME},
-        "spec": {
-            "failurePolicy": "Ignore",
-            "paramKind": {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease"},
-            "matchConstraints": {
-                "resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
-                                   "operations": ["CREATE"], "resources": ["configmaps"]}],
-                "objectSelector": {"matchLabels": {"vap-runner-tests/never": "true"}}
-            },
-            "validations": [{"expression": "true"}]
-        }
-    }))
-    .unwrap();
-    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": NAME},
-        "spec": {
-            "policyName": NAME,
-            "validationActions": ["Deny"],
-            "paramRef": {"name": "none", "namespace": "kube-system",
-                         "parameterNotFoundAction": "Allow"}
-        }
-    }))
-    .unwrap();
-    let created = |r: Result<(), kube::Error>| match r {
-        Ok(()) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => panic!("create {NAME}: {e}"),
-    };
-    created(
-        Api::<ValidatingAdmissionPolicy>::all(client.clone())
-            .create(&PostParams::default(), &policy)
-            .await
-            .map(|_| ()),
-    );
-    created(
-        Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
-            .create(&PostParams::default(), &binding)
-            .await
-            .map(|_| ()),
-    );
 }
 
 /// A Secret of runner [`RUNNER`] carrying the stamp `stamp`.
