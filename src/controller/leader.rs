@@ -264,13 +264,35 @@ impl LeaderElector {
         }
     }
 
-    /// Gives the Lease up (on shutdown) so a standby takes over at once.
+    /// Gives the Lease up (on shutdown) so a standby takes over at once. A
+    /// call that fails (a slow API server, a conflict) is tried again for a
+    /// third of the lease's duration; after that the Lease is left to expire,
+    /// within the Pod's grace period.
     pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
-            return;
+        let until = std::time::Instant::now() + self.timing.lease_duration / 3;
+        loop {
+            match self.release_once().await {
+                Ok(()) => return,
+                Err(e) if std::time::Instant::now() < until => {
+                    tracing::warn!(lease = %self.name, error = %e, "cannot release the Lease yet; retrying");
+                    tokio::time::sleep(self.timing.retry / 2).await;
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %self.name, error = %e, "cannot release the Lease; it expires on its own");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One attempt of [`LeaderElector::release`]; a Lease that is no longer
+    /// this replica's term is left alone.
+    async fn release_once(&self) -> Result<(), kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(());
         };
         let Some(spec) = lease.spec.as_mut() else {
-            return;
+            return Ok(());
         };
         if !is_own_term(
             spec.holder_identity.as_deref(),
@@ -278,19 +300,16 @@ impl LeaderElector {
             &self.identity,
             self.term,
         ) {
-            return;
+            return Ok(());
         }
         spec.holder_identity = None;
         spec.renew_time = None;
         spec.acquire_time = None;
-        match self
-            .api
+        self.api
             .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => tracing::info!(lease = %self.name, "Lease released"),
-            Err(e) => tracing::warn!(lease = %self.name, error = %e, "cannot release the Lease"),
-        }
+            .await?;
+        tracing::info!(lease = %self.name, "Lease released");
+        Ok(())
     }
 
     /// Waits until this replica holds the Lease, then keeps renewing it in the
