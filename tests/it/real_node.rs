@@ -196,6 +196,21 @@ fn wait_terminal(ns: &Namespace, name: &str) -> (Value, f64) {
     }
 }
 
+/// Runs Pod `name` (see [`pod`]) to its end, requires `Succeeded`, and
+/// returns its log.
+fn run_to_success(ns: &Namespace, name: &str, container: Value, extra: Value) -> String {
+    create(ns, &pod(name, container, extra));
+    let (pod, secs) = wait_terminal(ns, name);
+    eprintln!("{name} Pod: {} after {secs:.1} s", pod["status"]["phase"]);
+    let text = logs(ns, name);
+    assert_eq!(
+        pod["status"]["phase"], "Succeeded",
+        "{}\n{text}",
+        pod["status"]
+    );
+    text
+}
+
 fn exit_code(pod: &Value) -> i64 {
     pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"]
         .as_i64()
@@ -243,11 +258,12 @@ fn runner_version_runs_as_a_container_on_the_real_node() {
 /// the controller builds (`controller::pod::build`): the Pod's and the
 /// container's securityContext, automountServiceAccountToken and
 /// enableServiceLinks.
-fn worker_security() -> (Value, Value) {
+/// A Scenario of a clip, for building its worker Pod.
+fn a_scenario() -> vap_runner::controller::crd::Scenario {
     use vap_runner::controller::crd::{Scenario, ScenarioSpec};
-    use vap_runner::controller::pod::{WorkerTemplate, build, scenario_name};
+    use vap_runner::controller::pod::scenario_name;
     let uuid = "550e8400-e29b-41d4-a716-446655440000";
-    let scenario = Scenario::new(
+    Scenario::new(
         &scenario_name(uuid),
         ScenarioSpec {
             scenario_uuid: uuid.into(),
@@ -260,8 +276,12 @@ fn worker_security() -> (Value, Value) {
             applied: Default::default(),
             run: 0,
         },
-    );
-    let worker = serde_json::to_value(build(&scenario, &WorkerTemplate::default()))
+    )
+}
+
+fn worker_security() -> (Value, Value) {
+    use vap_runner::controller::pod::{WorkerTemplate, build};
+    let worker = serde_json::to_value(build(&a_scenario(), &WorkerTemplate::default()))
         .expect("worker Pod as JSON");
     let spec = &worker["spec"];
     let pod_level = json!({
@@ -294,18 +314,7 @@ exec /usr/local/bin/runner --version"#;
         "{container}"
     );
     container["command"] = json!(["/bin/sh", "-c", script]);
-    create(&ns, &pod("restricted", container, extra));
-    let (pod, secs) = wait_terminal(&ns, "restricted");
-    eprintln!(
-        "restricted Pod: {} after {secs:.1} s",
-        pod["status"]["phase"]
-    );
-    let text = logs(&ns, "restricted");
-    assert_eq!(
-        pod["status"]["phase"], "Succeeded",
-        "{}\n{text}",
-        pod["status"]
-    );
+    let text = run_to_success(&ns, "restricted", container, extra);
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.len() >= 6, "log:\n{text}");
     assert_eq!(lines[0], RUNTIME_UID.to_string(), "uid; log:\n{text}");
@@ -321,6 +330,96 @@ exec /usr/local/bin/runner --version"#;
     );
     assert_eq!(lines[4], "no-token", "log:\n{text}");
     assert_eq!(lines[5], format!("runner {}", env!("CARGO_PKG_VERSION")));
+}
+
+/// Kafka credentials reach a worker as files it can read: the Secrets the
+/// controller mounts into worker Pods (user name and password mode 0444, the
+/// brokers' CA the default 0644) are readable by the worker's user under its
+/// restricted security context on the real kubelet (read-only root
+/// filesystem, no capabilities, uid 65532), as the worker needs to log in to
+/// a secured Kafka.
+#[test]
+fn kafka_credential_files_are_readable_by_the_worker_on_the_real_node() {
+    use vap_runner::controller::pod::{KafkaCa, WorkerKafka, WorkerTemplate, build};
+    real_node();
+    let ns = Namespace::new("kafka-files");
+    for (name, literals) in [
+        (
+            "worker-kafka",
+            ["username=worker", "password=not-shown"].as_slice(),
+        ),
+        ("kafka-ca", &["ca.crt=-----BEGIN CERTIFICATE-----"]),
+    ] {
+        let mut args = vec!["-n", &ns.0, "create", "secret", "generic", name];
+        let literals: Vec<String> = literals
+            .iter()
+            .map(|l| format!("--from-literal={l}"))
+            .collect();
+        args.extend(literals.iter().map(String::as_str));
+        kubectl(&args);
+    }
+    let template = WorkerTemplate {
+        kafka: WorkerKafka {
+            protocol: Some("sasl_ssl".into()),
+            mechanism: Some("SCRAM-SHA-512".into()),
+            sasl: Some(("worker-kafka".into(), "username".into(), "password".into())),
+            ca: Some(KafkaCa::Secret {
+                name: "kafka-ca".into(),
+                key: "ca.crt".into(),
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let worker = serde_json::to_value(build(&a_scenario(), &template)).expect("worker Pod as JSON");
+    let spec = &worker["spec"];
+    let mut container = spec["containers"][0].clone();
+    for drop in [
+        "name",
+        "image",
+        "imagePullPolicy",
+        "args",
+        "livenessProbe",
+        "readinessProbe",
+    ] {
+        container.as_object_mut().unwrap().remove(drop);
+    }
+    // The camera's Secret is not what this checks.
+    container["env"]
+        .as_array_mut()
+        .expect("the worker's env")
+        .retain(|e| e["name"] != "CAMERA_URL");
+    // As the worker's user: each credential file's mode, and whether it reads.
+    container["command"] = json!([
+        "/bin/sh",
+        "-c",
+        r#"set -u
+id -u
+for f in "$KAFKA_SASL_USERNAME_FILE" "$KAFKA_SASL_PASSWORD_FILE" "$KAFKA_SSL_CA_LOCATION"; do
+  if head -c1 "$f" >/dev/null; then r=reads; else r=unreadable; fi
+  echo "$(stat -L -c %a "$f") $r"
+done
+echo "user $(cat "$KAFKA_SASL_USERNAME_FILE")""#
+    ]);
+    let extra = json!({
+        "securityContext": spec["securityContext"],
+        "automountServiceAccountToken": spec["automountServiceAccountToken"],
+        "enableServiceLinks": spec["enableServiceLinks"],
+        "volumes": spec["volumes"],
+    });
+    let text = run_to_success(&ns, "kafka-files", container, extra);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            RUNTIME_UID.to_string().as_str(),
+            "444 reads",
+            "444 reads",
+            "644 reads",
+            "user worker",
+        ],
+        "log:\n{text}"
+    );
 }
 
 /// The image's own user and entrypoint apply when the Pod sets neither: the
