@@ -9,8 +9,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 
 use crate::config::{LogFormat, LogLevel, MaxWorkers, Millis, VideoFps};
+use crate::detector::Model;
 use crate::detector::settings::{ClassFilter, InputSize, Threads, Threshold};
 use crate::host_policy::{Cidr, ClusterAddress, HostPattern, HostPolicy, List, Mode};
+use crate::worker::sink::SinkKind;
+use crate::worker::transport::RtspTransportMode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -868,37 +871,6 @@ pub enum LocalAction {
     List,
 }
 
-/// Which detector a worker runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Model {
-    /// Plausible synthetic detections (reproducible with MOCK_SEED).
-    Mock,
-    /// OpenCV's built-in HOG people detector.
-    Hog,
-    /// YOLOv4-tiny (80 COCO classes), int8 through ONNX Runtime; files in MODEL_DIR.
-    Yolo,
-}
-
-impl Model {
-    /// The name used on the command line and in worker Pods' `MODEL`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Model::Mock => "mock",
-            Model::Hog => "hog",
-            Model::Yolo => "yolo",
-        }
-    }
-}
-
-/// Where a worker writes its results.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SinkKind {
-    /// The Kafka topic RESULTS_TOPIC.
-    Kafka,
-    /// Standard output, one JSON object per line (no Kafka needed).
-    Stdout,
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
     /// The scenario this worker runs (a UUID); the key of every result message.
@@ -993,17 +965,6 @@ impl std::fmt::Debug for CameraUrlArg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(&crate::camera_url::Redacted(&self.0), f)
     }
-}
-
-/// How a worker carries RTSP media.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RtspTransportMode {
-    /// RTP interleaved in the RTSP TCP connection.
-    Tcp,
-    /// RTP over UDP.
-    Udp,
-    /// TCP first; UDP when the server refuses TCP transport.
-    Auto,
 }
 
 /// Settings of the detector models that load files (`MODEL=yolo`).

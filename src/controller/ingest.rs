@@ -30,11 +30,11 @@ use kube::{Api, ResourceExt};
 use super::crd::{Phase, Scenario, ScenarioSpec};
 use super::fencing;
 use super::leader::Leadership;
-use super::pod::{
-    self, ANNOTATION_CAMERA_DIGEST, ANNOTATION_ENQUEUED_AT, ANNOTATION_SOURCE, LABEL_RUNNER,
-    LABEL_SCENARIO, label_value,
+use super::names::{
+    self, ANNOTATION_CAMERA_DIGEST, ANNOTATION_ENQUEUED_AT, ANNOTATION_SOURCE, FIELD_MANAGER,
+    LABEL_RUNNER, LABEL_SCENARIO, label_value,
 };
-use super::reconcile::FIELD_MANAGER;
+use super::plan;
 use super::refusal::{self, Refusal};
 use super::secret;
 use crate::ingest::{CommandStore, Effect, StoreError};
@@ -122,7 +122,7 @@ impl QueueRoom {
             .pods
             .state()
             .iter()
-            .filter(|p| super::plan::holds_slot(p))
+            .filter(|p| plan::holds_slot(p))
             .map(|p| p.name_any())
             .collect();
         let mut admitted = self.admitted();
@@ -136,8 +136,8 @@ impl QueueRoom {
         });
         let mut waiting: HashSet<String> = scenarios
             .iter()
-            .filter(|s| super::reconcile::wants_worker(s))
-            .filter(|s| !holding.contains(&pod::pod_name(&s.spec.scenario_uuid)))
+            .filter(|s| plan::wants_worker(s))
+            .filter(|s| !holding.contains(&names::pod_name(&s.spec.scenario_uuid)))
             .map(|s| s.name_any())
             .collect();
         waiting.extend(admitted.keys().cloned());
@@ -191,7 +191,7 @@ impl ScenarioStore {
     fn tombstone_for(&self, req: &UndeployRequest) -> Scenario {
         let uuid = req.scenario_uuid.to_string();
         let mut scenario = Scenario::new(
-            &pod::scenario_name(&uuid),
+            &names::scenario_name(&uuid),
             ScenarioSpec {
                 scenario_uuid: uuid.clone(),
                 worker_id: String::new(),
@@ -278,7 +278,7 @@ impl ScenarioStore {
 fn requested(req: &DeployRequest, runner_name: &str, key: &secret::DigestKey) -> Scenario {
     let uuid = req.scenario_uuid.to_string();
     let mut scenario = Scenario::new(
-        &pod::scenario_name(&uuid),
+        &names::scenario_name(&uuid),
         ScenarioSpec {
             scenario_uuid: uuid.clone(),
             worker_id: req.worker_id.to_string(),
@@ -535,8 +535,7 @@ impl CommandStore for ScenarioStore {
                 return Ok(Effect::Deploy(decision));
             }
             // A finished or stopped scenario run again queues once more.
-            let queues =
-                decision == DeployDecision::Rerun && !super::reconcile::wants_worker(&existing);
+            let queues = decision == DeployDecision::Rerun && !plan::wants_worker(&existing);
             if queues && !self.queue.take(&name).await? {
                 return Err(self.queue.full());
             }

@@ -7,7 +7,9 @@
 //! onto the `scenario_events` topic ([`events`]). Each reconcile handles its own
 //! Scenario: the pure [`plan`] decides from the Scenario, its Pod and the
 //! admission's answer, and [`reconcile`] carries the steps out. Only the
-//! holder of the leader Lease ([`leader`]) ingests and reconciles.
+//! holder of the leader Lease ([`leader`]) ingests and reconciles. The names,
+//! labels and annotations they all agree on are in [`names`], which imports
+//! none of them.
 
 pub use crate::scenario::admission;
 pub mod cluster;
@@ -18,6 +20,7 @@ pub mod health;
 pub mod ingest;
 pub mod leader;
 pub mod metrics;
+pub mod names;
 pub mod plan;
 pub mod pod;
 pub mod reconcile;
@@ -45,8 +48,9 @@ use crd::Scenario;
 use ingest::ScenarioStore;
 use leader::{LeaderElector, Leadership, Timing};
 use metrics::ControllerMetrics;
+use names::{LABEL_RUNNER, label_value};
 use plan::Rules;
-use pod::{LABEL_RUNNER, WorkerTemplate, label_value};
+use pod::WorkerTemplate;
 use reconcile::Context;
 
 #[derive(Debug, thiserror::Error)]
@@ -241,7 +245,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     let queue_changed = Arc::new(Notify::new());
     let (pod_store, pod_writer) = reflector::store();
     let (pod_events, pod_triggers) = futures::channel::mpsc::unbounded();
-    let pod_config = watcher::Config::default().labels(&pod::runner_selector(&runner));
+    let pod_config = watcher::Config::default().labels(&names::runner_selector(&runner));
     let pod_cache = tokio::spawn({
         let queue_changed = queue_changed.clone();
         reflector(
@@ -368,7 +372,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     )
     .await
     .map_err(|source| ControllerError::DigestKey {
-        name: secret::digest_key_secret_name(&args.runner_name),
+        name: names::digest_key_secret_name(&args.runner_name),
         source,
     })?;
     let ingest = Ingest {

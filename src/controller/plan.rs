@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::ResourceExt;
 
 use super::crd::{Phase, Scenario, ScenarioCondition, ScenarioStatus};
-use super::pod;
+use super::names;
 use crate::scenario::restart::{self, AfterExit, Exit};
 
 /// Condition types.
@@ -134,10 +134,51 @@ const WAITING_ERRORS: &[&str] = &[
     "RunContainerError",
 ];
 
+/// When a Scenario joined the queue: the ingest annotation, else its creation time.
+pub fn enqueued_at(s: &Scenario) -> chrono::DateTime<Utc> {
+    s.annotations()
+        .get(names::ANNOTATION_ENQUEUED_AT)
+        .and_then(|v| chrono::DateTime::parse_from_rfc3339(v).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|| {
+            s.metadata
+                .creation_timestamp
+                .as_ref()
+                .and_then(|t| chrono::DateTime::from_timestamp_micros(t.0.as_microsecond()))
+        })
+        .unwrap_or_else(Utc::now)
+}
+
+/// True when a Scenario wants a worker for its current run: not deleted, not
+/// stopped, and its run not over.
+pub fn wants_worker(s: &Scenario) -> bool {
+    let over = s.status.as_ref().is_some_and(|st| {
+        st.observed_run == s.spec.run
+            && st
+                .phase
+                .is_some_and(|p| matches!(p, Phase::Succeeded | Phase::Failed))
+    });
+    s.metadata.deletion_timestamp.is_none() && !s.spec.is_stopped() && !over
+}
+
+/// Whether `scenario`'s source ends on its own, as ingest recorded it; the
+/// redacted URL decides for Scenarios written before ingest recorded it.
+pub fn finite_source(scenario: &Scenario) -> bool {
+    match scenario
+        .annotations()
+        .get(names::ANNOTATION_SOURCE)
+        .map(String::as_str)
+    {
+        Some("clip") => true,
+        Some("live") => false,
+        _ => crate::scenario::source::is_finite(&scenario.spec.camera_url),
+    }
+}
+
 /// The run a Pod belongs to (its `runner.vap.io/run` label; 0 when absent).
 pub fn pod_run(pod: &Pod) -> u32 {
     pod.labels()
-        .get(pod::LABEL_RUN)
+        .get(names::LABEL_RUN)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
@@ -157,7 +198,7 @@ fn worker_container(pod: &Pod) -> Option<&ContainerStatus> {
         .container_statuses
         .as_ref()?
         .iter()
-        .find(|c| c.name == pod::WORKER_CONTAINER)
+        .find(|c| c.name == names::WORKER_CONTAINER)
 }
 
 fn exit_words(code: i32, reason: Option<&str>) -> String {
@@ -463,7 +504,7 @@ pub fn plan(
             Slot::Free => {
                 d.status.replace_after = None;
                 d.steps.push(Step::CreatePod);
-                d.status.pod_name = Some(pod::pod_name(&spec.scenario_uuid));
+                d.status.pod_name = Some(names::pod_name(&spec.scenario_uuid));
                 d.phase(Phase::Starting);
                 d.ready(
                     false,
@@ -491,7 +532,7 @@ pub fn plan(
     };
 
     let limit = rules.restart_limit;
-    let finite = super::pod::finite_source(scenario);
+    let finite = finite_source(scenario);
     match observe(p) {
         Worker::Pending { waiting } => {
             d.phase(Phase::Starting);
@@ -819,7 +860,7 @@ mod tests {
     fn pod_of_run(run: u32, status: serde_json::Value) -> Pod {
         serde_json::from_value(json!({
             "metadata": {"name": format!("worker-{UUID}"), "uid": "pod-uid",
-                          "labels": {pod::LABEL_RUN: run.to_string()}},
+                          "labels": {names::LABEL_RUN: run.to_string()}},
             "status": status
         }))
         .unwrap()
@@ -1204,7 +1245,7 @@ mod tests {
             // The controller plans from its slimmed Pod cache: what it drops
             // must never change a decision.
             let full = r.pod.clone().map(with_spec_and_bookkeeping);
-            let slim = full.clone().map(pod::cached);
+            let slim = full.clone().map(crate::controller::pod::cached);
             assert_eq!(
                 plan(&s, slim.as_ref(), r.slot, RULES, now()),
                 plan(&s, full.as_ref(), r.slot, RULES, now()),
@@ -1219,7 +1260,7 @@ mod tests {
     fn with_spec_and_bookkeeping(mut p: Pod) -> Pod {
         let extra: Pod = serde_json::from_value(json!({
             "metadata": {"managedFields": [{"manager": "kubelet", "operation": "Update"}]},
-            "spec": {"nodeName": "node-1", "containers": [{"name": pod::WORKER_CONTAINER, "image": "runner"}]},
+            "spec": {"nodeName": "node-1", "containers": [{"name": names::WORKER_CONTAINER, "image": "runner"}]},
             "status": {"hostIP": "10.0.0.1", "podIP": "10.1.0.1", "qosClass": "Burstable"}
         }))
         .unwrap();
@@ -1238,10 +1279,10 @@ mod tests {
     fn the_source_kind_ingest_recorded_wins_over_the_redacted_url() {
         // A clip whose path the redaction hides (`lobby%201.mp4` shows as ***).
         let mut s = scenario("https://cdn.example/clips/***");
-        assert!(!pod::finite_source(&s));
+        assert!(!finite_source(&s));
         s.annotations_mut()
-            .insert(pod::ANNOTATION_SOURCE.into(), "clip".into());
-        assert!(pod::finite_source(&s));
+            .insert(names::ANNOTATION_SOURCE.into(), "clip".into());
+        assert!(finite_source(&s));
         let p = plan(&s, Some(&pod(succeeded())), Slot::Full, RULES, now());
         assert_eq!(p.status.phase, Some(Phase::Succeeded));
     }

@@ -9,46 +9,8 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use super::crd::Scenario;
+use super::names::*;
 use crate::host_policy::{ClusterAddress, List};
-
-pub const LABEL_NAME: &str = "app.kubernetes.io/name";
-pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-pub const LABEL_RUNNER: &str = "runner.vap.io/runner";
-pub const LABEL_SCENARIO: &str = "runner.vap.io/scenario";
-pub const LABEL_WORKER_ID: &str = "runner.vap.io/worker-id";
-/// The Scenario's run (`spec.run`) a worker Pod belongs to: a Pod of an older
-/// run is replaced.
-pub const LABEL_RUN: &str = "runner.vap.io/run";
-/// Name of the worker container in its Pod.
-pub const WORKER_CONTAINER: &str = "worker";
-/// Annotation with the moment ingest wrote a Scenario (RFC 3339, nanoseconds):
-/// the queue order, finer than the second-granular creationTimestamp.
-pub const ANNOTATION_ENQUEUED_AT: &str = "runner.vap.io/enqueued-at";
-
-/// Annotation with what the camera URL is, decided by ingest from the URL
-/// itself (the spec shows it redacted): `clip` (a file or a clip, which ends
-/// on its own) or `live`.
-pub const ANNOTATION_SOURCE: &str = "runner.vap.io/source";
-
-/// Annotation with a keyed digest of the camera URL (see
-/// [`super::secret::DigestKey`]): a newer deploy names the same camera when
-/// the digests match, whatever the redacted URLs show.
-pub const ANNOTATION_CAMERA_DIGEST: &str = "runner.vap.io/camera-digest";
-
-/// Whether `scenario`'s source ends on its own, as ingest recorded it; the
-/// redacted URL decides for Scenarios written before ingest recorded it.
-pub fn finite_source(scenario: &Scenario) -> bool {
-    match scenario
-        .annotations()
-        .get(ANNOTATION_SOURCE)
-        .map(String::as_str)
-    {
-        Some("clip") => true,
-        Some("live") => false,
-        _ => crate::scenario::source::is_finite(&scenario.spec.camera_url),
-    }
-}
 
 /// The worker's setting with the cluster addresses its camera host policy refuses.
 pub const CLUSTER_ADDRESSES_ENV: &str = "CAMERA_CLUSTER_ADDRESSES";
@@ -296,43 +258,6 @@ impl WorkerKafka {
         }
         (env, volumes, mounts)
     }
-}
-
-/// The deterministic name of a scenario's worker Pod.
-pub fn pod_name(scenario_uuid: &str) -> String {
-    format!("worker-{}", scenario_uuid.to_ascii_lowercase())
-}
-
-/// The deterministic name of the Scenario for a scenario UUID.
-pub fn scenario_name(scenario_uuid: &str) -> String {
-    format!("scn-{}", scenario_uuid.to_ascii_lowercase())
-}
-
-/// A label value made safe: at most 63 characters of `[A-Za-z0-9._-]`,
-/// starting and ending alphanumeric.
-pub fn label_value(raw: &str) -> String {
-    let cleaned: String = raw
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(63)
-        .collect();
-    cleaned
-        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_string()
-}
-
-/// Labels every worker Pod of `runner` carries (the selector of its watches).
-pub fn runner_selector(runner: &str) -> String {
-    format!(
-        "{LABEL_COMPONENT}=worker,{LABEL_RUNNER}={}",
-        label_value(runner)
-    )
 }
 
 /// The worker Pod for `scenario`, with no learned cluster address.

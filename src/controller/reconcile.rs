@@ -46,12 +46,11 @@ use super::events::PhasePublisher;
 use super::fencing;
 use super::leader::Leadership;
 use super::metrics::{CategoryLabels, ControllerMetrics, PhaseLabels, ResultLabels};
-use super::plan::{self, Plan, Rules, Slot, Step};
+use super::names::{self, FIELD_MANAGER};
+use super::plan::{self, Plan, Rules, Slot, Step, enqueued_at, wants_worker};
 use super::pod::{self, WorkerTemplate};
 use super::refusal::{self, Refusal};
 use crate::backoff::Backoff;
-
-pub const FIELD_MANAGER: &str = "vap-runner";
 
 /// Errors of one reconcile; all are retried with per-object backoff.
 #[derive(Debug, thiserror::Error)]
@@ -176,37 +175,10 @@ const PENDING_GRACE: Duration = Duration::from_secs(60);
 /// (the watch brings the newer one within milliseconds).
 const STATUS_CONFLICT_RETRY: Duration = Duration::from_millis(500);
 
-/// When a Scenario joined the queue: the ingest annotation, else its creation time.
-pub fn enqueued_at(s: &Scenario) -> chrono::DateTime<Utc> {
-    s.annotations()
-        .get(pod::ANNOTATION_ENQUEUED_AT)
-        .and_then(|v| chrono::DateTime::parse_from_rfc3339(v).ok())
-        .map(|t| t.with_timezone(&Utc))
-        .or_else(|| {
-            s.metadata
-                .creation_timestamp
-                .as_ref()
-                .and_then(|t| chrono::DateTime::from_timestamp_micros(t.0.as_microsecond()))
-        })
-        .unwrap_or_else(Utc::now)
-}
-
-/// True when a Scenario wants a worker for its current run: not deleted, not
-/// stopped, and its run not over.
-pub fn wants_worker(s: &Scenario) -> bool {
-    let over = s.status.as_ref().is_some_and(|st| {
-        st.observed_run == s.spec.run
-            && st
-                .phase
-                .is_some_and(|p| matches!(p, Phase::Succeeded | Phase::Failed))
-    });
-    s.metadata.deletion_timestamp.is_none() && !s.spec.is_stopped() && !over
-}
-
 /// The Scenario's own worker Pod from the cache (only one it controls; not a
 /// leftover of a deleted Scenario of the same name).
 fn pod_of(ctx: &Context, scenario: &Scenario) -> Option<Arc<Pod>> {
-    let name = pod::pod_name(&scenario.spec.scenario_uuid);
+    let name = names::pod_name(&scenario.spec.scenario_uuid);
     let pod = ctx
         .pods
         .get(&ObjectRef::new(&name).within(&ctx.namespace))?;
@@ -245,7 +217,7 @@ fn decide(ctx: &Context, adm: &mut Admission) -> (admission::Decision<String>, u
         .filter(|s| wants_worker(s))
         .filter(|s| adm.ended.get(&s.name_any()) != Some(&s.spec.run))
         .filter(|s| {
-            let name = pod::pod_name(&s.spec.scenario_uuid);
+            let name = names::pod_name(&s.spec.scenario_uuid);
             !holding.contains(&name) && !adm.pending.contains_key(&name)
         })
         .map(|s| Waiting {
@@ -358,7 +330,7 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
             };
             let plan = plan::plan(scenario, None, slot, ctx.rules, Utc::now());
             let reserved = plan.steps.contains(&Step::CreatePod).then(|| {
-                let name = pod::pod_name(&scenario.spec.scenario_uuid);
+                let name = names::pod_name(&scenario.spec.scenario_uuid);
                 adm.pending.insert(name.clone(), Instant::now());
                 name
             });
@@ -562,7 +534,7 @@ async fn delete_pod(ctx: &Context, scenario: &Scenario, uid: &str) -> Result<(),
         ..Default::default()
     };
     match pods
-        .delete(&pod::pod_name(&scenario.spec.scenario_uuid), &params)
+        .delete(&names::pod_name(&scenario.spec.scenario_uuid), &params)
         .await
     {
         Ok(_) => Ok(()),

@@ -9,26 +9,13 @@ use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 
 use super::crd::Scenario;
-use super::pod::{
-    LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME, LABEL_RUNNER, LABEL_SCENARIO, label_value,
+use super::names::{
+    FIELD_MANAGER, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME, LABEL_RUNNER, LABEL_SCENARIO,
+    digest_key_secret_name, label_value, secret_name,
 };
-use super::reconcile::FIELD_MANAGER;
 
 /// The key of the camera URL in the Secret (the worker's variable name).
 pub const CAMERA_URL_KEY: &str = "CAMERA_URL";
-
-/// The deterministic name of the camera Secret of a scenario's run. Each run
-/// (a new camera URL, or a new deploy after a stop) gets a Secret of its own,
-/// so the controller only ever creates Secrets, never changes one; the first
-/// run's is `scn-<uuid>-camera`.
-pub fn secret_name(scenario_uuid: &str, run: u32) -> String {
-    let uuid = scenario_uuid.to_ascii_lowercase();
-    if run <= 1 {
-        format!("scn-{uuid}-camera")
-    } else {
-        format!("scn-{uuid}-camera-r{run}")
-    }
-}
 
 /// How a keyed camera digest begins; a digest without it is a
 /// [`legacy_camera_digest`].
@@ -109,11 +96,6 @@ pub fn same_camera(
         Some(legacy) => legacy == legacy_camera_digest(scenario_uuid, camera_url),
         None => shown == shown_url(camera_url),
     }
-}
-
-/// The Secret in which runner `runner_name` keeps its camera digest key.
-pub fn digest_key_secret_name(runner_name: &str) -> String {
-    format!("{}-camera-digest-key", label_value(runner_name))
 }
 
 /// Why the digest key cannot be had.

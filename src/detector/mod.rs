@@ -12,7 +12,27 @@ use std::path::PathBuf;
 use opencv::core::Mat;
 use opencv::prelude::*;
 
-use crate::cli::Model;
+/// Which detector a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Model {
+    /// Plausible synthetic detections (reproducible with MOCK_SEED).
+    Mock,
+    /// OpenCV's built-in HOG people detector.
+    Hog,
+    /// YOLOv4-tiny (80 COCO classes), int8 through ONNX Runtime; files in MODEL_DIR.
+    Yolo,
+}
+
+impl Model {
+    /// The name used on the command line and in worker Pods' `MODEL`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Model::Mock => "mock",
+            Model::Hog => "hog",
+            Model::Yolo => "yolo",
+        }
+    }
+}
 
 pub use hog::{HOG_MAX_WIDTH, HogDetector};
 pub use mock::MockDetector;

@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::state::{Origin, Record, Target};
 use crate::camera_url::CameraSource;
-use crate::cli::Model;
 use crate::config::VideoFps;
+use crate::detector::Model;
 
 /// One entry as written (no `Debug`: it holds the raw camera URL).
 #[derive(Deserialize)]

@@ -13,13 +13,13 @@ use opencv::videoio::{self, VideoCapture};
 
 use crate::backoff::Backoff;
 use crate::camera_url::{CameraSource, RtspTransport};
-use crate::cli::RtspTransportMode;
 use crate::sampler::{MonotonicClock, Sampler};
 use crate::worker::camera_tls::TlsCheckError;
 use crate::worker::decode_skip::{self, DecodeSkip, Discard};
 use crate::worker::handoff::Handoff;
 use crate::worker::metrics::{DropLabels, WorkerMetrics};
 use crate::worker::transport;
+use crate::worker::transport::RtspTransportMode;
 
 /// A sampled frame on its way to detection.
 pub struct Frame {

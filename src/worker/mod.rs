@@ -25,10 +25,11 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::camera_url::{CameraSource, CameraUrlError};
-use crate::cli::{SinkKind, WorkerArgs};
+use crate::cli::WorkerArgs;
 use crate::detector::{self, DetectError, Detector, DetectorConfig, YoloConfig};
 use crate::kafka::KafkaSettings;
 use crate::messages::{ResultMessage, wire_timestamp};
+use crate::worker::sink::SinkKind;
 use capture::{CaptureEnd, CaptureError, CaptureSettings, Frame};
 use handoff::Handoff;
 use metrics::WorkerMetrics;

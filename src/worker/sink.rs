@@ -15,6 +15,15 @@ use crate::kafka::{KafkaContext, KafkaSettings};
 use crate::messages::ResultMessage;
 use crate::worker::metrics::WorkerMetrics;
 
+/// Where a worker writes its results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkKind {
+    /// The Kafka topic RESULTS_TOPIC.
+    Kafka,
+    /// Standard output, one JSON object per line (no Kafka needed).
+    Stdout,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error(

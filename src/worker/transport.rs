@@ -4,8 +4,18 @@
 //! passes options to FFmpeg.
 
 use crate::camera_url::{CameraSource, RtspTransport};
-use crate::cli::RtspTransportMode;
 use crate::worker::decode_skip::Discard;
+
+/// How a worker carries RTSP media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RtspTransportMode {
+    /// RTP interleaved in the RTSP TCP connection.
+    Tcp,
+    /// RTP over UDP.
+    Udp,
+    /// TCP first; UDP when the server refuses TCP transport.
+    Auto,
+}
 
 /// The transports to try, in order, for one open. `auto` starts with the one
 /// that worked last (TCP before any worked) and falls back to the other, so a

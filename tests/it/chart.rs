@@ -2490,7 +2490,7 @@ fn the_dashboard_and_alert_rules_are_off_by_default_and_gated_on_the_operator() 
     .clone();
     assert_eq!(
         pod_monitor["spec"]["podTargetLabels"],
-        json!([worker_pod::LABEL_SCENARIO])
+        json!([vap_runner::controller::names::LABEL_SCENARIO])
     );
 }
 

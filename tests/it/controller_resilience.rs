@@ -1318,7 +1318,7 @@ async fn a_paused_and_cut_off_leader_gets_every_write_refused() {
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(bed.client.clone(), &bed.namespace);
     let secret = secrets
-        .get(&vap_runner::controller::secret::secret_name(&second, 1))
+        .get(&vap_runner::controller::names::secret_name(&second, 1))
         .await
         .expect("the camera Secret of the new scenario");
     assert_eq!(stamp_of(&secret.metadata), Some(new.as_str()));

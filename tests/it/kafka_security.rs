@@ -551,7 +551,7 @@ async fn controller_and_worker_pod(
     use k8s_openapi::api::core::v1::Secret;
     use kube::api::PostParams;
     use vap_runner::controller::crd::Phase;
-    use vap_runner::controller::pod::pod_name;
+    use vap_runner::controller::names::pod_name;
 
     let secrets: kube::Api<Secret> = kube::Api::namespaced(bed.client.clone(), &bed.namespace);
     let ca = std::fs::read_to_string(kafka.ca()).expect("the bed's CA");

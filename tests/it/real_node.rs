@@ -261,7 +261,7 @@ fn runner_version_runs_as_a_container_on_the_real_node() {
 /// A Scenario of a clip, for building its worker Pod.
 fn a_scenario() -> vap_runner::controller::crd::Scenario {
     use vap_runner::controller::crd::{Scenario, ScenarioSpec};
-    use vap_runner::controller::pod::scenario_name;
+    use vap_runner::controller::names::scenario_name;
     let uuid = "550e8400-e29b-41d4-a716-446655440000";
     Scenario::new(
         &scenario_name(uuid),

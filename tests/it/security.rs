@@ -948,7 +948,7 @@ async fn ingest_refuses_the_clusters_own_addresses_but_not_cameras_on_a_node() {
     // node's address reach the Pod.
     let pod = bed
         .pods()
-        .get(&vap_runner::controller::pod::pod_name(&on_node))
+        .get(&vap_runner::controller::names::pod_name(&on_node))
         .await
         .expect("the worker Pod");
     let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
