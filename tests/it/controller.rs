@@ -4,11 +4,10 @@
 
 use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::controller::{
-    Bed, ControllerProcess, DenyPolicy, assert_nothing_counted, auto_commit_interval,
+    Bed, ControllerProcess, DenyPolicy, Versions, assert_nothing_counted, auto_commit_interval,
     controller_rules, dead_lettered, ingested, sample, sample_or_zero,
 };
 use crate::common::scenario::{now_ms, pod_name, scenario_name, uuid};
@@ -30,68 +29,6 @@ const ENQUEUED_AT: &str = "runner.vap.io/enqueued-at";
 
 fn enqueued_at(s: &Scenario) -> Option<String> {
     s.annotations().get(ENQUEUED_AT).cloned()
-}
-
-/// Every version of a namespace's Scenarios a watch sees, in order; the
-/// watch ends when this is dropped.
-struct ScenarioLog {
-    seen: Arc<Mutex<Vec<Scenario>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ScenarioLog {
-    /// Starts the watch and returns once its initial list is done, so that
-    /// nothing written afterwards is missed.
-    async fn start(api: Api<Scenario>) -> ScenarioLog {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (ready, started) = tokio::sync::oneshot::channel();
-        let log = seen.clone();
-        let task = tokio::spawn(async move {
-            let mut ready = Some(ready);
-            let mut events = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
-            while let Some(event) = events.next().await {
-                match event {
-                    Ok(watcher::Event::InitDone) => {
-                        if let Some(ready) = ready.take() {
-                            let _ = ready.send(());
-                        }
-                    }
-                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
-                        log.lock().unwrap().push(s);
-                    }
-                    _ => {}
-                }
-            }
-        });
-        tokio::time::timeout(WITHIN, started)
-            .await
-            .expect("the Scenario watch starts in time")
-            .expect("the Scenario watch starts");
-        ScenarioLog { seen, task }
-    }
-
-    fn seen(&self) -> Vec<Scenario> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// Scenario names in the order they first appeared.
-    fn first_seen(&self) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        for s in self.seen() {
-            if !names.contains(&s.name_any()) {
-                names.push(s.name_any());
-            }
-        }
-        names
-    }
-}
-
-impl Drop for ScenarioLog {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// The names of the objects `api` lists.
@@ -134,7 +71,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_give_one_scenario_and_one_pod() {
     let bed = Bed::new("ctl-dup").await;
-    let scenarios = ScenarioLog::start(bed.scenarios()).await;
+    let scenarios = Versions::start(bed.scenarios(), watcher::Config::default()).await;
     let mut controller = bed.start_controller(&[]);
     let id = uuid();
     let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
@@ -566,7 +503,7 @@ async fn a_slow_camera_name_holds_up_only_its_own_scenario() {
     let wrapper = dns.wrapper();
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let controller = bed.start_controller_under(&wrapper, &[]);
-    let log = ScenarioLog::start(bed.scenarios()).await;
+    let log = Versions::start(bed.scenarios(), watcher::Config::default()).await;
     let slow = uuid();
     let fast: Vec<String> = (0..3).map(|_| uuid()).collect();
     let clip = format!("{}/vtest.avi", common::MEDIA_DIR);
@@ -809,7 +746,7 @@ async fn kubernetes_api_unavailable_ingest_never_moves_past_a_message() {
         .identity("runner", controller_rules(&[("scenarios", "create")]))
         .await;
     bed.wait_access(&identity, denied, false).await;
-    let scenarios = ScenarioLog::start(bed.scenarios()).await;
+    let scenarios = Versions::start(bed.scenarios(), watcher::Config::default()).await;
     let controller = bed.start_controller(&[identity.env()]);
     let camera = format!("{}/vtest.avi", common::MEDIA_DIR);
     let ids: Vec<String> = (0..3).map(|_| uuid()).collect();

@@ -1093,13 +1093,28 @@ where
                 }
             }
         });
-        is_listed.await.expect("the watch lists");
+        tokio::time::timeout(SCENARIO_WITHIN, is_listed)
+            .await
+            .expect("the watch lists in time")
+            .expect("the watch lists");
         Versions { seen, task }
     }
 
     /// The versions seen so far.
     pub fn seen(&self) -> Vec<K> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// The objects' names in the order they first appeared.
+    pub fn first_seen(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for o in self.seen() {
+            let name = kube::ResourceExt::name_any(&o);
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
     }
 }
 
