@@ -241,6 +241,49 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&Scenario::crd())
 }
 
+/// Where the API server publishes the OpenAPI v3 schema of the Scenario's
+/// group and version (readable by every authenticated user).
+pub fn published_schema_path() -> String {
+    use kube::Resource;
+    format!(
+        "/openapi/v3/apis/{}/{}",
+        Scenario::group(&()),
+        Scenario::version(&())
+    )
+}
+
+/// The status fields of this controller's Scenario that the installed CRD,
+/// as the API server publishes it (`document`, from
+/// [`published_schema_path`]), lacks: an older CRD prunes them from every
+/// status write, `status.writer` (the fencing stamp) among them. `None` when
+/// the document holds no Scenario schema to judge by.
+pub fn status_fields_missing(document: &serde_json::Value) -> Option<Vec<String>> {
+    use kube::Resource;
+    let group = Scenario::group(&());
+    let reversed: Vec<&str> = group.split('.').rev().collect();
+    let key = format!(
+        "{}.{}.{}",
+        reversed.join("."),
+        Scenario::version(&()),
+        Scenario::kind(&())
+    );
+    let published = document
+        .pointer(&format!(
+            "/components/schemas/{key}/properties/status/properties"
+        ))?
+        .as_object()?;
+    let crd = serde_json::to_value(Scenario::crd()).ok()?;
+    let ours = crd
+        .pointer("/spec/versions/0/schema/openAPIV3Schema/properties/status/properties")?
+        .as_object()?;
+    Some(
+        ours.keys()
+            .filter(|field| !published.contains_key(*field))
+            .cloned()
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,5 +332,35 @@ mod tests {
         ] {
             assert!(yaml.contains(needle), "CRD lacks {needle}:\n{yaml}");
         }
+    }
+
+    #[test]
+    fn a_published_schema_without_the_newest_status_fields_is_told_apart() {
+        let crd = serde_json::to_value(Scenario::crd()).unwrap();
+        let mut status =
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"].clone();
+        let document = |status: &serde_json::Value| {
+            serde_json::json!({"components": {"schemas": {
+                "io.vap.runner.v1alpha1.Scenario": {"properties": {"status": status}},
+            }}})
+        };
+        assert_eq!(status_fields_missing(&document(&status)), Some(vec![]));
+        status["properties"]
+            .as_object_mut()
+            .unwrap()
+            .remove("writer");
+        assert_eq!(
+            status_fields_missing(&document(&status)),
+            Some(vec!["writer".to_string()])
+        );
+        // Nothing to judge by: another group's document, or none published.
+        assert_eq!(
+            status_fields_missing(&serde_json::json!({"components": {"schemas": {}}})),
+            None
+        );
+        assert_eq!(
+            published_schema_path(),
+            "/openapi/v3/apis/runner.vap.io/v1alpha1"
+        );
     }
 }

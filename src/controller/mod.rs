@@ -516,7 +516,9 @@ async fn kube_client(timeout: Option<Duration>) -> Result<Client, ControllerErro
 
 /// Checks that the installed Scenario CRD is the one this controller was built
 /// for: a server-side dry run of a Scenario with the newest fields must keep
-/// them (an older CRD prunes them). An answer that says nothing about the CRD
+/// them (an older CRD prunes them), and the status schema the API server
+/// publishes must have every status field, `status.writer` (the fencing
+/// stamp) among them. An answer that says nothing about the CRD
 /// (the API server or an admission webhook unreachable, a timeout, a 5xx) is
 /// retried with backoff meanwhile `/readyz` says the check is under way.
 async fn check_crd(scenarios: &Api<Scenario>) -> Result<(), ControllerError> {
@@ -589,12 +591,32 @@ async fn check_crd_once(scenarios: &Api<Scenario>) -> Result<(), CrdCheck> {
         Err(e) if unanswered(&e) => return Err(CrdCheck::Unanswered(e)),
         Err(e) => return Err(CrdCheck::Verdict(ControllerError::CrdStale(e.to_string()))),
     };
-    if kept {
-        Ok(())
-    } else {
-        Err(CrdCheck::Verdict(ControllerError::CrdStale(
+    if !kept {
+        return Err(CrdCheck::Verdict(ControllerError::CrdStale(
             "it drops spec.applied and spec.run".into(),
-        )))
+        )));
+    }
+    // The status schema: a dry-run create carries no status, so it is read
+    // from what the API server publishes. Without an answer (not published
+    // yet, or not at all) there is nothing to judge by.
+    let request = http::Request::get(crd::published_schema_path())
+        .body(Vec::new())
+        .expect("a GET of a fixed path is a valid request");
+    let document = match scenarios
+        .clone()
+        .into_client()
+        .request::<serde_json::Value>(request)
+        .await
+    {
+        Ok(document) => document,
+        Err(e) if unanswered(&e) => return Err(CrdCheck::Unanswered(e)),
+        Err(_) => return Ok(()),
+    };
+    match crd::status_fields_missing(&document) {
+        Some(missing) if !missing.is_empty() => Err(CrdCheck::Verdict(ControllerError::CrdStale(
+            format!("it drops status.{}", missing.join(", status.")),
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -866,3 +866,43 @@ async fn a_pod_spec_written_by_the_controller_runs_as_a_real_worker() {
         "vtest.avi (79.5 s) at VIDEO_FPS=1 gives 80 results"
     );
 }
+
+/// The start-up check reads the Scenario's status schema as the real API
+/// server publishes it: with this release's CRD it finds every status field
+/// (the controller starts), and the same document without `status.writer`,
+/// as an older CRD publishes it, is judged stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_published_status_schema_is_judged_against_the_controllers_own() {
+    use vap_runner::controller::crd::{published_schema_path, status_fields_missing};
+    let client = common::kube_client().await;
+    common::controller::ensure_crd(&client).await;
+    // Published a few seconds after the CRD is established.
+    let document = wait_for("the Scenario schema to be published", WITHIN, || {
+        let client = client.clone();
+        async move {
+            let request = http::Request::get(published_schema_path())
+                .body(Vec::new())
+                .unwrap();
+            client.request::<serde_json::Value>(request).await.ok()
+        }
+    })
+    .await;
+    assert_eq!(status_fields_missing(&document), Some(vec![]));
+
+    let mut older = document.clone();
+    let schemas = older["components"]["schemas"].as_object_mut().unwrap();
+    let scenario = schemas
+        .iter_mut()
+        .find(|(key, _)| key.ends_with(".Scenario"))
+        .map(|(_, schema)| schema)
+        .expect("the document holds the Scenario schema");
+    scenario["properties"]["status"]["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("writer")
+        .expect("the published status has writer");
+    assert_eq!(
+        status_fields_missing(&older),
+        Some(vec!["writer".to_string()])
+    );
+}
