@@ -573,9 +573,11 @@ fn a_deleted_pod_is_marked_failed_before_it_goes_when_its_process_exits_1() {
 }
 
 /// The kind workflow's story (`scripts/e2e`, which `.github/workflows/e2e-kind.yml`
-/// runs on kind) on the real node: `helm install` with the imported image, the
-/// controller as a Pod, a clip over HTTP to `Succeeded` with exactly 159 results,
-/// a live MJPEG camera until `to_undeploy`, then uninstall. The script checks
+/// runs on kind) on the real node: `helm install --wait` with the imported image
+/// and two controller replicas (both Ready, one leading), a clip over HTTP to
+/// `Succeeded` with exactly 159 results, a live MJPEG camera that publishes on
+/// while `helm upgrade` rolls the controller (the Lease moves to a new replica)
+/// and stops on `to_undeploy`, then uninstall. The script checks
 /// each step and exits non-zero on the first that fails; its log is shown.
 #[test]
 fn the_kind_workflow_story_runs_on_the_real_node() {
