@@ -250,8 +250,24 @@ pub fn consumer_config(base: ClientConfig, group: &str) -> ClientConfig {
         // Ingest may wait a long time on its store for one message without
         // being evicted from its group.
         .set("max.poll.interval.ms", "86400000");
+    // A replica that dies leaves its partitions to the group only when its
+    // session ends: 10 s (librdkafka's default is 45 s) lets a new leader
+    // read commands within seconds of taking over. KAFKA_PROPERTIES may set
+    // either.
+    for (key, value) in [
+        ("session.timeout.ms", SESSION_TIMEOUT_MS),
+        ("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS),
+    ] {
+        if config.get(key).is_none() {
+            config.set(key, value);
+        }
+    }
     config
 }
+
+/// The consumer's default session, and its heartbeat a third of it.
+const SESSION_TIMEOUT_MS: &str = "10000";
+const HEARTBEAT_INTERVAL_MS: &str = "3000";
 
 pub struct Ingest<S> {
     pub consumer: StreamConsumer<KafkaContext>,
@@ -726,6 +742,18 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_consumer_session_is_short_unless_kafka_properties_set_it() {
+        let config = consumer_config(ClientConfig::new(), "g");
+        assert_eq!(config.get("session.timeout.ms"), Some("10000"));
+        assert_eq!(config.get("heartbeat.interval.ms"), Some("3000"));
+        let mut base = ClientConfig::new();
+        base.set("session.timeout.ms", "30000");
+        let config = consumer_config(base, "g");
+        assert_eq!(config.get("session.timeout.ms"), Some("30000"));
+        assert_eq!(config.get("max.poll.interval.ms"), Some("86400000"));
+    }
 
     #[test]
     fn a_partition_moves_only_past_messages_handled_with_all_before_them() {

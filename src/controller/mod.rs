@@ -153,7 +153,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     // through); who leads is the `leader` gauge and the Lease. Once leading,
     // /readyz fails while the Kafka clients report a problem.
     metrics.set_ready();
-    let (mut leadership, holds, lease_keeper) = if args.leader_election {
+    let (leadership, holds, lease_keeper) = if args.leader_election {
         let identity = args.identity.clone().unwrap_or_else(default_identity);
         let leases: Api<Lease> = Api::namespaced(lease_client, &namespace);
         let elector = LeaderElector::new(leases, &format!("{runner}-leader"), &identity, timing);
@@ -324,7 +324,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
         admission: Mutex::new(Default::default()),
         wake,
         queue_changed: queue_changed.clone(),
-        leadership: holds,
+        leadership: holds.clone(),
         recorder: Recorder::new(
             calls.clone(),
             Reporter {
@@ -420,9 +420,16 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     let mut reconciling = true;
     tracing::info!(namespace = %namespace, runner = %runner, max_workers = sup.max_workers.0, max_queued = sup.max_queued, "controller running");
 
+    // Leadership ends when the Lease keeper says so, or by this replica's
+    // own clock once no renewal landed within the renew deadline, whatever
+    // the keeper is doing (a keeper stuck in a call must not leave ingest
+    // holding the command partitions a new leader needs). Without leader
+    // election it never ends.
     let lost = async {
-        while *leadership.borrow() {
-            if leadership.changed().await.is_err() {
+        let mut ticks = tokio::time::interval(timing.retry);
+        loop {
+            ticks.tick().await;
+            if !*leadership.borrow() || !holds.holds() {
                 return;
             }
         }
