@@ -245,3 +245,67 @@ impl Drop for PodLedger {
         self.task.abort();
     }
 }
+
+/// A message of a dead-letter topic: why, and when the runner wrote it.
+#[derive(Clone, Debug)]
+pub struct Letter {
+    pub reason: String,
+    pub error: String,
+    /// The `scenario_uuid` of the command, if it has one.
+    pub scenario: String,
+    pub payload: String,
+    /// The record's timestamp: when the runner dead-lettered the command.
+    pub written_ms: i64,
+}
+
+/// The first `count` messages of `topic` (partition 0) on the broker at
+/// `bootstrap`, read without a consumer group. Blocks a worker thread of the
+/// test's (multi-thread) runtime.
+pub fn letters(bootstrap: &str, topic: &str, count: usize) -> Vec<Letter> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", super::unique_name("letters"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut partition = rdkafka::TopicPartitionList::new();
+    partition
+        .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&partition).expect("assign");
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    let mut out = Vec::new();
+    tokio::task::block_in_place(|| {
+        while out.len() < count {
+            assert!(
+                std::time::Instant::now() < until,
+                "only {} of {count} messages on {topic} within 60 s",
+                out.len()
+            );
+            let Some(Ok(msg)) = consumer.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            let header = |key: &str| {
+                msg.headers()
+                    .and_then(|h| h.iter().find(|h| h.key == key)?.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            let payload = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+            let scenario = serde_json::from_str::<serde_json::Value>(&payload)
+                .ok()
+                .and_then(|v| v["scenario_uuid"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            out.push(Letter {
+                reason: header("reason"),
+                error: header("error"),
+                scenario,
+                payload,
+                written_ms: msg.timestamp().to_millis().unwrap_or(0),
+            });
+        }
+    });
+    out
+}
