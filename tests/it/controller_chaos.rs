@@ -51,11 +51,16 @@ use crate::common::wait_for;
 
 const MAX_WORKERS: usize = 3;
 const LEASE_SECS: &str = "4";
-/// Long enough that no deploy waits in ingest longer (a killed leader's
-/// consumer is dropped from the group only after its session times out, and
-/// a denied write is retried with up to 30 s between attempts): a first
-/// deploy read later than this would be dead-lettered as stale.
+/// Longer than a deploy usually waits in ingest under the faults (a
+/// failover waits out the dead consumer's session, a denied write is retried
+/// with up to 30 s between attempts): a first deploy read later than this
+/// is dead-lettered as stale, and counted apart.
 const TTL_SECS: &str = "90";
+/// The consumer's group session as an operator with a 4 s Lease would set
+/// it: a killed or paused leader's consumer stays a member of the group
+/// until its session times out, and no one else may read meanwhile; with
+/// librdkafka's default (45 s) each leader fault held ingest that long.
+const KAFKA_PROPERTIES: &str = "session.timeout.ms=6000\nheartbeat.interval.ms=2000";
 const LIVE: &str = "rtsp://camera.example/stream";
 /// The longest the test keeps a write denied.
 const DENY_AT_MOST: Duration = Duration::from_secs(12);
@@ -142,6 +147,8 @@ struct Chaos {
     done: Vec<String>,
     /// Replicas that exited on their own (not paused, killed or stopped).
     exits: Vec<String>,
+    /// Every replica's name and log file.
+    logs: Vec<(String, std::path::PathBuf)>,
     started: Instant,
     identity: Identity,
     _fencing: Fencing,
@@ -187,6 +194,7 @@ impl Chaos {
             versions,
             done: Vec::new(),
             exits: Vec::new(),
+            logs: Vec::new(),
             started: Instant::now(),
         };
         chaos.start_replica();
@@ -194,12 +202,19 @@ impl Chaos {
         chaos
     }
 
-    /// Fails naming the seed, the step and the steps before it.
+    /// Fails naming the seed, the step and the steps before it; every
+    /// replica's whole log is kept (the bed's go with it).
     fn fail(&self, what: &str) -> ! {
         let last: Vec<&String> = self.done.iter().rev().take(12).rev().collect();
+        let kept = std::env::temp_dir().join(format!("chaos-{}-logs", self.seed));
+        let _ = std::fs::create_dir_all(&kept);
+        for (name, log) in &self.logs {
+            let _ = std::fs::copy(log, kept.join(format!("{name}.log")));
+        }
         panic!(
             "chaos seed {seed} (repeat with CHAOS_SEED={seed}), step {n} `{step}`: {what}\n\
-             the steps up to it: {last:#?}",
+             the replicas' logs are kept in {kept}; the steps up to it: {last:#?}",
+            kept = kept.display(),
             seed = self.seed,
             n = self.done.len(),
             step = self.done.last().map(String::as_str).unwrap_or("setting up"),
@@ -217,8 +232,10 @@ impl Chaos {
             ("MAX_WORKERS", &MAX_WORKERS.to_string()),
             ("LEASE_DURATION_SECS", LEASE_SECS),
             ("FINISHED_TTL_SECS", TTL_SECS),
+            ("KAFKA_PROPERTIES", KAFKA_PROPERTIES),
             ("LOG_LEVEL", "info"),
         ]);
+        self.logs.push((name.clone(), process.log_path.clone()));
         self.replicas.push(Replica { name, process });
     }
 
@@ -513,16 +530,16 @@ impl Chaos {
         // The weights depend on the test's own record only, so that a seed
         // draws the same kinds of steps; a clip to end depends on the
         // cluster, and with none running the step lets ingest catch up.
-        let choices = [
-            (if waiting > 0 { 30 } else { 0 }, Kind::Deploy),
-            (
-                if self.undeployable().is_empty() {
-                    0
-                } else {
-                    12
-                },
-                Kind::Undeploy,
-            ),
+        // Deploys come as often as it takes to deploy every scenario over
+        // the run (a deploy step sends one or two): a long run has them
+        // come and go all along.
+        let undeploys = if self.undeployable().is_empty() {
+            0
+        } else {
+            12
+        };
+        let rest = [
+            (undeploys, Kind::Undeploy),
             (12, Kind::EndClip),
             (7, Kind::Kill),
             (7, Kind::Pause),
@@ -530,6 +547,14 @@ impl Chaos {
             (4, Kind::Replay),
             (10, Kind::CatchUp),
         ];
+        let others = rest.iter().map(|(w, _)| *w).sum::<usize>() as f64;
+        let needed = (waiting as f64 / 1.5 / left as f64).min(0.9);
+        let deploys = match waiting {
+            0 => 0,
+            _ => ((others * needed / (1.0 - needed)).ceil() as usize).clamp(3, 30),
+        };
+        let mut choices = vec![(deploys, Kind::Deploy)];
+        choices.extend(rest);
         let mut roll = self.rng.below(choices.iter().map(|(w, _)| w).sum());
         let mut kind = choices
             .iter()
@@ -766,7 +791,12 @@ impl Chaos {
         let until = Instant::now() + SETTLE_WITHIN;
         loop {
             self.keep_two();
-            let problems = self.dishonest().await;
+            // A deploy dead-lettered meanwhile changes what is honest.
+            let mut problems = self.sort_dead_letters().0;
+            if !problems.is_empty() {
+                self.fail(&shown(&problems));
+            }
+            problems = self.dishonest().await;
             if problems.is_empty() {
                 break;
             }
@@ -820,11 +850,13 @@ async fn leader_kills_pauses_denials_and_replays_never_break_max_workers_or_hone
         .into_iter()
         .map(|s| s.spec.scenario_uuid)
         .collect();
-    let removed = chaos
-        .scenarios
-        .iter()
-        .filter(|s| !now.contains(&s.id))
-        .count();
+    let existed: BTreeSet<String> = chaos
+        .versions
+        .seen()
+        .into_iter()
+        .map(|s| s.spec.scenario_uuid)
+        .collect();
+    let removed = existed.difference(&now).count();
     println!(
         "chaos seed {seed}: {} steps in {:?}; at most {} worker Pods held a slot at once; \
          {} replicas started, {} rewinds, {removed} Scenarios removed after FINISHED_TTL_SECS, \
