@@ -25,10 +25,11 @@
 //! 36, two to three minutes), `CHAOS_SCENARIOS` (default 50). A seed repeats
 //! the random draws; what a step acts on may depend on the cluster's timing
 //! (which Pods run), so a repeated run is alike, not identical. A run of
-//! about 30 minutes (`scripts/chaos 500` does the same, bringing the bed up if needed):
+//! about 30 minutes (`scripts/chaos 800` does the same, bringing the bed up
+//! when it is not running):
 //!
 //! ```text
-//! CHAOS_STEPS=500 cargo test --locked --test it -- --exact --nocapture \
+//! CHAOS_STEPS=800 cargo test --locked --test it -- --exact --nocapture \
 //!   controller_chaos::leader_kills_pauses_denials_and_replays_never_break_max_workers_or_honest_phases
 //! ```
 
@@ -145,7 +146,8 @@ struct Chaos {
     versions: Versions<Scenario>,
     /// The steps done, for the failure message.
     done: Vec<String>,
-    /// Replicas that exited on their own (not paused, killed or stopped).
+    /// Replicas that exited on their own (not paused, killed or stopped),
+    /// or did not stop on SIGTERM within the grace period.
     exits: Vec<String>,
     /// Every replica's name and log file.
     logs: Vec<(String, std::path::PathBuf)>,
@@ -480,9 +482,26 @@ impl Chaos {
             "replay every command: the replicas start again on consumer group {}",
             self.group
         ));
+        // Stopped as the kubelet stops a Pod: SIGTERM, and SIGKILL after the
+        // chart's terminationGracePeriodSeconds (30).
         for mut r in std::mem::take(&mut self.replicas) {
+            if r.process.exited().is_some() {
+                continue;
+            }
+            r.process.signal("TERM");
+            let until = Instant::now() + Duration::from_secs(30);
+            while r.process.exited().is_none() && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             if r.process.exited().is_none() {
-                r.process.terminate();
+                let last = r.process.log_tail();
+                let last = last.lines().last().unwrap_or_default().to_string();
+                r.process.kill9();
+                self.exits.push(format!(
+                    "{} did not stop within 30 s of SIGTERM (step {}), SIGKILLed as the kubelet would; its last line: {last}",
+                    r.name,
+                    self.done.len()
+                ));
             }
         }
         self.start_replica();
@@ -861,7 +880,8 @@ async fn leader_kills_pauses_denials_and_replays_never_break_max_workers_or_hone
         "chaos seed {seed}: {} steps in {:?}; at most {} worker Pods held a slot at once; \
          {} replicas started, {} rewinds, {removed} Scenarios removed after FINISHED_TTL_SECS, \
          {replays} replayed deploys dead-lettered as stale, {late} first deploys read only after \
-         FINISHED_TTL_SECS (dead-lettered as stale); replicas that exited on their own: {:#?}",
+         FINISHED_TTL_SECS (dead-lettered as stale); replicas that exited on their own or \
+         would not stop: {:#?}",
         chaos.done.len(),
         started.elapsed(),
         chaos.ledger.most_holding(),
