@@ -56,7 +56,7 @@ const LEASE_SECS: &str = "4";
 /// failover waits out the dead consumer's session, a denied write is retried
 /// with up to 30 s between attempts): a first deploy read later than this
 /// is dead-lettered as stale, and counted apart.
-const TTL_SECS: &str = "90";
+const TTL_SECS: &str = "45";
 /// The consumer's group session as an operator with a 4 s Lease would set
 /// it: a killed or paused leader's consumer stays a member of the group
 /// until its session times out, and no one else may read meanwhile; with
