@@ -635,6 +635,15 @@ impl Chaos {
             .collect()
     }
 
+    /// The scenarios that have had a Scenario at some time.
+    fn existed(&self) -> BTreeSet<String> {
+        self.versions
+            .seen()
+            .into_iter()
+            .map(|s| s.spec.scenario_uuid)
+            .collect()
+    }
+
     /// Sorts the dead-letter topic: a deploy read again (a replay, or
     /// delivered again after a crash) after its Scenario was removed (reason
     /// `stale`, the scenario known before) is expected, and
@@ -647,12 +656,7 @@ impl Chaos {
         if n == 0 {
             return (Vec::new(), 0, 0);
         }
-        let existed: BTreeSet<String> = self
-            .versions
-            .seen()
-            .into_iter()
-            .map(|s| s.spec.scenario_uuid)
-            .collect();
+        let existed = self.existed();
         let ttl_ms = TTL_SECS.parse::<i64>().expect("TTL_SECS") * 1000;
         let (mut wrong, mut replays, mut late) = (Vec::new(), 0, 0);
         for letter in letters(&self.bed.bootstrap, &self.bed.dlq, n) {
@@ -869,13 +873,7 @@ async fn leader_kills_pauses_denials_and_replays_never_break_max_workers_or_hone
         .into_iter()
         .map(|s| s.spec.scenario_uuid)
         .collect();
-    let existed: BTreeSet<String> = chaos
-        .versions
-        .seen()
-        .into_iter()
-        .map(|s| s.spec.scenario_uuid)
-        .collect();
-    let removed = existed.difference(&now).count();
+    let removed = chaos.existed().difference(&now).count();
     println!(
         "chaos seed {seed}: {} steps in {:?}; at most {} worker Pods held a slot at once; \
          {} replicas started, {} rewinds, {removed} Scenarios removed after FINISHED_TTL_SECS, \
