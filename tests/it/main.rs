@@ -13,6 +13,7 @@ mod chart;
 mod cli;
 mod controller;
 mod controller_admission;
+mod controller_chaos;
 mod controller_resilience;
 mod fuzz_corpus;
 mod health;

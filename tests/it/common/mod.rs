@@ -3,6 +3,7 @@
 //! missing part; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod controller;
 pub mod fencing;
 pub mod local;
