@@ -39,7 +39,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use vap_runner::controller::crd::{Phase, Scenario};
-use vap_runner::controller::plan::enqueued_at;
 
 use crate::common;
 use crate::common::chaos::{PodLedger, Rng, letters, rv};
@@ -67,6 +66,19 @@ const LIVE: &str = "rtsp://camera.example/stream";
 const DENY_AT_MOST: Duration = Duration::from_secs(12);
 /// How long the controllers get to settle once the faults stop.
 const SETTLE_WITHIN: Duration = Duration::from_secs(180);
+
+/// When ingest queued `scenario`: the annotation it writes (RFC 3339).
+fn enqueued_at(scenario: &Scenario) -> chrono::DateTime<chrono::FixedOffset> {
+    let raw = kube::ResourceExt::annotations(scenario)
+        .get("runner.vap.io/enqueued-at")
+        .unwrap_or_else(|| {
+            panic!(
+                "{} has no enqueued-at annotation",
+                scenario.metadata.name.as_deref().unwrap_or("?")
+            )
+        });
+    chrono::DateTime::parse_from_rfc3339(raw).unwrap_or_else(|e| panic!("enqueued-at {raw}: {e}"))
+}
 
 /// A setting from the environment, or `default`.
 fn setting(name: &str, default: u64) -> u64 {
