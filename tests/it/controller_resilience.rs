@@ -7,8 +7,8 @@ use crate::common;
 use std::time::Duration;
 
 use crate::common::controller::{
-    Bed, HangingWebhook, PodWatch, SCENARIO_WITHIN, Versions, controller_rules, dead_lettered,
-    holds_slot, sample, worker_exited,
+    Bed, DenyPolicy, HangingWebhook, PodWatch, SCENARIO_WITHIN, Versions, controller_rules,
+    dead_lettered, holds_slot, remove_admission_policy, sample, worker_exited,
 };
 use crate::common::scenario::{now_ms, phase, pod_name, scenario_name, uuid};
 use crate::common::wait_for;
@@ -327,61 +327,20 @@ async fn a_pod_the_cluster_refuses_fails_its_scenario_and_the_queue_goes_on() {
     let (bad, good) = (uuid(), uuid());
     // An in-apiserver admission policy that refuses the first scenario's Pod,
     // as a webhook or a policy engine would.
-    let policy_name = common::unique_name("vap-runner-test-deny");
-    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
-        "metadata": {"name": policy_name},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": [{
-                "apiGroups": [""], "apiVersions": ["v1"],
-                "operations": ["CREATE"], "resources": ["pods"]}]},
-            "validations": [{
-                "expression": format!(
-                    "!has(object.metadata.labels) || object.metadata.labels.all(k, k != 'runner.vap.io/scenario' || object.metadata.labels[k] != '{bad}')"),
-                "message": "this scenario is not allowed here"}]
-        }
-    }))
-    .unwrap();
-    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
-        "metadata": {"name": policy_name},
-        "spec": {
-            "policyName": policy_name,
-            "validationActions": ["Deny"],
-            "matchResources": {"namespaceSelector": {"matchLabels": {
-                "kubernetes.io/metadata.name": bed.namespace}}}
-        }
-    }))
-    .unwrap();
-    let policies: Api<ValidatingAdmissionPolicy> = Api::all(bed.client.clone());
-    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(bed.client.clone());
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
-    bindings
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
-    // The policy takes effect asynchronously: wait until a dry run is refused.
     let probe: Pod = serde_json::from_value(json!({
         "metadata": {"name": "probe", "labels": {"runner.vap.io/scenario": bad}},
         "spec": {"containers": [{"name": "c", "image": "x"}]}
     }))
     .unwrap();
-    wait_for(
-        "the admission policy to act",
-        Duration::from_secs(60),
-        || {
-            let probe = probe.clone();
-            let pods = bed.pods();
-            async move {
-                let dry = PostParams {
-                    dry_run: true,
-                    ..Default::default()
-                };
-                pods.create(&dry, &probe).await.err().map(|_| ())
-            }
-        },
+    let _policy = DenyPolicy::new(
+        &bed,
+        ("", "pods"),
+        &format!(
+            "!has(object.metadata.labels) || object.metadata.labels.all(k, k != 'runner.vap.io/scenario' || object.metadata.labels[k] != '{bad}')"
+        ),
+        "this scenario is not allowed here",
+        &bed.pods(),
+        &probe,
     )
     .await;
 
@@ -404,12 +363,59 @@ async fn a_pod_the_cluster_refuses_fails_its_scenario_and_the_queue_goes_on() {
     bed.wait_scenario(&good, "running", |s| phase(s) == Some(Phase::Running))
         .await;
     controller.assert_running();
-    let _ = bindings
-        .delete(&policy_name, &DeleteParams::default())
-        .await;
-    let _ = policies
-        .delete(&policy_name, &DeleteParams::default())
-        .await;
+}
+
+/// Binds to the bed's namespace an in-apiserver admission policy that refuses
+/// updates of `resource` (API group, plural) that leave the CEL `expression`
+/// false, as a webhook or a policy engine would; it takes effect a moment
+/// later ([`DenyPolicy`] refuses creations). Removed when dropped.
+async fn refuse_updates(
+    bed: &Bed,
+    (group, resource): (&str, &str),
+    expression: &str,
+    message: &str,
+) -> UpdatePolicy {
+    let name = common::unique_name("vap-runner-test-deny");
+    let guard = UpdatePolicy(name.clone());
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [group], "apiVersions": ["v1"],
+                "operations": ["UPDATE"], "resources": [resource]}]},
+            "validations": [{"expression": expression, "message": message}]
+        }
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {
+                "kubernetes.io/metadata.name": bed.namespace}}}
+        }
+    }))
+    .unwrap();
+    Api::<ValidatingAdmissionPolicy>::all(bed.client.clone())
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    Api::<ValidatingAdmissionPolicyBinding>::all(bed.client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    guard
+}
+
+/// A policy of [`refuse_updates`]; dropping it lifts the refusal.
+struct UpdatePolicy(String);
+
+impl Drop for UpdatePolicy {
+    fn drop(&mut self) {
+        remove_admission_policy(self.0.clone());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1003,6 +1009,92 @@ async fn a_leader_stopped_with_sigterm_releases_its_lease() {
             .any(|l| l.holder_identity.as_deref() == Some("replica-a")),
         "replica-a held it before: {versions:?}"
     );
+}
+
+/// A release the apiserver refuses (here an admission policy; in life a slow
+/// or overloaded apiserver) is tried again, and lands once the refusal ends:
+/// the standby does not wait for the Lease to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_lease_release_is_refused_tries_it_again() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let bed = Bed::new("ctl-rerelease").await;
+    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    // A release writes the Lease without a holder.
+    let policy = refuse_updates(
+        &bed,
+        ("coordination.k8s.io", "leases"),
+        "has(object.spec.holderIdentity)",
+        "the release is held back",
+    )
+    .await;
+    let probe: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "release-probe"},
+        "spec": {"holderIdentity": "probe"}
+    }))
+    .unwrap();
+    let mut released = leases
+        .create(&PostParams::default(), &probe)
+        .await
+        .expect("create the probe Lease");
+    released.spec.get_or_insert_default().holder_identity = None;
+    wait_for(
+        "the admission policy to act",
+        Duration::from_secs(60),
+        || {
+            let (leases, released) = (leases.clone(), released.clone());
+            async move {
+                let dry = PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                };
+                match leases.replace("release-probe", &dry, &released).await {
+                    Err(kube::Error::Api(e)) if e.message.contains("held back") => Some(()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+
+    // Tried again for a third of the Lease's 60 s.
+    let mut leader =
+        bed.start_controller(&[("LEASE_DURATION_SECS", "60"), ("POD_NAME", "replica-a")]);
+    stamp_when_held_by(&bed, "replica-a").await;
+    // Stopped once ingest is running (it has written a Scenario), so that
+    // the release follows at once.
+    let id = uuid();
+    bed.deploy(&id, LIVE).await;
+    bed.wait_scenario(&id, "written", |_| true).await;
+    leader.signal("TERM");
+    wait_for(
+        "the leader's release to be refused",
+        SCENARIO_WITHIN,
+        || {
+            let log = leader.log();
+            async move { log.contains("cannot release the Lease").then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        leader
+            .log()
+            .contains("cannot release the Lease yet; retrying"),
+        "a refused release was given up at once:\n{}",
+        leader.log_tail()
+    );
+    drop(policy);
+    wait_for("the old leader to exit", SCENARIO_WITHIN, || {
+        let ended = leader.exited();
+        async move { ended }
+    })
+    .await;
+    assert!(
+        leader.log().contains("Lease released"),
+        "{}",
+        leader.log_tail()
+    );
+    let spec = leases.get(LEASE).await.unwrap().spec.unwrap_or_default();
+    assert!(spec.holder_identity.is_none(), "not released: {spec:?}");
 }
 
 /// The leader Lease of the bed's runner as `holder` in term `transitions`
