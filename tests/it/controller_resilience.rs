@@ -8,13 +8,10 @@ use std::time::Duration;
 
 use crate::common::controller::{
     Bed, DenyPolicy, HangingWebhook, PodWatch, SCENARIO_WITHIN, Versions, controller_rules,
-    dead_lettered, holds_slot, remove_admission_policy, sample, worker_exited,
+    dead_lettered, holds_slot, sample, worker_exited,
 };
 use crate::common::scenario::{now_ms, phase, pod_name, scenario_name, uuid};
 use crate::common::wait_for;
-use k8s_openapi::api::admissionregistration::v1::{
-    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
-};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
@@ -363,59 +360,6 @@ async fn a_pod_the_cluster_refuses_fails_its_scenario_and_the_queue_goes_on() {
     bed.wait_scenario(&good, "running", |s| phase(s) == Some(Phase::Running))
         .await;
     controller.assert_running();
-}
-
-/// Binds to the bed's namespace an in-apiserver admission policy that refuses
-/// updates of `resource` (API group, plural) that leave the CEL `expression`
-/// false, as a webhook or a policy engine would; it takes effect a moment
-/// later ([`DenyPolicy`] refuses creations). Removed when dropped.
-async fn refuse_updates(
-    bed: &Bed,
-    (group, resource): (&str, &str),
-    expression: &str,
-    message: &str,
-) -> UpdatePolicy {
-    let name = common::unique_name("vap-runner-test-deny");
-    let guard = UpdatePolicy(name.clone());
-    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": [{
-                "apiGroups": [group], "apiVersions": ["v1"],
-                "operations": ["UPDATE"], "resources": [resource]}]},
-            "validations": [{"expression": expression, "message": message}]
-        }
-    }))
-    .unwrap();
-    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "policyName": name,
-            "validationActions": ["Deny"],
-            "matchResources": {"namespaceSelector": {"matchLabels": {
-                "kubernetes.io/metadata.name": bed.namespace}}}
-        }
-    }))
-    .unwrap();
-    Api::<ValidatingAdmissionPolicy>::all(bed.client.clone())
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
-    Api::<ValidatingAdmissionPolicyBinding>::all(bed.client.clone())
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
-    guard
-}
-
-/// A policy of [`refuse_updates`]; dropping it lifts the refusal.
-struct UpdatePolicy(String);
-
-impl Drop for UpdatePolicy {
-    fn drop(&mut self) {
-        remove_admission_policy(self.0.clone());
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1020,9 +964,10 @@ async fn a_leader_whose_lease_release_is_refused_tries_it_again() {
     let bed = Bed::new("ctl-rerelease").await;
     let leases: Api<Lease> = Api::namespaced(bed.client.clone(), &bed.namespace);
     // A release writes the Lease without a holder.
-    let policy = refuse_updates(
+    let policy = DenyPolicy::install(
         &bed,
         ("coordination.k8s.io", "leases"),
+        "UPDATE",
         "has(object.spec.holderIdentity)",
         "the release is held back",
     )

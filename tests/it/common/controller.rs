@@ -950,7 +950,8 @@ pub fn impersonating_kubeconfig(dir: &std::path::Path, user: &str) -> PathBuf {
 }
 
 /// A ValidatingAdmissionPolicy (and its binding) that refuses, in one
-/// namespace, creations of `resource` for which `allowed` (CEL) is false, as
+/// namespace, creations (or other writes) of `resource` for which `allowed`
+/// (CEL) is false, as
 /// a platform's policy engine would; removed again when dropped.
 pub struct DenyPolicy {
     name: String,
@@ -961,7 +962,7 @@ impl DenyPolicy {
     /// as a dry run through `api`) is refused: policies act asynchronously.
     pub async fn new<K>(
         bed: &Bed,
-        (group, resource): (&str, &str),
+        resource: (&str, &str),
         allowed: &str,
         message: &str,
         api: &Api<K>,
@@ -974,6 +975,32 @@ impl DenyPolicy {
             + serde::Serialize
             + std::fmt::Debug,
     {
+        let guard = DenyPolicy::install(bed, resource, "CREATE", allowed, message).await;
+        let dry = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        wait_for(
+            "the admission policy to act",
+            Duration::from_secs(60),
+            || async {
+                let refused = api.create(&dry, probe).await.err()?;
+                refused.to_string().contains(message).then_some(())
+            },
+        )
+        .await;
+        guard
+    }
+
+    /// Creates it for `operation` (`CREATE`, `UPDATE`) and returns at once:
+    /// the API server applies it within moments.
+    pub async fn install(
+        bed: &Bed,
+        (group, resource): (&str, &str),
+        operation: &str,
+        allowed: &str,
+        message: &str,
+    ) -> DenyPolicy {
         use k8s_openapi::api::admissionregistration::v1::{
             ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
         };
@@ -985,7 +1012,7 @@ impl DenyPolicy {
                 "failurePolicy": "Fail",
                 "matchConstraints": {"resourceRules": [{
                     "apiGroups": [group], "apiVersions": ["*"],
-                    "operations": ["CREATE"], "resources": [resource]}]},
+                    "operations": [operation], "resources": [resource]}]},
                 "validations": [{"expression": allowed, "message": message}]
             }
         }))
@@ -1008,19 +1035,6 @@ impl DenyPolicy {
             .create(&PostParams::default(), &binding)
             .await
             .expect("create ValidatingAdmissionPolicyBinding");
-        let dry = PostParams {
-            dry_run: true,
-            ..Default::default()
-        };
-        wait_for(
-            "the admission policy to act",
-            Duration::from_secs(60),
-            || async {
-                let refused = api.create(&dry, probe).await.err()?;
-                refused.to_string().contains(message).then_some(())
-            },
-        )
-        .await;
         guard
     }
 }
