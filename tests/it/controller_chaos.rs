@@ -41,7 +41,7 @@ use kube::Api;
 use vap_runner::controller::crd::{Phase, Scenario};
 
 use crate::common;
-use crate::common::chaos::{PodLedger, Rng, letters, rv};
+use crate::common::chaos::{PodLedger, Rng, rv};
 use crate::common::controller::{
     Bed, ControllerProcess, Identity, Versions, controller_rules, kwok_is_done, worker_exited,
 };
@@ -663,7 +663,7 @@ impl Chaos {
     /// that long: by the runner's rule it cannot be told from a replay); that
     /// scenario is noted as never deployed. Returns what should not be there,
     /// and how many of each expected kind there are.
-    fn sort_dead_letters(&mut self) -> (Vec<String>, usize, usize) {
+    async fn sort_dead_letters(&mut self) -> (Vec<String>, usize, usize) {
         let n = usize::try_from(self.bed.messages_in(&self.bed.dlq)).unwrap_or(0);
         if n == 0 {
             return (Vec::new(), 0, 0);
@@ -671,16 +671,25 @@ impl Chaos {
         let existed = self.existed();
         let ttl_ms = TTL_SECS.parse::<i64>().expect("TTL_SECS") * 1000;
         let (mut wrong, mut replays, mut late) = (Vec::new(), 0, 0);
-        for letter in letters(&self.bed.bootstrap, &self.bed.dlq, n) {
-            let planned = self.scenarios.iter_mut().find(|s| s.id == letter.scenario);
+        for letter in self.bed.read_topic(&self.bed.dlq, n).await {
+            let header = |key: &str| letter.headers.get(key).cloned().unwrap_or_default();
+            let (reason, error) = (header("reason"), header("error"));
+            let payload = String::from_utf8_lossy(&letter.payload).into_owned();
+            // The command's scenario_uuid, if it has one.
+            let scenario = serde_json::from_str::<serde_json::Value>(&payload)
+                .ok()
+                .and_then(|v| v["scenario_uuid"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            let planned = self.scenarios.iter_mut().find(|s| s.id == scenario);
+            // The record's timestamp is when the runner dead-lettered it.
             let waited = planned
                 .as_ref()
                 .and_then(|s| s.deployed)
-                .map(|at| letter.written_ms - at);
-            if letter.reason == "stale" && existed.contains(&letter.scenario) {
+                .map(|at| letter.timestamp_ms - at);
+            if reason == "stale" && existed.contains(&scenario) {
                 replays += 1;
-            } else if letter.reason == "stale"
-                && !existed.contains(&letter.scenario)
+            } else if reason == "stale"
+                && !existed.contains(&scenario)
                 && waited.is_some_and(|ms| ms > ttl_ms)
             {
                 late += 1;
@@ -689,8 +698,7 @@ impl Chaos {
                 }
             } else {
                 wrong.push(format!(
-                    "dead-lettered ({}) {waited:?} ms after it was sent: {} ({})",
-                    letter.reason, letter.payload, letter.error
+                    "dead-lettered ({reason}) {waited:?} ms after it was sent: {payload} ({error})"
                 ));
             }
         }
@@ -701,7 +709,7 @@ impl Chaos {
     async fn check(&mut self) {
         let mut problems = self.ledger.violations();
         problems.extend(self.pods_after_undeploy());
-        problems.extend(self.sort_dead_letters().0);
+        problems.extend(self.sort_dead_letters().await.0);
         if !problems.is_empty() {
             self.fail(&shown(&problems));
         }
@@ -827,7 +835,7 @@ impl Chaos {
         loop {
             self.keep_two();
             // A deploy dead-lettered meanwhile changes what is honest.
-            let mut problems = self.sort_dead_letters().0;
+            let mut problems = self.sort_dead_letters().await.0;
             if !problems.is_empty() {
                 self.fail(&shown(&problems));
             }
@@ -844,7 +852,7 @@ impl Chaos {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         self.check().await;
-        let (_, replays, late) = self.sort_dead_letters();
+        let (_, replays, late) = self.sort_dead_letters().await;
         (replays, late)
     }
 }

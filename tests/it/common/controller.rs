@@ -672,12 +672,14 @@ pub fn auto_commit_interval() -> Duration {
     Duration::from_millis(ms)
 }
 
-/// One message read back from a topic: key, value and headers.
+/// One message read back from a topic: key, value, headers and timestamp.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: BTreeMap<String, String>,
+    /// The record's timestamp (ms since the epoch; 0 when it has none).
+    pub timestamp_ms: i64,
 }
 
 impl Record {
@@ -694,18 +696,22 @@ impl Record {
 }
 
 impl Bed {
-    /// The first `count` messages of `topic` (partition 0), in order.
+    /// The first `count` messages of `topic` (partition 0), in order, read
+    /// from the partition itself (no group to join: quick to call often).
     pub async fn read_topic(&self, topic: &str, count: usize) -> Vec<Record> {
         use rdkafka::consumer::{Consumer, StreamConsumer};
         use rdkafka::message::{Headers, Message};
         let reader: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .set("group.id", unique_name("reader"))
-            .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .create()
             .expect("consumer");
-        reader.subscribe(&[topic]).expect("subscribe");
+        let mut partition = rdkafka::TopicPartitionList::new();
+        partition
+            .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+            .expect("partition 0");
+        reader.assign(&partition).expect("assign");
         let mut records = Vec::new();
         while records.len() < count {
             let msg = tokio::time::timeout(Duration::from_secs(60), reader.recv())
@@ -732,6 +738,7 @@ impl Bed {
                 key: msg.key().map(<[u8]>::to_vec),
                 payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                 headers,
+                timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
             });
         }
         records
