@@ -740,6 +740,9 @@ fn without_pod(
     d.status
 }
 
+/// The conditions' reason while a ResourceQuota refuses the worker Pod.
+const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+
 /// `status` after a ResourceQuota refused the worker Pod of the run: the
 /// Scenario waits, queued, and its Pod is tried again (the run is not over,
 /// and no restart is counted).
@@ -755,11 +758,34 @@ pub fn quota_wait(
     without_pod(
         status,
         Phase::Queued,
-        "QuotaExceeded",
+        QUOTA_EXCEEDED,
         &message,
         generation,
         now,
     )
+}
+
+/// The status written before the worker Pod a plan asks for is created (the
+/// verdict before the act): the plan's own, except while a ResourceQuota
+/// keeps refusing the Pod. Then the status on record stays as it is (the
+/// write only checks that the Scenario is still the one planned from), so
+/// that a refused try does not turn it to Starting and back each time.
+pub fn before_create(
+    on_record: Option<&ScenarioStatus>,
+    planned: &ScenarioStatus,
+) -> ScenarioStatus {
+    match on_record {
+        Some(current) if waits_for_quota(current) => current.clone(),
+        _ => planned.clone(),
+    }
+}
+
+/// Whether `status` is a Scenario queued by a ResourceQuota's refusal.
+fn waits_for_quota(status: &ScenarioStatus) -> bool {
+    status.phase == Some(Phase::Queued)
+        && status
+            .condition("Admitted")
+            .is_some_and(|c| c.reason == QUOTA_EXCEEDED)
 }
 
 fn give_up(d: &mut Draft, pod: &Pod, restarts: u32, words: &str) {
@@ -1451,6 +1477,23 @@ mod tests {
             assert!(c.message.contains("denied request"), "{type_}");
             assert_eq!(c.observed_generation, Some(3), "{type_}");
         }
+    }
+
+    #[test]
+    fn the_verdict_written_before_a_create_is_the_plans_unless_a_quota_keeps_refusing() {
+        let planned = starting();
+        let queued = Some(ScenarioStatus {
+            phase: Some(Phase::Queued),
+            ..Default::default()
+        });
+        assert_eq!(before_create(None, &planned), planned);
+        assert_eq!(before_create(queued.as_ref(), &planned), planned);
+        let refused = quota_wait(starting(), "exceeded quota: pods", Some(2), now());
+        assert_eq!(
+            before_create(Some(&refused), &planned),
+            refused,
+            "a try after a quota refusal keeps the status on record"
+        );
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! Each reconcile handles its own Scenario: it reads the Scenario's Pod from
 //! the shared Pod cache, asks admission for a slot when it needs one, lets the
-//! pure [`plan`] decide, carries out the steps and writes status only when it
-//! changed (a merge patch that also clears what is no longer set).
+//! pure [`plan`] decide, writes the status it decided (a merge patch that
+//! also clears what is no longer set, guarded by the resourceVersion the plan
+//! was made from) and only then carries out the steps.
 //!
 //! How MAX_WORKERS stays race-free: only the Lease holder reconciles, and
 //! within it the admission answer and the Pod creation happen inside one
@@ -310,61 +311,38 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         // (and must not be once it is gone).
         ctx.admission.lock().await.pending.remove(&pod.name_any());
     }
-    let plan = if pod.is_none() && wants_worker(scenario) {
+    let (plan, reserved) = if pod.is_none() && wants_worker(scenario) {
         // Admission, and the slot reserved (as a pending Pod) in one
         // critical section; the Pod is created outside it, so that one slow
         // API call holds up no other admission.
-        let (plan, reserved) = {
-            let mut adm = ctx.admission.lock().await;
-            let me = scenario.name_any();
-            if adm.ended.get(&me) == Some(&scenario.spec.run) {
-                // This run ended and the cache does not show it yet: the
-                // status change brings it back here.
-                return Ok(Action::await_change());
-            }
-            let (decision, _) = decide(ctx, &mut adm);
-            let slot = if decision.start.contains(&me) {
-                Slot::Free
-            } else {
-                Slot::Full
-            };
-            let plan = plan::plan(scenario, None, slot, ctx.rules, Utc::now());
-            let reserved = plan.steps.contains(&Step::CreatePod).then(|| {
-                let name = names::pod_name(&scenario.spec.scenario_uuid);
-                adm.pending.insert(name.clone(), Instant::now());
-                name
-            });
-            (plan, reserved)
-        };
-        let created = match reserved {
-            Some(_) => create_pod(ctx, scenario, plan).await,
-            None => Ok(plan),
-        };
         let mut adm = ctx.admission.lock().await;
-        let plan = match (created, reserved) {
-            (Ok(plan), Some(_)) if plan.steps.contains(&Step::CreatePod) => {
-                // The gauges count the new Pod now, not only at the next
-                // decision (after the last Pod of a burst there may be none
-                // for a long time).
-                let _ = decide(ctx, &mut adm);
-                plan
-            }
-            (created, reserved) => {
-                // Not created: the reserved slot is free again.
-                if let Some(name) = reserved {
-                    adm.pending.remove(&name);
-                }
-                created?
-            }
+        let me = scenario.name_any();
+        if adm.ended.get(&me) == Some(&scenario.spec.run) {
+            // This run ended and the cache does not show it yet: the
+            // status change brings it back here.
+            return Ok(Action::await_change());
+        }
+        let (decision, _) = decide(ctx, &mut adm);
+        let slot = if decision.start.contains(&me) {
+            Slot::Free
+        } else {
+            Slot::Full
         };
-        // A Pod refused for good ends the run before the queue moves on.
-        adm.note_end(scenario, &plan.status);
-        plan
+        let plan = plan::plan(scenario, None, slot, ctx.rules, Utc::now());
+        let reserved = plan.steps.contains(&Step::CreatePod).then(|| {
+            let name = names::pod_name(&scenario.spec.scenario_uuid);
+            adm.pending.insert(name.clone(), Instant::now());
+            name
+        });
+        if reserved.is_none() {
+            adm.note_end(scenario, &plan.status);
+        }
+        (plan, reserved)
     } else {
         let plan = plan::plan(scenario, pod.as_deref(), Slot::Full, ctx.rules, Utc::now());
         // Noted before its Pod goes, so that the slot it frees goes to the next in line.
         ctx.admission.lock().await.note_end(scenario, &plan.status);
-        plan
+        (plan, None)
     };
 
     // The newest heartbeat goes into the status: free when the status is
@@ -378,37 +356,50 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
     }
 
     // The verdict first: the status the plan decided is written, guarded by
-    // the resourceVersion the plan was made from, before any Pod it implies
-    // is deleted. A write that fails, or finds the Scenario changed since it
-    // was read, acts on nothing: the next reconcile plans again from what the
-    // cluster holds, so a verdict is never lost after its act.
+    // the resourceVersion the plan was made from, before the Pod it implies
+    // is created or deleted. A write that fails, or finds the Scenario
+    // changed since it was read (an undeploy the cache has not shown yet),
+    // acts on nothing: the next reconcile plans again from what the cluster
+    // holds, so a verdict is never lost after its act, and a stale copy
+    // starts no worker.
     let old_phase = scenario.status.as_ref().and_then(|s| s.phase);
-    if scenario.status.as_ref() != Some(&plan.status) {
-        let api: Api<Scenario> = Api::namespaced(ctx.client.clone(), &namespace);
-        // Every status write names its writer, for the fencing policy.
-        let mut written = plan.status.clone();
-        written.writer = ctx.leadership.stamp().map(str::to_string);
-        let mut patch = status_patch(scenario.status.as_ref(), &written);
-        if let Some(version) = scenario.resource_version() {
-            patch["metadata"] = json!({ "resourceVersion": version });
-        }
-        match api
-            .patch_status(
-                &scenario.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                ctx.metrics.status_conflicts.inc();
-                tracing::debug!("the Scenario changed since it was read; planning again");
-                return Ok(Action::requeue(STATUS_CONFLICT_RETRY));
+    let mut on_record = Record {
+        status: scenario.status.clone(),
+        version: scenario.resource_version(),
+    };
+    if let Some(name) = reserved {
+        let before = plan::before_create(on_record.status.as_ref(), &plan.status);
+        let written = write_status(ctx, scenario, &mut on_record, before, true).await;
+        let created = match written {
+            Ok(true) => create_pod(ctx, scenario, plan).await.map(Some),
+            Ok(false) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let mut adm = ctx.admission.lock().await;
+        plan = match created {
+            Ok(Some(plan)) if plan.steps.contains(&Step::CreatePod) => {
+                // The gauges count the new Pod now, not only at the next
+                // decision (after the last Pod of a burst there may be none
+                // for a long time).
+                let _ = decide(ctx, &mut adm);
+                plan
             }
-            Err(e) => return Err(kube_err("writing Scenario status")(e)),
-        }
-        ctx.metrics.status_writes.inc();
+            created => {
+                // Not created: the reserved slot is free again.
+                adm.pending.remove(&name);
+                match created? {
+                    Some(plan) => plan,
+                    None => return Ok(Action::requeue(STATUS_CONFLICT_RETRY)),
+                }
+            }
+        };
+        // A Pod refused for good ends the run before the queue moves on.
+        adm.note_end(scenario, &plan.status);
+    }
+    if on_record.status.as_ref() != Some(&plan.status)
+        && !write_status(ctx, scenario, &mut on_record, plan.status.clone(), false).await?
+    {
+        return Ok(Action::requeue(STATUS_CONFLICT_RETRY));
     }
 
     let mut slot_freed = false;
@@ -463,8 +454,65 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
     })
 }
 
-/// Creates the worker Pod (inside the admission critical section). A refusal
-/// for good fails this Scenario only, and the queue goes on.
+/// The Scenario's status as this reconcile last read or wrote it, with the
+/// resourceVersion that goes with it.
+struct Record {
+    status: Option<ScenarioStatus>,
+    version: Option<String>,
+}
+
+/// Writes `status` as the Scenario's status, guarded by the resourceVersion
+/// on record, and records the result; `false` when the Scenario changed
+/// since (nothing was written). With `always`, a status equal to the one on
+/// record is written too: the write then only checks that the Scenario is
+/// unchanged.
+async fn write_status(
+    ctx: &Context,
+    scenario: &Scenario,
+    on_record: &mut Record,
+    status: ScenarioStatus,
+    always: bool,
+) -> Result<bool, ReconcileError> {
+    let changed = on_record.status.as_ref() != Some(&status);
+    if !changed && !always {
+        return Ok(true);
+    }
+    let namespace = scenario
+        .namespace()
+        .unwrap_or_else(|| ctx.namespace.clone());
+    let api: Api<Scenario> = Api::namespaced(ctx.client.clone(), &namespace);
+    // Every status write names its writer, for the fencing policy.
+    let mut written = status.clone();
+    written.writer = ctx.leadership.stamp().map(str::to_string);
+    let mut patch = status_patch(on_record.status.as_ref(), &written);
+    if let Some(version) = &on_record.version {
+        patch["metadata"] = json!({ "resourceVersion": version });
+    }
+    match api
+        .patch_status(
+            &scenario.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        Ok(now) => {
+            on_record.version = now.resource_version();
+            on_record.status = Some(status);
+            if changed {
+                ctx.metrics.status_writes.inc();
+            }
+            Ok(true)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            ctx.metrics.status_conflicts.inc();
+            tracing::debug!("the Scenario changed since it was read; planning again");
+            Ok(false)
+        }
+        Err(e) => Err(kube_err("writing Scenario status")(e)),
+    }
+}
+
 /// Creates the worker Pod `plan` asks for; a refusal for good turns the
 /// plan into its verdict (no Pod), anything else worth retrying is an error.
 async fn create_pod(

@@ -695,6 +695,64 @@ async fn a_deploy_into_a_scenario_being_deleted_runs_once_it_is_gone() {
     bed.wait_committed(&bed.deploy, 2, SCENARIO_WITHIN).await;
 }
 
+/// A reconcile planned from a Scenario cache that has not seen the
+/// scenario's undeploy yet (a lagging watch) starts no worker for it: the
+/// verdict (Starting) is written guarded by the resourceVersion it was
+/// planned from before the Pod is created, and that write is refused as
+/// stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_on_a_stale_scenario_starts_no_worker_after_its_undeploy() {
+    use common::lagging_watch::LaggingWatch;
+    let bed = Bed::new("ctl-lagging").await;
+    let lagging = LaggingWatch::start("scenarios").await;
+    let kubeconfig = lagging.kubeconfig();
+    let controller = bed.start_controller(&[
+        ("MAX_WORKERS", "1"),
+        ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+    ]);
+    let (clip, live) = (uuid(), uuid());
+    bed.deploy(&clip, &common::media("vtest.avi")).await;
+    wait_running_pod(&bed, &clip).await;
+    bed.deploy(&live, LIVE).await;
+    bed.wait_scenario(&live, "queued", |s| phase(s) == Some(Phase::Queued))
+        .await;
+
+    // From now on the controller's Scenario cache lags: the queued
+    // scenario's undeploy reaches the apiserver, not the cache.
+    lagging.hold();
+    bed.undeploy_at(&live, now_ms()).await;
+    wait_for("the undeploy to be written", SCENARIO_WITHIN, || async {
+        let s = bed.scenarios().get(&scenario_name(&live)).await.ok()?;
+        s.spec.is_stopped().then_some(())
+    })
+    .await;
+    let pods = PodWatch::start(bed.pods()).await;
+    let conflicts = "vap_controller_status_conflicts_total";
+    let conflicts_before = controller.metric(conflicts).await;
+    // The clip ends: its slot is free, and the queued scenario is planned
+    // from its stale copy, which still wants a worker.
+    bed.set_pod_status(&pod_name(&clip), worker_exited(0)).await;
+    let live_pod = pod_name(&live);
+    wait_for(
+        "a reconcile of the queued scenario from its stale copy",
+        SCENARIO_WITHIN,
+        || async {
+            let created = bed.pods().get_opt(&live_pod).await.ok()?.is_some();
+            let refused = controller.metric(conflicts).await > conflicts_before;
+            (created || refused).then_some(())
+        },
+    )
+    .await;
+    lagging.release();
+    bed.wait_phase(&live, Phase::Stopped).await;
+    bed.wait_phase(&clip, Phase::Succeeded).await;
+    let history = pods.finish().await;
+    assert!(
+        history.uids_of(&live_pod).is_empty(),
+        "a worker Pod was created for {live} after its undeploy was written"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_and_its_standby_never_act_at_once() {
     let bed = Bed::new("ctl-leader").await;

@@ -175,8 +175,11 @@ impl HoldingProxy {
                     };
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
-                    tokio::spawn(relay(client_read, server_write, Some(held.subscribe())));
-                    tokio::spawn(relay(server_read, client_write, None));
+                    let held = held.subscribe();
+                    tokio::spawn(relay(client_read, server_write, move |_| {
+                        Some(held.clone())
+                    }));
+                    tokio::spawn(relay(server_read, client_write, |_| None));
                 }
             }
         });
@@ -216,11 +219,12 @@ impl Drop for HoldingProxy {
     }
 }
 
-/// Copies `from` to `to`; with `held`, each chunk read waits while held.
-async fn relay(
+/// Copies `from` to `to`. `gate` sees each chunk read first; when it returns
+/// a hold switch, the chunk waits until that switch is off.
+pub async fn relay(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut held: Option<watch::Receiver<bool>>,
+    mut gate: impl FnMut(&[u8]) -> Option<watch::Receiver<bool>>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -228,7 +232,7 @@ async fn relay(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(held) = held.as_mut()
+        if let Some(mut held) = gate(&buf[..n])
             && held.wait_for(|h| !*h).await.is_err()
         {
             break;

@@ -6,6 +6,7 @@
 pub mod chaos;
 pub mod controller;
 pub mod fencing;
+pub mod lagging_watch;
 pub mod local;
 pub mod oidc;
 pub mod scenario;

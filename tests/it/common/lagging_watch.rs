@@ -1,0 +1,132 @@
+//! A way to the bed's kube-apiserver whose watches of one resource can be
+//! made to lag, as a slow watch does on a busy cluster: `kubectl proxy`
+//! (plain HTTP on the loopback, one request per connection at a time) behind
+//! a relay that reads each request line. While held, what the server sends
+//! on a connection that asked to watch the resource waits in the relay;
+//! every other call goes through.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::watch;
+
+use super::fencing::relay;
+
+/// `kubectl proxy` and the relay in front of it; both stop when dropped.
+pub struct LaggingWatch {
+    held: Arc<watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+    _proxy: tokio::process::Child,
+    dir: tempfile::TempDir,
+    addr: std::net::SocketAddr,
+}
+
+impl LaggingWatch {
+    /// Starts `kubectl proxy` with the bed's admin kubeconfig and a relay
+    /// that can hold the watches whose path holds `/{resource}?`.
+    pub async fn start(resource: &str) -> LaggingWatch {
+        let (_, admin) = super::kubeconfig_env();
+        let mut proxy = tokio::process::Command::new("kubectl")
+            .args(["proxy", "--port=0", "--kubeconfig", &admin])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start kubectl proxy: {e}; {}", super::TESTBED_HINT));
+        // "Starting to serve on 127.0.0.1:PORT"
+        let mut line = String::new();
+        tokio::io::BufReader::new(proxy.stdout.take().expect("kubectl proxy stdout"))
+            .read_line(&mut line)
+            .await
+            .expect("read kubectl proxy's address");
+        let upstream = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|a| a.contains(':'))
+            .unwrap_or_else(|| panic!("kubectl proxy said {line:?}, not its address"))
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = Arc::new(watch::channel(false).0);
+        let marker = format!("/{resource}?");
+        let task = tokio::spawn({
+            let held = held.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        continue;
+                    };
+                    let watching = Arc::new(AtomicBool::new(false));
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::spawn(relay(client_read, server_write, {
+                        let (marker, watching) = (marker.clone(), watching.clone());
+                        move |chunk| {
+                            if let Some(watch) = starts_request(chunk, &marker) {
+                                watching.store(watch, Ordering::SeqCst);
+                            }
+                            None
+                        }
+                    }));
+                    let held = held.subscribe();
+                    tokio::spawn(relay(server_read, client_write, move |_| {
+                        watching.load(Ordering::SeqCst).then(|| held.clone())
+                    }));
+                }
+            }
+        });
+        LaggingWatch {
+            held,
+            task,
+            _proxy: proxy,
+            dir: tempfile::tempdir().expect("kubeconfig dir"),
+            addr,
+        }
+    }
+
+    /// A kubeconfig whose server is the relay (plain HTTP; `kubectl proxy`
+    /// signs in as the bed's admin).
+    pub fn kubeconfig(&self) -> PathBuf {
+        let path = self.dir.path().join("lagging.kubeconfig");
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "relay", "cluster": {"server": format!("http://{}", self.addr)}}],
+            "users": [{"name": "relay", "user": {}}],
+            "contexts": [{"name": "relay", "context": {"cluster": "relay", "user": "relay"}}],
+            "current-context": "relay",
+        });
+        std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+        path
+    }
+
+    /// Holds what the resource's watches deliver from now on.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Delivers what was held, and everything after.
+    pub fn release(&self) {
+        self.held.send_replace(false);
+    }
+}
+
+impl Drop for LaggingWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Whether a chunk a client sent starts a request, and if so whether that
+/// request watches the resource (its request line holds `marker` and
+/// `watch=`).
+fn starts_request(chunk: &[u8], marker: &str) -> Option<bool> {
+    const METHODS: [&str; 5] = ["GET ", "POST ", "PUT ", "PATCH ", "DELETE "];
+    let chunk = String::from_utf8_lossy(chunk);
+    METHODS.iter().any(|m| chunk.starts_with(m)).then(|| {
+        let line = chunk.lines().next().unwrap_or_default();
+        line.contains(marker) && line.contains("watch=")
+    })
+}
