@@ -30,7 +30,7 @@ pub mod secret;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Recorder, Reporter};
@@ -306,6 +306,7 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     )
     .default_backoff()
     .applied_objects();
+    let listed = scenario_store.clone();
     let controller = Controller::for_stream(scenario_events, scenario_store)
         .owns_stream(pod_triggers)
         .reconcile_on(wakes);
@@ -457,8 +458,13 @@ async fn run(args: ControllerArgs, log_level: LogLevel) -> Result<(), Controller
     // (the controller's graceful shutdown) and ingest ends its record, so
     // nothing of this replica's lands after a standby took over. Work still
     // running after SHUTDOWN_DRAIN keeps the Lease until it expires.
+    //
+    // A stop before the Scenario cache's first list ran no reconcile, and
+    // its controller never ends: it holds its runner until that list, which
+    // the stop has cut off.
+    let listed = listed.wait_until_ready().now_or_never().is_some();
     let drained = tokio::time::timeout(SHUTDOWN_DRAIN, async {
-        if reconciling {
+        if reconciling && listed {
             controller.await;
         }
         if ingest.is_finished() {

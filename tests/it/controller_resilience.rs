@@ -1013,6 +1013,42 @@ async fn a_leader_stopped_with_sigterm_releases_its_lease() {
     );
 }
 
+/// A leader stopped before its Scenario cache has listed (here the list is
+/// held back; in life a stop right after start, or a slow apiserver) has
+/// no reconcile in flight: it exits at once and releases its Lease, rather
+/// than waiting out the drain and leaving the Lease to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_before_its_cache_listed_releases_its_lease() {
+    use common::lagging_watch::LaggingWatch;
+    use k8s_openapi::api::coordination::v1::Lease;
+    let bed = Bed::new("ctl-early-stop").await;
+    let lagging = LaggingWatch::start("scenarios").await;
+    lagging.hold();
+    let kubeconfig = lagging.kubeconfig();
+    let mut leader = bed.start_controller(&[
+        ("POD_NAME", "replica-a"),
+        ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+    ]);
+    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), &bed.namespace);
+    let holder = || async {
+        let lease = leases.get_opt(LEASE).await.ok()??;
+        Some(lease.spec?.holder_identity)
+    };
+    wait_for("replica-a to lead", SCENARIO_WITHIN, || async {
+        (holder().await? == Some("replica-a".to_string())).then_some(())
+    })
+    .await;
+    wait_logged(&leader, "controller running", &bed.namespace).await;
+    assert!(leader.terminate().success(), "a clean exit on SIGTERM");
+    let log = leader.log();
+    assert!(
+        !log.contains("did not stop within"),
+        "the stop waited out the drain:\n{}",
+        leader.log_tail()
+    );
+    assert_eq!(holder().await, Some(None), "the Lease was released");
+}
+
 /// A release the apiserver refuses (here an admission policy; in life a slow
 /// or overloaded apiserver) is tried again, and lands once the refusal ends:
 /// the standby does not wait for the Lease to expire.

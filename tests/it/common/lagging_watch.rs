@@ -1,9 +1,10 @@
-//! A way to the bed's kube-apiserver whose watches of one resource can be
-//! made to lag, as a slow watch does on a busy cluster: `kubectl proxy`
-//! (plain HTTP on the loopback, one request per connection at a time) behind
-//! a relay that reads each request line. While held, what the server sends
-//! on a connection that asked to watch the resource waits in the relay;
-//! every other call goes through.
+//! A way to the bed's kube-apiserver whose view of one resource can be made
+//! to lag, as a cache does on a slow or busy cluster: `kubectl proxy` (plain
+//! HTTP on the loopback, one request per connection at a time) behind a relay
+//! that reads each request line. While held, what the server answers to the
+//! lists and watches of the resource that select by label (a cache's: the
+//! runner's caches hold only its own objects) waits in the relay; every other
+//! call goes through, a start-up check's plain list included.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,7 +26,8 @@ pub struct LaggingWatch {
 
 impl LaggingWatch {
     /// Starts `kubectl proxy` with the bed's admin kubeconfig and a relay
-    /// that can hold the watches whose path holds `/{resource}?`.
+    /// that can hold the lists and watches by label of `resource` (a path
+    /// holding `/{resource}?`).
     pub async fn start(resource: &str) -> LaggingWatch {
         let (_, admin) = super::kubeconfig_env();
         let mut proxy = tokio::process::Command::new("kubectl")
@@ -58,21 +60,21 @@ impl LaggingWatch {
                     let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                         continue;
                     };
-                    let watching = Arc::new(AtomicBool::new(false));
+                    let reading = Arc::new(AtomicBool::new(false));
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
                     tokio::spawn(relay(client_read, server_write, {
-                        let (marker, watching) = (marker.clone(), watching.clone());
+                        let (marker, reading) = (marker.clone(), reading.clone());
                         move |chunk| {
-                            if let Some(watch) = starts_request(chunk, &marker) {
-                                watching.store(watch, Ordering::SeqCst);
+                            if let Some(reads) = starts_request(chunk, &marker) {
+                                reading.store(reads, Ordering::SeqCst);
                             }
                             None
                         }
                     }));
                     let held = held.subscribe();
                     tokio::spawn(relay(server_read, client_write, move |_| {
-                        watching.load(Ordering::SeqCst).then(|| held.clone())
+                        reading.load(Ordering::SeqCst).then(|| held.clone())
                     }));
                 }
             }
@@ -102,7 +104,7 @@ impl LaggingWatch {
         path
     }
 
-    /// Holds what the resource's watches deliver from now on.
+    /// Holds what the resource's lists and watches deliver from now on.
     pub fn hold(&self) {
         self.held.send_replace(true);
     }
@@ -120,13 +122,13 @@ impl Drop for LaggingWatch {
 }
 
 /// Whether a chunk a client sent starts a request, and if so whether that
-/// request watches the resource (its request line holds `marker` and
-/// `watch=`).
+/// request lists or watches the resource by label (a GET whose request line
+/// holds `marker` and a label selector).
 fn starts_request(chunk: &[u8], marker: &str) -> Option<bool> {
     const METHODS: [&str; 5] = ["GET ", "POST ", "PUT ", "PATCH ", "DELETE "];
     let chunk = String::from_utf8_lossy(chunk);
     METHODS.iter().any(|m| chunk.starts_with(m)).then(|| {
         let line = chunk.lines().next().unwrap_or_default();
-        line.contains(marker) && line.contains("watch=")
+        line.starts_with("GET ") && line.contains(marker) && line.contains("labelSelector=")
     })
 }
