@@ -138,6 +138,15 @@ impl Admission {
             self.ended.insert(scenario.name_any(), scenario.spec.run);
         }
     }
+
+    /// Forgets an end noted for `scenario`'s run whose status write did not
+    /// land.
+    fn forget_end(&mut self, scenario: &Scenario) {
+        let name = scenario.name_any();
+        if self.ended.get(&name) == Some(&scenario.spec.run) {
+            self.ended.remove(&name);
+        }
+    }
 }
 
 pub struct Context {
@@ -396,10 +405,14 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         // A Pod refused for good ends the run before the queue moves on.
         adm.note_end(scenario, &plan.status);
     }
-    if on_record.status.as_ref() != Some(&plan.status)
-        && !write_status(ctx, scenario, &mut on_record, plan.status.clone(), false).await?
-    {
-        return Ok(Action::requeue(STATUS_CONFLICT_RETRY));
+    if on_record.status.as_ref() != Some(&plan.status) {
+        let landed = write_status(ctx, scenario, &mut on_record, plan.status.clone(), false).await;
+        if !matches!(landed, Ok(true)) {
+            // An end noted above is not on record: it is decided again.
+            ctx.admission.lock().await.forget_end(scenario);
+            landed?;
+            return Ok(Action::requeue(STATUS_CONFLICT_RETRY));
+        }
     }
 
     let mut slot_freed = false;
