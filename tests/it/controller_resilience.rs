@@ -246,6 +246,53 @@ async fn a_verdict_is_written_before_its_pod_is_deleted() {
     controller.assert_running();
 }
 
+/// A verdict whose status write is refused is not taken as written: once
+/// the refusal ends it is decided again from what the cluster holds. Here a
+/// clip's Pod ends while status writes are denied and is then removed before
+/// its verdict could land; the run, with no record of its end, gets a new
+/// worker rather than waiting for a status change that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_that_could_not_be_written_is_decided_again() {
+    let bed = Bed::new("ctl-unwritten").await;
+    let identity = bed.identity("runner", controller_rules(&[])).await;
+    let controller = bed.start_controller(&[identity.env()]);
+    let id = uuid();
+    bed.deploy(&id, &common::media("vtest.avi")).await;
+    let first = wait_running_pod(&bed, &id).await;
+    bed.wait_phase(&id, Phase::Running).await;
+
+    let denied = ("runner.vap.io", "scenarios/status", "patch");
+    bed.set_rules(
+        &identity,
+        controller_rules(&[("scenarios/status", "patch")]),
+    )
+    .await;
+    bed.wait_access(&identity, denied, false).await;
+    const REFUSED: &str = "vap_controller_reconcile_errors_total{category=\"forbidden\"}";
+    bed.set_pod_status(&pod_name(&id), worker_exited(0)).await;
+    controller
+        .wait_metric(REFUSED, SCENARIO_WITHIN, |v| v >= 1.0)
+        .await;
+    // The ended Pod goes before its verdict was written.
+    bed.pods()
+        .delete(&pod_name(&id), &DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete the ended worker Pod");
+    wait_for("the ended worker Pod to go", SCENARIO_WITHIN, || async {
+        let pod = bed.pods().get_opt(&pod_name(&id)).await.ok()?;
+        pod.is_none_or(|p| p.uid() != first.uid()).then_some(())
+    })
+    .await;
+    assert_eq!(bed.phase(&id).await, Some(Phase::Running));
+
+    bed.set_rules(&identity, controller_rules(&[])).await;
+    wait_new_pod(&bed, &id, first.uid().as_deref()).await;
+    bed.wait_scenario(&id, "starting or running again", |s| {
+        matches!(phase(s), Some(Phase::Starting | Phase::Running))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evicted_and_disrupted_pods_are_replaced_within_max_workers() {
     let bed = Bed::new("ctl-evict").await;
@@ -540,29 +587,43 @@ async fn a_deploy_replayed_after_its_scenario_was_removed_is_dead_lettered_as_st
     bed.wait_phase(&id, Phase::Running).await;
 }
 
-/// A namespace's ResourceQuota is met the same way wherever it bites: a
-/// worker Pod it refuses waits, queued, and runs once another Pod is gone;
-/// a Scenario it refuses is dead-lettered as `quota_exceeded`, and the
-/// commands after it, an undeploy included, go on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resource_quota_queues_a_pod_and_dead_letters_a_scenario_and_ingest_goes_on() {
-    use k8s_openapi::api::core::v1::ResourceQuota;
-    let bed = Bed::new("ctl-quota").await;
-    let quotas: Api<ResourceQuota> = Api::namespaced(bed.client.clone(), &bed.namespace);
-    let quota: ResourceQuota = serde_json::from_value(json!({
+/// Creates the ResourceQuota "workers" with `hard` in the bed's namespace
+/// and waits until the quota controller has counted (it admits nothing
+/// before).
+async fn counted_quota(
+    bed: &Bed,
+    hard: serde_json::Value,
+) -> Api<k8s_openapi::api::core::v1::ResourceQuota> {
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> =
+        Api::namespaced(bed.client.clone(), &bed.namespace);
+    let quota = serde_json::from_value(json!({
         "metadata": {"name": "workers"},
-        "spec": {"hard": {"pods": "1", "count/scenarios.runner.vap.io": "2"}}
+        "spec": {"hard": hard}
     }))
     .unwrap();
     quotas
         .create(&PostParams::default(), &quota)
         .await
         .expect("create the ResourceQuota");
-    // The quota admits nothing until the quota controller has counted.
     wait_for("the quota counted", SCENARIO_WITHIN, || async {
         let q = quotas.get("workers").await.ok()?;
         q.status?.used.is_some().then_some(())
     })
+    .await;
+    quotas
+}
+
+/// A namespace's ResourceQuota is met the same way wherever it bites: a
+/// worker Pod it refuses waits, queued, and runs once another Pod is gone;
+/// a Scenario it refuses is dead-lettered as `quota_exceeded`, and the
+/// commands after it, an undeploy included, go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_quota_queues_a_pod_and_dead_letters_a_scenario_and_ingest_goes_on() {
+    let bed = Bed::new("ctl-quota").await;
+    counted_quota(
+        &bed,
+        json!({"pods": "1", "count/scenarios.runner.vap.io": "2"}),
+    )
     .await;
     let controller = bed.start_controller(&[("MAX_WORKERS", "3")]);
     let (a, b, c) = (uuid(), uuid(), uuid());
@@ -717,40 +778,110 @@ async fn a_reconcile_on_a_stale_scenario_starts_no_worker_after_its_undeploy() {
     bed.wait_scenario(&live, "queued", |s| phase(s) == Some(Phase::Queued))
         .await;
 
-    // From now on the controller's Scenario cache lags: the queued
-    // scenario's undeploy reaches the apiserver, not the cache.
-    lagging.hold();
-    bed.undeploy_at(&live, now_ms()).await;
-    wait_for("the undeploy to be written", SCENARIO_WITHIN, || async {
-        let s = bed.scenarios().get(&scenario_name(&live)).await.ok()?;
-        s.spec.is_stopped().then_some(())
-    })
-    .await;
-    let pods = PodWatch::start(bed.pods()).await;
-    let conflicts = "vap_controller_status_conflicts_total";
-    let conflicts_before = controller.metric(conflicts).await;
+    let past = undeploy_past_the_cache(&bed, &controller, &lagging, &live).await;
     // The clip ends: its slot is free, and the queued scenario is planned
     // from its stale copy, which still wants a worker.
     bed.set_pod_status(&pod_name(&clip), worker_exited(0)).await;
-    let live_pod = pod_name(&live);
+    no_worker_after_the_undeploy(&bed, &controller, &lagging, &live, past).await;
+    bed.wait_phase(&clip, Phase::Succeeded).await;
+}
+
+/// What [`undeploy_past_the_cache`] leaves: a watch of the Pods from then on
+/// and the status conflicts counted until then.
+struct PastTheCache {
+    pods: PodWatch,
+    conflicts: f64,
+}
+
+const CONFLICTS: &str = "vap_controller_status_conflicts_total";
+
+/// Holds the controller's Scenario cache back (`lagging`) and undeploys
+/// `id`: the apiserver has the undeploy, the cache does not.
+async fn undeploy_past_the_cache(
+    bed: &Bed,
+    controller: &common::controller::ControllerProcess,
+    lagging: &common::lagging_watch::LaggingWatch,
+    id: &str,
+) -> PastTheCache {
+    lagging.hold();
+    bed.undeploy_at(id, now_ms()).await;
+    wait_for("the undeploy to be written", SCENARIO_WITHIN, || async {
+        let s = bed.scenarios().get(&scenario_name(id)).await.ok()?;
+        s.spec.is_stopped().then_some(())
+    })
+    .await;
+    PastTheCache {
+        pods: PodWatch::start(bed.pods()).await,
+        conflicts: controller.metric(CONFLICTS).await,
+    }
+}
+
+/// Waits until the controller acted on `id` from its stale copy (a worker
+/// Pod, or a status write refused as stale), lets the cache catch up, and
+/// checks that `id` stopped and never had a worker Pod.
+async fn no_worker_after_the_undeploy(
+    bed: &Bed,
+    controller: &common::controller::ControllerProcess,
+    lagging: &common::lagging_watch::LaggingWatch,
+    id: &str,
+    past: PastTheCache,
+) {
+    let pod = pod_name(id);
     wait_for(
-        "a reconcile of the queued scenario from its stale copy",
+        "the controller to act on the stale copy",
         SCENARIO_WITHIN,
         || async {
-            let created = bed.pods().get_opt(&live_pod).await.ok()?.is_some();
-            let refused = controller.metric(conflicts).await > conflicts_before;
+            let created = bed.pods().get_opt(&pod).await.ok()?.is_some();
+            let refused = controller.metric(CONFLICTS).await > past.conflicts;
             (created || refused).then_some(())
         },
     )
     .await;
     lagging.release();
-    bed.wait_phase(&live, Phase::Stopped).await;
-    bed.wait_phase(&clip, Phase::Succeeded).await;
-    let history = pods.finish().await;
+    bed.wait_phase(id, Phase::Stopped).await;
+    let history = past.pods.finish().await;
     assert!(
-        history.uids_of(&live_pod).is_empty(),
-        "a worker Pod was created for {live} after its undeploy was written"
+        history.uids_of(&pod).is_empty(),
+        "a worker Pod was created for {id} after its undeploy was written"
     );
+}
+
+/// The same for a scenario a ResourceQuota keeps queued: each try of its Pod
+/// first checks, with a write of the unchanged status guarded by the
+/// resourceVersion, that the Scenario is still the one planned from, so a
+/// try planned from a stale copy after its undeploy creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_retry_on_a_stale_scenario_starts_no_worker_after_its_undeploy() {
+    use common::lagging_watch::LaggingWatch;
+    let bed = Bed::new("ctl-lagging-quota").await;
+    let quotas = counted_quota(&bed, json!({"pods": "1"})).await;
+    let lagging = LaggingWatch::start("scenarios").await;
+    let kubeconfig = lagging.kubeconfig();
+    let controller = bed.start_controller(&[
+        ("MAX_WORKERS", "3"),
+        ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+    ]);
+    let (running, queued) = (uuid(), uuid());
+    bed.deploy(&running, LIVE).await;
+    bed.wait_phase(&running, Phase::Running).await;
+    bed.deploy(&queued, LIVE).await;
+    bed.wait_scenario(&queued, "queued by the quota", |s| {
+        phase(s) == Some(Phase::Queued)
+            && ready(s).is_some_and(|(_, reason)| reason == "QuotaExceeded")
+    })
+    .await;
+
+    let past = undeploy_past_the_cache(&bed, &controller, &lagging, &queued).await;
+    // Room for the queued Pod: its next try is planned from the stale copy.
+    quotas
+        .patch(
+            "workers",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"hard": {"pods": "2"}}})),
+        )
+        .await
+        .expect("raise the ResourceQuota");
+    no_worker_after_the_undeploy(&bed, &controller, &lagging, &queued, past).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
