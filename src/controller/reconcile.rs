@@ -418,7 +418,7 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
     let mut slot_freed = false;
     for step in &plan.steps {
         match step {
-            Step::CreatePod => {} // done above, inside the critical section
+            Step::CreatePod => {} // done above, after the verdict was written
             Step::DeletePod { uid } => {
                 delete_pod(ctx, scenario, uid).await?;
                 slot_freed = true;
