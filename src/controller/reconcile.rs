@@ -378,7 +378,7 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
     };
     if let Some(name) = reserved {
         let before = plan::before_create(on_record.status.as_ref(), &plan.status);
-        let written = write_status(ctx, scenario, &mut on_record, before, true).await;
+        let written = write_status(ctx, scenario, &mut on_record, before).await;
         let created = match written {
             Ok(true) => create_pod(ctx, scenario, plan).await.map(Some),
             Ok(false) => Ok(None),
@@ -406,7 +406,7 @@ async fn reconcile_inner(scenario: &Scenario, ctx: &Context) -> Result<Action, R
         adm.note_end(scenario, &plan.status);
     }
     if on_record.status.as_ref() != Some(&plan.status) {
-        let landed = write_status(ctx, scenario, &mut on_record, plan.status.clone(), false).await;
+        let landed = write_status(ctx, scenario, &mut on_record, plan.status.clone()).await;
         if !matches!(landed, Ok(true)) {
             // An end noted above is not on record: it is decided again.
             ctx.admission.lock().await.forget_end(scenario);
@@ -476,20 +476,15 @@ struct Record {
 
 /// Writes `status` as the Scenario's status, guarded by the resourceVersion
 /// on record, and records the result; `false` when the Scenario changed
-/// since (nothing was written). With `always`, a status equal to the one on
-/// record is written too: the write then only checks that the Scenario is
-/// unchanged.
+/// since (nothing was written). A status equal to the one on record is
+/// written too: the write then only checks that the Scenario is unchanged.
 async fn write_status(
     ctx: &Context,
     scenario: &Scenario,
     on_record: &mut Record,
     status: ScenarioStatus,
-    always: bool,
 ) -> Result<bool, ReconcileError> {
     let changed = on_record.status.as_ref() != Some(&status);
-    if !changed && !always {
-        return Ok(true);
-    }
     let namespace = scenario
         .namespace()
         .unwrap_or_else(|| ctx.namespace.clone());
