@@ -766,11 +766,7 @@ async fn a_reconcile_on_a_stale_scenario_starts_no_worker_after_its_undeploy() {
     use common::lagging_watch::LaggingWatch;
     let bed = Bed::new("ctl-lagging").await;
     let lagging = LaggingWatch::start("scenarios").await;
-    let kubeconfig = lagging.kubeconfig();
-    let controller = bed.start_controller(&[
-        ("MAX_WORKERS", "1"),
-        ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-    ]);
+    let controller = bed.start_controller(&[("MAX_WORKERS", "1"), lagging.env()]);
     let (clip, live) = (uuid(), uuid());
     bed.deploy(&clip, &common::media("vtest.avi")).await;
     wait_running_pod(&bed, &clip).await;
@@ -856,11 +852,7 @@ async fn a_quota_retry_on_a_stale_scenario_starts_no_worker_after_its_undeploy()
     let bed = Bed::new("ctl-lagging-quota").await;
     let quotas = counted_quota(&bed, json!({"pods": "1"})).await;
     let lagging = LaggingWatch::start("scenarios").await;
-    let kubeconfig = lagging.kubeconfig();
-    let controller = bed.start_controller(&[
-        ("MAX_WORKERS", "3"),
-        ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-    ]);
+    let controller = bed.start_controller(&[("MAX_WORKERS", "3"), lagging.env()]);
     let (running, queued) = (uuid(), uuid());
     bed.deploy(&running, LIVE).await;
     bed.wait_phase(&running, Phase::Running).await;
@@ -1155,11 +1147,7 @@ async fn a_leader_stopped_before_its_cache_listed_releases_its_lease() {
     let bed = Bed::new("ctl-early-stop").await;
     let lagging = LaggingWatch::start("scenarios").await;
     lagging.hold();
-    let kubeconfig = lagging.kubeconfig();
-    let mut leader = bed.start_controller(&[
-        ("POD_NAME", "replica-a"),
-        ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-    ]);
+    let mut leader = bed.start_controller(&[("POD_NAME", "replica-a"), lagging.env()]);
     let leases: Api<Lease> = Api::namespaced(bed.client.clone(), &bed.namespace);
     let holder = || async {
         let lease = leases.get_opt(LEASE).await.ok()??;

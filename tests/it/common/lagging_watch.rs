@@ -20,8 +20,8 @@ pub struct LaggingWatch {
     held: Arc<watch::Sender<bool>>,
     task: tokio::task::JoinHandle<()>,
     _proxy: tokio::process::Child,
-    dir: tempfile::TempDir,
-    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
 }
 
 impl LaggingWatch {
@@ -79,29 +79,31 @@ impl LaggingWatch {
                 }
             }
         });
-        LaggingWatch {
-            held,
-            task,
-            _proxy: proxy,
-            dir: tempfile::tempdir().expect("kubeconfig dir"),
-            addr,
-        }
-    }
-
-    /// A kubeconfig whose server is the relay (plain HTTP; `kubectl proxy`
-    /// signs in as the bed's admin).
-    pub fn kubeconfig(&self) -> PathBuf {
-        let path = self.dir.path().join("lagging.kubeconfig");
+        let dir = tempfile::tempdir().expect("kubeconfig dir");
+        let kubeconfig = dir.path().join("lagging.kubeconfig");
         let config = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "relay", "cluster": {"server": format!("http://{}", self.addr)}}],
+            "clusters": [{"name": "relay", "cluster": {"server": format!("http://{addr}")}}],
             "users": [{"name": "relay", "user": {}}],
             "contexts": [{"name": "relay", "context": {"cluster": "relay", "user": "relay"}}],
             "current-context": "relay",
         });
-        std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
-        path
+        std::fs::write(&kubeconfig, serde_yaml::to_string(&config).unwrap()).unwrap();
+        LaggingWatch {
+            held,
+            task,
+            _proxy: proxy,
+            _dir: dir,
+            kubeconfig,
+        }
+    }
+
+    /// `KUBECONFIG` for [`Bed::start_controller`](super::controller::Bed::start_controller):
+    /// a kubeconfig whose server is the relay (plain HTTP; `kubectl proxy`
+    /// signs in as the bed's admin).
+    pub fn env(&self) -> (&'static str, &str) {
+        ("KUBECONFIG", self.kubeconfig.to_str().expect("UTF-8 path"))
     }
 
     /// Holds what the resource's lists and watches deliver from now on.
